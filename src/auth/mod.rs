@@ -1,0 +1,1 @@
+//! Authentication, both sides: clients to pgmux, pgmux to Postgres.

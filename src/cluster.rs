@@ -1,0 +1,1 @@
+//! Throwaway PostgreSQL clusters (primary + streaming replicas) for `demo` and tests.

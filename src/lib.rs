@@ -1,0 +1,13 @@
+//! pgmux: a PostgreSQL connection-pooling proxy.
+//!
+//! The binary (`main.rs`) is a thin CLI; everything else lives here so that
+//! integration tests and the `demo` command drive the same code.
+
+pub mod auth;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod pool;
+pub mod protocol;
+pub mod server;

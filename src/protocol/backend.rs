@@ -1,0 +1,205 @@
+//! Messages a server sends: writers for what pgmux answers clients itself,
+//! and the small readers for what pgmux must understand from Postgres.
+//! Writers append to the caller's buffer so several go out in one write.
+
+use bytes::{BufMut, BytesMut};
+
+use super::sqlstate::SqlState;
+use super::tag;
+
+/// Appends `tag`, a length placeholder, the body written by `body`, then fills
+/// in the length. Bodies pgmux writes are small, so the length always fits.
+pub(crate) fn write_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let len_at = buf.len();
+    buf.put_u32(0);
+    body(buf);
+    let len = (buf.len() - len_at) as u32;
+    buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Appends `s` and a NUL, dropping interior NULs (they would end the field early).
+pub(crate) fn put_cstr(buf: &mut BytesMut, s: &str) {
+    buf.extend(s.bytes().filter(|&b| b != 0));
+    buf.put_u8(0);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+pub fn error_response(buf: &mut BytesMut, severity: Severity, code: SqlState, message: &str) {
+    write_message(buf, tag::ERROR_RESPONSE, |b| {
+        b.put_u8(b'S');
+        put_cstr(b, severity.as_str());
+        b.put_u8(b'V');
+        put_cstr(b, severity.as_str());
+        b.put_u8(b'C');
+        put_cstr(b, code.code());
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        b.put_u8(0);
+    });
+}
+
+pub fn authentication_ok(buf: &mut BytesMut) {
+    write_message(buf, tag::AUTHENTICATION, |b| b.put_u32(0));
+}
+
+pub fn authentication_cleartext(buf: &mut BytesMut) {
+    write_message(buf, tag::AUTHENTICATION, |b| b.put_u32(3));
+}
+
+pub fn authentication_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+    write_message(buf, tag::AUTHENTICATION, |b| {
+        b.put_u32(5);
+        b.put_slice(&salt);
+    });
+}
+
+pub fn authentication_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    write_message(buf, tag::AUTHENTICATION, |b| {
+        b.put_u32(10);
+        for m in mechanisms {
+            put_cstr(b, m);
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn authentication_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+    write_message(buf, tag::AUTHENTICATION, |b| {
+        b.put_u32(11);
+        b.put_slice(data);
+    });
+}
+
+pub fn authentication_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+    write_message(buf, tag::AUTHENTICATION, |b| {
+        b.put_u32(12);
+        b.put_slice(data);
+    });
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    write_message(buf, tag::PARAMETER_STATUS, |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
+    write_message(buf, tag::BACKEND_KEY_DATA, |b| {
+        b.put_i32(pid);
+        b.put_i32(secret);
+    });
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    write_message(buf, tag::READY_FOR_QUERY, |b| b.put_u8(status));
+}
+
+/// Tells a client which minor version and `_pq_.` options this server lacks.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, unsupported: &[String]) {
+    write_message(buf, tag::NEGOTIATE_PROTOCOL_VERSION, |b| {
+        b.put_i32(newest_minor);
+        b.put_i32(unsupported.len() as i32);
+        for opt in unsupported {
+            put_cstr(b, opt);
+        }
+    });
+}
+
+/// Transaction status carried by ReadyForQuery.
+pub const IDLE: u8 = b'I';
+pub const IN_TRANSACTION: u8 = b'T';
+pub const FAILED_TRANSACTION: u8 = b'E';
+
+/// The fields of an ErrorResponse/NoticeResponse body that pgmux looks at.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// Reads the severity, SQLSTATE and message out of an ErrorResponse body.
+/// Tolerates a truncated body (the relay captures only a prefix).
+pub fn parse_error_fields(body: &[u8]) -> ErrorFields {
+    let mut fields = ErrorFields::default();
+    let mut rest = body;
+    while let Some((&kind, tail)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let end = memchr::memchr(0, tail).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match kind {
+            b'V' => fields.severity = value,
+            b'S' if fields.severity.is_empty() => fields.severity = value,
+            b'C' => fields.code = value,
+            b'M' => fields.message = value,
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    fields
+}
+
+/// Splits a ParameterStatus body into name and value.
+pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
+    let mut parts = body.split(|&b| b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::split_frame;
+
+    #[test]
+    fn error_response_round_trips() {
+        let mut buf = BytesMut::new();
+        error_response(
+            &mut buf,
+            Severity::Fatal,
+            SqlState::INVALID_PASSWORD,
+            "no\0pe",
+        );
+        let (t, body) = split_frame(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(t, b'E');
+        let f = parse_error_fields(&body);
+        assert_eq!(
+            (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
+            ("FATAL", "28P01", "nope")
+        );
+    }
+
+    #[test]
+    fn truncated_error_body_is_tolerated() {
+        assert_eq!(parse_error_fields(b"SERROR\0C250").code, "250");
+        assert_eq!(parse_error_fields(b"").code, "");
+    }
+
+    #[test]
+    fn parameter_status_parses() {
+        assert_eq!(
+            parse_parameter_status(b"TimeZone\0UTC\0"),
+            Some(("TimeZone", "UTC"))
+        );
+        assert_eq!(parse_parameter_status(b"bad"), None);
+    }
+}

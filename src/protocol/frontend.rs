@@ -1,0 +1,31 @@
+//! Messages a client sends: what pgmux itself writes to Postgres (cleanup,
+//! parameter sync, cancel), appended to the caller's buffer.
+
+use bytes::{BufMut, BytesMut};
+
+use super::backend::{put_cstr, write_message};
+use super::tag;
+
+pub fn query(buf: &mut BytesMut, sql: &str) {
+    write_message(buf, tag::QUERY, |b| put_cstr(b, sql));
+}
+
+pub fn sync(buf: &mut BytesMut) {
+    write_message(buf, tag::SYNC, |_| {});
+}
+
+pub fn terminate(buf: &mut BytesMut) {
+    write_message(buf, tag::TERMINATE, |_| {});
+}
+
+pub fn copy_fail(buf: &mut BytesMut, reason: &str) {
+    write_message(buf, tag::COPY_FAIL, |b| put_cstr(b, reason));
+}
+
+/// The 16-byte CancelRequest packet (a startup-phase packet: no tag).
+pub fn cancel_request(buf: &mut BytesMut, pid: i32, secret: i32) {
+    buf.put_i32(16);
+    buf.put_i32(super::startup::CANCEL_REQUEST_CODE);
+    buf.put_i32(pid);
+    buf.put_i32(secret);
+}

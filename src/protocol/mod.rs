@@ -1,0 +1,45 @@
+//! The PostgreSQL v3 wire protocol, as far as pgmux needs it. No I/O here:
+//! frame splitting over byte buffers, and the few messages pgmux reads or writes.
+//!
+//! Module names say who *sends* the message: `backend` holds what a server
+//! sends (pgmux writes these to clients, and reads them from Postgres),
+//! `frontend` what a client sends.
+
+pub mod backend;
+pub mod frame;
+pub mod frontend;
+pub mod sqlstate;
+pub mod startup;
+
+/// Message tags, named so the relay reads as prose.
+pub mod tag {
+    // Frontend (client -> server).
+    pub const QUERY: u8 = b'Q';
+    pub const PARSE: u8 = b'P';
+    pub const BIND: u8 = b'B';
+    pub const DESCRIBE: u8 = b'D';
+    pub const EXECUTE: u8 = b'E';
+    pub const CLOSE: u8 = b'C';
+    pub const SYNC: u8 = b'S';
+    pub const FLUSH: u8 = b'H';
+    pub const FUNCTION_CALL: u8 = b'F';
+    pub const TERMINATE: u8 = b'X';
+    pub const PASSWORD: u8 = b'p';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    pub const COPY_FAIL: u8 = b'f';
+
+    // Backend (server -> client).
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub const PARAMETER_STATUS: u8 = b'S';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const NOTICE_RESPONSE: u8 = b'N';
+    pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub const COPY_OUT_RESPONSE: u8 = b'H';
+    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+}
