@@ -1,1 +1,90 @@
-fn main() {}
+//! The `pgmux` binary: parse the command line, set up logging, hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use pgmux::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "pgmux", version, about = "PostgreSQL connection pooler with replica routing")]
+struct Cli {
+    /// Path to proxy.toml.
+    #[arg(long, short, global = true, default_value = "proxy.toml")]
+    config: PathBuf,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG takes precedence.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration file and exit (1 on error).
+    Check,
+    /// Start a throwaway primary + replica, pgmux in front, and drive pgbench traffic through it.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgmux: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => match Config::load(&cli.config) {
+            Ok(config) => {
+                println!(
+                    "{}: OK ({} databases, {} users)",
+                    cli.config.display(),
+                    config.databases.len(),
+                    config.users.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Demo) => match runtime.block_on(pgmux::demo::run()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pgmux demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => {
+            let config = match Config::load(&cli.config) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pgmux: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(config: Arc<Config>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.proxy.listen).await?;
+    tracing::info!(listen = %config.proxy.listen, "pgmux listening");
+    pgmux::server::run(config, listener, pgmux::server::shutdown_signal()).await
+}

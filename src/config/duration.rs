@@ -7,9 +7,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+    let split =
+        s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
     let d = match unit {
@@ -18,9 +17,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         _ => {
-            return Err(format!(
-                "invalid duration unit {unit:?} in {s:?} (use ms, s, m, h)"
-            ));
+            return Err(format!("invalid duration unit {unit:?} in {s:?} (use ms, s, m, h)"));
         }
     };
     Ok(d)

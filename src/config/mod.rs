@@ -241,11 +241,9 @@ fn default_auth() -> AuthMethod {
 impl UserConfig {
     /// The plaintext password for logging in to Postgres, if pgmux has one.
     pub fn backend_password(&self) -> Option<&str> {
-        self.server_password.as_deref().or_else(|| {
-            self.password
-                .as_deref()
-                .filter(|p| !p.starts_with("SCRAM-SHA-256$") && !is_md5_hash(p))
-        })
+        self.server_password
+            .as_deref()
+            .or_else(|| self.password.as_deref().filter(|p| !p.starts_with("SCRAM-SHA-256$") && !is_md5_hash(p)))
     }
 }
 
@@ -257,10 +255,7 @@ pub fn is_md5_hash(p: &str) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// A parse or validation error, already formatted as `path:line:col: key: message`.
     #[error("{0}")]
     Invalid(String),
@@ -268,17 +263,13 @@ pub enum ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
         Config::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates `text`; `origin` names the file in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Invalid(format!("{origin}: {e}")))?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid(format!("{origin}: {e}")))?;
         Ok(config)
     }
 

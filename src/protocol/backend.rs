@@ -173,19 +173,11 @@ mod tests {
     #[test]
     fn error_response_round_trips() {
         let mut buf = BytesMut::new();
-        error_response(
-            &mut buf,
-            Severity::Fatal,
-            SqlState::INVALID_PASSWORD,
-            "no\0pe",
-        );
+        error_response(&mut buf, Severity::Fatal, SqlState::INVALID_PASSWORD, "no\0pe");
         let (t, body) = split_frame(&mut buf, 1024).unwrap().unwrap();
         assert_eq!(t, b'E');
         let f = parse_error_fields(&body);
-        assert_eq!(
-            (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
-            ("FATAL", "28P01", "nope")
-        );
+        assert_eq!((f.severity.as_str(), f.code.as_str(), f.message.as_str()), ("FATAL", "28P01", "nope"));
     }
 
     #[test]
@@ -196,10 +188,7 @@ mod tests {
 
     #[test]
     fn parameter_status_parses() {
-        assert_eq!(
-            parse_parameter_status(b"TimeZone\0UTC\0"),
-            Some(("TimeZone", "UTC"))
-        );
+        assert_eq!(parse_parameter_status(b"TimeZone\0UTC\0"), Some(("TimeZone", "UTC")));
         assert_eq!(parse_parameter_status(b"bad"), None);
     }
 }

@@ -37,11 +37,7 @@ impl Header {
             return Err(FrameError::BadLength { tag, len });
         }
         if len > max_len {
-            return Err(FrameError::TooLong {
-                tag,
-                len,
-                max: max_len,
-            });
+            return Err(FrameError::TooLong { tag, len, max: max_len });
         }
         Ok(Header { tag, len })
     }
@@ -114,13 +110,7 @@ pub struct Scanner {
 
 impl Scanner {
     pub fn new(max_len: u32) -> Scanner {
-        Scanner {
-            max_len,
-            current: None,
-            body_remaining: 0,
-            capturing: false,
-            capture: Vec::new(),
-        }
+        Scanner { max_len, current: None, body_remaining: 0, capturing: false, capture: Vec::new() }
     }
 
     /// True when no frame is partially walked.
@@ -152,12 +142,7 @@ impl Scanner {
             }
             self.current = None;
             let body = self.capturing.then_some(self.capture.as_slice());
-            let go_on = on_frame(Frame {
-                tag: header.tag,
-                start: None,
-                end: pos,
-                body,
-            });
+            let go_on = on_frame(Frame { tag: header.tag, start: None, end: pos, body });
             self.capturing = false;
             self.capture.clear();
             if !go_on {
@@ -173,12 +158,7 @@ impl Scanner {
                 let body = &chunk[pos..pos + body_len];
                 pos += body_len;
                 let body = wanted.then(|| &body[..body.len().min(CAPTURE_LIMIT)]);
-                if !on_frame(Frame {
-                    tag: header.tag,
-                    start: Some(start),
-                    end: pos,
-                    body,
-                }) {
+                if !on_frame(Frame { tag: header.tag, start: Some(start), end: pos, body }) {
                     return Ok(pos);
                 }
                 continue;
@@ -230,18 +210,8 @@ mod tests {
 
     #[test]
     fn header_rejects_short_and_long_lengths() {
-        assert_eq!(
-            Header::parse(b"Q\0\0\0\x03", 100),
-            Err(FrameError::BadLength { tag: b'Q', len: 3 })
-        );
-        assert_eq!(
-            Header::parse(b"Q\0\0\x01\0", 100),
-            Err(FrameError::TooLong {
-                tag: b'Q',
-                len: 256,
-                max: 100
-            })
-        );
+        assert_eq!(Header::parse(b"Q\0\0\0\x03", 100), Err(FrameError::BadLength { tag: b'Q', len: 3 }));
+        assert_eq!(Header::parse(b"Q\0\0\x01\0", 100), Err(FrameError::TooLong { tag: b'Q', len: 256, max: 100 }));
         assert_eq!(Header::parse(b"Q\0\0", 100), Ok(None));
     }
 
@@ -263,13 +233,7 @@ mod tests {
         chunk.extend(msg(b'Z', b"I"));
         let mut s = Scanner::new(MAX_MESSAGE_LEN);
         let frames = scan_all(&mut s, &mut Vec::new(), &chunk);
-        assert_eq!(
-            frames,
-            vec![
-                (b'C', Some(0), 14, None),
-                (b'Z', Some(14), 20, Some(b"I".to_vec()))
-            ]
-        );
+        assert_eq!(frames, vec![(b'C', Some(0), 14, None), (b'Z', Some(14), 20, Some(b"I".to_vec()))]);
         assert!(s.at_boundary());
     }
 
@@ -285,11 +249,7 @@ mod tests {
             got.extend(scan_all(&mut s, &mut pending, &stream[cut..]));
             let tags: Vec<u8> = got.iter().map(|f| f.0).collect();
             assert_eq!(tags, b"DEZ", "cut at {cut}");
-            assert_eq!(
-                got[1].3.as_deref(),
-                Some(&b"SERROR\0C25006\0\0"[..]),
-                "cut at {cut}"
-            );
+            assert_eq!(got[1].3.as_deref(), Some(&b"SERROR\0C25006\0\0"[..]), "cut at {cut}");
             assert_eq!(got[2].3.as_deref(), Some(&b"T"[..]), "cut at {cut}");
             assert!(s.at_boundary());
         }
@@ -304,10 +264,7 @@ mod tests {
             assert!(scan_all(&mut s, &mut pending, std::slice::from_ref(b)).is_empty());
         }
         assert_eq!(pending.len(), 4);
-        assert_eq!(
-            scan_all(&mut s, &mut pending, &stream[4..]),
-            vec![(b'X', Some(0), 5, None)]
-        );
+        assert_eq!(scan_all(&mut s, &mut pending, &stream[4..]), vec![(b'X', Some(0), 5, None)]);
     }
 
     #[test]

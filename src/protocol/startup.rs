@@ -32,10 +32,7 @@ pub struct Startup {
 
 impl Startup {
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -72,10 +69,7 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Startu
             if packet.len() != 8 {
                 return Err(StartupError::Malformed("cancel request must be 16 bytes"));
             }
-            StartupPacket::Cancel {
-                pid: packet.get_i32(),
-                secret: packet.get_i32(),
-            }
+            StartupPacket::Cancel { pid: packet.get_i32(), secret: packet.get_i32() }
         }
         _ => {
             let (major, minor) = ((code >> 16) as u16, code as u16);
@@ -89,10 +83,7 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Startu
 }
 
 fn parse_params(minor: u16, mut body: &[u8]) -> Result<Startup, StartupError> {
-    let mut startup = Startup {
-        minor,
-        ..Startup::default()
-    };
+    let mut startup = Startup { minor, ..Startup::default() };
     loop {
         let name = take_cstr(&mut body)?;
         if name.is_empty() {
@@ -113,8 +104,7 @@ fn parse_params(minor: u16, mut body: &[u8]) -> Result<Startup, StartupError> {
 
 fn take_cstr(body: &mut &[u8]) -> Result<String, StartupError> {
     let end = memchr::memchr(0, body).ok_or(StartupError::Malformed("unterminated string"))?;
-    let s =
-        std::str::from_utf8(&body[..end]).map_err(|_| StartupError::Malformed("invalid UTF-8"))?;
+    let s = std::str::from_utf8(&body[..end]).map_err(|_| StartupError::Malformed("invalid UTF-8"))?;
     *body = &body[end + 1..];
     Ok(s.to_owned())
 }
@@ -135,9 +125,7 @@ mod tests {
     #[test]
     fn startup_with_params_and_pq_options() {
         let mut b = packet(PROTOCOL_3_0 + 2, b"user\0app\0_pq_.x\0y\0database\0db\0\0");
-        let Some(StartupPacket::Startup(s)) = split_startup(&mut b).unwrap() else {
-            panic!()
-        };
+        let Some(StartupPacket::Startup(s)) = split_startup(&mut b).unwrap() else { panic!() };
         assert_eq!(s.minor, 2);
         assert_eq!(s.param("user"), Some("app"));
         assert_eq!(s.param("database"), Some("db"));
@@ -147,24 +135,15 @@ mod tests {
 
     #[test]
     fn ssl_and_cancel() {
-        assert_eq!(
-            split_startup(&mut packet(SSL_REQUEST_CODE, b"")).unwrap(),
-            Some(StartupPacket::SslRequest)
-        );
+        assert_eq!(split_startup(&mut packet(SSL_REQUEST_CODE, b"")).unwrap(), Some(StartupPacket::SslRequest));
         let mut c = packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 0, 0, 0, 9]);
-        assert_eq!(
-            split_startup(&mut c).unwrap(),
-            Some(StartupPacket::Cancel { pid: 7, secret: 9 })
-        );
+        assert_eq!(split_startup(&mut c).unwrap(), Some(StartupPacket::Cancel { pid: 7, secret: 9 }));
     }
 
     #[test]
     fn malformed_packets_are_errors() {
         let mut huge = BytesMut::from(&[0x7f, 0xff, 0xff, 0xff][..]);
-        assert_eq!(
-            split_startup(&mut huge),
-            Err(StartupError::BadLength(0x7fff_ffff))
-        );
+        assert_eq!(split_startup(&mut huge), Err(StartupError::BadLength(0x7fff_ffff)));
         assert!(split_startup(&mut packet(PROTOCOL_3_0, b"user\0app")).is_err());
         assert!(split_startup(&mut packet(2 << 16, b"\0")).is_err());
         assert_eq!(split_startup(&mut BytesMut::from(&b"\0\0"[..])), Ok(None));
