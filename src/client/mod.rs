@@ -1,1 +1,412 @@
-//! One task per client connection.
+//! One task per client connection: startup, authentication, then the loop
+//! that takes a backend for each transaction and gives it back.
+
+pub mod cancel;
+pub mod params;
+pub mod relay;
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::config::{Config, PoolMode};
+use crate::pool::inner::CloseReason;
+use crate::pool::{Backend, Pool};
+use crate::protocol::backend::{self as msg, Severity};
+use crate::protocol::frame::{Header, MAX_MESSAGE_LEN, Scanner};
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::startup::{self, StartupPacket};
+use crate::protocol::tag;
+use crate::server::Shared;
+use cancel::{CancelKey, CancelTarget};
+use params::SessionParams;
+use relay::{Link, Outcome, RelayOptions};
+
+/// Time a client gets to finish startup and authentication.
+const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Serves one accepted connection until it ends. Never panics on client input:
+/// every failure becomes an ErrorResponse or a close.
+pub async fn serve(stream: TcpStream, shared: Arc<Shared>, client_id: u64) {
+    let peer = stream.peer_addr().ok();
+    let span = tracing::info_span!("client", id = client_id, peer = ?peer);
+    async move {
+        if let Err(e) = serve_inner(stream, &shared).await {
+            tracing::debug!(error = %e, "client connection ended with an I/O error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// What login produced: enough to run the session.
+struct Session {
+    pool: Arc<Pool>,
+    server_params: Arc<Vec<(String, String)>>,
+    params: SessionParams,
+    mode: PoolMode,
+    user: String,
+    database: String,
+}
+
+async fn serve_inner(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let config = shared.config();
+    let mut buf = BytesMut::new();
+    // Boxed: login state is large and short-lived; an idle client should not carry it.
+    let login = Box::pin(tokio::time::timeout(LOGIN_TIMEOUT, login(&mut stream, &mut buf, shared, &config))).await;
+    let session = match login {
+        Ok(Ok(Some(session))) => session,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            tracing::info!("client did not finish login in time");
+            return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, "login timed out").await;
+        }
+    };
+    tracing::info!(user = %session.user, database = %session.database, "client logged in");
+    let key = shared.cancels.issue();
+    let mut out = BytesMut::new();
+    msg::authentication_ok(&mut out);
+    for (k, v) in session.params.announce(&session.server_params) {
+        msg::parameter_status(&mut out, &k, &v);
+    }
+    msg::backend_key_data(&mut out, key.pid, key.secret);
+    msg::ready_for_query(&mut out, msg::IDLE);
+    stream.write_all(&out).await?;
+    drop(out);
+    let result = run_session(&mut stream, buf, shared, &config, session, &key).await;
+    tracing::info!("client disconnected");
+    result
+}
+
+/// Startup and authentication. `Ok(None)` means the connection ended cleanly
+/// (cancel request served, client gone, or an error already sent).
+async fn login(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    config: &Config,
+) -> std::io::Result<Option<Session>> {
+    let startup = loop {
+        let packet = match startup::split_startup(buf) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                if stream.read_buf(buf).await? == 0 {
+                    return Ok(None);
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "malformed startup packet");
+                fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await?;
+                return Ok(None);
+            }
+        };
+        match packet {
+            // TLS and GSS encryption are declined; the client may go on in plaintext.
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                if !buf.is_empty() {
+                    // Bytes sent after the request but before our answer could be a
+                    // man-in-the-middle injection (CVE-2021-23222 class): refuse.
+                    fatal(stream, SqlState::PROTOCOL_VIOLATION, "unexpected data after encryption request").await?;
+                    return Ok(None);
+                }
+                stream.write_all(b"N").await?;
+            }
+            StartupPacket::Cancel { pid, secret } => {
+                if let Some(t) = shared.cancels.target(pid, secret) {
+                    tracing::debug!(backend_pid = t.pid, "forwarding cancel request");
+                    relay::cancel_backend(t.addr, t.pid, t.secret).await;
+                }
+                return Ok(None);
+            }
+            StartupPacket::Startup(s) => break s,
+        }
+    };
+    if startup.minor > 0 || !startup.protocol_options.is_empty() {
+        let mut out = BytesMut::new();
+        msg::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
+        stream.write_all(&out).await?;
+    }
+    let Some(user_name) = startup.param("user").filter(|u| !u.is_empty()) else {
+        fatal(stream, SqlState::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet").await?;
+        return Ok(None);
+    };
+    let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(user_name).to_owned();
+    let Some(user) = config.user(user_name) else {
+        tracing::info!(user = %user_name, "login refused: unknown user");
+        let text = format!("no such user: \"{user_name}\"");
+        fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
+        return Ok(None);
+    };
+    if let Err(e) = crate::auth::authenticate_client(stream, buf, user).await {
+        tracing::info!(user = %user.name, error = %e, "authentication failed");
+        fatal(stream, e.sqlstate(), &e.to_string()).await?;
+        return Ok(None);
+    }
+    let Some(db) = config.database(&database) else {
+        tracing::info!(database = %database, "login refused: unknown database");
+        let text = format!("database \"{database}\" does not exist");
+        fatal(stream, SqlState::INVALID_CATALOG_NAME, &text).await?;
+        return Ok(None);
+    };
+    let pool = shared.pools.get_or_create(config, db, user);
+    // The client's view starts from the server's defaults, which the pool learns
+    // from its first backend; an unreachable server fails the login here.
+    let server_params = match pool.server_params().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach the server for a new client");
+            fatal(stream, e.sqlstate(), &e.to_string()).await?;
+            return Ok(None);
+        }
+    };
+    let params = match SessionParams::from_startup(&server_params, &startup.params) {
+        Ok(p) => p,
+        Err(e) => {
+            fatal(stream, SqlState::FEATURE_NOT_SUPPORTED, &e.to_string()).await?;
+            return Ok(None);
+        }
+    };
+    Ok(Some(Session { mode: config.pool_mode(db), pool, server_params, params, user: user.name.clone(), database }))
+}
+
+/// Writes a FATAL ErrorResponse and closes.
+async fn fatal(stream: &mut TcpStream, code: SqlState, text: &str) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    msg::error_response(&mut out, Severity::Fatal, code, text);
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// The transaction loop: wait idle without a backend, take one when the
+/// client speaks, relay, give it back at the transaction boundary.
+async fn run_session(
+    stream: &mut TcpStream,
+    mut pending: BytesMut,
+    shared: &Shared,
+    config: &Config,
+    mut session: Session,
+    key: &CancelKey<'_>,
+) -> std::io::Result<()> {
+    let mut draining = shared.draining.clone();
+    let mut force_close = shared.force_close.clone();
+    let opts = RelayOptions {
+        release_at_boundary: session.mode == PoolMode::Transaction,
+        idle_transaction_timeout: config.proxy.idle_transaction_timeout,
+    };
+    loop {
+        if pending.is_empty() {
+            // Idle: no backend and no buffer; wait for the client (or shutdown).
+            pending = BytesMut::new();
+            tokio::select! {
+                r = stream.readable() => r?,
+                _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
+                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
+                }
+            }
+            match stream.try_read_buf(&mut pending) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        // Decide on a whole header: a lone Terminate needs no backend.
+        match Header::parse(&pending, MAX_MESSAGE_LEN) {
+            Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                if stream.read_buf(&mut pending).await? == 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
+        }
+        let mut backend = match session.pool.checkout().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::info!(error = %e, "no server connection for a client request");
+                if !reject_request(stream, &mut pending, e.sqlstate(), &e.to_string()).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        key.slot.set(Some(CancelTarget { addr: backend.addr, pid: backend.pid, secret: backend.secret }));
+        let outcome =
+            Box::pin(transaction(stream, &mut backend, &mut pending, &mut session, &opts, &mut force_close)).await;
+        key.slot.set(None);
+        match outcome {
+            Ended::Clean => session.pool.checkin(backend),
+            Ended::Recover(link, why) => {
+                let (pool, mut link) = (session.pool.clone(), link);
+                // Cleanup may wait on a cancelled query; the client need not wait for it.
+                tokio::spawn(async move {
+                    if relay::recover(&mut backend, &mut link).await {
+                        pool.checkin(backend);
+                    } else {
+                        pool.discard(backend, CloseReason::Dirty);
+                    }
+                });
+                if let Some((code, text)) = why {
+                    return fatal(stream, code, &text).await;
+                }
+                return Ok(());
+            }
+            Ended::Discard(why) => {
+                session.pool.discard(backend, CloseReason::Dead);
+                if let Some((code, text)) = why {
+                    return fatal(stream, code, &text).await;
+                }
+                return Ok(());
+            }
+        }
+        let shutting_down = *draining.borrow();
+        if shutting_down {
+            return fatal(stream, SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
+        }
+    }
+}
+
+/// How a transaction on a backend ended, and what becomes of the backend.
+enum Ended {
+    /// At a boundary: back to the pool as is.
+    Clean,
+    /// The client is gone or being closed: clean the backend up in the
+    /// background; tell the client why (if it is still there) and close.
+    Recover(Link, Option<(SqlState, String)>),
+    /// The backend is unusable: close it; tell the client why and close.
+    Discard(Option<(SqlState, String)>),
+}
+
+/// Runs one transaction (transaction mode) or the rest of the session (session mode).
+async fn transaction(
+    stream: &mut TcpStream,
+    backend: &mut Backend,
+    pending: &mut BytesMut,
+    session: &mut Session,
+    opts: &RelayOptions,
+    force_close: &mut tokio::sync::watch::Receiver<bool>,
+) -> Ended {
+    if let Some(sql) = session.params.sync_sql(backend) {
+        match backend.run_quietly(&sql).await {
+            Ok((None, msg::IDLE)) => {
+                // Adopt the server's spelling of what was just set.
+                for name in params::TRACKED {
+                    if let Some(v) = backend.param(name) {
+                        session.params.observe(name, v);
+                    }
+                }
+            }
+            Ok((Some(err), _)) => {
+                tracing::info!(code = %err.code, message = %err.message, "could not apply session parameters");
+                return Ended::Discard(Some((
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    format!("could not apply session parameters: {}", err.message),
+                )));
+            }
+            Ok((None, _)) | Err(_) => {
+                return Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "server connection lost".into())));
+            }
+        }
+    }
+    let mut link = Link::new();
+    backend.to_server.unsplit(std::mem::take(pending));
+    if let Err(e) = link.scan_client(&mut backend.to_server) {
+        return Ended::Recover(link, Some((SqlState::PROTOCOL_VIOLATION, e.to_string())));
+    }
+    let outcome = relay::relay(stream, backend, &mut link, opts, force_close).await;
+    for (k, v) in link.take_param_changes() {
+        session.params.observe(&k, &v);
+        backend.set_param(&k, &v);
+    }
+    match outcome {
+        Outcome::Boundary => {
+            // A partial header of the client's next message stays with the client.
+            *pending = backend.to_server.split();
+            Ended::Clean
+        }
+        Outcome::Terminated | Outcome::ClientGone => {
+            if link.at_transaction_boundary(&backend.from_server) && session.mode == PoolMode::Transaction {
+                backend.to_server.clear();
+                Ended::Clean
+            } else {
+                Ended::Recover(link, None)
+            }
+        }
+        Outcome::ClientProtocol(e) => Ended::Recover(link, Some((SqlState::PROTOCOL_VIOLATION, e.to_string()))),
+        Outcome::IdleInTransaction => Ended::Recover(
+            link,
+            Some((
+                SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+                "terminating connection due to idle-in-transaction timeout".to_owned(),
+            )),
+        ),
+        Outcome::Shutdown => Ended::Discard(Some((SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down".into()))),
+        Outcome::ServerGone(why) => {
+            tracing::info!(pid = backend.pid, reason = %why, "server connection lost");
+            Ended::Discard(Some((SqlState::CONNECTION_FAILURE, format!("server connection lost: {why}"))))
+        }
+    }
+}
+
+/// Answers the request at the front of `pending` with an error instead of
+/// running it: ErrorResponse at once, then skip the client's messages up to
+/// the end of that request (Query, FunctionCall or Sync) and send
+/// ReadyForQuery, as the server would after an error. Returns `false` if the
+/// client terminated or went away meanwhile.
+async fn reject_request(
+    stream: &mut TcpStream,
+    pending: &mut BytesMut,
+    code: SqlState,
+    text: &str,
+) -> std::io::Result<bool> {
+    let mut out = BytesMut::new();
+    msg::error_response(&mut out, Severity::Error, code, text);
+    stream.write_all(&out).await?;
+    let mut scanner = Scanner::new(MAX_MESSAGE_LEN);
+    loop {
+        let mut end_of_request = None;
+        let mut terminated = false;
+        let used = match scanner.scan(
+            pending,
+            |_| false,
+            |f| match f.tag {
+                tag::QUERY | tag::FUNCTION_CALL | tag::SYNC => {
+                    end_of_request = Some(f.end);
+                    false
+                }
+                tag::TERMINATE => {
+                    terminated = true;
+                    false
+                }
+                _ => true,
+            },
+        ) {
+            Ok(used) => used,
+            Err(e) => {
+                fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await?;
+                return Ok(false);
+            }
+        };
+        if terminated {
+            return Ok(false);
+        }
+        pending.advance(used);
+        if end_of_request.is_some() {
+            out.clear();
+            msg::ready_for_query(&mut out, msg::IDLE);
+            stream.write_all(&out).await?;
+            return Ok(true);
+        }
+        if stream.read_buf(pending).await? == 0 {
+            return Ok(false);
+        }
+    }
+}

@@ -1,1 +1,311 @@
-//! Backend connection pools.
+//! Backend connection pools, one per (database, user) toward a node.
+//!
+//! A [`Pool`] owns idle [`Backend`]s and a FIFO queue of waiting clients; its
+//! state sits behind a std mutex that is never held across an `.await`
+//! (decisions live in [`inner`]). Clients take a backend with
+//! [`Pool::checkout`] and give it back with [`Pool::checkin`] (clean) or
+//! [`Pool::discard`] (closed).
+
+pub mod backend;
+pub mod inner;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+pub use backend::Backend;
+use backend::LoginParams;
+use inner::{CloseReason, Grant, Inner, Take};
+
+use crate::auth::BackendLoginError;
+use crate::config::{Config, DatabaseConfig, UserConfig};
+use crate::protocol::sqlstate::SqlState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection available within query_wait_timeout ({0:?})")]
+    Timeout(Duration),
+    #[error("could not connect to server: {0}")]
+    Connect(std::io::Error),
+    #[error("could not connect to server: connection timed out")]
+    ConnectTimeout,
+    #[error("{0}")]
+    Login(BackendLoginError),
+}
+
+impl PoolError {
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            PoolError::Timeout(_) => SqlState::TOO_MANY_CONNECTIONS,
+            PoolError::Connect(_) | PoolError::ConnectTimeout => SqlState::CONNECTION_FAILURE,
+            PoolError::Login(e) => e.sqlstate(),
+        }
+    }
+}
+
+/// Everything needed to open and size the backends of one pool; fixed at
+/// creation (a reload builds new settings).
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub addr: String,
+    pub dbname: String,
+    pub user: String,
+    pub password: Option<String>,
+    pub pool_size: usize,
+    pub min_pool_size: usize,
+    pub query_wait_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub lifetime: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl PoolSettings {
+    pub fn new(config: &Config, db: &DatabaseConfig, user: &UserConfig) -> PoolSettings {
+        PoolSettings {
+            addr: db.primary.clone(),
+            dbname: db.server_dbname().to_owned(),
+            user: user.name.clone(),
+            password: user.backend_password().map(str::to_owned),
+            pool_size: db.pool_size,
+            min_pool_size: db.min_pool_size,
+            query_wait_timeout: config.proxy.query_wait_timeout,
+            connect_timeout: config.proxy.server_connect_timeout,
+            lifetime: config.proxy.server_lifetime,
+            idle_timeout: config.proxy.server_idle_timeout,
+        }
+    }
+}
+
+/// Counts for SHOW POOLS and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub open: usize,
+    pub idle: usize,
+    pub waiting: usize,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    settings: PoolSettings,
+    inner: Mutex<Inner<Backend>>,
+    /// ParameterStatus values of the first backend ever opened, announced to
+    /// clients at login (pgmux answers logins without holding a backend).
+    server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    checkouts: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Arc<Pool> {
+        let inner = Inner::new(settings.pool_size, settings.lifetime, settings.idle_timeout);
+        Arc::new(Pool {
+            settings,
+            inner: Mutex::new(inner),
+            server_params: Mutex::new(None),
+            checkouts: AtomicU64::new(0),
+        })
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<Backend>> {
+        // A panic while holding this lock would be a bug in `inner`'s small,
+        // non-panicking methods; recover the data rather than poison every client.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let inner = self.lock();
+        PoolStats { open: inner.open(), idle: inner.idle_count(), waiting: inner.waiting() }
+    }
+
+    pub fn checkouts(&self) -> u64 {
+        self.checkouts.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `query_wait_timeout` for a live backend, FIFO among waiters.
+    pub async fn checkout(&self) -> Result<Backend, PoolError> {
+        let deadline = tokio::time::Instant::now() + self.settings.query_wait_timeout;
+        loop {
+            let mut expired = Vec::new();
+            let take = self.lock().take(Instant::now(), &mut expired);
+            for (b, reason) in expired {
+                tracing::debug!(pid = b.pid, %reason, "closing server connection");
+                b.close();
+            }
+            let grant = match take {
+                Take::Idle(b) => Grant::Backend(b),
+                Take::Create => Grant::Slot,
+                Take::Wait(mut rx) => match tokio::time::timeout_at(deadline, &mut rx).await {
+                    Ok(Ok(grant)) => grant,
+                    // The sender lives in `inner`, which outlives us: a dropped
+                    // sender can only mean the pool is being torn down.
+                    Ok(Err(_)) => return Err(PoolError::Timeout(self.settings.query_wait_timeout)),
+                    Err(_) => {
+                        // Something may have been granted between the timer
+                        // firing and now: give it back rather than leak it.
+                        rx.close();
+                        match rx.try_recv() {
+                            Ok(Grant::Backend(b)) => self.checkin(b),
+                            Ok(Grant::Slot) => self.lock().forget(),
+                            Err(_) => {}
+                        }
+                        return Err(PoolError::Timeout(self.settings.query_wait_timeout));
+                    }
+                },
+            };
+            match grant {
+                Grant::Backend(b) if b.is_alive() => {
+                    self.checkouts.fetch_add(1, Ordering::Relaxed);
+                    return Ok(b);
+                }
+                Grant::Backend(b) => {
+                    tracing::info!(pid = b.pid, "server connection closed while idle; replacing it");
+                    self.discard(b, CloseReason::Dead);
+                }
+                Grant::Slot => match self.open_backend().await {
+                    Ok(b) => {
+                        self.checkouts.fetch_add(1, Ordering::Relaxed);
+                        return Ok(b);
+                    }
+                    Err(e) => {
+                        self.lock().forget();
+                        return Err(e);
+                    }
+                },
+            }
+        }
+    }
+
+    async fn open_backend(&self) -> Result<Backend, PoolError> {
+        let s = &self.settings;
+        let login = LoginParams {
+            addr: &s.addr,
+            user: &s.user,
+            dbname: &s.dbname,
+            password: s.password.as_deref(),
+            connect_timeout: s.connect_timeout,
+        };
+        let b = Backend::connect(&login).await?;
+        tracing::debug!(pid = b.pid, addr = %s.addr, db = %s.dbname, user = %s.user, "server connection opened");
+        let mut cached = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.is_none() {
+            *cached = Some(Arc::new(b.params.clone()));
+        }
+        Ok(b)
+    }
+
+    /// The server's ParameterStatus set, opening a backend the first time.
+    pub async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, PoolError> {
+        if let Some(p) = self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(p);
+        }
+        let b = self.checkout().await?;
+        let params = Arc::new(b.params.clone());
+        self.checkin(b);
+        Ok(params)
+    }
+
+    /// Returns a clean backend: idle on the server, nothing unread, nothing unsent.
+    pub fn checkin(&self, mut b: Backend) {
+        debug_assert!(b.from_server.is_empty() && b.to_server.is_empty());
+        b.last_used = Instant::now();
+        let closed = self.lock().put(b, Instant::now());
+        if let Some((b, reason)) = closed {
+            tracing::debug!(pid = b.pid, %reason, "closing server connection");
+            b.close();
+        }
+    }
+
+    /// Closes a backend that must not be reused, freeing its slot.
+    pub fn discard(&self, b: Backend, reason: CloseReason) {
+        tracing::debug!(pid = b.pid, %reason, "closing server connection");
+        b.close();
+        self.lock().forget();
+    }
+
+    /// Periodic upkeep: close expired idle backends, keep `min_pool_size` open.
+    pub async fn maintain(self: &Arc<Self>) {
+        let (expired, to_open) = {
+            let mut inner = self.lock();
+            let expired = inner.expire_idle(Instant::now(), self.settings.min_pool_size);
+            (expired, inner.reserve_for_min(self.settings.min_pool_size))
+        };
+        for (b, reason) in expired {
+            tracing::debug!(pid = b.pid, %reason, "closing idle server connection");
+            b.close();
+        }
+        for _ in 0..to_open {
+            match self.open_backend().await {
+                Ok(b) => self.checkin(b),
+                Err(e) => {
+                    self.lock().forget();
+                    tracing::warn!(addr = %self.settings.addr, error = %e, "could not open a min_pool_size connection");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Closes every idle backend (shutdown).
+    pub fn close_idle(&self) {
+        let idle = self.lock().drain_idle();
+        for b in idle {
+            b.close();
+        }
+    }
+}
+
+/// All pools of the process, created on first use.
+#[derive(Debug, Default)]
+pub struct Pools {
+    pools: DashMap<(String, String), Arc<Pool>>,
+}
+
+impl Pools {
+    pub fn get_or_create(&self, config: &Config, db: &DatabaseConfig, user: &UserConfig) -> Arc<Pool> {
+        let key = (db.name.clone(), user.name.clone());
+        if let Some(p) = self.pools.get(&key) {
+            return p.clone();
+        }
+        self.pools.entry(key).or_insert_with(|| Pool::new(PoolSettings::new(config, db, user))).clone()
+    }
+
+    pub fn get(&self, db: &str, user: &str) -> Option<Arc<Pool>> {
+        self.pools.get(&(db.to_owned(), user.to_owned())).map(|p| p.clone())
+    }
+
+    pub fn all(&self) -> Vec<((String, String), Arc<Pool>)> {
+        self.pools.iter().map(|e| (e.key().clone(), e.value().clone())).collect()
+    }
+
+    /// Creates the pools of every configured (database, user) pair that keeps
+    /// backends warm, so `min_pool_size` holds before the first client.
+    pub fn prewarm(&self, config: &Config) {
+        for db in config.databases.iter().filter(|d| d.min_pool_size > 0) {
+            for user in &config.users {
+                self.get_or_create(config, db, user);
+            }
+        }
+    }
+
+    /// Runs pool upkeep every second until the process ends.
+    pub async fn janitor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for (_, pool) in self.all() {
+                pool.maintain().await;
+            }
+        }
+    }
+
+    pub fn close_idle(&self) {
+        for (_, pool) in self.all() {
+            pool.close_idle();
+        }
+    }
+}

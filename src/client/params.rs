@@ -1,0 +1,248 @@
+//! A client's session parameters, kept by pgmux because its backend changes
+//! from one transaction to the next.
+//!
+//! The client's view starts as the server defaults, overlaid with what its
+//! startup packet asked for, and follows every ParameterStatus relayed to it.
+//! Before a backend serves the client, parameters that differ are set on it.
+
+use crate::pool::Backend;
+
+/// Parameters pgmux keeps per client even when the client never set them, so
+/// one client's `SET` cannot leak into another's session through a backend.
+pub const TRACKED: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "application_name",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+    "search_path",
+];
+
+/// Startup keys that are not session parameters.
+const NOT_PARAMETERS: &[&str] = &["user", "database"];
+
+#[derive(Debug, Default, Clone)]
+pub struct SessionParams {
+    values: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StartupParamError {
+    #[error("replication connections are not supported by pgmux")]
+    Replication,
+    #[error("unsupported startup option {0:?}: only -c name=value and --name=value are accepted")]
+    UnsupportedOption(String),
+}
+
+impl SessionParams {
+    /// The client's initial view: server defaults for [`TRACKED`] names, then
+    /// the startup packet's parameters (and `options`' `-c` settings).
+    pub fn from_startup(
+        server: &[(String, String)],
+        startup: &[(String, String)],
+    ) -> Result<SessionParams, StartupParamError> {
+        let mut p = SessionParams::default();
+        for (k, v) in server {
+            if TRACKED.iter().any(|t| t.eq_ignore_ascii_case(k)) {
+                p.set(k, v);
+            }
+        }
+        for (k, v) in startup {
+            if NOT_PARAMETERS.contains(&k.as_str()) {
+                continue;
+            }
+            match k.as_str() {
+                "replication" if v != "false" && v != "off" && v != "0" => return Err(StartupParamError::Replication),
+                "replication" => {}
+                "options" => {
+                    for (name, value) in parse_options(v)? {
+                        p.set(&name, &value);
+                    }
+                }
+                _ => p.set(k, &canonical_value(k, v)),
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn set(&mut self, name: &str, value: &str) {
+        match self.values.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            Some((_, v)) => value.clone_into(v),
+            None => self.values.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// A ParameterStatus reached the client: its session now has this value.
+    pub fn observe(&mut self, name: &str, value: &str) {
+        if self.get(name).is_some() || TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+            self.set(name, value);
+        }
+    }
+
+    /// What to announce at login: the server's ParameterStatus set with the
+    /// client's own values where it has them.
+    pub fn announce(&self, server: &[(String, String)]) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = server.to_vec();
+        for (k, v) in &self.values {
+            match out.iter_mut().find(|(sk, _)| sk.eq_ignore_ascii_case(k)) {
+                Some((_, sv)) => v.clone_into(sv),
+                // Only reported parameters are announced; others are applied silently.
+                None if TRACKED.iter().any(|t| t.eq_ignore_ascii_case(k)) && k != "search_path" => {
+                    out.push((k.clone(), v.clone()))
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    /// The statement that brings `backend` in line with this session, if it differs.
+    /// `set_config` takes each value in its textual form, which is exactly what
+    /// ParameterStatus reports (lists such as search_path included).
+    pub fn sync_sql(&self, backend: &Backend) -> Option<String> {
+        let mut sql = String::new();
+        for (k, v) in &self.values {
+            if backend.param(k) == Some(v.as_str()) {
+                continue;
+            }
+            sql.push_str(if sql.is_empty() { "SELECT " } else { ", " });
+            sql.push_str("pg_catalog.set_config(");
+            push_literal(&mut sql, k);
+            sql.push_str(", ");
+            push_literal(&mut sql, v);
+            sql.push_str(", false)");
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
+
+    /// Names whose value on the backend differs from this session's.
+    pub fn differing<'a>(&'a self, backend: &'a Backend) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.values.iter().filter(|(k, v)| backend.param(k) != Some(v.as_str())).map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// Spells common encoding names the way the server reports them, so clients
+/// that compare ParameterStatus values (psycopg does) see `UTF8`, not `utf-8`.
+fn canonical_value(name: &str, value: &str) -> String {
+    if name.eq_ignore_ascii_case("client_encoding") {
+        let squashed: String = value.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        if squashed.eq_ignore_ascii_case("utf8") || squashed.eq_ignore_ascii_case("unicode") {
+            return "UTF8".to_owned();
+        }
+        return value.to_ascii_uppercase();
+    }
+    value.to_owned()
+}
+
+/// A string literal safe whatever `standard_conforming_strings` is: the E''
+/// form with both quote and backslash escaped.
+fn push_literal(out: &mut String, s: &str) {
+    out.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => {}
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+}
+
+/// Parses the startup `options` value: `-c name=value` and `--name=value`,
+/// separated by spaces, with backslash escaping a space (libpq's convention).
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, StartupParamError> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next().ok_or_else(|| StartupParamError::UnsupportedOption(w.clone()))?
+        } else if let Some(rest) = w.strip_prefix("--").or_else(|| w.strip_prefix("-c")) {
+            rest.to_owned()
+        } else {
+            return Err(StartupParamError::UnsupportedOption(w));
+        };
+        let (name, value) =
+            setting.split_once('=').ok_or_else(|| StartupParamError::UnsupportedOption(setting.clone()))?;
+        // Postgres accepts dashes for underscores in option names.
+        out.push((name.replace('-', "_"), value.to_owned()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn options_forms() {
+        assert_eq!(
+            parse_options(r"-c search_path=a,b --statement-timeout=5s -c x=with\ space").unwrap(),
+            pairs(&[("search_path", "a,b"), ("statement_timeout", "5s"), ("x", "with space")])
+        );
+        assert!(matches!(parse_options("-e"), Err(StartupParamError::UnsupportedOption(_))));
+        assert!(matches!(parse_options("-c novalue"), Err(StartupParamError::UnsupportedOption(_))));
+    }
+
+    #[test]
+    fn startup_overlays_server_defaults() {
+        let server = pairs(&[("TimeZone", "UTC"), ("server_version", "15"), ("client_encoding", "UTF8")]);
+        let startup = pairs(&[
+            ("user", "u"),
+            ("database", "d"),
+            ("client_encoding", "utf-8"),
+            ("application_name", "app"),
+            ("options", "-c search_path=s1"),
+        ]);
+        let p = SessionParams::from_startup(&server, &startup).unwrap();
+        assert_eq!(p.get("timezone"), Some("UTC"));
+        assert_eq!(p.get("client_encoding"), Some("UTF8"));
+        assert_eq!(p.get("search_path"), Some("s1"));
+        assert_eq!(p.get("server_version"), None);
+        assert_eq!(p.get("user"), None);
+        let announced = p.announce(&server);
+        assert!(announced.contains(&("application_name".into(), "app".into())));
+        assert!(announced.contains(&("server_version".into(), "15".into())));
+        assert!(!announced.iter().any(|(k, _)| k == "search_path"));
+    }
+
+    #[test]
+    fn replication_is_refused() {
+        let startup = pairs(&[("replication", "database")]);
+        assert_eq!(SessionParams::from_startup(&[], &startup).unwrap_err(), StartupParamError::Replication);
+    }
+
+    #[test]
+    fn literals_are_escaped() {
+        let mut s = String::new();
+        push_literal(&mut s, r"it's a \ path");
+        assert_eq!(s, r"E'it''s a \\ path'");
+    }
+}

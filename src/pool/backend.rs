@@ -1,0 +1,159 @@
+//! One server connection: opening it, and the few round trips pgmux runs on
+//! it itself (parameter sync, rollback, reset). The relay borrows its socket
+//! and buffers while a client holds it.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::PoolError;
+use super::inner::Aged;
+use crate::auth;
+use crate::protocol::backend::{self as msg, ErrorFields};
+use crate::protocol::frame::split_frame;
+use crate::protocol::{frontend, tag};
+
+/// Largest message pgmux reads whole from a server on its own round trips
+/// (results of SET / ROLLBACK / DISCARD ALL are tiny; this only bounds memory).
+const MAX_CONTROL_MESSAGE: u32 = 1 << 20;
+
+/// Read buffers start small so that idle backends stay cheap; they grow with traffic.
+const INITIAL_BUFFER: usize = 8 * 1024;
+
+/// A server connection. Owned by the pool while idle, by one client task while checked out.
+#[derive(Debug)]
+pub struct Backend {
+    pub stream: TcpStream,
+    /// The server's address, where cancel requests for this backend go.
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+    created: Instant,
+    pub last_used: Instant,
+    /// Session parameter values as the server last reported them, or as pgmux last set them.
+    pub params: Vec<(String, String)>,
+    /// Bytes read from the server not yet relayed (always empty between checkouts).
+    pub from_server: BytesMut,
+    /// Client bytes not yet written to the server (always empty between checkouts).
+    pub to_server: BytesMut,
+}
+
+impl Aged for Backend {
+    fn created(&self) -> Instant {
+        self.created
+    }
+    fn last_used(&self) -> Instant {
+        self.last_used
+    }
+}
+
+pub struct LoginParams<'a> {
+    pub addr: &'a str,
+    pub user: &'a str,
+    pub dbname: &'a str,
+    pub password: Option<&'a str>,
+    pub connect_timeout: std::time::Duration,
+}
+
+impl Backend {
+    pub async fn connect(login: &LoginParams<'_>) -> Result<Backend, PoolError> {
+        let connect = async {
+            let mut stream = TcpStream::connect(login.addr).await.map_err(PoolError::Connect)?;
+            // Small request/response messages: never wait for Nagle.
+            stream.set_nodelay(true).map_err(PoolError::Connect)?;
+            let addr = stream.peer_addr().map_err(PoolError::Connect)?;
+            let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.password, &[])
+                .await
+                .map_err(PoolError::Login)?;
+            let now = Instant::now();
+            Ok(Backend {
+                stream,
+                addr,
+                pid: hello.pid,
+                secret: hello.secret,
+                created: now,
+                last_used: now,
+                params: hello.params,
+                from_server: BytesMut::with_capacity(INITIAL_BUFFER),
+                to_server: BytesMut::with_capacity(INITIAL_BUFFER),
+            })
+        };
+        tokio::time::timeout(login.connect_timeout, connect).await.map_err(|_| PoolError::ConnectTimeout)?
+    }
+
+    /// True if the server has not closed or written to this idle connection.
+    /// An idle server sends nothing unless it is going away (e.g. the FATAL
+    /// sent by `pg_terminate_backend`), so any readable byte means "discard".
+    pub fn is_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn set_param(&mut self, name: &str, value: &str) {
+        match self.params.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            Some((_, v)) => value.clone_into(v),
+            None => self.params.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// Runs `sql` with the simple protocol, swallowing the response up to
+    /// ReadyForQuery. Returns the first error the server reported (if any) and
+    /// the final transaction status. ParameterStatus updates are recorded.
+    pub async fn run_quietly(&mut self, sql: &str) -> std::io::Result<(Option<ErrorFields>, u8)> {
+        let mut out = BytesMut::new();
+        frontend::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        self.read_until_ready(1).await
+    }
+
+    /// Reads and discards server messages until `pending` ReadyForQuery
+    /// messages have arrived. Returns the first error and the last status.
+    pub async fn read_until_ready(&mut self, mut pending: usize) -> std::io::Result<(Option<ErrorFields>, u8)> {
+        let mut first_error = None;
+        let mut status = msg::IDLE;
+        while pending > 0 {
+            let frame = split_frame(&mut self.from_server, MAX_CONTROL_MESSAGE)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            let Some((t, body)) = frame else {
+                if self.stream.read_buf(&mut self.from_server).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                continue;
+            };
+            match t {
+                tag::READY_FOR_QUERY => {
+                    pending -= 1;
+                    status = body.first().copied().unwrap_or(msg::IDLE);
+                }
+                tag::ERROR_RESPONSE if first_error.is_none() => first_error = Some(msg::parse_error_fields(&body)),
+                tag::PARAMETER_STATUS => {
+                    if let Some((k, v)) = msg::parse_parameter_status(&body) {
+                        let (k, v) = (k.to_owned(), v.to_owned());
+                        self.set_param(&k, &v);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Control round trips leave nothing behind; drop a grown buffer's excess.
+        if self.from_server.is_empty() && self.from_server.capacity() > 4 * INITIAL_BUFFER {
+            self.from_server = BytesMut::with_capacity(INITIAL_BUFFER);
+        }
+        Ok((first_error, status))
+    }
+
+    /// Best-effort Terminate, then close. Never blocks: 5 bytes always fit in
+    /// an idle socket's buffer, and a dead socket has nothing to lose.
+    pub fn close(self) {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = self.stream.try_write(&out);
+    }
+}

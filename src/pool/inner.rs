@@ -1,0 +1,334 @@
+//! A pool's state under its lock, and the decisions taken on it.
+//!
+//! No I/O and no clock here: callers pass `now` in, take a decision, drop the
+//! lock, and only then await (connect, hand over, close). That keeps every
+//! critical section a few instructions long and testable without sockets.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+/// What a waiting client is handed when its turn comes.
+#[derive(Debug)]
+pub enum Grant<B> {
+    /// An idle backend, ready to use.
+    Backend(B),
+    /// Permission to open a new backend (a slot was freed by a closed one).
+    Slot,
+}
+
+/// The outcome of asking for a backend.
+#[derive(Debug)]
+pub enum Take<B> {
+    Idle(B),
+    /// Under `pool_size`: the caller opens a new backend (the slot is counted).
+    Create,
+    /// At `pool_size`: wait in FIFO order.
+    Wait(oneshot::Receiver<Grant<B>>),
+}
+
+/// What the pool does with a backend coming back clean.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Handed to the longest waiter or kept idle.
+    Keep,
+    /// Closed: its lifetime is over, or the pool is over size after a reload.
+    Close(CloseReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    LifetimeOver,
+    IdleTooLong,
+    PoolShrunk,
+    Dirty,
+    Dead,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::LifetimeOver => "server_lifetime over",
+            CloseReason::IdleTooLong => "server_idle_timeout over",
+            CloseReason::PoolShrunk => "pool_size reduced",
+            CloseReason::Dirty => "connection left in an unknown state",
+            CloseReason::Dead => "connection closed by the server",
+        })
+    }
+}
+
+/// Anything the pool holds: it only needs to know ages.
+pub trait Aged {
+    fn created(&self) -> Instant;
+    fn last_used(&self) -> Instant;
+}
+
+#[derive(Debug)]
+pub struct Inner<B> {
+    pub pool_size: usize,
+    pub lifetime: Duration,
+    pub idle_timeout: Duration,
+    /// Most recently returned last: taken from the back (warm caches, and the
+    /// front ages out under `idle_timeout`).
+    idle: VecDeque<B>,
+    /// Backends that exist or are being opened, idle ones included.
+    open: usize,
+    waiters: VecDeque<oneshot::Sender<Grant<B>>>,
+}
+
+impl<B: Aged> Inner<B> {
+    pub fn new(pool_size: usize, lifetime: Duration, idle_timeout: Duration) -> Self {
+        Inner { pool_size, lifetime, idle_timeout, idle: VecDeque::new(), open: 0, waiters: VecDeque::new() }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiters.iter().filter(|w| !w.is_closed()).count()
+    }
+
+    /// Asks for a backend. Expired idle backends met on the way are returned
+    /// in `expired` for the caller to close outside the lock.
+    pub fn take(&mut self, now: Instant, expired: &mut Vec<(B, CloseReason)>) -> Take<B> {
+        // Waiters first: a newcomer must not overtake the queue.
+        if self.waiters.iter().all(|w| w.is_closed()) {
+            self.waiters.clear();
+            while let Some(b) = self.idle.pop_back() {
+                match self.expiry(&b, now) {
+                    None => return Take::Idle(b),
+                    Some(reason) => {
+                        self.open -= 1;
+                        expired.push((b, reason));
+                    }
+                }
+            }
+            if self.open < self.pool_size {
+                self.open += 1;
+                return Take::Create;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.push_back(tx);
+        Take::Wait(rx)
+    }
+
+    fn expiry(&self, b: &B, now: Instant) -> Option<CloseReason> {
+        if !self.lifetime.is_zero() && now.duration_since(b.created()) >= self.lifetime {
+            Some(CloseReason::LifetimeOver)
+        } else if !self.idle_timeout.is_zero() && now.duration_since(b.last_used()) >= self.idle_timeout {
+            Some(CloseReason::IdleTooLong)
+        } else {
+            None
+        }
+    }
+
+    /// A clean backend comes back. Returns it when the caller must close it.
+    pub fn put(&mut self, mut b: B, now: Instant) -> Option<(B, CloseReason)> {
+        if self.open > self.pool_size {
+            self.open -= 1;
+            self.grant_slots();
+            return Some((b, CloseReason::PoolShrunk));
+        }
+        if !self.lifetime.is_zero() && now.duration_since(b.created()) >= self.lifetime {
+            self.open -= 1;
+            self.grant_slots();
+            return Some((b, CloseReason::LifetimeOver));
+        }
+        while let Some(w) = self.waiters.pop_front() {
+            match w.send(Grant::Backend(b)) {
+                Ok(()) => return None,
+                // That waiter gave up (timeout, disconnect): try the next one.
+                Err(Grant::Backend(back)) => b = back,
+                Err(Grant::Slot) => unreachable!("we sent a backend"),
+            }
+        }
+        self.idle.push_back(b);
+        None
+    }
+
+    /// A backend was closed (dirty, dead, expired) or never opened: free its
+    /// slot, and let the longest waiter open a replacement.
+    pub fn forget(&mut self) {
+        self.open -= 1;
+        self.grant_slots();
+    }
+
+    fn grant_slots(&mut self) {
+        while self.open < self.pool_size {
+            let Some(w) = self.waiters.pop_front() else { return };
+            self.open += 1;
+            if w.send(Grant::Slot).is_err() {
+                self.open -= 1;
+            }
+        }
+    }
+
+    /// Idle backends past their lifetime, or idle for too long while more
+    /// than `keep_at_least` exist; for the janitor to close.
+    pub fn expire_idle(&mut self, now: Instant, keep_at_least: usize) -> Vec<(B, CloseReason)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.idle.len() {
+            let close = match self.expiry(&self.idle[i], now) {
+                Some(CloseReason::IdleTooLong) => self.open > keep_at_least,
+                Some(_) => true,
+                None => false,
+            };
+            if close {
+                let b = self.idle.remove(i).expect("index checked");
+                let reason = self.expiry(&b, now).expect("checked above");
+                self.open -= 1;
+                out.push((b, reason));
+            } else {
+                i += 1;
+            }
+        }
+        self.grant_slots();
+        out
+    }
+
+    /// How many backends to open so that `min` exist (never above `pool_size`).
+    pub fn reserve_for_min(&mut self, min: usize) -> usize {
+        let target = min.min(self.pool_size);
+        let n = target.saturating_sub(self.open);
+        self.open += n;
+        n
+    }
+
+    /// Drains idle backends (shutdown, reload that removes the pool).
+    pub fn drain_idle(&mut self) -> Vec<B> {
+        let out: Vec<B> = self.idle.drain(..).collect();
+        self.open -= out.len();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Fake {
+        id: u32,
+        created: Instant,
+        used: Instant,
+    }
+
+    impl Aged for Fake {
+        fn created(&self) -> Instant {
+            self.created
+        }
+        fn last_used(&self) -> Instant {
+            self.used
+        }
+    }
+
+    fn fake(id: u32, t: Instant) -> Fake {
+        Fake { id, created: t, used: t }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn creates_up_to_pool_size_then_queues_fifo() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(2, HOUR, HOUR);
+        let mut ex = Vec::new();
+        assert!(matches!(p.take(t, &mut ex), Take::Create));
+        assert!(matches!(p.take(t, &mut ex), Take::Create));
+        let Take::Wait(mut first) = p.take(t, &mut ex) else { panic!("should wait") };
+        let Take::Wait(mut second) = p.take(t, &mut ex) else { panic!("should wait") };
+        assert_eq!(p.waiting(), 2);
+        assert!(p.put(fake(1, t), t).is_none());
+        assert!(matches!(first.try_recv(), Ok(Grant::Backend(Fake { id: 1, .. }))));
+        assert!(second.try_recv().is_err());
+        p.forget();
+        assert!(matches!(second.try_recv(), Ok(Grant::Slot)));
+        assert_eq!(p.open(), 2);
+    }
+
+    #[test]
+    fn newcomer_does_not_overtake_waiters() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
+        let mut ex = Vec::new();
+        assert!(matches!(p.take(t, &mut ex), Take::Create));
+        let Take::Wait(_w) = p.take(t, &mut ex) else { panic!() };
+        // The slot frees and goes to the waiter; a newcomer must queue.
+        p.forget();
+        assert!(matches!(p.take(t, &mut ex), Take::Wait(_)));
+    }
+
+    #[test]
+    fn abandoned_waiter_is_skipped() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
+        let mut ex = Vec::new();
+        p.take(t, &mut ex);
+        let Take::Wait(gone) = p.take(t, &mut ex) else { panic!() };
+        drop(gone);
+        let Take::Wait(mut live) = p.take(t, &mut ex) else { panic!() };
+        assert!(p.put(fake(7, t), t).is_none());
+        assert!(matches!(live.try_recv(), Ok(Grant::Backend(Fake { id: 7, .. }))));
+    }
+
+    #[test]
+    fn expired_idle_backends_are_closed_not_handed_out() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(2, Duration::from_secs(10), HOUR);
+        let mut ex = Vec::new();
+        p.take(t, &mut ex);
+        assert!(p.put(fake(1, t), t).is_none());
+        let later = t + Duration::from_secs(11);
+        assert!(matches!(p.take(later, &mut ex), Take::Create));
+        assert_eq!(ex.len(), 1);
+        assert_eq!(ex[0].1, CloseReason::LifetimeOver);
+        assert_eq!(p.open(), 1);
+    }
+
+    #[test]
+    fn lifetime_over_on_return_closes() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(1, Duration::from_secs(10), HOUR);
+        p.take(t, &mut Vec::new());
+        let (_, why) = p.put(fake(1, t), t + Duration::from_secs(10)).expect("closed");
+        assert_eq!(why, CloseReason::LifetimeOver);
+        assert_eq!(p.open(), 0);
+    }
+
+    #[test]
+    fn shrunk_pool_retires_surplus_on_return() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(3, HOUR, HOUR);
+        for _ in 0..3 {
+            p.take(t, &mut Vec::new());
+        }
+        p.pool_size = 1;
+        assert_eq!(p.put(fake(1, t), t).map(|x| x.1), Some(CloseReason::PoolShrunk));
+        assert_eq!(p.put(fake(2, t), t).map(|x| x.1), Some(CloseReason::PoolShrunk));
+        assert!(p.put(fake(3, t), t).is_none());
+        assert_eq!(p.open(), 1);
+    }
+
+    #[test]
+    fn janitor_expires_idle_but_keeps_min() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(4, HOUR, Duration::from_secs(60));
+        for i in 0..3 {
+            p.take(t, &mut Vec::new());
+            p.put(fake(i, t), t);
+        }
+        let closed = p.expire_idle(t + Duration::from_secs(61), 1);
+        assert_eq!(closed.len(), 2);
+        assert_eq!(p.open(), 1);
+        assert_eq!(p.reserve_for_min(3), 2);
+        assert_eq!(p.open(), 3);
+    }
+}
