@@ -321,9 +321,11 @@ mod tests {
     fn janitor_expires_idle_but_keeps_min() {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(4, HOUR, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert!(matches!(p.take(t, &mut Vec::new()), Take::Create));
+        }
         for i in 0..3 {
-            p.take(t, &mut Vec::new());
-            p.put(fake(i, t), t);
+            assert!(p.put(fake(i, t), t).is_none());
         }
         let closed = p.expire_idle(t + Duration::from_secs(61), 1);
         assert_eq!(closed.len(), 2);
