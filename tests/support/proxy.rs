@@ -1,0 +1,151 @@
+//! pgmux itself, run in-process on `127.0.0.1:0` in front of the shared cluster.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgmux::cluster::Cluster;
+use pgmux::config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::{APP, CLEAR, DB, MD5, TRUST};
+
+/// A running pgmux; shut it down with [`Proxy::shutdown`] (dropping it also stops it).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// A proxy.toml for the standard cluster: database `app` on the primary with
+/// `pool_size`, the standard users with their passwords, plus `proxy_extra`
+/// lines appended to `[proxy]`.
+pub fn standard_config(cluster: &Cluster, pool_size: usize, proxy_extra: &str) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+{proxy_extra}
+
+[[databases]]
+name = "{DB}"
+primary = "{primary}"
+pool_size = {pool_size}
+
+[[databases]]
+name = "postgres"
+primary = "{primary}"
+pool_size = {pool_size}
+
+[[users]]
+name = "{app}"
+password = "{app_pw}"
+
+[[users]]
+name = "{md5}"
+password = "{md5_pw}"
+auth = "md5"
+
+[[users]]
+name = "{clear}"
+password = "{clear_pw}"
+
+[[users]]
+name = "{trust}"
+auth = "trust"
+
+[[users]]
+name = "postgres"
+auth = "trust"
+"#,
+        primary = cluster.primary().host_port(),
+        app = APP.0,
+        app_pw = APP.1,
+        md5 = MD5.0,
+        md5_pw = MD5.1,
+        clear = CLEAR.0,
+        clear_pw = CLEAR.1,
+        trust = TRUST,
+    )
+}
+
+impl Proxy {
+    /// Starts pgmux with `toml` on a fresh loopback port.
+    pub async fn start(toml: &str) -> Proxy {
+        let config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(pgmux::server::run(Arc::new(config), listener, async {
+            let _ = stopped.await;
+        }));
+        Proxy { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// The standard config with the given pool size and extra `[proxy]` lines.
+    pub async fn standard(cluster: &Cluster, pool_size: usize, proxy_extra: &str) -> Proxy {
+        Proxy::start(&standard_config(cluster, pool_size, proxy_extra)).await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// A libpq-style URL through pgmux.
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port())
+    }
+
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: Option<&str>,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(self.port()).user(user).dbname(db).connect_timeout(Duration::from_secs(10));
+        if let Some(p) = password {
+            config.password(p);
+        }
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// `app` on database `app`.
+    pub async fn app(&self) -> tokio_postgres::Client {
+        self.connect(APP.0, Some(APP.1), DB).await.expect("connect through pgmux as app")
+    }
+
+    /// Triggers shutdown (as SIGTERM would) without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits for the server task to finish.
+    pub async fn shutdown(mut self) {
+        self.begin_shutdown();
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task panicked").expect("server::run failed");
+        }
+    }
+
+    /// Waits for a shutdown begun with [`Proxy::begin_shutdown`].
+    pub async fn wait_stopped(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task panicked").expect("server::run failed");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+    }
+}
