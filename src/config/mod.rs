@@ -241,6 +241,8 @@ impl DatabaseConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
+    // kebab-case alone would give "scram-sha256"; Postgres spells it with the extra dash.
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     Md5,
     Trust,
