@@ -6,8 +6,8 @@
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::ReplicaConfig;
 
@@ -41,7 +41,9 @@ pub fn check_host_port(s: &str) -> Result<(), String> {
 
 fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     // Listening needs an IP: binding to a name would silently depend on DNS.
-    s.parse().map_err(|_| format!("invalid socket address {s:?}: expected ip:port, e.g. \"127.0.0.1:6432\" or \"[::]:6432\""))
+    s.parse().map_err(|_| {
+        format!("invalid socket address {s:?}: expected ip:port, e.g. \"127.0.0.1:6432\" or \"[::]:6432\"")
+    })
 }
 
 pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {

@@ -10,7 +10,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split =
         s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?} (use a whole number and a unit: ms, s, m, h)"))?;
+    let n: u64 =
+        num.parse().map_err(|_| format!("invalid duration {s:?} (use a whole number and a unit: ms, s, m, h)"))?;
     // Checked: "18446744073709551615h" must be an error, not an overflow panic.
     let secs_per_unit = match unit {
         "ms" => return Ok(Duration::from_millis(n)),

@@ -136,7 +136,8 @@ impl<'a> Locator<'a> {
         0
     }
 
-    /// The key path an error span belongs to.
+    /// The key path an error span belongs to. Exact for serde errors; for
+    /// syntax errors the recovered tree can be garbled, so this is a best guess.
     pub fn path_at(&self, span: &Range<usize>) -> KeyPath {
         let at = span.start;
         // Smallest key or value span containing the error; ties go to the
@@ -144,7 +145,9 @@ impl<'a> Locator<'a> {
         let mut best: Option<(&Node, usize)> = None;
         for node in &self.nodes {
             for s in node.key_span.iter().chain([&node.value_span]) {
-                if s.start <= at && at < s.end {
+                // A header spanning lines only comes out of error recovery.
+                let garbled = node.is_header && self.text.get(s.clone()).is_some_and(|t| t.contains('\n'));
+                if s.start <= at && at < s.end && !garbled {
                     let len = s.end - s.start;
                     if best.is_none_or(|(b, l)| len < l || (len == l && node.path.depth() > b.path.depth())) {
                         best = Some((node, len));
@@ -155,18 +158,28 @@ impl<'a> Locator<'a> {
         if let Some((node, _)) = best {
             return node.path.clone();
         }
-        // Nothing contains it (typically a syntax error at the end of a value):
-        // use the last entry that starts before it.
-        let Some(prev) =
-            self.nodes.iter().filter(|n| n.anchor() <= at).max_by_key(|n| (n.anchor(), n.path.depth()))
+        // Nothing contains it: a syntax error, often at the end of a value.
+        let line = self.line_col(at).0;
+        let line_text = self.text.lines().nth(line - 1).unwrap_or("").trim();
+        if let Some(header) = line_text.strip_prefix('[') {
+            // A broken `[table]` header: name the table as written.
+            let name = header.trim_start_matches('[').split(']').next().unwrap_or("").trim();
+            return if is_bare_key(&name.replace('.', "")) { KeyPath::new(name) } else { KeyPath::default() };
+        }
+        let Some(prev) = self.nodes.iter().filter(|n| n.anchor() <= at).max_by_key(|n| (n.anchor(), n.path.depth()))
         else {
             return KeyPath::default();
         };
-        if prev.is_header || self.line_col(prev.anchor()).0 == self.line_col(at).0 {
-            prev.path.clone()
-        } else {
-            // A key on an earlier line: the error is elsewhere in its table.
-            prev.path.parent().unwrap_or_default()
+        if self.line_col(prev.anchor()).0 == line {
+            return prev.path.clone();
+        }
+        // The last entry before the error is on an earlier line, so the error
+        // is in the same table: a header's own, or the table holding a key.
+        let table = if prev.is_header { prev.path.clone() } else { prev.path.parent().unwrap_or_default() };
+        match self.text.get(span.clone()) {
+            // e.g. a duplicate key: the span is the key itself.
+            Some(key) if is_bare_key(key) => table.key(key),
+            _ => table,
         }
     }
 
@@ -189,4 +202,8 @@ impl<'a> Locator<'a> {
     pub fn error_at(&self, path: &KeyPath, message: &str) -> (usize, String) {
         self.error(self.offset_of(path), path, message)
     }
+}
+
+fn is_bare_key(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

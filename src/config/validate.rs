@@ -42,7 +42,10 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
         let path = KeyPath::new("databases").index(i);
         if let Some(first) = seen.insert(&db.name, i) {
             let (line, _) = loc.line_col(loc.offset_of(&KeyPath::new("databases").index(first).key("name")));
-            err(path.clone().key("name"), format!("duplicate database name {:?} (first defined on line {line})", db.name));
+            err(
+                path.clone().key("name"),
+                format!("duplicate database name {:?} (first defined on line {line})", db.name),
+            );
         }
         if db.pool_size == 0 {
             err(path.clone().key("pool_size"), "must be at least 1".into());
@@ -59,7 +62,10 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
         let path = KeyPath::new("users").index(i);
         if let Some(first) = seen.insert(user.name.clone(), i) {
             let (line, _) = loc.line_col(loc.offset_of(&KeyPath::new("users").index(first).key("name")));
-            err(path.clone().key("name"), format!("duplicate user name {:?} (first defined on line {line})", user.name));
+            err(
+                path.clone().key("name"),
+                format!("duplicate user name {:?} (first defined on line {line})", user.name),
+            );
         }
         for (key, secret) in [("password", &mut user.password), ("server_password", &mut user.server_password)] {
             if let Err(msg) = resolve_secret(secret, env) {
