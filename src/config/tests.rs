@@ -499,3 +499,14 @@ fn restart_diff() {
     new.proxy.metrics_listen = Some("127.0.0.1:9930".parse().unwrap());
     assert_eq!(diff_requires_restart(&old, &new), ["proxy.listen", "proxy.metrics_listen"]);
 }
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    let msg = parse_err(
+        &format!("{BASE}[routing]\nwrite_functions = [\"nextvál\", 5]\n"),
+        12,
+        "routing.write_functions[1]",
+        "",
+    );
+    assert!(msg.starts_with("proxy.toml:12:31: "), "{msg}");
+}
