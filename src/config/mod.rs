@@ -333,7 +333,8 @@ pub fn diff_requires_restart(old: &Config, new: &Config) -> Vec<&'static str> {
 pub enum ConfigError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    /// A parse or validation error, already formatted as `path:line:col: key: message`.
+    /// Parse or validation errors, already formatted as `path:line:col: key: message`,
+    /// one per line (validation reports every problem it finds, in file order).
     #[error("{0}")]
     Invalid(String),
 }
