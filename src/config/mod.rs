@@ -3,15 +3,21 @@
 //! Loaded once at start (and on reload); the rest of pgmux reads a shared
 //! `Arc<Config>` and never mutates it.
 
+mod addr;
 mod duration;
+mod locate;
+mod validate;
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use addr::check_host_port;
 pub use duration::parse_duration;
+use locate::Locator;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,7 +69,9 @@ pub enum ServerTlsMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
+    #[serde(deserialize_with = "addr::socket_addr")]
     pub listen: SocketAddr,
+    #[serde(deserialize_with = "addr::opt_socket_addr")]
     pub metrics_listen: Option<SocketAddr>,
     pub pool_mode: PoolMode,
     pub max_client_conn: usize,
@@ -175,11 +183,28 @@ pub struct AdminConfig {
     pub users: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, untagged)]
+/// `"host:port"` or `{ addr = "host:port", weight = N }` (weight defaults to 1).
+/// `Deserialize` is implemented in `addr.rs` for readable errors.
+#[derive(Debug, Clone)]
 pub enum ReplicaConfig {
     Addr(String),
     Weighted { addr: String, weight: u32 },
+}
+
+impl ReplicaConfig {
+    pub fn addr(&self) -> &str {
+        match self {
+            ReplicaConfig::Addr(a) | ReplicaConfig::Weighted { addr: a, .. } => a,
+        }
+    }
+
+    /// Relative share of reads; the plain string form weighs 1.
+    pub fn weight(&self) -> u32 {
+        match self {
+            ReplicaConfig::Addr(_) => 1,
+            ReplicaConfig::Weighted { weight, .. } => *weight,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +215,7 @@ pub struct DatabaseConfig {
     /// The real database name on the servers; defaults to `name`.
     pub dbname: Option<String>,
     /// `host:port`.
+    #[serde(deserialize_with = "addr::host_port")]
     pub primary: String,
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
@@ -215,12 +241,15 @@ impl DatabaseConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
+    // kebab-case alone would give "scram-sha256"; Postgres spells it with the extra dash.
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     Md5,
     Trust,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `Debug` is by hand so that passwords never reach logs.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -238,6 +267,18 @@ fn default_auth() -> AuthMethod {
     AuthMethod::ScramSha256
 }
 
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redact = |p: &Option<String>| p.as_ref().map(|_| "<redacted>");
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &redact(&self.password))
+            .field("server_password", &redact(&self.server_password))
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
 impl UserConfig {
     /// The plaintext password for logging in to Postgres, if pgmux has one.
     pub fn backend_password(&self) -> Option<&str> {
@@ -252,11 +293,48 @@ pub fn is_md5_hash(p: &str) -> bool {
     p.len() == 35 && p.starts_with("md5") && p[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Formats a toml/serde error as `origin:line:col: key.path: message`.
+fn toml_error(loc: &Locator<'_>, e: &toml::de::Error, prefix: &str) -> String {
+    let span = e.span().unwrap_or(0..0);
+    let mut path = loc.path_at(&span);
+    let mut message = e.message().to_owned();
+    // serde names the missing field only in the message; the span is its table.
+    if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+        path = path.key(field);
+        message = "missing required key".to_owned();
+    }
+    // serde quotes the offending value ("invalid type: integer `123`"), which
+    // for a password is the password.
+    if matches!(path.last_key(), Some("password" | "server_password")) {
+        message = match message.split_once(", expected ") {
+            Some((_, expected)) => format!("invalid value (not shown), expected {expected}"),
+            None => "invalid value (not shown)".to_owned(),
+        };
+    }
+    // serde and toml quote with backticks; match the rest of our messages.
+    let message = message.replace('`', "\"");
+    loc.error(span.start, &path, &format!("{prefix}{message}")).1
+}
+
+/// Names of settings that differ between `old` and `new` and only take
+/// effect after a restart (a reload cannot re-bind listening sockets).
+pub fn diff_requires_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.proxy.listen != new.proxy.listen {
+        changed.push("proxy.listen");
+    }
+    if old.proxy.metrics_listen != new.proxy.metrics_listen {
+        changed.push("proxy.metrics_listen");
+    }
+    changed
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    /// A parse or validation error, already formatted as `path:line:col: key: message`.
+    /// Parse or validation errors, already formatted as `path:line:col: key: message`,
+    /// one per line (validation reports every problem it finds, in file order).
     #[error("{0}")]
     Invalid(String),
 }
@@ -269,8 +347,25 @@ impl Config {
 
     /// Parses and validates `text`; `origin` names the file in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid(format!("{origin}: {e}")))?;
-        Ok(config)
+        Config::parse_with_env(text, origin, &|var| std::env::var(var))
+    }
+
+    /// `parse` with the environment injected, so tests need not mutate the
+    /// process environment (unsafe, and racy across test threads).
+    fn parse_with_env(text: &str, origin: &str, env: validate::Env<'_>) -> Result<Config, ConfigError> {
+        let (loc, syntax_errors) = Locator::new(text, origin);
+        // Only the first syntax error: later ones are usually fallout from it.
+        if let Some(e) = syntax_errors.first() {
+            return Err(ConfigError::Invalid(toml_error(&loc, e, "syntax error: ")));
+        }
+        // serde stops at the first error, so there is only ever one here.
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid(toml_error(&loc, &e, "")))?;
+        let mut errors = validate::validate(&mut config, &loc, env);
+        if errors.is_empty() {
+            return Ok(config);
+        }
+        errors.sort();
+        Err(ConfigError::Invalid(errors.into_iter().map(|(_, msg)| msg).collect::<Vec<_>>().join("\n")))
     }
 
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
@@ -285,3 +380,6 @@ impl Config {
         db.pool_mode.unwrap_or(self.proxy.pool_mode)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+//! Checks that need more than one field, and `env:` password resolution.
+//!
+//! Messages never include a password value: they may end up in logs.
+
+use std::collections::HashMap;
+use std::env::VarError;
+
+use super::locate::{KeyPath, Locator};
+use super::{AuthMethod, Config, ServerTlsMode, TlsMode, UserConfig};
+
+pub(super) type Env<'e> = &'e dyn Fn(&str) -> Result<String, VarError>;
+
+/// Returns `(offset, formatted message)` pairs; empty means valid.
+pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> Vec<(usize, String)> {
+    let mut errors = Vec::new();
+    let mut err = |path: KeyPath, msg: String| errors.push(loc.error_at(&path, &msg));
+
+    let proxy = &config.proxy;
+    let tls_needs_cert = matches!(proxy.tls_mode, TlsMode::Require | TlsMode::Allow);
+    match (&proxy.tls_cert, &proxy.tls_key) {
+        (Some(_), None) => err(KeyPath::new("proxy").key("tls_key"), "tls_cert is set but tls_key is not".into()),
+        (None, Some(_)) => err(KeyPath::new("proxy").key("tls_cert"), "tls_key is set but tls_cert is not".into()),
+        (None, None) if tls_needs_cert => {
+            let mode = if proxy.tls_mode == TlsMode::Require { "require" } else { "allow" };
+            err(KeyPath::new("proxy").key("tls_mode"), format!("tls_mode = \"{mode}\" needs tls_cert and tls_key"));
+        }
+        _ => {}
+    }
+    if proxy.server_tls == ServerTlsMode::VerifyFull && proxy.server_tls_ca.is_none() {
+        err(
+            KeyPath::new("proxy").key("server_tls"),
+            "server_tls = \"verify-full\" needs server_tls_ca (the CA that signed the servers' certificates)".into(),
+        );
+    }
+    // tokio's interval() panics on a zero period, and polling in a busy loop is never intended.
+    if config.routing.monitor_interval.is_zero() {
+        err(KeyPath::new("routing").key("monitor_interval"), "must be greater than 0".into());
+    }
+
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, db) in config.databases.iter().enumerate() {
+        let path = KeyPath::new("databases").index(i);
+        if let Some(first) = seen.insert(&db.name, i) {
+            let (line, _) = loc.line_col(loc.offset_of(&KeyPath::new("databases").index(first).key("name")));
+            err(
+                path.clone().key("name"),
+                format!("duplicate database name {:?} (first defined on line {line})", db.name),
+            );
+        }
+        if db.pool_size == 0 {
+            err(path.clone().key("pool_size"), "must be at least 1".into());
+        } else if db.min_pool_size > db.pool_size {
+            err(
+                path.clone().key("min_pool_size"),
+                format!("min_pool_size ({}) is larger than pool_size ({})", db.min_pool_size, db.pool_size),
+            );
+        }
+    }
+
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, user) in config.users.iter_mut().enumerate() {
+        let path = KeyPath::new("users").index(i);
+        if let Some(first) = seen.insert(user.name.clone(), i) {
+            let (line, _) = loc.line_col(loc.offset_of(&KeyPath::new("users").index(first).key("name")));
+            err(
+                path.clone().key("name"),
+                format!("duplicate user name {:?} (first defined on line {line})", user.name),
+            );
+        }
+        for (key, secret) in [("password", &mut user.password), ("server_password", &mut user.server_password)] {
+            if let Err(msg) = resolve_secret(secret, env) {
+                err(path.clone().key(key), msg);
+            }
+        }
+        if let Err((key, msg)) = check_user_auth(user) {
+            err(path.clone().key(key), msg);
+        }
+    }
+
+    for (i, name) in config.admin.users.iter().enumerate() {
+        if !seen.contains_key(name) {
+            err(KeyPath::new("admin").key("users").index(i), format!("user {name:?} is not defined in [[users]]"));
+        }
+    }
+
+    errors
+}
+
+/// Replaces `env:VAR` with the variable's value.
+fn resolve_secret(secret: &mut Option<String>, env: Env<'_>) -> Result<(), String> {
+    let Some(value) = secret.as_deref() else { return Ok(()) };
+    if let Some(var) = value.strip_prefix("env:") {
+        if var.is_empty() {
+            return Err("\"env:\" needs a variable name, e.g. \"env:PGMUX_APP_PASSWORD\"".into());
+        }
+        let resolved = match env(var) {
+            Ok(v) => v,
+            Err(VarError::NotPresent) => return Err(format!("environment variable {var} is not set")),
+            Err(VarError::NotUnicode(_)) => return Err(format!("environment variable {var} is not valid UTF-8")),
+        };
+        if resolved.is_empty() {
+            return Err(format!("environment variable {var} is empty"));
+        }
+        *secret = Some(resolved);
+    } else if value.is_empty() {
+        // Postgres refuses empty passwords, so this can only be a mistake.
+        return Err("must not be empty (omit it instead)".into());
+    }
+    Ok(())
+}
+
+/// Combinations of `auth` and password forms that can never authenticate.
+fn check_user_auth(user: &UserConfig) -> Result<(), (&'static str, String)> {
+    let password = user.password.as_deref();
+    let is_scram = |p: &str| p.starts_with("SCRAM-SHA-256$");
+    match (user.auth, password) {
+        (AuthMethod::Trust, _) => {}
+        (auth, None) => {
+            let auth = if auth == AuthMethod::Md5 { "md5" } else { "scram-sha-256" };
+            return Err(("password", format!("required with auth = \"{auth}\" (or set auth = \"trust\")")));
+        }
+        (AuthMethod::Md5, Some(p)) if is_scram(p) => {
+            return Err((
+                "auth",
+                "auth = \"md5\" cannot work with a SCRAM-SHA-256 verifier as password; \
+                 use auth = \"scram-sha-256\" or a plaintext/md5 password"
+                    .into(),
+            ));
+        }
+        (AuthMethod::ScramSha256, Some(p)) if super::is_md5_hash(p) => {
+            return Err((
+                "auth",
+                "auth = \"scram-sha-256\" cannot work with an md5 hash as password; \
+                 use auth = \"md5\" or a plaintext/SCRAM-SHA-256 password"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
+    if user.server_password.as_deref().is_some_and(is_scram) {
+        return Err((
+            "server_password",
+            "a SCRAM-SHA-256 verifier cannot be used to log in to Postgres; give the plaintext password".into(),
+        ));
+    }
+    Ok(())
+}
