@@ -186,17 +186,11 @@ async fn client_killed_mid_query_gets_its_backend_cancelled_and_reused() {
     raw.send(&out).await;
     let su = superuser().await;
     let running = "SELECT pid FROM pg_stat_activity WHERE query LIKE '%kill-me%' AND state = 'active' AND pid <> pg_backend_pid()";
-    let mut sleeper_pid = String::new();
     eventually(Duration::from_secs(5), "pg_sleep running", || async {
-        match su.simple_query(running).await.unwrap().first() {
-            Some(SimpleQueryMessage::Row(r)) => {
-                sleeper_pid = r.get(0).unwrap().to_owned();
-                true
-            }
-            _ => false,
-        }
+        su.simple_query(running).await.unwrap().iter().any(|m| matches!(m, SimpleQueryMessage::Row(_)))
     })
     .await;
+    let sleeper_pid = scalar(&su, running).await;
     drop(raw);
     eventually(Duration::from_secs(3), "pg_sleep cancelled", || async {
         !su.simple_query(running).await.unwrap().iter().any(|m| matches!(m, SimpleQueryMessage::Row(_)))

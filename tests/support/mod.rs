@@ -8,6 +8,9 @@
 // Each test binary compiles its own copy and uses only part of it.
 #![allow(dead_code)]
 
+pub mod proxy;
+pub mod raw;
+
 use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
