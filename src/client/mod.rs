@@ -144,8 +144,11 @@ async fn login(
         return Ok(None);
     };
     if let Err(e) = crate::auth::authenticate_client(stream, buf, user).await {
+        if e.is_client_gone() {
+            return Ok(None);
+        }
         tracing::info!(user = %user.name, error = %e, "authentication failed");
-        fatal(stream, e.sqlstate(), &e.to_string()).await?;
+        fatal(stream, e.sqlstate(), &e.message()).await?;
         return Ok(None);
     }
     let Some(db) = config.database(&database) else {
