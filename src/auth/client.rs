@@ -1,0 +1,542 @@
+//! Verifying a connecting client: the async driver around the sans-I/O cores.
+//!
+//! Runs after the startup packet, before AuthenticationOk: it writes the
+//! Authentication* requests and reads the client's `p` messages. The caller
+//! sends AuthenticationOk (batched with ParameterStatus, BackendKeyData and
+//! ReadyForQuery) on `Ok`, or an ErrorResponse built from the error's
+//! [`sqlstate`](AuthError::sqlstate) and [`message`](AuthError::message).
+//! The caller also bounds the whole exchange with a timeout, as Postgres'
+//! `authentication_timeout` does.
+
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::md5;
+use super::scram::{self, ScramError, ScramServer, ScramVerifier};
+use crate::config::{AuthMethod, UserConfig, is_md5_hash};
+use crate::protocol::backend::{
+    authentication_md5, authentication_sasl, authentication_sasl_continue, authentication_sasl_final,
+};
+use crate::protocol::frame::split_frame;
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::tag;
+
+/// Longest `p` message accepted. A SCRAM client-final is ~150 bytes and a
+/// password rarely more than a few dozen; this only stops a peer from making
+/// pgmux buffer much before it has proven anything.
+pub const MAX_AUTH_MESSAGE_LEN: u32 = 8 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Wrong password, or a user that cannot log in with this method (which
+    /// looks the same to the client, as in Postgres). `reason` is for the log.
+    #[error("password authentication failed for user \"{user}\" ({reason})")]
+    Failed { user: String, reason: &'static str },
+    /// The client broke the protocol. The text never quotes client input.
+    #[error("{0}")]
+    Protocol(String),
+    /// EOF, reset or Terminate mid-exchange: routine (libpq disconnects to
+    /// prompt for a password), worth at most a debug line.
+    #[error("client closed the connection during authentication")]
+    ClientGone,
+    #[error("I/O error during authentication: {0}")]
+    Io(io::Error),
+}
+
+impl AuthError {
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            AuthError::Failed { .. } => SqlState::INVALID_PASSWORD,
+            AuthError::Protocol(_) => SqlState::PROTOCOL_VIOLATION,
+            AuthError::ClientGone | AuthError::Io(_) => SqlState::CONNECTION_FAILURE,
+        }
+    }
+
+    /// The text for the client's ErrorResponse (the log reason left out).
+    pub fn message(&self) -> String {
+        match self {
+            AuthError::Failed { user, .. } => format!("password authentication failed for user \"{user}\""),
+            other => other.to_string(),
+        }
+    }
+
+    /// True when the client simply went away; log it quietly.
+    pub fn is_client_gone(&self) -> bool {
+        matches!(self, AuthError::ClientGone)
+    }
+}
+
+impl From<io::Error> for AuthError {
+    fn from(e: io::Error) -> AuthError {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                AuthError::ClientGone
+            }
+            _ => AuthError::Io(e),
+        }
+    }
+}
+
+/// How the configured password can be used.
+enum Secret<'a> {
+    Plain(&'a str),
+    Scram(ScramVerifier),
+    Md5Hash(&'a str),
+    /// No password, or a malformed verifier: nobody can log in.
+    Unusable(&'static str),
+}
+
+fn secret(user: &UserConfig) -> Secret<'_> {
+    match user.password.as_deref() {
+        None => Secret::Unusable("user has no password configured"),
+        Some(p) if p.starts_with("SCRAM-SHA-256$") => match ScramVerifier::parse(p) {
+            Some(v) => Secret::Scram(v),
+            None => Secret::Unusable("configured SCRAM verifier is malformed"),
+        },
+        Some(p) if is_md5_hash(p) => Secret::Md5Hash(p),
+        Some(p) => Secret::Plain(p),
+    }
+}
+
+/// Authenticates the client on `stream` as `user`. `read_buf` holds whatever
+/// was read past the startup packet and keeps whatever is read past the last
+/// auth message.
+pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    read_buf: &mut BytesMut,
+    user: &UserConfig,
+) -> Result<(), AuthError> {
+    // Unusable secrets still run the full exchange and fail at the end, as
+    // Postgres does, so a client learns nothing beyond "wrong password".
+    const MISMATCH: &str = "password does not match";
+    let (plan, reason) = match (user.auth, secret(user)) {
+        (AuthMethod::Trust, _) => return Ok(()),
+        // Derived per connection: 4096 PBKDF2 rounds, about a millisecond.
+        // Configure a verifier instead of plaintext to avoid that cost.
+        (AuthMethod::ScramSha256, Secret::Plain(p)) => {
+            (Plan::Scram(ScramServer::new(ScramVerifier::from_password(p))), MISMATCH)
+        }
+        // Like Postgres: method md5 with a SCRAM secret runs SCRAM instead.
+        (AuthMethod::ScramSha256 | AuthMethod::Md5, Secret::Scram(v)) => (Plan::Scram(ScramServer::new(v)), MISMATCH),
+        (AuthMethod::ScramSha256, Secret::Md5Hash(_)) => {
+            (Plan::Scram(ScramServer::mock()), "an md5 hash cannot be used for SCRAM authentication")
+        }
+        (AuthMethod::ScramSha256, Secret::Unusable(reason)) => (Plan::Scram(ScramServer::mock()), reason),
+        (AuthMethod::Md5, Secret::Plain(p)) => (Plan::Md5(Some(md5::stored_hash(p, &user.name))), MISMATCH),
+        (AuthMethod::Md5, Secret::Md5Hash(h)) => (Plan::Md5(Some(h.to_owned())), MISMATCH),
+        (AuthMethod::Md5, Secret::Unusable(reason)) => (Plan::Md5(None), reason),
+    };
+    let mut conn = Conn { stream, read_buf };
+    let verified = match plan {
+        Plan::Scram(server) => conn.scram(server).await?,
+        Plan::Md5(stored_hash) => conn.md5(stored_hash.as_deref()).await?,
+    };
+    if verified { Ok(()) } else { Err(AuthError::Failed { user: user.name.clone(), reason }) }
+}
+
+enum Plan {
+    Scram(ScramServer),
+    /// `None`: run the exchange, then fail.
+    Md5(Option<String>),
+}
+
+struct Conn<'a, S> {
+    stream: &'a mut S,
+    read_buf: &'a mut BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+    /// Runs the SASL exchange; `Ok(false)` means a wrong proof.
+    async fn scram(&mut self, mut server: ScramServer) -> Result<bool, AuthError> {
+        let mut out = BytesMut::new();
+        // Channel binding needs TLS; pgmux offers none, so no -PLUS mechanism.
+        authentication_sasl(&mut out, &[scram::MECHANISM]);
+        self.send(&out).await?;
+
+        // SASLInitialResponse: mechanism\0, int32 length (-1: none), data.
+        let mut body = self.read_password_message().await?;
+        let mechanism = take_cstr(&mut body).ok_or_else(|| malformed("SASLInitialResponse"))?;
+        if mechanism != scram::MECHANISM.as_bytes() {
+            return Err(protocol("client selected an invalid SASL authentication mechanism"));
+        }
+        if body.len() < 4 {
+            return Err(malformed("SASLInitialResponse"));
+        }
+        let client_first = match body.get_i32() {
+            // No initial response: ask for it with an empty challenge, as Postgres does.
+            -1 if body.is_empty() => {
+                out.clear();
+                authentication_sasl_continue(&mut out, b"");
+                self.send(&out).await?;
+                self.read_password_message().await?
+            }
+            n if usize::try_from(n).is_ok_and(|n| n == body.len()) => body,
+            _ => return Err(malformed("SASLInitialResponse")),
+        };
+
+        let server_first = match server.server_first(&client_first) {
+            Ok(m) => m,
+            Err(e) => return scram_verdict(e),
+        };
+        out.clear();
+        authentication_sasl_continue(&mut out, &server_first);
+        self.send(&out).await?;
+
+        // SASLResponse: the whole body is client-final-message.
+        let client_final = self.read_password_message().await?;
+        let server_final = match server.verify_final(&client_final) {
+            Ok(m) => m,
+            Err(e) => return scram_verdict(e),
+        };
+        out.clear();
+        authentication_sasl_final(&mut out, &server_final);
+        self.send(&out).await?;
+        Ok(true)
+    }
+
+    /// Runs the md5 exchange; `Ok(false)` means a wrong response.
+    async fn md5(&mut self, stored_hash: Option<&str>) -> Result<bool, AuthError> {
+        let salt = md5::random_salt();
+        let mut out = BytesMut::new();
+        authentication_md5(&mut out, salt);
+        self.send(&out).await?;
+
+        // PasswordMessage: one NUL-terminated string filling the body.
+        let mut body = self.read_password_message().await?;
+        let response =
+            take_cstr(&mut body).filter(|_| body.is_empty()).ok_or_else(|| protocol("invalid password packet size"))?;
+        Ok(stored_hash.is_some_and(|h| md5::verify_response(h, salt, &response)))
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Reads the next message, which must be a `p` (password/SASL response).
+    async fn read_password_message(&mut self) -> Result<BytesMut, AuthError> {
+        loop {
+            let frame =
+                split_frame(self.read_buf, MAX_AUTH_MESSAGE_LEN).map_err(|e| AuthError::Protocol(e.to_string()))?;
+            match frame {
+                Some((tag::PASSWORD, body)) => return Ok(body),
+                Some((tag::TERMINATE, _)) => return Err(AuthError::ClientGone),
+                Some((other, _)) => {
+                    return Err(AuthError::Protocol(format!(
+                        "expected password response, got message type '{}'",
+                        other.escape_ascii()
+                    )));
+                }
+                None => {
+                    if self.stream.read_buf(self.read_buf).await? == 0 {
+                        return Err(AuthError::ClientGone);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn scram_verdict(e: ScramError) -> Result<bool, AuthError> {
+    match e {
+        ScramError::InvalidProof => Ok(false),
+        ScramError::Protocol(m) => Err(protocol(m)),
+    }
+}
+
+fn protocol(message: &str) -> AuthError {
+    AuthError::Protocol(message.to_owned())
+}
+
+fn malformed(what: &str) -> AuthError {
+    AuthError::Protocol(format!("malformed {what} message"))
+}
+
+/// Splits a NUL-terminated string off the front of `body`.
+fn take_cstr(body: &mut BytesMut) -> Option<BytesMut> {
+    let end = memchr::memchr(0, body)?;
+    let s = body.split_to(end);
+    body.advance(1);
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    use postgres_protocol::message::frontend;
+    use tokio::io::DuplexStream;
+
+    fn user(auth: AuthMethod, password: Option<&str>) -> UserConfig {
+        UserConfig { name: "alice".into(), password: password.map(Into::into), server_password: None, auth }
+    }
+
+    /// The test's side of the connection: a hand-driven client.
+    struct Client {
+        stream: DuplexStream,
+        buf: BytesMut,
+    }
+
+    impl Client {
+        /// Reads one Authentication message: (request code, data).
+        async fn auth_request(&mut self) -> (i32, BytesMut) {
+            loop {
+                if let Some((t, mut body)) = split_frame(&mut self.buf, 1 << 16).unwrap() {
+                    assert_eq!(t, tag::AUTHENTICATION);
+                    return (body.get_i32(), body);
+                }
+                assert_ne!(self.stream.read_buf(&mut self.buf).await.unwrap(), 0, "server closed");
+            }
+        }
+
+        async fn send(&mut self, write: impl FnOnce(&mut BytesMut) -> io::Result<()>) {
+            let mut out = BytesMut::new();
+            write(&mut out).unwrap();
+            self.stream.write_all(&out).await.unwrap();
+        }
+
+        /// Runs a SCRAM exchange; returns whether the server sent SASLFinal
+        /// (and the client verified it).
+        async fn scram(&mut self, password: &str) -> bool {
+            let (code, mechanisms) = self.auth_request().await;
+            assert_eq!((code, &mechanisms[..]), (10, &b"SCRAM-SHA-256\0\0"[..]));
+            let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+            self.send(|b| frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), b)).await;
+            let (code, server_first) = self.auth_request().await;
+            assert_eq!(code, 11);
+            scram.update(&server_first).unwrap();
+            self.send(|b| frontend::sasl_response(scram.message(), b)).await;
+            // On failure the server writes nothing more and the caller closes.
+            let mut probe = self.buf.clone();
+            if split_frame(&mut probe, 1 << 16).unwrap().is_none()
+                && self.stream.read_buf(&mut self.buf).await.unwrap() == 0
+            {
+                return false;
+            }
+            let (code, server_final) = self.auth_request().await;
+            assert_eq!(code, 12);
+            scram.finish(&server_final).expect("server signature verifies");
+            true
+        }
+
+        async fn md5(&mut self, password: &str) {
+            let (code, salt) = self.auth_request().await;
+            assert_eq!(code, 5);
+            let response = postgres_protocol::authentication::md5_hash(
+                b"alice",
+                password.as_bytes(),
+                salt[..].try_into().unwrap(),
+            );
+            self.send(|b| frontend::password_message(response.as_bytes(), b)).await;
+        }
+
+        /// Nothing else was written (no AuthenticationOk: the caller sends it).
+        async fn assert_no_more(mut self) {
+            assert!(self.buf.is_empty());
+            assert_eq!(self.stream.read_buf(&mut self.buf).await.unwrap(), 0);
+        }
+    }
+
+    /// Runs `authenticate_client` against `client_side`, returning the result
+    /// once both finish. The server end is dropped when auth returns, so the
+    /// client sees EOF.
+    async fn run<F: Future<Output = Client>>(
+        user: UserConfig,
+        client_side: impl FnOnce(Client) -> F,
+    ) -> (Result<(), AuthError>, Client) {
+        let (mut server, client) = tokio::io::duplex(64 * 1024);
+        let server_task = async move {
+            let r = authenticate_client(&mut server, &mut BytesMut::new(), &user).await;
+            drop(server);
+            r
+        };
+        tokio::join!(server_task, client_side(Client { stream: client, buf: BytesMut::new() }))
+    }
+
+    fn assert_wrong_password(r: Result<(), AuthError>) {
+        let e = r.unwrap_err();
+        assert_eq!(e.sqlstate(), SqlState::INVALID_PASSWORD, "{e}");
+        assert_eq!(e.message(), r#"password authentication failed for user "alice""#);
+    }
+
+    #[tokio::test]
+    async fn scram_with_plaintext_password() {
+        let (r, client) = run(user(AuthMethod::ScramSha256, Some("pw")), |mut c| async {
+            assert!(c.scram("pw").await);
+            c
+        })
+        .await;
+        r.unwrap();
+        client.assert_no_more().await;
+    }
+
+    #[tokio::test]
+    async fn scram_with_stored_verifier_and_wrong_password() {
+        let stored = postgres_protocol::password::scram_sha_256(b"pw");
+        let (r, _) = run(user(AuthMethod::ScramSha256, Some(&stored)), |mut c| async {
+            assert!(c.scram("pw").await);
+            c
+        })
+        .await;
+        r.unwrap();
+        let (r, _) = run(user(AuthMethod::ScramSha256, Some(&stored)), |mut c| async {
+            assert!(!c.scram("nope").await);
+            c
+        })
+        .await;
+        assert_wrong_password(r);
+    }
+
+    #[tokio::test]
+    async fn scram_user_without_usable_secret_fails_like_a_wrong_password() {
+        for password in [None, Some("md54a0a68b43b6cd5cf266fa02f196e2371"), Some("SCRAM-SHA-256$broken")] {
+            let (r, _) = run(user(AuthMethod::ScramSha256, password), |mut c| async {
+                assert!(!c.scram("secret").await);
+                c
+            })
+            .await;
+            let e = r.unwrap_err();
+            assert!(matches!(e, AuthError::Failed { .. }), "{e}");
+            // The log text says why; the client text does not.
+            assert!(!e.message().contains('('));
+        }
+    }
+
+    #[tokio::test]
+    async fn md5_with_plaintext_hash_and_scram_secret() {
+        for password in ["secret", "md54a0a68b43b6cd5cf266fa02f196e2371"] {
+            let (r, client) = run(user(AuthMethod::Md5, Some(password)), |mut c| async {
+                c.md5("secret").await;
+                c
+            })
+            .await;
+            r.unwrap();
+            client.assert_no_more().await;
+        }
+        let (r, _) = run(user(AuthMethod::Md5, Some("secret")), |mut c| async {
+            c.md5("wrong").await;
+            c
+        })
+        .await;
+        assert_wrong_password(r);
+        // As in Postgres, md5 with a SCRAM secret runs SCRAM.
+        let stored = postgres_protocol::password::scram_sha_256(b"pw");
+        let (r, _) = run(user(AuthMethod::Md5, Some(&stored)), |mut c| async {
+            assert!(c.scram("pw").await);
+            c
+        })
+        .await;
+        r.unwrap();
+    }
+
+    #[tokio::test]
+    async fn trust_writes_nothing() {
+        let (r, client) = run(user(AuthMethod::Trust, None), |c| async { c }).await;
+        r.unwrap();
+        client.assert_no_more().await;
+    }
+
+    #[tokio::test]
+    async fn sasl_initial_response_without_data() {
+        let (r, _) = run(user(AuthMethod::ScramSha256, Some("pw")), |mut c| async {
+            c.auth_request().await;
+            // mechanism, then length -1: no initial response.
+            c.send(|b| {
+                b.extend_from_slice(b"p\0\0\0\x16SCRAM-SHA-256\0\xff\xff\xff\xff");
+                Ok(())
+            })
+            .await;
+            assert_eq!(c.auth_request().await, (11, BytesMut::new()));
+            let mut scram = ScramSha256::new(b"pw", ChannelBinding::unsupported());
+            c.send(|b| frontend::sasl_response(scram.message(), b)).await;
+            let (_, server_first) = c.auth_request().await;
+            scram.update(&server_first).unwrap();
+            c.send(|b| frontend::sasl_response(scram.message(), b)).await;
+            let (code, server_final) = c.auth_request().await;
+            assert_eq!(code, 12);
+            scram.finish(&server_final).unwrap();
+            c
+        })
+        .await;
+        r.unwrap();
+    }
+
+    async fn protocol_error(auth: AuthMethod, bytes: &'static [u8]) -> AuthError {
+        let (r, _) = run(user(auth, Some("pw")), |mut c| async move {
+            c.auth_request().await;
+            c.stream.write_all(bytes).await.unwrap();
+            c
+        })
+        .await;
+        r.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn malformed_messages_are_protocol_violations() {
+        let cases: [(AuthMethod, &[u8], &str); 7] = [
+            // Length 64 KiB, beyond the 8 KiB bound: refused before reading the body.
+            (AuthMethod::ScramSha256, b"p\0\x01\0\0", "exceeds the limit of 8192 bytes"),
+            (AuthMethod::Md5, b"p\0\0\0\x03", "invalid message length 3"),
+            (AuthMethod::Md5, b"Q\0\0\0\x0dSELECT 1\0", "expected password response, got message type 'Q'"),
+            (AuthMethod::Md5, b"p\0\0\0\x07md5", "invalid password packet size"),
+            // A mechanism we did not offer.
+            (AuthMethod::ScramSha256, b"p\0\0\0\x0ePLAIN\0\0\0\0\0", "invalid SASL authentication mechanism"),
+            // Initial-response length 9 but 8 bytes follow.
+            (AuthMethod::ScramSha256, b"p\0\0\0\x1eSCRAM-SHA-256\0\0\0\0\x09n,,n=,r=", "malformed SASLInitialResponse"),
+            // Well-framed client-first with an empty nonce.
+            (AuthMethod::ScramSha256, b"p\0\0\0\x1eSCRAM-SHA-256\0\0\0\0\x08n,,n=,r=", "invalid nonce"),
+        ];
+        for (auth, bytes, expected) in cases {
+            let e = protocol_error(auth, bytes).await;
+            assert_eq!(e.sqlstate(), SqlState::PROTOCOL_VIOLATION, "{e}");
+            assert!(e.message().contains(expected), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn client_leaving_is_quiet() {
+        let (r, _) = run(user(AuthMethod::ScramSha256, Some("pw")), |mut c| async {
+            c.auth_request().await;
+            c.stream.shutdown().await.unwrap();
+            c
+        })
+        .await;
+        assert!(r.unwrap_err().is_client_gone());
+        let e = protocol_error(AuthMethod::Md5, b"X\0\0\0\x04").await;
+        assert!(e.is_client_gone());
+        // A half-sent message, then EOF.
+        let (r, _) = run(user(AuthMethod::Md5, Some("pw")), |mut c| async {
+            c.auth_request().await;
+            c.stream.write_all(b"p\0\0\0\x28md5").await.unwrap();
+            c.stream.shutdown().await.unwrap();
+            c
+        })
+        .await;
+        assert!(r.unwrap_err().is_client_gone());
+    }
+
+    #[tokio::test]
+    async fn bytes_past_the_exchange_stay_in_read_buf() {
+        const QUERY: &[u8] = b"Q\0\0\0\x0dSELECT 1\0";
+        let (mut server, stream) = tokio::io::duplex(4096);
+        let u = user(AuthMethod::Md5, Some("secret"));
+        let mut read_buf = BytesMut::new();
+        let client_task = async {
+            let mut c = Client { stream, buf: BytesMut::new() };
+            let (_, salt) = c.auth_request().await;
+            let response = md5::salted_response(&md5::stored_hash("secret", "alice"), salt[..].try_into().unwrap());
+            // Password and a pipelined Query in one write: only the password is auth's.
+            let mut out = BytesMut::new();
+            frontend::password_message(response.as_bytes(), &mut out).unwrap();
+            out.extend_from_slice(QUERY);
+            c.stream.write_all(&out).await.unwrap();
+            c
+        };
+        let (r, _client) = tokio::join!(authenticate_client(&mut server, &mut read_buf, &u), client_task);
+        r.unwrap();
+        assert_eq!(&read_buf[..], QUERY);
+    }
+}
