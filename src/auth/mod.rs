@@ -1,12 +1,14 @@
 //! Authentication, both sides: clients to pgmux, pgmux to Postgres.
 //!
 //! The protocol cores are sans-I/O ([`scram::ScramServer`], [`md5`]); the
-//! async driver [`client::authenticate_client`] only moves their messages
-//! over a stream.
+//! async drivers ([`client::authenticate_client`],
+//! [`backend::login_backend`]) only move their messages over a stream.
 
+pub mod backend;
 pub mod client;
 pub mod md5;
 pub mod scram;
 
+pub use backend::{BackendLoginError, ServerHello, login_backend};
 pub use client::{AuthError, authenticate_client};
 pub use scram::{ScramError, ScramServer, ScramVerifier};
