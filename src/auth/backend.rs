@@ -49,9 +49,11 @@ pub enum BackendLoginError {
     Scram(String),
     #[error("protocol violation by the server: {0}")]
     Protocol(String),
-    /// A startup parameter cannot be sent (it contains a NUL byte).
-    #[error("invalid startup parameter")]
-    InvalidStartup,
+    /// A startup parameter or the password contains a NUL byte, which the
+    /// protocol's C strings cannot carry. Only configuration can cause this:
+    /// client startup packets are split at NULs already.
+    #[error("cannot send the {0} to the server: it contains a NUL byte")]
+    NulByte(&'static str),
     #[error("server closed the connection during login")]
     Closed,
     #[error("I/O error during server login: {0}")]
@@ -64,7 +66,6 @@ impl BackendLoginError {
     pub fn sqlstate(&self) -> SqlState {
         match self {
             BackendLoginError::Server { code, .. } => SqlState::from_code(code).unwrap_or(SqlState::CONNECTION_FAILURE),
-            BackendLoginError::InvalidStartup => SqlState::PROTOCOL_VIOLATION,
             _ => SqlState::CONNECTION_FAILURE,
         }
     }
@@ -99,7 +100,7 @@ pub async fn login_backend<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<ServerHello, BackendLoginError> {
     let mut out = BytesMut::new();
     let startup = [("user", user), ("database", database)].into_iter().chain(params.iter().copied());
-    frontend::startup_message(startup, &mut out).map_err(|_| BackendLoginError::InvalidStartup)?;
+    frontend::startup_message(startup, &mut out).map_err(|_| BackendLoginError::NulByte("startup parameters"))?;
     send(stream, &mut out).await?;
 
     let mut buf = BytesMut::with_capacity(1024);
@@ -161,9 +162,8 @@ fn authenticate(
     password: Option<&str>,
     out: &mut BytesMut,
 ) -> Result<Auth, BackendLoginError> {
-    // `password_message` etc. fail only on a NUL inside a string; a password
-    // with a NUL cannot be sent to Postgres at all.
-    let nul = |_| BackendLoginError::Protocol("password contains a NUL byte".into());
+    // The frontend writers fail only on a NUL inside a C string.
+    let nul = |_| BackendLoginError::NulByte("password");
     match (code, state) {
         (0, Auth::Pending | Auth::ScramFinished) if data.is_empty() => Ok(Auth::Done),
         (0, Auth::Scram(_)) => Err(BackendLoginError::Scram("server skipped the SCRAM final message".into())),
@@ -187,6 +187,8 @@ fn authenticate(
             let password = password.ok_or(BackendLoginError::NoPassword { method: "SCRAM-SHA-256" })?;
             // pgmux speaks to Postgres without TLS here, so no channel binding.
             let scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+            // `message()` panics only after `finish`; here and in the
+            // SASLContinue arm the client is before it.
             frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), out).map_err(nul)?;
             Ok(Auth::Scram(Box::new(scram)))
         }
@@ -417,7 +419,12 @@ mod tests {
 
     #[tokio::test]
     async fn eof_mid_login() {
-        let r = against_script(Some("pw"), |out| out.extend_from_slice(b"R\0\0\0")).await;
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let server_side = async move {
+            read_startup(&mut server).await;
+            server.write_all(b"R\0\0\0").await.unwrap(); // Half a header, then gone.
+        };
+        let (_, r) = tokio::join!(server_side, login_backend(&mut client, "bob", "db", None, &[]));
         assert!(matches!(r, Err(BackendLoginError::Closed)), "{r:?}");
     }
 
@@ -425,6 +432,6 @@ mod tests {
     async fn nul_in_startup_parameter() {
         let (mut client, _server) = tokio::io::duplex(1024);
         let r = login_backend(&mut client, "b\0b", "db", None, &[]).await;
-        assert!(matches!(r, Err(BackendLoginError::InvalidStartup)), "{r:?}");
+        assert!(matches!(r, Err(BackendLoginError::NulByte("startup parameters"))), "{r:?}");
     }
 }

@@ -1,50 +1,14 @@
 //! Authentication, both sides: clients to pgmux, pgmux to Postgres.
-//! TEMPORARY STUB (replaced by the auth branch).
+//!
+//! The protocol cores are sans-I/O ([`scram::ScramServer`], [`md5`]); the
+//! async drivers ([`client::authenticate_client`],
+//! [`backend::login_backend`]) only move their messages over a stream.
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite};
+pub mod backend;
+pub mod client;
+pub mod md5;
+pub mod scram;
 
-use crate::config::UserConfig;
-use crate::protocol::sqlstate::SqlState;
-
-#[derive(Debug, thiserror::Error)]
-#[error("auth stub")]
-pub struct AuthError;
-impl AuthError {
-    pub fn sqlstate(&self) -> SqlState {
-        SqlState::INVALID_PASSWORD
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("login stub")]
-pub struct BackendLoginError;
-impl BackendLoginError {
-    pub fn sqlstate(&self) -> SqlState {
-        SqlState::CONNECTION_FAILURE
-    }
-}
-
-pub struct ServerHello {
-    pub pid: i32,
-    pub secret: i32,
-    pub params: Vec<(String, String)>,
-}
-
-pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
-    _stream: &mut S,
-    _read_buf: &mut BytesMut,
-    _user: &UserConfig,
-) -> Result<(), AuthError> {
-    Ok(())
-}
-
-pub async fn login_backend<S: AsyncRead + AsyncWrite + Unpin>(
-    _stream: &mut S,
-    _user: &str,
-    _database: &str,
-    _password: Option<&str>,
-    _params: &[(&str, &str)],
-) -> Result<ServerHello, BackendLoginError> {
-    Err(BackendLoginError)
-}
+pub use backend::{BackendLoginError, ServerHello, login_backend};
+pub use client::{AuthError, authenticate_client};
+pub use scram::{ScramError, ScramServer, ScramVerifier};
