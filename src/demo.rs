@@ -75,7 +75,9 @@ async fn demo(bins: PgBinaries, pgbench: PathBuf) -> Result<(), String> {
     // needs no Send bound and cannot outlive the demo.
     tokio::pin!(server);
 
-    println!("pgmux listening on {addr}: pool_size = {POOL_SIZE}, transaction pooling, reads may go to the replica");
+    println!(
+        "pgmux listening on {addr}: pool_size = {POOL_SIZE}, transaction pooling on the primary (the replica is configured; read routing is a later milestone)"
+    );
     println!();
     println!("DATABASE_URL=postgres://{USER}:{PASSWORD}@{addr}/{DB}");
     println!();

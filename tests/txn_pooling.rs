@@ -169,7 +169,10 @@ async fn client_killed_idle_in_transaction_frees_its_row_lock() {
     let msgs = raw.simple_query("BEGIN; SELECT * FROM lock_kill WHERE id = 1 FOR UPDATE").await;
     assert_eq!(&msgs.last().unwrap().body[..], b"T");
     let su = superuser().await;
-    assert_eq!(code(&su.simple_query("SELECT * FROM lock_kill WHERE id = 1 FOR UPDATE NOWAIT").await.unwrap_err()), "55P03");
+    assert_eq!(
+        code(&su.simple_query("SELECT * FROM lock_kill WHERE id = 1 FOR UPDATE NOWAIT").await.unwrap_err()),
+        "55P03"
+    );
     drop(raw); // abrupt close, no Terminate
     let started = tokio::time::Instant::now();
     eventually(Duration::from_secs(1), "row lock released", || async {
@@ -350,8 +353,7 @@ async fn ssl_request_declined_and_newer_protocol_negotiated_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_holds_the_backend_for_the_whole_session() {
     let cluster = support::cluster_async().await;
-    let proxy =
-        Proxy::standard(cluster, 1, "pool_mode = \"session\"\nquery_wait_timeout = \"300ms\"").await;
+    let proxy = Proxy::standard(cluster, 1, "pool_mode = \"session\"\nquery_wait_timeout = \"300ms\"").await;
     let a = proxy.app().await;
     a.batch_execute("SET application_name = 'session-a'").await.unwrap();
     let pid = scalar(&a, "SELECT pg_backend_pid()").await;

@@ -45,7 +45,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, client_id: u64) {
 /// What login produced: enough to run the session.
 struct Session {
     pool: Arc<Pool>,
-    server_params: Arc<Vec<(String, String)>>,
+    server_params: crate::pool::ServerParams,
     params: SessionParams,
     mode: PoolMode,
     user: String,

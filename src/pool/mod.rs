@@ -78,6 +78,9 @@ impl PoolSettings {
     }
 }
 
+/// A server's ParameterStatus set, shared by every client of a pool.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
 /// Counts for SHOW POOLS and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
@@ -92,7 +95,7 @@ pub struct Pool {
     inner: Mutex<Inner<Backend>>,
     /// ParameterStatus values of the first backend ever opened, announced to
     /// clients at login (pgmux answers logins without holding a backend).
-    server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    server_params: Mutex<Option<ServerParams>>,
     checkouts: AtomicU64,
 }
 
@@ -199,7 +202,7 @@ impl Pool {
     }
 
     /// The server's ParameterStatus set, opening a backend the first time.
-    pub async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, PoolError> {
+    pub async fn server_params(&self) -> Result<ServerParams, PoolError> {
         if let Some(p) = self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(p);
         }
