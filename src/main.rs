@@ -15,8 +15,9 @@ struct Cli {
     #[arg(long, short, global = true, default_value = "proxy.toml")]
     config: PathBuf,
     /// Log level (error, warn, info, debug, trace); RUST_LOG takes precedence.
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
+    /// Defaults to info, and to warn for `demo`, whose own output is the point.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -31,7 +32,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
+    let default_level = if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" };
+    let level = cli.log_level.as_deref().unwrap_or(default_level);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     let runtime = match tokio::runtime::Runtime::new() {

@@ -120,11 +120,6 @@ impl SessionParams {
         }
         (!sql.is_empty()).then_some(sql)
     }
-
-    /// Names whose value on the backend differs from this session's.
-    pub fn differing<'a>(&'a self, backend: &'a Backend) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
-        self.values.iter().filter(|(k, v)| backend.param(k) != Some(v.as_str())).map(|(k, v)| (k.as_str(), v.as_str()))
-    }
 }
 
 /// Spells common encoding names the way the server reports them, so clients
