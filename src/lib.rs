@@ -3,6 +3,7 @@
 //! The binary (`main.rs`) is a thin CLI; everything else lives here so that
 //! integration tests and the `demo` command drive the same code.
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod cluster;

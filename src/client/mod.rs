@@ -42,6 +42,14 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, client_id: u64) {
     .await
 }
 
+/// What a successful login leads to.
+enum Login {
+    /// A pooled session on a configured database.
+    Pooled(Session),
+    /// The admin console (database `pgmux`, an `[admin] users` member).
+    Admin { user: String },
+}
+
 /// What login produced: enough to run the session.
 struct Session {
     pool: Arc<Pool>,
@@ -59,7 +67,11 @@ async fn serve_inner(mut stream: TcpStream, shared: &Shared) -> std::io::Result<
     // Boxed: login state is large and short-lived; an idle client should not carry it.
     let login = Box::pin(tokio::time::timeout(LOGIN_TIMEOUT, login(&mut stream, &mut buf, shared, &config))).await;
     let session = match login {
-        Ok(Ok(Some(session))) => session,
+        Ok(Ok(Some(Login::Pooled(session)))) => session,
+        Ok(Ok(Some(Login::Admin { user }))) => {
+            tracing::info!(user = %user, "admin console login");
+            return crate::admin::serve(&mut stream, buf, shared, &user).await;
+        }
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => return Err(e),
         Err(_) => {
@@ -90,7 +102,7 @@ async fn login(
     buf: &mut BytesMut,
     shared: &Shared,
     config: &Config,
-) -> std::io::Result<Option<Session>> {
+) -> std::io::Result<Option<Login>> {
     let startup = loop {
         let packet = match startup::split_startup(buf) {
             Ok(Some(p)) => p,
@@ -151,6 +163,15 @@ async fn login(
         fatal(stream, e.sqlstate(), &e.message()).await?;
         return Ok(None);
     }
+    if database == crate::admin::DATABASE && config.database(&database).is_none() {
+        if !config.admin.users.iter().any(|u| u == &user.name) {
+            tracing::info!(user = %user.name, "admin console refused: not an [admin] user");
+            let text = format!("user \"{}\" is not allowed on the admin console", user.name);
+            fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
+            return Ok(None);
+        }
+        return Ok(Some(Login::Admin { user: user.name.clone() }));
+    }
     let Some(db) = config.database(&database) else {
         tracing::info!(database = %database, "login refused: unknown database");
         let text = format!("database \"{database}\" does not exist");
@@ -175,7 +196,14 @@ async fn login(
             return Ok(None);
         }
     };
-    Ok(Some(Session { mode: config.pool_mode(db), pool, server_params, params, user: user.name.clone(), database }))
+    Ok(Some(Login::Pooled(Session {
+        mode: config.pool_mode(db),
+        pool,
+        server_params,
+        params,
+        user: user.name.clone(),
+        database,
+    })))
 }
 
 /// Writes a FATAL ErrorResponse and closes.
