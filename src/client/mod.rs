@@ -4,6 +4,7 @@
 pub mod cancel;
 pub mod params;
 pub mod relay;
+pub mod statements;
 
 use std::sync::Arc;
 
@@ -23,7 +24,8 @@ use crate::protocol::tag;
 use crate::server::Shared;
 use cancel::{CancelKey, CancelTarget};
 use params::SessionParams;
-use relay::{Link, Outcome, RelayOptions};
+use relay::{Link, Outcome, RelayOptions, StatementScope};
+use statements::ClientStatements;
 
 /// Time a client gets to finish startup and authentication.
 const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
@@ -53,6 +55,7 @@ enum Login {
 /// What login produced: enough to run the session.
 struct Session {
     pool: Arc<Pool>,
+    statements: ClientStatements,
     server_params: crate::pool::ServerParams,
     params: SessionParams,
     mode: PoolMode,
@@ -197,6 +200,7 @@ async fn login(
         }
     };
     Ok(Some(Login::Pooled(Session {
+        statements: ClientStatements::default(),
         mode: config.pool_mode(db),
         pool,
         server_params,
@@ -279,7 +283,7 @@ async fn run_session(
                 let (pool, mut link) = (session.pool.clone(), link);
                 // Cleanup may wait on a cancelled query; the client need not wait for it.
                 tokio::spawn(async move {
-                    if relay::recover(&mut backend, &mut link).await {
+                    if relay::recover(&mut backend, &mut link, &pool.statements).await {
                         pool.checkin(backend);
                     } else {
                         pool.discard(backend, CloseReason::Dirty);
@@ -326,8 +330,12 @@ async fn transaction(
     force_close: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Ended {
     if let Some(sql) = session.params.sync_sql(backend) {
+        let reset: Vec<String> =
+            backend.changed_settings().filter(|n| session.params.get(n).is_none()).map(str::to_owned).collect();
         match backend.run_quietly(&sql).await {
             Ok((None, msg::IDLE)) => {
+                let reset: Vec<&str> = reset.iter().map(String::as_str).collect();
+                backend.forget_changed(&reset);
                 // Adopt the server's spelling of what was just set.
                 for name in params::TRACKED {
                     if let Some(v) = backend.param(name) {
@@ -349,10 +357,15 @@ async fn transaction(
     }
     let mut link = Link::new();
     backend.to_server.unsplit(std::mem::take(pending));
-    if let Err(e) = link.scan_client(&mut backend.to_server) {
+    let mut scope = StatementScope {
+        client: &mut session.statements,
+        registry: &session.pool.statements,
+        max_prepared: session.pool.settings().max_prepared,
+    };
+    if let Err(e) = link.scan_client(&mut backend.to_server, &mut scope, &mut backend.prepared) {
         return Ended::Recover(link, Some((SqlState::PROTOCOL_VIOLATION, e.to_string())));
     }
-    let outcome = relay::relay(stream, backend, &mut link, opts, force_close).await;
+    let outcome = relay::relay(stream, backend, &mut link, &mut scope, opts, force_close).await;
     for (k, v) in link.take_param_changes() {
         session.params.observe(&k, &v);
         backend.set_param(&k, &v);
@@ -361,6 +374,10 @@ async fn transaction(
         Outcome::Boundary => {
             // A partial header of the client's next message stays with the client.
             *pending = backend.to_server.split();
+            if !link.touched_settings.is_empty() && !read_back_settings(backend, session, &link.touched_settings).await
+            {
+                return Ended::Discard(None);
+            }
             Ended::Clean
         }
         Outcome::Terminated | Outcome::ClientGone => {
@@ -384,6 +401,44 @@ async fn transaction(
             tracing::info!(pid = backend.pid, reason = %why, "server connection lost");
             Ended::Discard(Some((SqlState::CONNECTION_FAILURE, format!("server connection lost: {why}"))))
         }
+    }
+}
+
+/// After a transaction whose SQL may have changed settings the server does not
+/// report, reads their session values back so they follow the client to its
+/// next backend. `false` if the backend failed meanwhile.
+async fn read_back_settings(backend: &mut Backend, session: &mut Session, touched: &[String]) -> bool {
+    let mut names: Vec<String> = touched.iter().filter(|n| *n != "*").cloned().collect();
+    if touched.iter().any(|n| n == "*") {
+        names.extend(backend.changed_settings().map(str::to_owned));
+    }
+    if names.is_empty() {
+        return true;
+    }
+    let mut sql = String::from("SELECT ");
+    for (i, n) in names.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("pg_catalog.current_setting(E'");
+        sql.push_str(&n.replace('\\', "\\\\").replace('\'', "''"));
+        sql.push_str("', true)");
+    }
+    match backend.query_row(&sql).await {
+        Ok((row, None)) => {
+            for (name, value) in names.iter().zip(row) {
+                if let Some(v) = value {
+                    session.params.set_read_back(name, &v);
+                    backend.set_param(name, &v);
+                }
+            }
+            true
+        }
+        Ok((_, Some(err))) => {
+            tracing::debug!(message = %err.message, "could not read settings back");
+            true
+        }
+        Err(_) => false,
     }
 }
 

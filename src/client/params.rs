@@ -102,9 +102,16 @@ impl SessionParams {
         out
     }
 
+    /// Records a value read back from the server after the client changed it.
+    pub fn set_read_back(&mut self, name: &str, value: &str) {
+        self.set(name, value);
+    }
+
     /// The statement that brings `backend` in line with this session, if it differs.
     /// `set_config` takes each value in its textual form, which is exactly what
-    /// ParameterStatus reports (lists such as search_path included).
+    /// ParameterStatus reports (lists such as search_path included). Settings
+    /// another client changed on this backend that this client never set are
+    /// RESET to the server default.
     pub fn sync_sql(&self, backend: &Backend) -> Option<String> {
         let mut sql = String::new();
         for (k, v) in &self.values {
@@ -117,6 +124,15 @@ impl SessionParams {
             sql.push_str(", ");
             push_literal(&mut sql, v);
             sql.push_str(", false)");
+        }
+        for name in backend.changed_settings() {
+            if self.get(name).is_none() {
+                if !sql.is_empty() {
+                    sql.push_str("; ");
+                }
+                sql.push_str("RESET ");
+                push_ident(&mut sql, name);
+            }
         }
         (!sql.is_empty()).then_some(sql)
     }
@@ -148,6 +164,75 @@ fn push_literal(out: &mut String, s: &str) {
         }
     }
     out.push('\'');
+}
+
+/// A double-quoted identifier.
+fn push_ident(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\"\""),
+            '\0' => {}
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// The names of settings a client's SQL may change for the session: `SET
+/// [SESSION] name ...`, `RESET name`, `set_config('name', ...)`. `SET LOCAL`
+/// is skipped (it ends with the transaction). `RESET ALL` yields `*`.
+pub fn settings_named_in(sql: &[u8], out: &mut Vec<String>) {
+    for stmt in sql.split(|&b| b == b';') {
+        let mut words = stmt
+            .split(|b| b.is_ascii_whitespace() || *b == b'=' || *b == b'\0')
+            .filter(|w| !w.is_empty())
+            .map(|w| String::from_utf8_lossy(w).to_ascii_lowercase());
+        match words.next().as_deref() {
+            Some("set") => {
+                let mut name = words.next();
+                if name.as_deref() == Some("local") {
+                    continue;
+                }
+                if name.as_deref() == Some("session") {
+                    name = words.next();
+                    // SET SESSION AUTHORIZATION / CHARACTERISTICS: not a plain setting.
+                    if matches!(name.as_deref(), Some("authorization" | "characteristics")) {
+                        continue;
+                    }
+                }
+                match name.as_deref() {
+                    Some("time") => push_unique(out, "timezone"),
+                    Some("names") => push_unique(out, "client_encoding"),
+                    Some("schema") => push_unique(out, "search_path"),
+                    Some("transaction" | "constraints" | "role") | None => {}
+                    Some(n) => push_unique(out, n.trim_matches('"')),
+                }
+            }
+            Some("reset") => match words.next().as_deref() {
+                Some("all") => push_unique(out, "*"),
+                Some("session" | "role") | None => {}
+                Some(n) => push_unique(out, n.trim_matches('"')),
+            },
+            _ => {}
+        }
+    }
+    let mut rest = sql;
+    while let Some(i) = memchr::memmem::find(rest, b"set_config(") {
+        rest = &rest[i + b"set_config(".len()..];
+        let arg = rest.iter().skip_while(|b| b.is_ascii_whitespace()).copied().collect::<Vec<u8>>();
+        if let Some(body) = arg.strip_prefix(b"'")
+            && let Some(end) = memchr::memchr(b'\'', body)
+        {
+            push_unique(out, &String::from_utf8_lossy(&body[..end]).to_ascii_lowercase());
+        }
+    }
+}
+
+fn push_unique(out: &mut Vec<String>, name: &str) {
+    if !out.iter().any(|n| n == name) {
+        out.push(name.to_owned());
+    }
 }
 
 /// Parses the startup `options` value: `-c name=value` and `--name=value`,
@@ -232,6 +317,20 @@ mod tests {
     fn replication_is_refused() {
         let startup = pairs(&[("replication", "database")]);
         assert_eq!(SessionParams::from_startup(&[], &startup).unwrap_err(), StartupParamError::Replication);
+    }
+
+    #[test]
+    fn finds_settings_changed_by_sql() {
+        let mut names = Vec::new();
+        settings_named_in(
+            b"SET search_path = a, b; set local work_mem='1MB'; SET SESSION statement_timeout TO 5; \
+              RESET lock_timeout; SELECT set_config('application_name', 'x', false); SET TIME ZONE 'UTC'",
+            &mut names,
+        );
+        assert_eq!(names, ["search_path", "statement_timeout", "lock_timeout", "timezone", "application_name"]);
+        let mut names = Vec::new();
+        settings_named_in(b"SET TRANSACTION READ ONLY; RESET ALL", &mut names);
+        assert_eq!(names, ["*"]);
     }
 
     #[test]

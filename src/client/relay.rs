@@ -6,6 +6,8 @@
 //! scanners look at headers only, capturing the few bodies that matter
 //! (ReadyForQuery's status byte, ParameterStatus, ErrorResponse).
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -13,9 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::statements::{self, ClientStatements, StatementCommand};
 use crate::pool::Backend;
+use crate::pool::statements::{PreparedSet, Registry, Statement};
 use crate::protocol::backend::{self as msg};
-use crate::protocol::frame::{FrameError, MAX_MESSAGE_LEN, Scanner};
+use crate::protocol::frame::{FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, Scanner};
 use crate::protocol::{frontend, tag};
 
 /// Stop reading a side while this many bytes wait to be written to the other:
@@ -25,6 +29,30 @@ const HIGH_WATER: usize = 256 * 1024;
 /// How long pgmux spends cleaning a backend a client abandoned before it
 /// gives up and closes it instead.
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A response pgmux is waiting for, in the order the server will send it.
+/// Only the messages whose responses pgmux may drop or must attribute are
+/// tracked; every Query/Sync/FunctionCall ends a group with `Ready`.
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete. `forward: false` for a Parse pgmux injected. `statement`
+    /// is the server copy it creates; `client_name` the client's name for it.
+    Parse { forward: bool, statement: Option<Arc<Statement>>, client_name: Option<Box<[u8]>> },
+    /// BindComplete; `statement` lets a stale-plan error retire the right statement.
+    Bind { statement: Option<Arc<Statement>> },
+    /// CloseComplete. `forward: false` for a Close pgmux injected.
+    Close { forward: bool },
+    /// ReadyForQuery. `forward: false` for a Sync pgmux injected.
+    Ready { forward: bool },
+}
+
+/// Where the statements a client refers to live: its own names, the pool's
+/// interning table, and the per-backend cap.
+pub struct StatementScope<'a> {
+    pub client: &'a mut ClientStatements,
+    pub registry: &'a Registry,
+    pub max_prepared: usize,
+}
 
 /// What the relay knows about the backend's protocol state while linked.
 #[derive(Debug)]
@@ -37,7 +65,10 @@ pub struct Link {
     pub copy_in: bool,
     /// The last ReadyForQuery status: idle, in a transaction, or failed.
     pub status: u8,
-    client_scan: Scanner,
+    /// Body bytes of the client frame being streamed through, still to come.
+    client_body_remaining: usize,
+    /// The client frame at `client_ready` must be whole before it is inspected.
+    need_whole_frame: bool,
     server_scan: Scanner,
     /// Bytes at the front of `to_server` that are whole, scanned frames ready to write.
     client_ready: usize,
@@ -47,8 +78,16 @@ pub struct Link {
     pub terminated: bool,
     /// The server sent something pgmux cannot pool (CopyBoth, or a stray ReadyForQuery).
     pub unpoolable: bool,
+    /// The backend holds the client's unnamed statement.
+    unnamed_here: bool,
+    expect: VecDeque<Expect>,
+    /// Server frames to cut out of the current chunk (responses to injected messages).
+    drops: Vec<(usize, usize)>,
     /// Session parameter changes reported by the server since the last call to `take_param_changes`.
     param_changes: Vec<(String, String)>,
+    /// Settings the client's SQL may have changed for the session (`SET`,
+    /// `RESET`, `set_config`): read back when the transaction ends.
+    pub touched_settings: Vec<String>,
 }
 
 impl Link {
@@ -58,13 +97,18 @@ impl Link {
             unsynced: false,
             copy_in: false,
             status: msg::IDLE,
-            client_scan: Scanner::new(MAX_MESSAGE_LEN),
+            client_body_remaining: 0,
+            need_whole_frame: false,
             server_scan: Scanner::new(MAX_MESSAGE_LEN),
             client_ready: 0,
             server_ready: 0,
             terminated: false,
             unpoolable: false,
+            unnamed_here: false,
+            expect: VecDeque::new(),
+            drops: Vec::new(),
             param_changes: Vec::new(),
+            touched_settings: Vec::new(),
         }
     }
 
@@ -76,10 +120,11 @@ impl Link {
             && !self.copy_in
             && !self.unpoolable
             && self.status == msg::IDLE
-            && self.client_scan.at_boundary()
+            && self.client_body_remaining == 0
             && self.server_scan.at_boundary()
             && self.client_ready == 0
             && self.server_ready == 0
+            && self.expect.is_empty()
             && from_server.is_empty()
     }
 
@@ -87,54 +132,347 @@ impl Link {
         std::mem::take(&mut self.param_changes)
     }
 
-    /// Scans newly read client bytes in `to_server[client_ready..]`.
-    pub fn scan_client(&mut self, to_server: &mut BytesMut) -> Result<(), FrameError> {
-        let Link { client_scan, pending_ready, unsynced, copy_in, terminated, .. } = self;
-        let mut cut_at = None;
-        let used = client_scan.scan(
-            &to_server[self.client_ready..],
-            |_| false,
-            |f| {
-                match f.tag {
-                    tag::QUERY | tag::FUNCTION_CALL => *pending_ready += 1,
-                    // During COPY FROM STDIN the server ignores Sync: no ReadyForQuery for it.
-                    tag::SYNC if !*copy_in => {
-                        *pending_ready += 1;
-                        *unsynced = false;
-                    }
-                    tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE => *unsynced = true,
-                    tag::COPY_DONE | tag::COPY_FAIL => *copy_in = false,
-                    tag::TERMINATE => {
-                        *terminated = true;
-                        cut_at = f.start;
-                        return false;
-                    }
-                    _ => {}
+    /// Scans newly read client bytes in `to_server[client_ready..]`, rewriting
+    /// statement names and injecting what the backend lacks.
+    pub fn scan_client(
+        &mut self,
+        buf: &mut BytesMut,
+        scope: &mut StatementScope<'_>,
+        prepared: &mut PreparedSet,
+    ) -> Result<(), FrameError> {
+        let mut pos = self.client_ready;
+        loop {
+            if self.client_body_remaining > 0 {
+                let take = self.client_body_remaining.min(buf.len() - pos);
+                pos += take;
+                self.client_body_remaining -= take;
+                if self.client_body_remaining > 0 {
+                    break;
                 }
-                true
-            },
-        )?;
-        match cut_at {
-            Some(start) => {
-                // Terminate is for pgmux, not for the pooled server: drop it and anything after.
-                to_server.truncate(self.client_ready + start);
-                self.client_ready = to_server.len();
+                continue;
             }
-            None => self.client_ready += used,
+            let Some(header) = Header::parse(&buf[pos..], MAX_MESSAGE_LEN)? else { break };
+            let end = pos + header.frame_len();
+            let whole = buf.len() >= end;
+            match header.tag {
+                tag::QUERY | tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE => {
+                    if !whole {
+                        self.need_whole_frame = true;
+                        break;
+                    }
+                    self.need_whole_frame = false;
+                    pos = self.inspect(buf, pos, end, header.tag, scope, prepared);
+                    continue;
+                }
+                tag::TERMINATE => {
+                    // Terminate is for pgmux, not for the pooled server: drop it and anything after.
+                    self.terminated = true;
+                    buf.truncate(pos);
+                    break;
+                }
+                tag::FUNCTION_CALL => {
+                    self.pending_ready += 1;
+                    self.expect.push_back(Expect::Ready { forward: true });
+                }
+                // During COPY FROM STDIN the server ignores Sync: no ReadyForQuery for it.
+                tag::SYNC if !self.copy_in => {
+                    self.pending_ready += 1;
+                    self.unsynced = false;
+                    self.expect.push_back(Expect::Ready { forward: true });
+                }
+                tag::EXECUTE => self.unsynced = true,
+                tag::COPY_DONE | tag::COPY_FAIL => self.copy_in = false,
+                _ => {}
+            }
+            if whole {
+                pos = end;
+            } else {
+                self.client_body_remaining = end - buf.len();
+                pos = buf.len();
+            }
         }
+        self.client_ready = pos;
         Ok(())
     }
 
-    /// Scans newly read server bytes in `from_server[server_ready..]`.
-    pub fn scan_server(&mut self, from_server: &BytesMut) -> Result<(), FrameError> {
-        let Link { server_scan, pending_ready, copy_in, status, unpoolable, param_changes, .. } = self;
+    /// Handles one whole Query/Parse/Bind/Describe/Close frame at
+    /// `buf[start..end]`; returns the end of what replaced it.
+    fn inspect(
+        &mut self,
+        buf: &mut BytesMut,
+        start: usize,
+        end: usize,
+        tag: u8,
+        scope: &mut StatementScope<'_>,
+        prepared: &mut PreparedSet,
+    ) -> usize {
+        let body = &buf[start + HEADER_LEN..end];
+        let mut out = BytesMut::new();
+        match tag {
+            tag::QUERY => {
+                self.pending_ready += 1;
+                self.expect.push_back(Expect::Ready { forward: true });
+                // A simple Query destroys the unnamed statement.
+                scope.client.unnamed = None;
+                self.unnamed_here = false;
+                if touches_settings(body) {
+                    super::params::settings_named_in(body, &mut self.touched_settings);
+                }
+                match statements::statement_command(body) {
+                    StatementCommand::DropAll => {
+                        scope.client.named.clear();
+                        prepared.clear();
+                    }
+                    StatementCommand::Deallocate(name) => {
+                        // The client's statement goes; the server copy is deallocated
+                        // under its pgmux name (others re-prepare it transparently).
+                        // Where this backend lacks it, it is created first (Parse +
+                        // Sync, both answers dropped) so DEALLOCATE answers as directly.
+                        if let Some(st) = scope.client.named.remove(name) {
+                            if !prepared.touch(st.id) {
+                                statements::write_parse(&mut out, st.server_name.as_bytes(), &st.body);
+                                self.insert_before_last(Expect::Parse {
+                                    forward: false,
+                                    statement: None,
+                                    client_name: None,
+                                });
+                                out.extend_from_slice(SYNC);
+                                self.insert_before_last(Expect::Ready { forward: false });
+                                self.pending_ready += 1;
+                            }
+                            prepared.remove(st.id, false);
+                            let sql = format!("DEALLOCATE {}", st.server_name);
+                            crate::protocol::frontend::query(&mut out, &sql);
+                            return statements::splice(buf, start, end, &out);
+                        }
+                    }
+                    StatementCommand::Other => {}
+                }
+                end
+            }
+            tag::PARSE => {
+                self.unsynced = true;
+                let Some((name, rest)) = statements::cstr(body) else {
+                    // Malformed: let the server reject it, keeping counts honest.
+                    self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
+                    return end;
+                };
+                if touches_settings(rest) {
+                    super::params::settings_named_in(rest, &mut self.touched_settings);
+                }
+                if name.is_empty() {
+                    scope.client.remember_unnamed(rest);
+                    self.unnamed_here = true;
+                    self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
+                    return end;
+                }
+                let st = scope.registry.intern(rest);
+                let name: Box<[u8]> = name.into();
+                scope.client.named.insert(name.clone(), st.clone());
+                if prepared.touch(st.id) {
+                    // Already on this backend: close and re-create it so the
+                    // client gets its ParseComplete from the server, in order.
+                    statements::write_close_statement(&mut out, st.server_name.as_bytes());
+                    self.expect.push_back(Expect::Close { forward: false });
+                } else {
+                    prepared.insert(st.clone(), scope.max_prepared);
+                }
+                self.close_queued(prepared, &mut out);
+                statements::write_parse(&mut out, st.server_name.as_bytes(), &st.body);
+                self.expect.push_back(Expect::Parse { forward: true, statement: Some(st), client_name: Some(name) });
+                let new_end = statements::splice(buf, start, end, &out);
+                return new_end;
+            }
+            tag::BIND => {
+                self.unsynced = true;
+                let Some((portal, after_portal)) = statements::cstr(body) else {
+                    self.expect.push_back(Expect::Bind { statement: None });
+                    return end;
+                };
+                let Some((name, rest)) = statements::cstr(after_portal) else {
+                    self.expect.push_back(Expect::Bind { statement: None });
+                    return end;
+                };
+                if name.is_empty() {
+                    self.ensure_unnamed(scope, &mut out);
+                    self.expect.push_back(Expect::Bind { statement: None });
+                    if out.is_empty() {
+                        return end;
+                    }
+                    out.extend_from_slice(&buf[start..end]);
+                    return statements::splice(buf, start, end, &out);
+                }
+                let Some(st) = scope.client.named.get(name).cloned() else {
+                    // Unknown to the client: the server gives the error Postgres would.
+                    self.expect.push_back(Expect::Bind { statement: None });
+                    return end;
+                };
+                self.ensure_prepared(&st, scope, prepared, &mut out);
+                let (portal, rest) = (portal.to_vec(), rest.to_vec());
+                statements::write_bind(&mut out, &portal, st.server_name.as_bytes(), &rest);
+                self.expect.push_back(Expect::Bind { statement: Some(st) });
+                statements::splice(buf, start, end, &out)
+            }
+            tag::DESCRIBE => {
+                self.unsynced = true;
+                let (kind, name) = match body.split_first() {
+                    Some((&k, rest)) => (k, statements::cstr(rest).map(|(n, _)| n).unwrap_or_default()),
+                    None => return end,
+                };
+                if kind != b'S' {
+                    return end;
+                }
+                if name.is_empty() {
+                    self.ensure_unnamed(scope, &mut out);
+                    if out.is_empty() {
+                        return end;
+                    }
+                    out.extend_from_slice(&buf[start..end]);
+                    return statements::splice(buf, start, end, &out);
+                }
+                let Some(st) = scope.client.named.get(name).cloned() else { return end };
+                self.ensure_prepared(&st, scope, prepared, &mut out);
+                statements::write_describe_statement(&mut out, st.server_name.as_bytes());
+                statements::splice(buf, start, end, &out)
+            }
+            tag::CLOSE => {
+                self.unsynced = true;
+                self.expect.push_back(Expect::Close { forward: true });
+                let (kind, name) = match body.split_first() {
+                    Some((&k, rest)) => (k, statements::cstr(rest).map(|(n, _)| n).unwrap_or_default()),
+                    None => return end,
+                };
+                if kind != b'S' {
+                    return end;
+                }
+                if name.is_empty() {
+                    scope.client.unnamed = None;
+                    self.unnamed_here = false;
+                    return end;
+                }
+                // The client's view only; the server copy stays for others. Closing a
+                // statement that does not exist is no error: the server still answers
+                // CloseComplete, in order.
+                scope.client.named.remove(name);
+                statements::write_close_statement(&mut out, CLOSE_NOOP_NAME);
+                statements::splice(buf, start, end, &out)
+            }
+            _ => end,
+        }
+    }
+
+    /// Queues `e` ahead of the last expectation (the current Query's ReadyForQuery),
+    /// for messages injected in front of that Query.
+    fn insert_before_last(&mut self, e: Expect) {
+        let last = self.expect.pop_back();
+        self.expect.push_back(e);
+        self.expect.extend(last);
+    }
+
+    /// Prepares `st` on this backend first if it lacks it (response dropped).
+    fn ensure_prepared(
+        &mut self,
+        st: &Arc<Statement>,
+        scope: &StatementScope<'_>,
+        prepared: &mut PreparedSet,
+        out: &mut BytesMut,
+    ) {
+        if prepared.touch(st.id) {
+            self.close_queued(prepared, out);
+            return;
+        }
+        prepared.insert(st.clone(), scope.max_prepared);
+        self.close_queued(prepared, out);
+        statements::write_parse(out, st.server_name.as_bytes(), &st.body);
+        self.expect.push_back(Expect::Parse { forward: false, statement: Some(st.clone()), client_name: None });
+    }
+
+    /// Re-creates the client's unnamed statement on this backend if it binds
+    /// one it parsed on another backend (a Sync may separate Parse and Bind).
+    fn ensure_unnamed(&mut self, scope: &StatementScope<'_>, out: &mut BytesMut) {
+        if self.unnamed_here {
+            return;
+        }
+        if let Some(body) = &scope.client.unnamed {
+            statements::write_parse(out, b"", body);
+            self.expect.push_back(Expect::Parse { forward: false, statement: None, client_name: None });
+            self.unnamed_here = true;
+        }
+    }
+
+    /// Closes server statements evicted from (or retired in) this backend's set.
+    fn close_queued(&mut self, prepared: &mut PreparedSet, out: &mut BytesMut) {
+        for name in prepared.to_close.drain(..) {
+            statements::write_close_statement(out, name.as_bytes());
+            self.expect.push_back(Expect::Close { forward: false });
+        }
+    }
+
+    /// Scans newly read server bytes in `from_server[server_ready..]`,
+    /// dropping responses to injected messages.
+    pub fn scan_server(
+        &mut self,
+        from_server: &mut BytesMut,
+        mut client: Option<&mut ClientStatements>,
+        registry: &Registry,
+        prepared: &mut PreparedSet,
+    ) -> Result<(), FrameError> {
+        let Link { server_scan, pending_ready, copy_in, status, unpoolable, param_changes, expect, drops, .. } = self;
+        drops.clear();
         let used = server_scan.scan(
             &from_server[self.server_ready..],
-            |t| t == tag::READY_FOR_QUERY || t == tag::PARAMETER_STATUS,
+            |t| matches!(t, tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE),
             |f| {
                 match f.tag {
+                    tag::PARSE_COMPLETE => match expect.pop_front() {
+                        Some(Expect::Parse { forward, .. }) => {
+                            if !forward {
+                                drops.extend(f.start.map(|s| (s, f.end)));
+                            }
+                        }
+                        _ => *unpoolable = true,
+                    },
+                    tag::BIND_COMPLETE => {
+                        if !matches!(expect.pop_front(), Some(Expect::Bind { .. })) {
+                            *unpoolable = true;
+                        }
+                    }
+                    tag::CLOSE_COMPLETE => match expect.pop_front() {
+                        Some(Expect::Close { forward }) => {
+                            if !forward {
+                                drops.extend(f.start.map(|s| (s, f.end)));
+                            }
+                        }
+                        _ => *unpoolable = true,
+                    },
+                    tag::ERROR_RESPONSE => {
+                        let err = f.body.map(msg::parse_error_fields).unwrap_or_default();
+                        if let Some(Expect::Bind { statement: Some(st) }) = expect.front()
+                            && err.code == "0A000"
+                            && err.message.contains("cached plan must not change result type")
+                        {
+                            // Never hand this server copy out again: the client's
+                            // re-prepare must get a fresh statement.
+                            registry.invalidate(st);
+                            prepared.remove(st.id, true);
+                        }
+                        // The server skips everything up to the next Sync.
+                        while let Some(e) = expect.front() {
+                            if matches!(e, Expect::Ready { forward: true }) {
+                                break;
+                            }
+                            if let Some(Expect::Parse { statement: Some(st), client_name, .. }) = expect.pop_front() {
+                                prepared.remove(st.id, false);
+                                if let (Some(name), Some(client)) = (client_name, client.as_deref_mut())
+                                    && client.named.get(&name).is_some_and(|cur| Arc::ptr_eq(cur, &st))
+                                {
+                                    client.named.remove(&name);
+                                }
+                            }
+                        }
+                    }
                     tag::READY_FOR_QUERY => {
-                        if *pending_ready == 0 {
+                        if *pending_ready == 0 || !matches!(expect.pop_front(), Some(Expect::Ready { forward: true })) {
                             // A ReadyForQuery nobody asked for: our count is off, never pool this backend.
                             *unpoolable = true;
                         }
@@ -154,9 +492,59 @@ impl Link {
                 true
             },
         )?;
+        let mut used = used;
+        let base = self.server_ready;
+        for &(s, e) in self.drops.iter().rev() {
+            let tail = from_server.split_off(base + e);
+            from_server.truncate(base + s);
+            from_server.unsplit(tail);
+            used -= e - s;
+        }
         self.server_ready += used;
         Ok(())
     }
+
+    /// More client bytes may be read: under the high-water mark, or the frame
+    /// at the front must be whole before pgmux can inspect it.
+    fn may_read_client(&self, buffered: usize) -> bool {
+        !self.terminated && (buffered < HIGH_WATER || self.need_whole_frame)
+    }
+}
+
+/// Server names pgmux never creates: targets for no-op Close and DEALLOCATE.
+const CLOSE_NOOP_NAME: &[u8] = b"pgmux_noop";
+const SYNC: &[u8] = b"S\0\0\0\x04";
+
+/// A cheap, conservative test for statements that may change a setting the
+/// server does not report: a statement starting with SET or RESET, or a
+/// `set_config(` call anywhere. False positives only cost a read-back.
+fn touches_settings(sql: &[u8]) -> bool {
+    if memchr::memmem::find(sql, b"set_config").is_some() {
+        return true;
+    }
+    let mut at_start = true;
+    let mut i = 0;
+    while i < sql.len() {
+        let b = sql[i];
+        if b == b';' {
+            at_start = true;
+        } else if !b.is_ascii_whitespace() {
+            if at_start {
+                let word = &sql[i..sql.len().min(i + 6)];
+                let starts = |kw: &[u8]| {
+                    word.len() > kw.len()
+                        && word[..kw.len()].eq_ignore_ascii_case(kw)
+                        && word[kw.len()].is_ascii_whitespace()
+                };
+                if starts(b"set") || starts(b"reset") {
+                    return true;
+                }
+            }
+            at_start = false;
+        }
+        i += 1;
+    }
+    false
 }
 
 impl Default for Link {
@@ -196,10 +584,11 @@ pub async fn relay(
     client: &mut TcpStream,
     backend: &mut Backend,
     link: &mut Link,
+    scope: &mut StatementScope<'_>,
     opts: &RelayOptions,
     force_close: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Outcome {
-    let Backend { stream: server, to_server, from_server, .. } = backend;
+    let Backend { stream: server, to_server, from_server, prepared, .. } = backend;
     let mut idle_since = Instant::now();
     loop {
         if link.terminated && link.client_ready == 0 {
@@ -232,7 +621,7 @@ pub async fn relay(
                 match r.and_then(|_| server.try_read_buf(from_server)) {
                     Ok(0) => return Outcome::ServerGone("server closed the connection".into()),
                     Ok(_) => {
-                        if let Err(e) = link.scan_server(from_server) {
+                        if let Err(e) = link.scan_server(from_server, Some(scope.client), scope.registry, prepared) {
                             return Outcome::ServerGone(format!("server sent a malformed message: {e}"));
                         }
                         if flush(client, from_server, &mut link.server_ready).is_err() {
@@ -243,12 +632,12 @@ pub async fn relay(
                     Err(e) => return Outcome::ServerGone(format!("read from server failed: {e}")),
                 }
             }
-            r = client.readable(), if !link.terminated && to_server.len() < HIGH_WATER => {
+            r = client.readable(), if link.may_read_client(to_server.len()) => {
                 match r.and_then(|_| client.try_read_buf(to_server)) {
                     Ok(0) => return Outcome::ClientGone,
                     Ok(_) => {
                         idle_since = Instant::now();
-                        if let Err(e) = link.scan_client(to_server) {
+                        if let Err(e) = link.scan_client(to_server, scope, prepared) {
                             return Outcome::ClientProtocol(e);
                         }
                         if let Err(e) = flush(server, to_server, &mut link.client_ready) {
@@ -285,12 +674,12 @@ fn flush(stream: &TcpStream, buf: &mut BytesMut, ready: &mut usize) -> std::io::
 /// Brings a backend whose client left mid-flight back to idle: flush the whole
 /// messages already accepted, end any COPY, cancel what runs, sync, roll back.
 /// Returns `false` when the backend must be closed instead.
-pub async fn recover(backend: &mut Backend, link: &mut Link) -> bool {
-    if !link.client_scan.at_boundary() || link.unpoolable {
+pub async fn recover(backend: &mut Backend, link: &mut Link, registry: &Registry) -> bool {
+    if link.client_body_remaining > 0 || link.unpoolable {
         // The server holds part of a message: nothing can resynchronise it.
         return false;
     }
-    match tokio::time::timeout(RECOVER_TIMEOUT, recover_inner(backend, link)).await {
+    match tokio::time::timeout(RECOVER_TIMEOUT, recover_inner(backend, link, registry)).await {
         Ok(Ok(clean)) => clean,
         Ok(Err(e)) => {
             tracing::debug!(pid = backend.pid, error = %e, "server connection failed during cleanup");
@@ -303,7 +692,7 @@ pub async fn recover(backend: &mut Backend, link: &mut Link) -> bool {
     }
 }
 
-async fn recover_inner(backend: &mut Backend, link: &mut Link) -> std::io::Result<bool> {
+async fn recover_inner(backend: &mut Backend, link: &mut Link, registry: &Registry) -> std::io::Result<bool> {
     // Whole frames already scanned go out so the ReadyForQuery count stays exact;
     // a trailing partial header was never sent and is dropped.
     backend.to_server.truncate(link.client_ready);
@@ -316,6 +705,7 @@ async fn recover_inner(backend: &mut Backend, link: &mut Link) -> std::io::Resul
     if link.unsynced {
         frontend::sync(&mut extra);
         link.pending_ready += 1;
+        link.expect.push_back(Expect::Ready { forward: true });
         link.unsynced = false;
     }
     backend.to_server.extend_from_slice(&extra);
@@ -332,7 +722,8 @@ async fn recover_inner(backend: &mut Backend, link: &mut Link) -> std::io::Resul
         if backend.stream.read_buf(&mut backend.from_server).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        link.scan_server(&backend.from_server).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        link.scan_server(&mut backend.from_server, None, registry, &mut backend.prepared)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         backend.from_server.advance(link.server_ready);
         link.server_ready = 0;
     }

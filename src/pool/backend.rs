@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use super::PoolError;
 use super::inner::Aged;
+use super::statements::PreparedSet;
 use crate::auth;
 use crate::protocol::backend::{self as msg, ErrorFields};
 use crate::protocol::frame::split_frame;
@@ -39,6 +40,11 @@ pub struct Backend {
     pub from_server: BytesMut,
     /// Client bytes not yet written to the server (always empty between checkouts).
     pub to_server: BytesMut,
+    /// The prepared statements this server session holds.
+    pub prepared: PreparedSet,
+    /// How many of `params` came with the login; later ones were set by pgmux
+    /// on a client's behalf and are reset for clients that never set them.
+    login_params: usize,
 }
 
 impl Aged for Backend {
@@ -76,9 +82,11 @@ impl Backend {
                 secret: hello.secret,
                 created: now,
                 last_used: now,
-                params: hello.params,
                 from_server: BytesMut::with_capacity(INITIAL_BUFFER),
                 to_server: BytesMut::with_capacity(INITIAL_BUFFER),
+                prepared: PreparedSet::default(),
+                login_params: hello.params.len(),
+                params: hello.params,
             })
         };
         tokio::time::timeout(login.connect_timeout, connect).await.map_err(|_| PoolError::ConnectTimeout)?
@@ -94,6 +102,49 @@ impl Backend {
 
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Settings changed on this session beyond what the server reported at login.
+    pub fn changed_settings(&self) -> impl Iterator<Item = &str> {
+        self.params[self.login_params..].iter().map(|(k, _)| k.as_str())
+    }
+
+    /// The server reset these settings to their defaults: forget them.
+    pub fn forget_changed(&mut self, names: &[&str]) {
+        let keep = self.login_params;
+        let mut i = keep;
+        while i < self.params.len() {
+            if names.iter().any(|n| n.eq_ignore_ascii_case(&self.params[i].0)) {
+                self.params.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Runs a query returning one row of text values (control round trips only).
+    pub async fn query_row(&mut self, sql: &str) -> std::io::Result<(Vec<Option<String>>, Option<ErrorFields>)> {
+        let mut out = BytesMut::new();
+        frontend::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut row = Vec::new();
+        let mut first_error = None;
+        loop {
+            let frame = split_frame(&mut self.from_server, MAX_CONTROL_MESSAGE)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            let Some((t, body)) = frame else {
+                if self.stream.read_buf(&mut self.from_server).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                continue;
+            };
+            match t {
+                tag::DATA_ROW => row = msg::parse_data_row(&body),
+                tag::ERROR_RESPONSE if first_error.is_none() => first_error = Some(msg::parse_error_fields(&body)),
+                tag::READY_FOR_QUERY => return Ok((row, first_error)),
+                _ => {}
+            }
+        }
     }
 
     pub fn set_param(&mut self, name: &str, value: &str) {

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod inner;
+pub mod statements;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,6 +60,8 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub lifetime: Duration,
     pub idle_timeout: Duration,
+    /// Server-side prepared statements kept per backend.
+    pub max_prepared: usize,
 }
 
 impl PoolSettings {
@@ -74,6 +77,7 @@ impl PoolSettings {
             connect_timeout: config.proxy.server_connect_timeout,
             lifetime: config.proxy.server_lifetime,
             idle_timeout: config.proxy.server_idle_timeout,
+            max_prepared: config.proxy.max_prepared_statements,
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct Pool {
     /// clients at login (pgmux answers logins without holding a backend).
     server_params: Mutex<Option<ServerParams>>,
     checkouts: AtomicU64,
+    /// Named statements of this pool's clients, interned by text.
+    pub statements: statements::Registry,
 }
 
 impl Pool {
@@ -107,6 +113,7 @@ impl Pool {
             inner: Mutex::new(inner),
             server_params: Mutex::new(None),
             checkouts: AtomicU64::new(0),
+            statements: statements::Registry::default(),
         })
     }
 

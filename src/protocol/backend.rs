@@ -157,6 +157,25 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields {
     fields
 }
 
+/// The text values of a DataRow body (NULL as `None`); malformed → empty.
+pub fn parse_data_row(body: &[u8]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Some(count) = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else { return out };
+    let mut rest = &body[2..];
+    for _ in 0..count {
+        let Some(len) = rest.get(..4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]])) else { return Vec::new() };
+        rest = &rest[4..];
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let Some(value) = rest.get(..len as usize) else { return Vec::new() };
+        out.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = &rest[len as usize..];
+    }
+    out
+}
+
 /// Splits a ParameterStatus body into name and value.
 pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     let mut parts = body.split(|&b| b == 0);

@@ -1,0 +1,190 @@
+//! A client's prepared statements, and the frame rewrites that map them onto
+//! whatever backend serves the client right now.
+//!
+//! Names travel in Parse, Bind, Describe and Close. pgmux rewrites only those
+//! frames, and only the name; everything else in the stream is forwarded as is.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+
+use crate::pool::statements::Statement;
+use crate::protocol::tag;
+
+/// Owned by the client task; survives backend changes.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    /// The client's name → the interned statement.
+    pub named: HashMap<Box<[u8]>, Arc<Statement>>,
+    /// The client's unnamed statement (Parse body after the name), re-created
+    /// on a new backend when the client binds it across a Sync.
+    pub unnamed: Option<Vec<u8>>,
+}
+
+impl ClientStatements {
+    pub fn remember_unnamed(&mut self, body: &[u8]) {
+        // Reuse the allocation: unnamed Parse is on the hot path of every
+        // extended-protocol query.
+        match &mut self.unnamed {
+            Some(v) => {
+                v.clear();
+                v.extend_from_slice(body);
+            }
+            None => self.unnamed = Some(body.to_vec()),
+        }
+    }
+}
+
+/// Splits a NUL-terminated string off the front of `body`.
+pub fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = memchr::memchr(0, body)?;
+    Some((&body[..end], &body[end + 1..]))
+}
+
+fn begin(out: &mut BytesMut, tag: u8) -> usize {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_u32(0);
+    at
+}
+
+fn finish(out: &mut BytesMut, at: usize) {
+    let len = (out.len() - at) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Parse `name` with a statement body (query, NUL, parameter types).
+pub fn write_parse(out: &mut BytesMut, name: &[u8], body: &[u8]) {
+    let at = begin(out, tag::PARSE);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(body);
+    finish(out, at);
+}
+
+/// Close of a prepared statement.
+pub fn write_close_statement(out: &mut BytesMut, name: &[u8]) {
+    let at = begin(out, tag::CLOSE);
+    out.put_u8(b'S');
+    out.put_slice(name);
+    out.put_u8(0);
+    finish(out, at);
+}
+
+/// Bind with the statement name replaced: `portal` and `rest` (everything
+/// after the client's statement name) are copied unchanged.
+pub fn write_bind(out: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u8]) {
+    let at = begin(out, tag::BIND);
+    out.put_slice(portal);
+    out.put_u8(0);
+    out.put_slice(statement);
+    out.put_u8(0);
+    out.put_slice(rest);
+    finish(out, at);
+}
+
+/// Describe of a statement under another name.
+pub fn write_describe_statement(out: &mut BytesMut, name: &[u8]) {
+    let at = begin(out, tag::DESCRIBE);
+    out.put_u8(b'S');
+    out.put_slice(name);
+    out.put_u8(0);
+    finish(out, at);
+}
+
+/// Replaces `buf[start..end]` with `with`, returning the new end.
+pub fn splice(buf: &mut BytesMut, start: usize, end: usize, with: &[u8]) -> usize {
+    if with.len() == end - start {
+        buf[start..end].copy_from_slice(with);
+        return end;
+    }
+    let tail = buf.split_off(end);
+    buf.truncate(start);
+    buf.extend_from_slice(with);
+    let new_end = buf.len();
+    buf.unsplit(tail);
+    new_end
+}
+
+/// What a simple Query does to prepared statements, as far as pgmux must know.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StatementCommand<'a> {
+    /// `DEALLOCATE [PREPARE] ALL` or `DISCARD ALL`: the server drops every statement.
+    DropAll,
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate(&'a [u8]),
+    Other,
+}
+
+/// Recognises a Query that is exactly one DEALLOCATE / DISCARD ALL statement.
+pub fn statement_command(query: &[u8]) -> StatementCommand<'_> {
+    let q = trim(query.strip_suffix(b"\0").unwrap_or(query));
+    let q = trim(q.strip_suffix(b";").unwrap_or(q));
+    let mut words = q.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or_default();
+    if first.eq_ignore_ascii_case(b"discard") {
+        let rest: Vec<&[u8]> = words.collect();
+        return if rest.len() == 1 && rest[0].eq_ignore_ascii_case(b"all") {
+            StatementCommand::DropAll
+        } else {
+            StatementCommand::Other
+        };
+    }
+    if !first.eq_ignore_ascii_case(b"deallocate") {
+        return StatementCommand::Other;
+    }
+    let mut rest: Vec<&[u8]> = words.collect();
+    if rest.first().is_some_and(|w| w.eq_ignore_ascii_case(b"prepare")) {
+        rest.remove(0);
+    }
+    match rest.as_slice() {
+        [w] if w.eq_ignore_ascii_case(b"all") => StatementCommand::DropAll,
+        [name] => StatementCommand::Deallocate(unquote(name)),
+        _ => StatementCommand::Other,
+    }
+}
+
+fn trim(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
+    let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &s[start..end]
+}
+
+/// `"Name"` → `Name`; an unquoted name is folded to lower case by Postgres,
+/// which only matters for names pgmux never created, so it is left as is.
+fn unquote(name: &[u8]) -> &[u8] {
+    name.strip_prefix(b"\"").and_then(|n| n.strip_suffix(b"\"")).unwrap_or(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_grows_and_shrinks() {
+        let mut b = BytesMut::from(&b"aaXXbb"[..]);
+        assert_eq!(splice(&mut b, 2, 4, b"YYYY"), 6);
+        assert_eq!(&b[..], b"aaYYYYbb");
+        assert_eq!(splice(&mut b, 2, 6, b"Z"), 3);
+        assert_eq!(&b[..], b"aaZbb");
+    }
+
+    #[test]
+    fn bind_rewrite_keeps_everything_but_the_name() {
+        let mut out = BytesMut::new();
+        write_bind(&mut out, b"", b"pgmux_1", &[0, 0, 0, 0, 0, 0]);
+        assert_eq!(&out[..], b"B\0\0\0\x13\0pgmux_1\0\0\0\0\0\0\0");
+    }
+
+    #[test]
+    fn recognises_deallocate_and_discard() {
+        assert_eq!(statement_command(b"DEALLOCATE ALL\0"), StatementCommand::DropAll);
+        assert_eq!(statement_command(b" discard  all ;\0"), StatementCommand::DropAll);
+        assert_eq!(statement_command(b"deallocate prepare s1\0"), StatementCommand::Deallocate(b"s1"));
+        assert_eq!(statement_command(b"DEALLOCATE \"S 1\"\0"), StatementCommand::Other);
+        assert_eq!(statement_command(b"DEALLOCATE \"S1\"\0"), StatementCommand::Deallocate(b"S1"));
+        assert_eq!(statement_command(b"DISCARD PLANS\0"), StatementCommand::Other);
+        assert_eq!(statement_command(b"SELECT 1\0"), StatementCommand::Other);
+    }
+}

@@ -1,0 +1,163 @@
+//! Server-side prepared statements shared across clients.
+//!
+//! A client's named statement is interned per pool by its Parse body (query
+//! text and parameter types) and lives on servers under a pgmux name
+//! (`pgmux_<id>`), so clients preparing the same text share one server-side
+//! statement per backend. Each backend keeps a bounded LRU of what it holds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// One interned statement. Immutable; shared by clients and backends.
+#[derive(Debug)]
+pub struct Statement {
+    pub id: u64,
+    /// The name it has on servers.
+    pub server_name: Box<str>,
+    /// The Parse body after the statement name: query, NUL, parameter type count and OIDs.
+    pub body: Bytes,
+}
+
+/// Interning table of one pool.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_body: Mutex<HashMap<Bytes, Arc<Statement>>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    /// The statement for this Parse body, created on first sight.
+    pub fn intern(&self, body: &[u8]) -> Arc<Statement> {
+        let mut map = self.by_body.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = map.get(body) {
+            return st.clone();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let body = Bytes::copy_from_slice(body);
+        let st = Arc::new(Statement { id, server_name: format!("pgmux_{id}").into_boxed_str(), body: body.clone() });
+        map.insert(body, st.clone());
+        st
+    }
+
+    /// Retires a statement whose server copies went stale (e.g. "cached plan
+    /// must not change result type" after DDL): the next Parse of the same
+    /// text gets a fresh id, hence a fresh server-side statement.
+    pub fn invalidate(&self, st: &Arc<Statement>) {
+        let mut map = self.by_body.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&st.body).is_some_and(|cur| Arc::ptr_eq(cur, st)) {
+            map.remove(&st.body);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_body.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The statements one backend holds, least recently used first out.
+/// Small (`max_prepared_statements`, 200 by default): a vector scan is cheaper
+/// than hashing at this size and allocates nothing per use.
+#[derive(Debug, Default)]
+pub struct PreparedSet {
+    entries: Vec<(Arc<Statement>, u64)>,
+    tick: u64,
+    /// Server statements to close at the next opportunity (retired or evicted).
+    pub to_close: Vec<Box<str>>,
+}
+
+impl PreparedSet {
+    /// True if held; marks it used.
+    pub fn touch(&mut self, id: u64) -> bool {
+        self.tick += 1;
+        match self.entries.iter_mut().find(|(s, _)| s.id == id) {
+            Some((_, used)) => {
+                *used = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement as prepared on the server; evicts the least recently
+    /// used one beyond `cap`, whose server name is queued in `to_close`.
+    pub fn insert(&mut self, st: Arc<Statement>, cap: usize) {
+        self.tick += 1;
+        self.entries.push((st, self.tick));
+        while self.entries.len() > cap.max(1) {
+            let oldest = self.entries.iter().enumerate().min_by_key(|(_, (_, used))| *used).map(|(i, _)| i);
+            let Some(i) = oldest else { break };
+            let (evicted, _) = self.entries.swap_remove(i);
+            self.to_close.push(evicted.server_name.clone());
+        }
+    }
+
+    /// Forgets a statement (its Parse failed, or it was closed); `close` also
+    /// queues a Close for its server copy.
+    pub fn remove(&mut self, id: u64, close: bool) {
+        if let Some(i) = self.entries.iter().position(|(s, _)| s.id == id) {
+            let (st, _) = self.entries.swap_remove(i);
+            if close {
+                self.to_close.push(st.server_name.clone());
+            }
+        }
+    }
+
+    /// The server dropped every prepared statement (DISCARD ALL / DEALLOCATE ALL).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.to_close.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_text_same_statement_until_invalidated() {
+        let r = Registry::default();
+        let a = r.intern(b"SELECT 1\0\0\0");
+        let b = r.intern(b"SELECT 1\0\0\0");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_ne!(r.intern(b"SELECT 2\0\0\0").id, a.id);
+        r.invalidate(&a);
+        let c = r.intern(b"SELECT 1\0\0\0");
+        assert_ne!(c.id, a.id);
+        assert_ne!(c.server_name, a.server_name);
+        // Invalidating the stale one again must not retire its successor.
+        r.invalidate(&a);
+        assert!(Arc::ptr_eq(&c, &r.intern(b"SELECT 1\0\0\0")));
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_used() {
+        let r = Registry::default();
+        let (a, b, c) = (r.intern(b"a\0\0\0"), r.intern(b"b\0\0\0"), r.intern(b"c\0\0\0"));
+        let mut set = PreparedSet::default();
+        set.insert(a.clone(), 2);
+        set.insert(b.clone(), 2);
+        assert!(set.touch(a.id));
+        set.insert(c.clone(), 2);
+        assert!(set.touch(a.id) && set.touch(c.id));
+        assert!(!set.touch(b.id));
+        assert_eq!(set.to_close, vec![b.server_name.clone()]);
+        set.remove(a.id, true);
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.to_close.len(), 2);
+    }
+}
