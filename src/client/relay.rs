@@ -280,8 +280,7 @@ impl Link {
                 self.close_queued(prepared, &mut out);
                 statements::write_parse(&mut out, st.server_name.as_bytes(), &st.body);
                 self.expect.push_back(Expect::Parse { forward: true, statement: Some(st), client_name: Some(name) });
-                let new_end = statements::splice(buf, start, end, &out);
-                return new_end;
+                statements::splice(buf, start, end, &out)
             }
             tag::BIND => {
                 self.unsynced = true;
@@ -432,10 +431,8 @@ impl Link {
                         }
                         _ => *unpoolable = true,
                     },
-                    tag::BIND_COMPLETE => {
-                        if !matches!(expect.pop_front(), Some(Expect::Bind { .. })) {
-                            *unpoolable = true;
-                        }
+                    tag::BIND_COMPLETE if !matches!(expect.pop_front(), Some(Expect::Bind { .. })) => {
+                        *unpoolable = true;
                     }
                     tag::CLOSE_COMPLETE => match expect.pop_front() {
                         Some(Expect::Close { forward }) => {
