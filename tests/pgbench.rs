@@ -1,4 +1,5 @@
-//! pgbench through pgmux: 200 clients over 10 backends, zero failed transactions.
+//! pgbench through pgmux: 200 clients over 10 backends, zero failed transactions,
+//! in extended and prepared modes.
 
 mod support;
 
@@ -39,7 +40,7 @@ fn failed(report: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_extended_200_clients_over_10_backends() {
+async fn pgbench_200_clients_over_10_backends_extended_and_prepared() {
     let cluster = support::cluster_async().await;
     let proxy = Proxy::standard(cluster, 10, "query_wait_timeout = \"60s\"").await;
     let port = proxy.port();
@@ -52,6 +53,13 @@ async fn pgbench_extended_200_clients_over_10_backends() {
             assert_eq!(failed(&report), 0, "{report}");
             assert!(processed(&report) > 200, "{report}");
         }
+        // Named prepared statements across transactions and backends. (The
+        // tpcb-like script with -M prepared can deadlock through any
+        // transaction pooler when clients outnumber backends: pgbench
+        // prepares each client's statements synchronously, one client at a time.)
+        let report = pgbench(port, &["-c", "200", "-j", "2", "-T", "10", "-M", "prepared", "-S"]);
+        assert_eq!(failed(&report), 0, "{report}");
+        assert!(processed(&report) > 200, "{report}");
     })
     .await
     .unwrap();

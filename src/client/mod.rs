@@ -332,6 +332,7 @@ async fn transaction(
     if let Some(sql) = session.params.sync_sql(backend) {
         let reset: Vec<String> =
             backend.changed_settings().filter(|n| session.params.get(n).is_none()).map(str::to_owned).collect();
+        session.params.record_on(backend);
         match backend.run_quietly(&sql).await {
             Ok((None, msg::IDLE)) => {
                 let reset: Vec<&str> = reset.iter().map(String::as_str).collect();

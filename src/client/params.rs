@@ -102,6 +102,17 @@ impl SessionParams {
         out
     }
 
+    /// Records on `backend` the values a successful `sync_sql` has just set.
+    /// Reported parameters are then overwritten by the server's own
+    /// ParameterStatus (its canonical spelling); unreported ones keep these.
+    pub fn record_on(&self, backend: &mut Backend) {
+        for (k, v) in &self.values {
+            if backend.param(k) != Some(v.as_str()) {
+                backend.set_param(k, v);
+            }
+        }
+    }
+
     /// Records a value read back from the server after the client changed it.
     pub fn set_read_back(&mut self, name: &str, value: &str) {
         self.set(name, value);
