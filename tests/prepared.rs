@@ -166,7 +166,7 @@ async fn deallocate_and_discard_all_act_on_the_clients_own_statements() {
     }
     let bind_execute = |name: &str| {
         let mut out = BytesMut::new();
-        out.extend_from_slice(&[b'B']);
+        out.extend_from_slice(b"B");
         let len = 4 + 1 + name.len() + 1 + 2 + 2 + 2;
         out.extend_from_slice(&(len as u32).to_be_bytes());
         out.extend_from_slice(&[0]);
