@@ -4,6 +4,7 @@
 //! the sender is the state, clients subscribe only while held.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::watch;
 
@@ -17,22 +18,31 @@ impl PauseState {
     fn paused(&self, database: &str) -> bool {
         self.all || self.databases.contains(database)
     }
+
+    fn any(&self) -> bool {
+        self.all || !self.databases.is_empty()
+    }
 }
 
 #[derive(Debug)]
 pub struct Pause {
     state: watch::Sender<PauseState>,
+    /// Mirrors `state.any()`, updated under the channel's lock. Every
+    /// checkout asks `is_paused`; this keeps the common answer to one atomic
+    /// load instead of the channel's shared read lock.
+    any: AtomicBool,
 }
 
 impl Default for Pause {
     fn default() -> Self {
-        Pause { state: watch::Sender::new(PauseState::default()) }
+        Pause { state: watch::Sender::new(PauseState::default()), any: AtomicBool::new(false) }
     }
 }
 
 impl Pause {
     pub fn is_paused(&self, database: &str) -> bool {
-        self.state.borrow().paused(database)
+        // SeqCst: one half of the PAUSE handshake (see `ClientInfo::wait_turn`).
+        self.any.load(Ordering::SeqCst) && self.state.borrow().paused(database)
     }
 
     pub fn all_paused(&self) -> bool {
@@ -58,10 +68,11 @@ impl Pause {
                 }
                 Some(_) => {}
             }
+            self.any.store(s.any(), Ordering::SeqCst);
             result.is_ok()
         });
         // Publish the flag before PAUSE reads client states (see `ClientInfo::wait_turn`).
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         result
     }
 
@@ -78,6 +89,7 @@ impl Pause {
                 Some(db) if !s.databases.remove(db) => result = Err(format!("database \"{db}\" is not paused")),
                 Some(_) => {}
             }
+            self.any.store(s.any(), Ordering::SeqCst);
             result.is_ok()
         });
         result
