@@ -8,8 +8,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::admin::pause::Pause;
+use crate::admin::registry::ClientRegistry;
+use crate::admin::stats::Stats;
 use crate::client::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::pool::Pools;
@@ -27,20 +30,54 @@ pub struct Shared {
     pub draining: watch::Receiver<bool>,
     /// Becomes true when `shutdown_timeout` runs out: close everything now.
     pub force_close: watch::Receiver<bool>,
+    /// Connected clients and their states (SHOW CLIENTS, PAUSE, KILL_CLIENT).
+    pub clients: ClientRegistry,
+    /// Process-wide counters for `/metrics`.
+    pub stats: Stats,
+    /// Databases held by the admin PAUSE command.
+    pub pause: Pause,
+    /// The admin SHUTDOWN command; `run` treats it like SIGTERM.
+    shutdown_request: Notify,
 }
 
 impl Shared {
     pub fn config(&self) -> Arc<Config> {
         self.config.clone()
     }
+
+    /// Starts the same graceful shutdown as SIGTERM.
+    pub fn request_shutdown(&self) {
+        // notify_one keeps a permit, so a request is never lost.
+        self.shutdown_request.notify_one();
+    }
 }
 
-/// Serves clients on `listener` until `shutdown` resolves, then drains: stop
-/// accepting, let open transactions finish within `shutdown_timeout`, then
-/// close everyone with 57P01.
+/// Serves clients on `listener` until `shutdown` resolves (or an admin runs
+/// SHUTDOWN), then drains: stop accepting, let open transactions finish
+/// within `shutdown_timeout`, then close everyone with 57P01. Binds
+/// `[proxy] metrics_listen` when set.
 pub async fn run(
     config: Arc<Config>,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let metrics = match config.proxy.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await?;
+            tracing::info!(listen = %l.local_addr()?, "metrics listening");
+            Some(l)
+        }
+        None => None,
+    };
+    run_with_metrics(config, listener, metrics, shutdown).await
+}
+
+/// [`run`] with the metrics listener already bound (tests bind port 0 and
+/// need to know the port).
+pub async fn run_with_metrics(
+    config: Arc<Config>,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let (draining_tx, draining) = watch::channel(false);
@@ -49,14 +86,26 @@ pub async fn run(
     pools.prewarm(&config);
     let janitor = tokio::spawn(pools.clone().janitor());
     let max_clients = config.proxy.max_client_conn;
-    let shared =
-        Arc::new(Shared { config, pools: pools.clone(), cancels: CancelRegistry::default(), draining, force_close });
+    let shared = Arc::new(Shared {
+        config,
+        pools: pools.clone(),
+        cancels: CancelRegistry::default(),
+        draining,
+        force_close,
+        clients: ClientRegistry::default(),
+        stats: Stats::default(),
+        pause: Pause::default(),
+        shutdown_request: Notify::new(),
+    });
     let permits = Arc::new(Semaphore::new(max_clients));
+    // Scrapes keep working during the drain; they stop when `run` returns.
+    let metrics = metrics.map(|l| tokio::spawn(crate::admin::metrics::serve(l, shared.clone())));
 
     tokio::pin!(shutdown);
     tokio::select! {
         _ = accept_loop(&listener, &shared, &permits) => {}
         _ = &mut shutdown => {}
+        _ = shared.shutdown_request.notified() => tracing::info!("SHUTDOWN from the admin console"),
     }
     drop(listener);
     let _ = draining_tx.send(true);
@@ -70,6 +119,9 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut all_gone).await;
     }
     janitor.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     pools.close_idle();
     tracing::info!("shutdown complete");
     Ok(())

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::admin::registry::{ClientInfo, TERMINATED_BY_ADMIN};
 use crate::config::{Config, PoolMode};
 use crate::pool::inner::CloseReason;
 use crate::pool::{Backend, Pool};
@@ -36,7 +37,9 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, client_id: u64) {
     let peer = stream.peer_addr().ok();
     let span = tracing::info_span!("client", id = client_id, peer = ?peer);
     async move {
-        if let Err(e) = serve_inner(stream, &shared).await {
+        // admin hook: listed for SHOW CLIENTS while the connection lives.
+        let info = shared.clients.register(&shared.stats, client_id, peer, stream.local_addr().ok());
+        if let Err(e) = serve_inner(stream, &shared, &info).await {
             tracing::debug!(error = %e, "client connection ended with an I/O error");
         }
     }
@@ -63,7 +66,7 @@ struct Session {
     database: String,
 }
 
-async fn serve_inner(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn serve_inner(mut stream: TcpStream, shared: &Shared, info: &ClientInfo) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let config = shared.config();
     let mut buf = BytesMut::new();
@@ -73,7 +76,8 @@ async fn serve_inner(mut stream: TcpStream, shared: &Shared) -> std::io::Result<
         Ok(Ok(Some(Login::Pooled(session)))) => session,
         Ok(Ok(Some(Login::Admin { user }))) => {
             tracing::info!(user = %user, "admin console login");
-            return crate::admin::serve(&mut stream, buf, shared, &user).await;
+            info.logged_in(&user, crate::admin::DATABASE, "", None); // admin hook
+            return crate::admin::serve(&mut stream, buf, shared, info).await;
         }
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => return Err(e),
@@ -83,6 +87,8 @@ async fn serve_inner(mut stream: TcpStream, shared: &Shared) -> std::io::Result<
         }
     };
     tracing::info!(user = %session.user, database = %session.database, "client logged in");
+    let app = session.params.get("application_name").unwrap_or_default();
+    info.logged_in(&session.user, &session.database, app, Some(session.pool.clone())); // admin hook
     let key = shared.cancels.issue();
     let mut out = BytesMut::new();
     msg::authentication_ok(&mut out);
@@ -93,7 +99,7 @@ async fn serve_inner(mut stream: TcpStream, shared: &Shared) -> std::io::Result<
     msg::ready_for_query(&mut out, msg::IDLE);
     stream.write_all(&out).await?;
     drop(out);
-    let result = run_session(&mut stream, buf, shared, &config, session, &key).await;
+    let result = run_session(&mut stream, buf, shared, &config, session, &key, info).await;
     tracing::info!("client disconnected");
     result
 }
@@ -154,6 +160,7 @@ async fn login(
     let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(user_name).to_owned();
     let Some(user) = config.user(user_name) else {
         tracing::info!(user = %user_name, "login refused: unknown user");
+        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed); // admin hook
         let text = format!("no such user: \"{user_name}\"");
         fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
         return Ok(None);
@@ -163,6 +170,7 @@ async fn login(
             return Ok(None);
         }
         tracing::info!(user = %user.name, error = %e, "authentication failed");
+        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed); // admin hook
         fatal(stream, e.sqlstate(), &e.message()).await?;
         return Ok(None);
     }
@@ -227,6 +235,7 @@ async fn run_session(
     config: &Config,
     mut session: Session,
     key: &CancelKey<'_>,
+    info: &ClientInfo,
 ) -> std::io::Result<()> {
     let mut draining = shared.draining.clone();
     let mut force_close = shared.force_close.clone();
@@ -243,6 +252,8 @@ async fn run_session(
                 _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
                     return fatal(stream, SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
                 }
+                // admin hook: KILL_CLIENT.
+                _ = info.killed() => return fatal(stream, SqlState::ADMIN_SHUTDOWN, TERMINATED_BY_ADMIN).await,
             }
             match stream.try_read_buf(&mut pending) {
                 Ok(0) => return Ok(()),
@@ -263,9 +274,14 @@ async fn run_session(
             }
             Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
         }
+        // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
+        if let Some(why) = info.wait_turn(&shared.pause, &session.database, &mut draining).await {
+            return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await;
+        }
         let mut backend = match session.pool.checkout().await {
             Ok(b) => b,
             Err(e) => {
+                info.released(); // admin hook: back to idle
                 tracing::info!(error = %e, "no server connection for a client request");
                 if !reject_request(stream, &mut pending, e.sqlstate(), &e.to_string()).await? {
                     return Ok(());
@@ -274,9 +290,11 @@ async fn run_session(
             }
         };
         key.slot.set(Some(CancelTarget { addr: backend.addr, pid: backend.pid, secret: backend.secret }));
+        info.linked(&backend); // admin hook
         let outcome =
             Box::pin(transaction(stream, &mut backend, &mut pending, &mut session, &opts, &mut force_close)).await;
         key.slot.set(None);
+        info.released(); // admin hook
         match outcome {
             Ended::Clean => session.pool.checkin(backend),
             Ended::Recover(link, why) => {

@@ -90,6 +90,11 @@ impl<B: Aged> Inner<B> {
         self.idle.len()
     }
 
+    /// Idle backends, oldest returned first (for SHOW SERVERS).
+    pub fn idle(&self) -> impl Iterator<Item = &B> {
+        self.idle.iter()
+    }
+
     pub fn waiting(&self) -> usize {
         self.waiters.iter().filter(|w| !w.is_closed()).count()
     }

@@ -93,6 +93,29 @@ pub struct PoolStats {
     pub waiting: usize,
 }
 
+/// An idle backend as SHOW SERVERS lists it; copied out under the lock.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleBackend {
+    pub pid: i32,
+    pub addr: std::net::SocketAddr,
+    pub created: Instant,
+    pub last_used: Instant,
+}
+
+/// Cumulative counters for SHOW STATS and /metrics. Relaxed atomics: each is
+/// an independent tally, read for display only.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Successful checkouts: one per transaction (transaction mode) or session.
+    pub checkouts: AtomicU64,
+    /// Microseconds clients spent in `checkout`, waiting or connecting.
+    pub wait_us: AtomicU64,
+    /// Microseconds backends spent checked out (reported by the client task).
+    pub xact_us: AtomicU64,
+    /// Checkouts that gave up after `query_wait_timeout`.
+    pub wait_timeouts: AtomicU64,
+}
+
 #[derive(Debug)]
 pub struct Pool {
     settings: PoolSettings,
@@ -100,7 +123,9 @@ pub struct Pool {
     /// ParameterStatus values of the first backend ever opened, announced to
     /// clients at login (pgmux answers logins without holding a backend).
     server_params: Mutex<Option<ServerParams>>,
-    checkouts: AtomicU64,
+    counters: PoolCounters,
+    /// When the pool was created: the base of SHOW STATS averages.
+    created: Instant,
     /// Named statements of this pool's clients, interned by text.
     pub statements: statements::Registry,
 }
@@ -112,7 +137,8 @@ impl Pool {
             settings,
             inner: Mutex::new(inner),
             server_params: Mutex::new(None),
-            checkouts: AtomicU64::new(0),
+            counters: PoolCounters::default(),
+            created: Instant::now(),
             statements: statements::Registry::default(),
         })
     }
@@ -133,11 +159,44 @@ impl Pool {
     }
 
     pub fn checkouts(&self) -> u64 {
-        self.checkouts.load(Ordering::Relaxed)
+        self.counters.checkouts.load(Ordering::Relaxed)
+    }
+
+    pub fn counters(&self) -> &PoolCounters {
+        &self.counters
+    }
+
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// The idle backends right now (the lock is held only to copy them out).
+    pub fn idle_backends(&self) -> Vec<IdleBackend> {
+        use inner::Aged;
+        let inner = self.lock();
+        inner
+            .idle()
+            .map(|b| IdleBackend { pid: b.pid, addr: b.addr, created: b.created(), last_used: b.last_used() })
+            .collect()
+    }
+
+    /// Adds the time a client held a backend (checkout to release) to SHOW STATS.
+    pub fn record_xact_time(&self, held: Duration) {
+        self.counters.xact_us.fetch_add(held.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Waits up to `query_wait_timeout` for a live backend, FIFO among waiters.
     pub async fn checkout(&self) -> Result<Backend, PoolError> {
+        let started = Instant::now();
+        let result = self.checkout_inner().await;
+        self.counters.wait_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if let Err(PoolError::Timeout(_)) = result {
+            self.counters.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn checkout_inner(&self) -> Result<Backend, PoolError> {
         let deadline = tokio::time::Instant::now() + self.settings.query_wait_timeout;
         loop {
             let mut expired = Vec::new();
@@ -169,7 +228,7 @@ impl Pool {
             };
             match grant {
                 Grant::Backend(b) if b.is_alive() => {
-                    self.checkouts.fetch_add(1, Ordering::Relaxed);
+                    self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
                     return Ok(b);
                 }
                 Grant::Backend(b) => {
@@ -178,7 +237,7 @@ impl Pool {
                 }
                 Grant::Slot => match self.open_backend().await {
                     Ok(b) => {
-                        self.checkouts.fetch_add(1, Ordering::Relaxed);
+                        self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
                         return Ok(b);
                     }
                     Err(e) => {

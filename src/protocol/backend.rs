@@ -184,6 +184,64 @@ pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     Some((name, value))
 }
 
+/// Result sets pgmux answers itself (the admin console) are all text: OID
+/// 25, format 0, no table. Clients print text whatever the column means.
+const TEXT_OID: u32 = 25;
+
+pub fn row_description(buf: &mut BytesMut, columns: &[&str]) {
+    write_message(buf, tag::ROW_DESCRIPTION, |b| {
+        b.put_u16(columns.len() as u16);
+        for name in columns {
+            put_cstr(b, name);
+            b.put_u32(0); // table OID
+            b.put_u16(0); // column number
+            b.put_u32(TEXT_OID);
+            b.put_i16(-1); // variable length
+            b.put_i32(-1); // no type modifier
+            b.put_u16(0); // text format
+        }
+    });
+}
+
+/// One row of text values; `None` is SQL NULL.
+pub fn data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[Option<S>]) {
+    write_message(buf, tag::DATA_ROW, |b| {
+        b.put_u16(values.len() as u16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_u32(v.as_ref().len() as u32);
+                    b.put_slice(v.as_ref().as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
+pub fn command_complete(buf: &mut BytesMut, command_tag: &str) {
+    write_message(buf, tag::COMMAND_COMPLETE, |b| put_cstr(b, command_tag));
+}
+
+pub fn empty_query_response(buf: &mut BytesMut) {
+    write_message(buf, tag::EMPTY_QUERY_RESPONSE, |_| {});
+}
+
+/// A NOTICE; like [`error_response`] but informational (psql prints it on stderr).
+pub fn notice_response(buf: &mut BytesMut, code: SqlState, message: &str) {
+    write_message(buf, tag::NOTICE_RESPONSE, |b| {
+        b.put_u8(b'S');
+        put_cstr(b, "NOTICE");
+        b.put_u8(b'V');
+        put_cstr(b, "NOTICE");
+        b.put_u8(b'C');
+        put_cstr(b, code.code());
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        b.put_u8(0);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +267,23 @@ mod tests {
     fn parameter_status_parses() {
         assert_eq!(parse_parameter_status(b"TimeZone\0UTC\0"), Some(("TimeZone", "UTC")));
         assert_eq!(parse_parameter_status(b"bad"), None);
+    }
+
+    #[test]
+    fn result_set_messages_are_well_formed() {
+        let mut buf = BytesMut::new();
+        row_description(&mut buf, &["a", "bb"]);
+        data_row(&mut buf, &[Some("x"), None]);
+        command_complete(&mut buf, "SHOW");
+        let (t, body) = split_frame(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(t, b'T');
+        assert_eq!(&body[..2], &[0, 2]);
+        assert_eq!(body.len(), 2 + (2 + 18) + (3 + 18));
+        let (t, body) = split_frame(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(t, b'D');
+        assert_eq!(&body[..], &[0, 2, 0, 0, 0, 1, b'x', 0xff, 0xff, 0xff, 0xff]);
+        let (t, body) = split_frame(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!((t, &body[..]), (b'C', &b"SHOW\0"[..]));
+        assert!(buf.is_empty());
     }
 }

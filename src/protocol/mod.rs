@@ -38,7 +38,9 @@ pub mod tag {
     pub const NOTICE_RESPONSE: u8 = b'N';
     pub const NOTIFICATION_RESPONSE: u8 = b'A';
     pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const ROW_DESCRIPTION: u8 = b'T';
     pub const DATA_ROW: u8 = b'D';
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
     pub const PARSE_COMPLETE: u8 = b'1';
     pub const BIND_COMPLETE: u8 = b'2';
     pub const CLOSE_COMPLETE: u8 = b'3';

@@ -29,6 +29,8 @@ impl SqlState {
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
     pub const DATA_EXCEPTION: SqlState = SqlState("22000");
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
+    /// Unknown admin console command.
+    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
 
     /// Every code above, for [`SqlState::from_code`].
     const KNOWN: &'static [SqlState] = &[
@@ -56,6 +58,7 @@ impl SqlState {
         Self::INVALID_PARAMETER_VALUE,
         Self::DATA_EXCEPTION,
         Self::OBJECT_NOT_IN_PREREQUISITE_STATE,
+        Self::SYNTAX_ERROR,
     ];
 
     /// Maps a code received from Postgres onto this typed set: the exact code

@@ -15,6 +15,8 @@ use super::{APP, CLEAR, DB, MD5, TRUST};
 /// A running pgmux; shut it down with [`Proxy::shutdown`] (dropping it also stops it).
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Where `/metrics` answers, when started with [`Proxy::start_with_metrics`].
+    pub metrics: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -71,17 +73,38 @@ auth = "trust"
     )
 }
 
+/// [`standard_config`] plus `[admin] users = ["postgres"]`: the trust
+/// superuser may open the admin console (database `pgmux`).
+pub fn admin_config(cluster: &Cluster, pool_size: usize, proxy_extra: &str) -> String {
+    standard_config(cluster, pool_size, proxy_extra) + "\n[admin]\nusers = [\"postgres\"]\n"
+}
+
 impl Proxy {
     /// Starts pgmux with `toml` on a fresh loopback port.
     pub async fn start(toml: &str) -> Proxy {
+        Proxy::launch(toml, false).await
+    }
+
+    /// Like [`Proxy::start`], with `/metrics` on another fresh loopback port.
+    pub async fn start_with_metrics(toml: &str) -> Proxy {
+        Proxy::launch(toml, true).await
+    }
+
+    async fn launch(toml: &str, with_metrics: bool) -> Proxy {
         let config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("test config is invalid: {e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound address");
+        let metrics_listener = if with_metrics {
+            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port"))
+        } else {
+            None
+        };
+        let metrics = metrics_listener.as_ref().map(|l| l.local_addr().expect("bound address"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(pgmux::server::run(Arc::new(config), listener, async {
+        let task = tokio::spawn(pgmux::server::run_with_metrics(Arc::new(config), listener, metrics_listener, async {
             let _ = stopped.await;
         }));
-        Proxy { addr, stop: Some(stop), task: Some(task) }
+        Proxy { addr, metrics, stop: Some(stop), task: Some(task) }
     }
 
     /// The standard config with the given pool size and extra `[proxy]` lines.

@@ -1,0 +1,381 @@
+//! The admin console's protocol loop and command table.
+//!
+//! Simple query protocol only, one command per Query message. Handlers are
+//! plain functions from the shared state to a [`Reply`]; the one command
+//! that must wait (PAUSE) says what to wait for, and the loop does the waiting.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::registry::ClientInfo;
+use super::show::{self, ResultSet};
+use crate::protocol::backend::{self as msg, Severity};
+use crate::protocol::frame::split_frame;
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::tag;
+use crate::server::Shared;
+
+/// Console commands are short; anything longer is refused.
+const MAX_COMMAND_LEN: u32 = 64 * 1024;
+
+/// How often PAUSE looks for in-flight transactions to finish. Polling costs
+/// nothing while no PAUSE runs, whereas a wake-up on every release would
+/// cost every transaction.
+const PAUSE_POLL: Duration = Duration::from_millis(5);
+
+/// What a command answers.
+#[derive(Debug)]
+pub enum Reply {
+    Rows(ResultSet),
+    /// CommandComplete with this tag.
+    Done(&'static str),
+    /// NOTICE lines, then CommandComplete with the tag.
+    Notices(Vec<String>, &'static str),
+    Error(SqlState, String),
+    /// PAUSE: answer `PAUSE` once nothing of `database` (everything if `None`) is in flight.
+    AfterDrain(Option<String>),
+}
+
+/// Whether a command takes an argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arg {
+    None,
+    Optional(&'static str),
+    Required(&'static str),
+}
+
+struct Command {
+    /// Upper case, words separated by one space.
+    name: &'static str,
+    arg: Arg,
+    help: &'static str,
+    run: fn(&Shared, Option<&str>) -> Reply,
+}
+
+const COMMANDS: &[Command] = &[
+    Command { name: "SHOW HELP", arg: Arg::None, help: "this list", run: |_, _| help() },
+    Command {
+        name: "SHOW POOLS",
+        arg: Arg::None,
+        help: "clients and server connections per (database, user) pool",
+        run: |s, _| Reply::Rows(show::pools(s)),
+    },
+    Command {
+        name: "SHOW CLIENTS",
+        arg: Arg::None,
+        help: "client connections; `id` is what KILL_CLIENT takes",
+        run: |s, _| Reply::Rows(show::clients(s)),
+    },
+    Command {
+        name: "SHOW SERVERS",
+        arg: Arg::None,
+        help: "open server connections, active (linked to a client) or idle",
+        run: |s, _| Reply::Rows(show::servers(s)),
+    },
+    Command {
+        name: "SHOW STATS",
+        arg: Arg::None,
+        help: "per-database totals since start; query and byte counts are not measured yet (0), \
+               averages are since the pool was created",
+        run: |s, _| Reply::Rows(show::stats(s)),
+    },
+    Command {
+        name: "SHOW DATABASES",
+        arg: Arg::None,
+        help: "configured databases, their pool settings, and whether they are paused",
+        run: |s, _| Reply::Rows(show::databases(s)),
+    },
+    Command {
+        name: "SHOW CONFIG",
+        arg: Arg::None,
+        help: "[proxy] and [routing] settings with their defaults",
+        run: |s, _| Reply::Rows(show::config(s)),
+    },
+    Command {
+        name: "SHOW REPLICAS",
+        arg: Arg::None,
+        help: "configured replicas (not monitored yet)",
+        run: |s, _| Reply::Rows(show::replicas(s)),
+    },
+    Command { name: "SHOW VERSION", arg: Arg::None, help: "pgmux version", run: |_, _| Reply::Rows(show::version()) },
+    Command {
+        name: "PAUSE",
+        arg: Arg::Optional("db"),
+        help: "hold new transactions (of db, or all); returns once in-flight ones have finished",
+        run: pause,
+    },
+    Command { name: "RESUME", arg: Arg::Optional("db"), help: "undo PAUSE", run: resume },
+    Command {
+        name: "KILL_CLIENT",
+        arg: Arg::Required("id"),
+        help: "close a client (57P01) at once if idle or held, else when its transaction ends",
+        run: kill_client,
+    },
+    Command {
+        name: "SHUTDOWN",
+        arg: Arg::None,
+        help: "graceful shutdown, as on SIGTERM",
+        run: |s, _| {
+            s.request_shutdown();
+            Reply::Done("SHUTDOWN")
+        },
+    },
+    Command {
+        name: "RELOAD",
+        arg: Arg::None,
+        help: "not supported yet",
+        run: |_, _| Reply::Error(SqlState::FEATURE_NOT_SUPPORTED, "RELOAD is not supported yet".into()),
+    },
+];
+
+fn usage(c: &Command) -> String {
+    match c.arg {
+        Arg::None => c.name.to_owned(),
+        Arg::Optional(a) => format!("{} [{a}]", c.name),
+        Arg::Required(a) => format!("{} {a}", c.name),
+    }
+}
+
+fn help() -> Reply {
+    let mut lines = vec!["pgmux admin console; commands (case-insensitive, optional trailing ';'):".to_owned()];
+    lines.extend(COMMANDS.iter().map(|c| format!("  {:<20} {}", usage(c), c.help)));
+    Reply::Notices(vec![lines.join("\n")], "SHOW")
+}
+
+fn command_list() -> String {
+    COMMANDS.iter().map(usage).collect::<Vec<_>>().join(", ")
+}
+
+/// An identifier argument: `app` or `"app"` (quoted keeps case; unquoted is
+/// taken as written, as database names in proxy.toml are).
+fn identifier(arg: &str) -> &str {
+    arg.strip_prefix('"').and_then(|a| a.strip_suffix('"')).unwrap_or(arg)
+}
+
+fn pause(s: &Shared, db: Option<&str>) -> Reply {
+    let db = db.map(identifier);
+    if let Some(db) = db
+        && s.config().database(db).is_none()
+    {
+        return Reply::Error(SqlState::INVALID_CATALOG_NAME, format!("database \"{db}\" does not exist"));
+    }
+    match s.pause.pause(db) {
+        Ok(()) => Reply::AfterDrain(db.map(str::to_owned)),
+        Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
+    }
+}
+
+fn resume(s: &Shared, db: Option<&str>) -> Reply {
+    match s.pause.resume(db.map(identifier)) {
+        Ok(()) => Reply::Done("RESUME"),
+        Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
+    }
+}
+
+fn kill_client(s: &Shared, id: Option<&str>) -> Reply {
+    let id = id.unwrap_or_default();
+    let Ok(n) = id.parse::<u64>() else {
+        return Reply::Error(SqlState::INVALID_PARAMETER_VALUE, format!("KILL_CLIENT takes a client id, not \"{id}\""));
+    };
+    match s.clients.get(n) {
+        Some(c) => {
+            c.kill();
+            Reply::Done("KILL_CLIENT")
+        }
+        None => Reply::Error(SqlState::UNDEFINED_OBJECT, format!("no client with id {n}")),
+    }
+}
+
+/// Parses a query string into a command and its argument, or the error reply.
+fn parse(query: &str) -> Result<Option<(&'static Command, Option<&str>)>, Reply> {
+    let query = query.trim().trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+    let words: Vec<&str> = query.split_whitespace().collect();
+    if words.is_empty() {
+        return Ok(None);
+    }
+    for c in COMMANDS {
+        let n = c.name.split(' ').count();
+        if words.len() < n || !c.name.split(' ').zip(&words).all(|(a, b)| a.eq_ignore_ascii_case(b)) {
+            continue;
+        }
+        let args = &words[n..];
+        let ok = match c.arg {
+            Arg::None => args.is_empty(),
+            Arg::Optional(_) => args.len() <= 1,
+            Arg::Required(_) => args.len() == 1,
+        };
+        if !ok {
+            return Err(Reply::Error(SqlState::SYNTAX_ERROR, format!("usage: {}", usage(c))));
+        }
+        return Ok(Some((c, args.first().copied())));
+    }
+    Err(Reply::Error(
+        SqlState::SYNTAX_ERROR,
+        format!("unknown command \"{}\"; commands: {}", words.join(" "), command_list()),
+    ))
+}
+
+fn write_reply(out: &mut BytesMut, reply: Reply) {
+    match reply {
+        Reply::Rows(rs) => {
+            msg::row_description(out, &rs.columns);
+            for row in &rs.rows {
+                let values: Vec<Option<&str>> = row.iter().map(|v| Some(v.as_str())).collect();
+                msg::data_row(out, &values);
+            }
+            // PgBouncer's tag; psql counts the rows itself.
+            msg::command_complete(out, "SHOW");
+        }
+        Reply::Done(t) => msg::command_complete(out, t),
+        Reply::Notices(lines, t) => {
+            for l in lines {
+                msg::notice_response(out, SqlState("00000"), &l);
+            }
+            msg::command_complete(out, t);
+        }
+        Reply::Error(code, text) => msg::error_response(out, Severity::Error, code, &text),
+        Reply::AfterDrain(_) => unreachable!("the loop waits and answers PAUSE itself"),
+    }
+}
+
+/// Serves an authenticated admin user until it disconnects, is killed, or pgmux shuts down.
+pub async fn serve(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+    shared: &Shared,
+    info: &ClientInfo,
+) -> std::io::Result<()> {
+    let mut draining = shared.draining.clone();
+    let mut out = BytesMut::new();
+    msg::authentication_ok(&mut out);
+    msg::parameter_status(&mut out, "server_version", "15.0 (pgmux)");
+    msg::parameter_status(&mut out, "client_encoding", "UTF8");
+    msg::parameter_status(&mut out, "server_encoding", "UTF8");
+    msg::parameter_status(&mut out, "standard_conforming_strings", "on");
+    msg::parameter_status(&mut out, "DateStyle", "ISO, MDY");
+    msg::ready_for_query(&mut out, msg::IDLE);
+    stream.write_all(&out).await?;
+    loop {
+        let frame = match split_frame(&mut buf, MAX_COMMAND_LEN) {
+            Ok(f) => f,
+            Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
+        };
+        let Some((t, body)) = frame else {
+            // read_buf is cancel-safe: a losing branch has read nothing.
+            tokio::select! {
+                n = stream.read_buf(&mut buf) => if n? == 0 { return Ok(()) },
+                _ = info.killed() => {
+                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, super::registry::TERMINATED_BY_ADMIN).await;
+                }
+                _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
+                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, super::registry::SHUTTING_DOWN).await;
+                }
+            }
+            continue;
+        };
+        out.clear();
+        match t {
+            tag::TERMINATE => return Ok(()),
+            tag::QUERY => {
+                let text = body.strip_suffix(&[0]).unwrap_or(&body);
+                let query = String::from_utf8_lossy(text);
+                match parse(&query) {
+                    Ok(None) => msg::empty_query_response(&mut out),
+                    Ok(Some((cmd, arg))) => {
+                        tracing::info!(command = cmd.name, arg = arg.unwrap_or(""), "admin command");
+                        match (cmd.run)(shared, arg) {
+                            Reply::AfterDrain(db) => {
+                                if let Some(reply) = drain(shared, db.as_deref(), &mut draining).await {
+                                    write_reply(&mut out, reply);
+                                } else {
+                                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, super::registry::SHUTTING_DOWN)
+                                        .await;
+                                }
+                            }
+                            reply => write_reply(&mut out, reply),
+                        }
+                    }
+                    Err(reply) => write_reply(&mut out, reply),
+                }
+                msg::ready_for_query(&mut out, msg::IDLE);
+            }
+            _ => {
+                return fatal(
+                    stream,
+                    SqlState::PROTOCOL_VIOLATION,
+                    "the admin console accepts the simple query protocol only",
+                )
+                .await;
+            }
+        }
+        stream.write_all(&out).await?;
+    }
+}
+
+/// PAUSE's wait: until no client of `db` holds or is taking a backend.
+/// `None` if pgmux starts shutting down meanwhile.
+async fn drain(shared: &Shared, db: Option<&str>, draining: &mut tokio::sync::watch::Receiver<bool>) -> Option<Reply> {
+    loop {
+        if shared.clients.in_flight(db) == 0 {
+            return Some(Reply::Done("PAUSE"));
+        }
+        let still_paused = match db {
+            Some(db) => shared.pause.is_paused(db),
+            None => shared.pause.all_paused(),
+        };
+        if !still_paused {
+            return Some(Reply::Error(SqlState::QUERY_CANCELED, "RESUME was issued before PAUSE completed".into()));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PAUSE_POLL) => {}
+            _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => return None,
+        }
+    }
+}
+
+async fn fatal(stream: &mut TcpStream, code: SqlState, text: &str) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    msg::error_response(&mut out, Severity::Fatal, code, text);
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(q: &str) -> Option<(&'static str, Option<&str>)> {
+        parse(q).ok().flatten().map(|(c, a)| (c.name, a))
+    }
+
+    fn code(q: &str) -> &'static str {
+        match parse(q) {
+            Err(Reply::Error(c, _)) => c.code(),
+            Err(other) => panic!("{q}: expected an error, got {other:?}"),
+            Ok(other) => panic!("{q}: expected an error, got {:?}", other.map(|(c, a)| (c.name, a))),
+        }
+    }
+
+    #[test]
+    fn commands_parse_case_insensitively_with_optional_semicolon() {
+        assert_eq!(name("show pools"), Some(("SHOW POOLS", None)));
+        assert_eq!(name("  SHOW   Clients ;; "), Some(("SHOW CLIENTS", None)));
+        assert_eq!(name("pause app;"), Some(("PAUSE", Some("app"))));
+        assert_eq!(name("PAUSE"), Some(("PAUSE", None)));
+        assert_eq!(name("kill_client 7"), Some(("KILL_CLIENT", Some("7"))));
+        assert!(matches!(parse(" ; "), Ok(None)));
+    }
+
+    #[test]
+    fn unknown_or_malformed_commands_are_syntax_errors() {
+        assert_eq!(code("SHOW NOTHING"), "42601");
+        assert_eq!(code("SELECT 1"), "42601");
+        assert_eq!(code("KILL_CLIENT"), "42601");
+        assert_eq!(code("SHOW POOLS extra"), "42601");
+        let Err(Reply::Error(_, text)) = parse("frobnicate") else { panic!() };
+        assert!(text.contains("SHOW POOLS") && text.contains("KILL_CLIENT id"), "{text}");
+    }
+}

@@ -1,0 +1,296 @@
+//! Live client connections, for SHOW CLIENTS / POOLS / SERVERS, `/metrics`,
+//! KILL_CLIENT and PAUSE.
+//!
+//! Each client task holds an `Arc<ClientInfo>` and updates it with atomics
+//! (and one tiny std mutex for the linked backend) at its few state changes;
+//! the console only reads. Nothing here is held across an `.await`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, watch};
+
+use super::pause::Pause;
+use super::stats::Stats;
+use crate::pool::{Backend, Pool};
+
+/// What SHOW CLIENTS reports for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClientState {
+    /// Connected, not logged in yet (not listed).
+    Login = 0,
+    /// Logged in, no backend, not asking for one.
+    Idle = 1,
+    /// Held at the PAUSE gate before checkout.
+    Paused = 2,
+    /// Past the PAUSE gate, waiting for (or opening) a backend.
+    Waiting = 3,
+    /// Holding a backend.
+    Active = 4,
+    /// An admin console session.
+    Admin = 5,
+}
+
+impl ClientState {
+    fn from_u8(v: u8) -> ClientState {
+        match v {
+            1 => ClientState::Idle,
+            2 => ClientState::Paused,
+            3 => ClientState::Waiting,
+            4 => ClientState::Active,
+            5 => ClientState::Admin,
+            _ => ClientState::Login,
+        }
+    }
+
+    /// PgBouncer's vocabulary: a paused client is waiting too.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Login => "login",
+            ClientState::Idle => "idle",
+            ClientState::Paused | ClientState::Waiting => "waiting",
+            ClientState::Active | ClientState::Admin => "active",
+        }
+    }
+}
+
+/// Who the client logged in as; set once, after authentication.
+#[derive(Debug)]
+pub struct LoginInfo {
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    /// `None` for admin console sessions.
+    pub pool: Option<Arc<Pool>>,
+}
+
+/// The backend a client holds, for SHOW SERVERS and SHOW CLIENTS' `link`.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkInfo {
+    pub pid: i32,
+    pub addr: SocketAddr,
+    pub connected: Instant,
+}
+
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub peer: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub connect_time: SystemTime,
+    login: OnceLock<LoginInfo>,
+    state: AtomicU8,
+    /// Microseconds since [`base`] of the last state change (request_time, wait start).
+    since_us: AtomicU64,
+    link: Mutex<Option<LinkInfo>>,
+    close_needed: AtomicBool,
+    /// KILL_CLIENT: `notify_one` stores a permit, so a client busy in a
+    /// transaction sees it at its next idle wait.
+    kill: Notify,
+}
+
+/// A process-wide monotonic origin, so a timestamp fits in an atomic.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn now_us() -> u64 {
+    base().elapsed().as_micros() as u64
+}
+
+/// Wall-clock time of a monotonic instant (for display only).
+pub fn wall_time(at: Instant) -> SystemTime {
+    SystemTime::now() - at.elapsed()
+}
+
+/// Why the PAUSE gate let a client go without a turn.
+pub const TERMINATED_BY_ADMIN: &str = "terminated by admin (KILL_CLIENT)";
+pub const SHUTTING_DOWN: &str = "pgmux is shutting down";
+
+impl ClientInfo {
+    fn new(id: u64, peer: Option<SocketAddr>, local: Option<SocketAddr>) -> ClientInfo {
+        ClientInfo {
+            id,
+            peer,
+            local,
+            connect_time: SystemTime::now(),
+            login: OnceLock::new(),
+            state: AtomicU8::new(ClientState::Login as u8),
+            since_us: AtomicU64::new(now_us()),
+            link: Mutex::new(None),
+            close_needed: AtomicBool::new(false),
+            kill: Notify::new(),
+        }
+    }
+
+    pub fn login(&self) -> Option<&LoginInfo> {
+        self.login.get()
+    }
+
+    pub fn state(&self) -> ClientState {
+        ClientState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    /// When the current state began.
+    pub fn since(&self) -> Instant {
+        base() + Duration::from_micros(self.since_us.load(Ordering::Relaxed))
+    }
+
+    pub fn link(&self) -> Option<LinkInfo> {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn close_needed(&self) -> bool {
+        self.close_needed.load(Ordering::Relaxed)
+    }
+
+    fn set_state(&self, s: ClientState) {
+        self.since_us.store(now_us(), Ordering::Relaxed);
+        // SeqCst: PAUSE reads these states after publishing its flag (see `wait_turn`).
+        self.state.store(s as u8, Ordering::SeqCst);
+    }
+
+    /// After authentication: a pooled client (with its pool) or an admin session.
+    pub fn logged_in(&self, user: &str, database: &str, application_name: &str, pool: Option<Arc<Pool>>) {
+        let admin = pool.is_none();
+        let _ = self.login.set(LoginInfo {
+            user: user.to_owned(),
+            database: database.to_owned(),
+            application_name: application_name.to_owned(),
+            pool,
+        });
+        self.set_state(if admin { ClientState::Admin } else { ClientState::Idle });
+    }
+
+    /// The PAUSE gate, just before checkout. Returns `None` when the client
+    /// may take a backend, or why it must close instead.
+    ///
+    /// Ordering: the client publishes `Waiting` and then reads the pause flag;
+    /// PAUSE publishes its flag and then reads client states (both with a
+    /// SeqCst fence between). So either PAUSE sees this client as in flight
+    /// and waits for it, or the client sees the pause and stops here.
+    pub async fn wait_turn(
+        &self,
+        pause: &Pause,
+        database: &str,
+        draining: &mut watch::Receiver<bool>,
+    ) -> Option<&'static str> {
+        loop {
+            self.set_state(ClientState::Waiting);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if !pause.is_paused(database) {
+                return None;
+            }
+            self.set_state(ClientState::Paused);
+            tokio::select! {
+                _ = pause.wait_resumed(database) => {}
+                _ = self.kill.notified() => return Some(TERMINATED_BY_ADMIN),
+                _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => return Some(SHUTTING_DOWN),
+            }
+        }
+    }
+
+    /// The client got `backend` from its pool.
+    pub fn linked(&self, backend: &Backend) {
+        use crate::pool::inner::Aged;
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(LinkInfo { pid: backend.pid, addr: backend.addr, connected: backend.created() });
+        self.set_state(ClientState::Active);
+    }
+
+    /// The client gave its backend up (checked in, discarded or handed to
+    /// cleanup); counts the time held toward SHOW STATS.
+    pub fn released(&self) {
+        if self.state() == ClientState::Active
+            && let Some(pool) = self.login().and_then(|l| l.pool.as_ref())
+        {
+            pool.record_xact_time(self.since().elapsed());
+        }
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.set_state(ClientState::Idle);
+    }
+
+    /// Resolves once KILL_CLIENT targets this client. For the idle wait.
+    pub async fn killed(&self) {
+        self.kill.notified().await
+    }
+
+    /// KILL_CLIENT: the client closes with 57P01 at its next idle moment.
+    pub fn kill(&self) {
+        self.close_needed.store(true, Ordering::Relaxed);
+        self.kill.notify_one();
+    }
+}
+
+/// All connected clients, by pgmux client id (SHOW CLIENTS' `id`).
+#[derive(Debug, Default)]
+pub struct ClientRegistry {
+    clients: DashMap<u64, Arc<ClientInfo>>,
+}
+
+/// Keeps a client listed while the connection lives.
+#[derive(Debug)]
+pub struct Registration<'a> {
+    registry: &'a ClientRegistry,
+    info: Arc<ClientInfo>,
+}
+
+impl std::ops::Deref for Registration<'_> {
+    type Target = Arc<ClientInfo>;
+    fn deref(&self) -> &Arc<ClientInfo> {
+        &self.info
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.registry.clients.remove(&self.info.id);
+    }
+}
+
+impl ClientRegistry {
+    /// Lists a newly accepted connection and counts it.
+    pub fn register<'a>(
+        &'a self,
+        stats: &Stats,
+        id: u64,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+    ) -> Registration<'a> {
+        stats.client_connections.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(ClientInfo::new(id, peer, local));
+        self.clients.insert(id, info.clone());
+        Registration { registry: self, info }
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<ClientInfo>> {
+        self.clients.get(&id).map(|c| c.clone())
+    }
+
+    /// Every client, sorted by id; shard locks are released on return.
+    pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
+        let mut all: Vec<_> = self.clients.iter().map(|e| e.value().clone()).collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    /// Clients of `database` (all databases if `None`) holding a backend or
+    /// past the PAUSE gate: what PAUSE waits for.
+    pub fn in_flight(&self, database: Option<&str>) -> usize {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.clients
+            .iter()
+            .filter(|c| matches!(c.state(), ClientState::Waiting | ClientState::Active))
+            .filter(|c| match (database, c.login()) {
+                (None, _) => true,
+                (Some(db), Some(l)) => l.database == db,
+                (Some(_), None) => false,
+            })
+            .count()
+    }
+}

@@ -1,0 +1,565 @@
+//! The SHOW result sets, built from the registries and pools without I/O.
+//! Every value is text; names follow PgBouncer's where one exists.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::registry::{ClientState, wall_time};
+use crate::config::{
+    Config, LoadBalance, OnSessionState, PoolMode, ReadYourWrites, ServerTlsMode, StickyScope, TlsMode,
+};
+use crate::pool::Pool;
+use crate::server::Shared;
+
+/// Columns and text rows; sent as RowDescription, DataRows, `SHOW`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultSet {
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl ResultSet {
+    fn new(columns: &[&'static str]) -> ResultSet {
+        ResultSet { columns: columns.to_vec(), rows: Vec::new() }
+    }
+
+    fn push(&mut self, row: Vec<String>) {
+        debug_assert_eq!(row.len(), self.columns.len());
+        self.rows.push(row);
+    }
+}
+
+/// One pool's live counts, shared by SHOW POOLS and `/metrics`.
+#[derive(Debug)]
+pub struct PoolView {
+    pub database: String,
+    pub user: String,
+    pub pool: Arc<Pool>,
+    pub cl_active: usize,
+    pub cl_waiting: usize,
+    pub cl_idle: usize,
+    /// Backends linked to a client.
+    pub sv_active: usize,
+    pub sv_idle: usize,
+    /// Backends counted by the pool: idle, linked, being opened, or being
+    /// cleaned up after a client left mid-transaction.
+    pub sv_open: usize,
+    /// How long the longest-waiting client has waited.
+    pub maxwait: Duration,
+}
+
+impl PoolView {
+    /// Open backends neither idle nor linked: being opened, or being cleaned
+    /// up in the background (pgmux has no separate state for those yet).
+    pub fn sv_login(&self) -> usize {
+        self.sv_open.saturating_sub(self.sv_idle + self.sv_active)
+    }
+}
+
+/// Every pool sorted by (database, user), with client counts from the registry.
+pub fn pool_views(shared: &Shared) -> Vec<PoolView> {
+    let mut views: BTreeMap<(String, String), PoolView> = BTreeMap::new();
+    for ((database, user), pool) in shared.pools.all() {
+        let stats = pool.stats();
+        let view = PoolView {
+            database: database.clone(),
+            user: user.clone(),
+            pool,
+            cl_active: 0,
+            cl_waiting: 0,
+            cl_idle: 0,
+            sv_active: 0,
+            sv_idle: stats.idle,
+            sv_open: stats.open,
+            maxwait: Duration::ZERO,
+        };
+        views.insert((database, user), view);
+    }
+    for c in shared.clients.snapshot() {
+        let Some(login) = c.login() else { continue };
+        let Some(view) = views.get_mut(&(login.database.clone(), login.user.clone())) else { continue };
+        match c.state() {
+            ClientState::Idle => view.cl_idle += 1,
+            ClientState::Paused | ClientState::Waiting => {
+                view.cl_waiting += 1;
+                view.maxwait = view.maxwait.max(c.since().elapsed());
+            }
+            ClientState::Active => {
+                view.cl_active += 1;
+                view.sv_active += 1;
+            }
+            ClientState::Login | ClientState::Admin => {}
+        }
+    }
+    views.into_values().collect()
+}
+
+fn mode_str(m: PoolMode) -> &'static str {
+    match m {
+        PoolMode::Transaction => "transaction",
+        PoolMode::Session => "session",
+    }
+}
+
+fn pool_mode_of(config: &Config, database: &str) -> PoolMode {
+    config.database(database).map(|d| config.pool_mode(d)).unwrap_or(config.proxy.pool_mode)
+}
+
+pub fn pools(shared: &Shared) -> ResultSet {
+    let config = shared.config();
+    let mut rs = ResultSet::new(&[
+        "database",
+        "user",
+        "cl_active",
+        "cl_waiting",
+        "cl_active_cancel_req",
+        "cl_waiting_cancel_req",
+        "sv_active",
+        "sv_active_cancel",
+        "sv_being_canceled",
+        "sv_idle",
+        "sv_used",
+        "sv_tested",
+        "sv_login",
+        "maxwait",
+        "maxwait_us",
+        "pool_mode",
+        "cl_idle",
+        "sv_open",
+        "pinned",
+    ]);
+    for v in pool_views(shared) {
+        let mode = pool_mode_of(&config, &v.database);
+        // A session-mode client keeps its backend for the whole session.
+        let pinned = if mode == PoolMode::Session { v.cl_active } else { 0 };
+        rs.push(vec![
+            v.database.clone(),
+            v.user.clone(),
+            v.cl_active.to_string(),
+            v.cl_waiting.to_string(),
+            // Cancel requests are forwarded at once, never queued: always 0.
+            "0".into(),
+            "0".into(),
+            v.sv_active.to_string(),
+            "0".into(),
+            "0".into(),
+            v.sv_idle.to_string(),
+            // pgmux does not test idle servers before reuse: no used/tested states.
+            "0".into(),
+            "0".into(),
+            v.sv_login().to_string(),
+            v.maxwait.as_secs().to_string(),
+            v.maxwait.subsec_micros().to_string(),
+            mode_str(mode).into(),
+            v.cl_idle.to_string(),
+            v.sv_open.to_string(),
+            pinned.to_string(),
+        ]);
+    }
+    rs
+}
+
+pub fn stats(shared: &Shared) -> ResultSet {
+    let mut rs = ResultSet::new(&[
+        "database",
+        "total_xact_count",
+        "total_query_count",
+        "total_received",
+        "total_sent",
+        "total_xact_time",
+        "total_query_time",
+        "total_wait_time",
+        "avg_xact_count",
+        "avg_query_count",
+        "avg_recv",
+        "avg_sent",
+        "avg_xact_time",
+        "avg_query_time",
+        "avg_wait_time",
+    ]);
+    // PgBouncer reports per database, summed over users.
+    #[derive(Default)]
+    struct Sum {
+        xacts: u64,
+        xact_us: u64,
+        wait_us: u64,
+        oldest: Option<Instant>,
+    }
+    let mut by_db: BTreeMap<String, Sum> = BTreeMap::new();
+    for ((database, _), pool) in shared.pools.all() {
+        let c = pool.counters();
+        let s = by_db.entry(database).or_default();
+        s.xacts += c.checkouts.load(Ordering::Relaxed);
+        s.xact_us += c.xact_us.load(Ordering::Relaxed);
+        s.wait_us += c.wait_us.load(Ordering::Relaxed);
+        s.oldest = Some(s.oldest.map_or(pool.created(), |o| o.min(pool.created())));
+    }
+    for (database, s) in by_db {
+        let secs = s.oldest.map_or(0, |o| o.elapsed().as_secs()).max(1);
+        let per_xact = |total: u64| total.checked_div(s.xacts).unwrap_or(0);
+        // Zeros: queries and bytes are not counted yet (the relay does not
+        // report them); averages are since the pool was created, not over
+        // PgBouncer's 15 s stats_period.
+        rs.push(vec![
+            database,
+            s.xacts.to_string(),
+            "0".into(),
+            "0".into(),
+            "0".into(),
+            s.xact_us.to_string(),
+            "0".into(),
+            s.wait_us.to_string(),
+            (s.xacts / secs).to_string(),
+            "0".into(),
+            "0".into(),
+            "0".into(),
+            per_xact(s.xact_us).to_string(),
+            "0".into(),
+            per_xact(s.wait_us).to_string(),
+        ]);
+    }
+    rs
+}
+
+pub fn clients(shared: &Shared) -> ResultSet {
+    let mut rs = ResultSet::new(&[
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "local_addr",
+        "local_port",
+        "connect_time",
+        "request_time",
+        "wait",
+        "wait_us",
+        "close_needed",
+        "ptr",
+        "link",
+        "remote_pid",
+        "tls",
+        "application_name",
+        "id",
+    ]);
+    for c in shared.clients.snapshot() {
+        // Clients still authenticating have no user or database to show.
+        let Some(login) = c.login() else { continue };
+        let state = c.state();
+        let wait = if matches!(state, ClientState::Waiting | ClientState::Paused) {
+            c.since().elapsed()
+        } else {
+            Duration::ZERO
+        };
+        let (addr, port) = split_addr(c.peer);
+        let (local_addr, local_port) = split_addr(c.local);
+        rs.push(vec![
+            "C".into(),
+            login.user.clone(),
+            login.database.clone(),
+            state.as_str().into(),
+            addr,
+            port,
+            local_addr,
+            local_port,
+            format_time(c.connect_time),
+            format_time(wall_time(c.since())),
+            wait.as_secs().to_string(),
+            wait.subsec_micros().to_string(),
+            u8::from(c.close_needed()).to_string(),
+            format!("{:#x}", c.id),
+            c.link().map(|l| l.pid.to_string()).unwrap_or_default(),
+            // Only meaningful for Unix-socket clients, which pgmux does not accept.
+            "0".into(),
+            // No client TLS yet.
+            String::new(),
+            login.application_name.clone(),
+            c.id.to_string(),
+        ]);
+    }
+    rs
+}
+
+pub fn servers(shared: &Shared) -> ResultSet {
+    let mut rs = ResultSet::new(&[
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "connect_time",
+        "request_time",
+        "remote_pid",
+    ]);
+    let row = |user: &str, db: &str, state: &str, addr: SocketAddr, connected: Instant, request: Instant, pid| {
+        vec![
+            "S".into(),
+            user.to_owned(),
+            db.to_owned(),
+            state.to_owned(),
+            addr.ip().to_string(),
+            addr.port().to_string(),
+            format_time(wall_time(connected)),
+            format_time(wall_time(request)),
+            i32::to_string(&pid),
+        ]
+    };
+    let mut rows = Vec::new();
+    for c in shared.clients.snapshot() {
+        let (Some(login), Some(link)) = (c.login(), c.link()) else { continue };
+        rows.push(row(&login.user, &login.database, "active", link.addr, link.connected, c.since(), link.pid));
+    }
+    for ((database, user), pool) in shared.pools.all() {
+        for b in pool.idle_backends() {
+            rows.push(row(&user, &database, "idle", b.addr, b.created, b.last_used, b.pid));
+        }
+    }
+    rows.sort_by(|a, b| (&a[2], &a[1], &a[3], &a[8]).cmp(&(&b[2], &b[1], &b[3], &b[8])));
+    rs.rows = rows;
+    rs
+}
+
+pub fn databases(shared: &Shared) -> ResultSet {
+    let config = shared.config();
+    let mut rs = ResultSet::new(&[
+        "name",
+        "host",
+        "port",
+        "database",
+        "pool_size",
+        "min_pool_size",
+        "pool_mode",
+        "max_connections",
+        "current_connections",
+        "paused",
+        "disabled",
+    ]);
+    let pools = shared.pools.all();
+    for db in &config.databases {
+        let (host, port) = split_host_port(&db.primary);
+        let current: usize = pools.iter().filter(|((d, _), _)| d == &db.name).map(|(_, p)| p.stats().open).sum();
+        rs.push(vec![
+            db.name.clone(),
+            host,
+            port,
+            db.server_dbname().to_owned(),
+            db.pool_size.to_string(),
+            db.min_pool_size.to_string(),
+            mode_str(config.pool_mode(db)).into(),
+            // No per-database cap beyond pool_size per user: 0, as PgBouncer prints "unlimited".
+            "0".into(),
+            current.to_string(),
+            u8::from(shared.pause.is_paused(&db.name)).to_string(),
+            "0".into(),
+        ]);
+    }
+    rs
+}
+
+pub fn replicas(shared: &Shared) -> ResultSet {
+    let config = shared.config();
+    let mut rs = ResultSet::new(&["database", "host", "port", "weight", "state"]);
+    for db in &config.databases {
+        for r in &db.replicas {
+            let (host, port) = split_host_port(r.addr());
+            // No replica monitor yet: pgmux does not know their health or lag.
+            rs.push(vec![db.name.clone(), host, port, r.weight().to_string(), "unmonitored".into()]);
+        }
+    }
+    rs
+}
+
+pub fn version() -> ResultSet {
+    let mut rs = ResultSet::new(&["version"]);
+    rs.push(vec![format!("pgmux {}", env!("CARGO_PKG_VERSION"))]);
+    rs
+}
+
+/// `key, value, default, changeable` for every `[proxy]` and `[routing]` key.
+/// Nothing is changeable at run time yet (no SET, no RELOAD).
+pub fn config(shared: &Shared) -> ResultSet {
+    let mut rs = ResultSet::new(&["key", "value", "default", "changeable"]);
+    let current = config_values(&shared.config());
+    let defaults = config_values(&Config::parse("", "defaults").expect("an empty config is valid"));
+    for ((key, value), (_, default)) in current.into_iter().zip(defaults) {
+        rs.push(vec![key.into(), value, default, "no".into()]);
+    }
+    rs
+}
+
+/// The `[proxy]` and `[routing]` settings as proxy.toml spells them. Every key
+/// is listed by hand: a new setting must be added here to be shown. None of
+/// these sections holds a password; `[[users]]` is never printed.
+fn config_values(c: &Config) -> Vec<(&'static str, String)> {
+    let p = &c.proxy;
+    let r = &c.routing;
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    vec![
+        ("proxy.listen", p.listen.to_string()),
+        ("proxy.metrics_listen", p.metrics_listen.map(|a| a.to_string()).unwrap_or_default()),
+        ("proxy.pool_mode", mode_str(p.pool_mode).into()),
+        ("proxy.max_client_conn", p.max_client_conn.to_string()),
+        ("proxy.query_wait_timeout", format_duration(p.query_wait_timeout)),
+        ("proxy.idle_transaction_timeout", format_duration(p.idle_transaction_timeout)),
+        ("proxy.server_idle_timeout", format_duration(p.server_idle_timeout)),
+        ("proxy.server_lifetime", format_duration(p.server_lifetime)),
+        ("proxy.shutdown_timeout", format_duration(p.shutdown_timeout)),
+        ("proxy.server_connect_timeout", format_duration(p.server_connect_timeout)),
+        ("proxy.max_prepared_statements", p.max_prepared_statements.to_string()),
+        (
+            "proxy.on_session_state",
+            match p.on_session_state {
+                OnSessionState::Pin => "pin",
+                OnSessionState::Error => "error",
+                OnSessionState::Allow => "allow",
+            }
+            .into(),
+        ),
+        ("proxy.tls_cert", path(&p.tls_cert)),
+        ("proxy.tls_key", path(&p.tls_key)),
+        (
+            "proxy.tls_mode",
+            match p.tls_mode {
+                TlsMode::Disable => "disable",
+                TlsMode::Allow => "allow",
+                TlsMode::Require => "require",
+            }
+            .into(),
+        ),
+        (
+            "proxy.server_tls",
+            match p.server_tls {
+                ServerTlsMode::Disable => "disable",
+                ServerTlsMode::Prefer => "prefer",
+                ServerTlsMode::Require => "require",
+                ServerTlsMode::VerifyFull => "verify-full",
+            }
+            .into(),
+        ),
+        ("proxy.server_tls_ca", path(&p.server_tls_ca)),
+        ("routing.read_write_split", r.read_write_split.to_string()),
+        (
+            "routing.read_your_writes",
+            match r.read_your_writes {
+                ReadYourWrites::Lsn => "lsn",
+                ReadYourWrites::Window => "window",
+                ReadYourWrites::Off => "off",
+            }
+            .into(),
+        ),
+        ("routing.sticky_window", format_duration(r.sticky_window)),
+        (
+            "routing.sticky_scope",
+            match r.sticky_scope {
+                StickyScope::Connection => "connection",
+                StickyScope::User => "user",
+            }
+            .into(),
+        ),
+        ("routing.max_replica_lag", format_duration(r.max_replica_lag)),
+        ("routing.max_replica_lag_bytes", r.max_replica_lag_bytes.map(|b| b.to_string()).unwrap_or_default()),
+        (
+            "routing.load_balance",
+            match r.load_balance {
+                LoadBalance::LeastConnections => "least_connections",
+                LoadBalance::RoundRobin => "round_robin",
+                LoadBalance::Random => "random",
+            }
+            .into(),
+        ),
+        ("routing.monitor_interval", format_duration(r.monitor_interval)),
+        ("routing.write_functions", r.write_functions.join(",")),
+    ]
+}
+
+/// A duration in proxy.toml's own syntax, largest exact unit first.
+fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0".into()
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn split_addr(a: Option<SocketAddr>) -> (String, String) {
+    a.map(|a| (a.ip().to_string(), a.port().to_string())).unwrap_or_default()
+}
+
+/// `host:port` or `[v6]:port` from the config, as two columns.
+fn split_host_port(s: &str) -> (String, String) {
+    match s.rsplit_once(':') {
+        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').to_owned(), p.to_owned()),
+        None => (s.to_owned(), String::new()),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC`, as PgBouncer prints times.
+pub fn format_time(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_format_like_pgbouncer() {
+        assert_eq!(format_time(UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
+        // 2024-02-29 12:34:56 UTC: a leap day.
+        assert_eq!(format_time(UNIX_EPOCH + Duration::from_secs(1_709_210_096)), "2024-02-29 12:34:56 UTC");
+    }
+
+    #[test]
+    fn durations_use_config_syntax() {
+        assert_eq!(format_duration(Duration::ZERO), "0");
+        assert_eq!(format_duration(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(600)), "10m");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+    }
+
+    #[test]
+    fn host_port_splits() {
+        assert_eq!(split_host_port("db:5432"), ("db".into(), "5432".into()));
+        assert_eq!(split_host_port("[::1]:5432"), ("::1".into(), "5432".into()));
+    }
+
+    #[test]
+    fn config_lists_every_key_with_its_default() {
+        let c = Config::parse("[proxy]\nquery_wait_timeout = \"7s\"\n", "t").unwrap();
+        let values = config_values(&c);
+        let defaults = config_values(&Config::parse("", "d").unwrap());
+        assert_eq!(values.len(), defaults.len());
+        assert!(values.iter().any(|(k, v)| *k == "proxy.query_wait_timeout" && v == "7s"));
+        assert!(defaults.iter().any(|(k, v)| *k == "proxy.query_wait_timeout" && v == "5s"));
+    }
+}

@@ -1,0 +1,514 @@
+//! The admin console through psql and tokio-postgres, and `/metrics` over raw
+//! HTTP, against pgmux in front of the real test cluster.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use support::proxy::{Proxy, admin_config, standard_config};
+use support::{APP, DB, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::SimpleQueryMessage;
+
+/// Long enough for pgmux to have acted on a request if it were going to.
+const HELD: Duration = Duration::from_millis(300);
+/// Generous bound for things that must happen.
+const SOON: Duration = Duration::from_secs(10);
+
+/// A psql result in unaligned mode: header, rows (footer dropped).
+#[derive(Debug)]
+struct Table {
+    columns: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn col(&self, name: &str) -> usize {
+        self.columns.iter().position(|c| c == name).unwrap_or_else(|| panic!("no column {name} in {:?}", self.columns))
+    }
+
+    /// Rows whose `column` equals `value`.
+    fn find(&self, column: &str, value: &str) -> Vec<&Vec<String>> {
+        let i = self.col(column);
+        self.rows.iter().filter(|r| r[i] == value).collect()
+    }
+
+    /// The single row whose `column` equals `value`.
+    fn one(&self, column: &str, value: &str) -> &Vec<String> {
+        let found = self.find(column, value);
+        assert_eq!(found.len(), 1, "expected one row with {column} = {value}: {self:?}");
+        found[0]
+    }
+
+    fn get<'a>(&self, row: &'a [String], column: &str) -> &'a str {
+        &row[self.col(column)]
+    }
+}
+
+fn psql_bin() -> &'static std::path::Path {
+    static BIN: OnceLock<std::path::PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| pgmux::cluster::PgBinaries::find().expect("PostgreSQL binaries").psql)
+}
+
+/// Runs `sql` on the admin console with psql; `Err` carries psql's stderr
+/// (verbose, so SQLSTATEs are in it). `Ok` carries the table and stderr.
+async fn psql(proxy: &Proxy, sql: &str) -> Result<(Table, String), String> {
+    let mut cmd = tokio::process::Command::new(psql_bin());
+    for key in pgmux::cluster::pg_env_keys() {
+        cmd.env_remove(key);
+    }
+    cmd.env("PGCONNECT_TIMEOUT", "10")
+        .args(["-X", "-A", "-F", "|", "-v", "VERBOSITY=verbose", "-h", "127.0.0.1", "-U", "postgres"])
+        .arg("-p")
+        .arg(proxy.port().to_string())
+        .args(["pgmux", "-c", sql])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("psql finished within 30s")
+        .expect("run psql");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(stderr);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = stdout.lines().filter(|l| !(l.starts_with('(') && l.ends_with(")")));
+    let columns = lines.next().map(|h| h.split('|').map(str::to_owned).collect()).unwrap_or_default();
+    let rows = lines.map(|l| l.split('|').map(str::to_owned).collect()).collect();
+    Ok((Table { columns, rows }, stderr))
+}
+
+async fn show(proxy: &Proxy, what: &str) -> Table {
+    psql(proxy, &format!("SHOW {what}")).await.unwrap_or_else(|e| panic!("SHOW {what}: {e}")).0
+}
+
+async fn admin_client(proxy: &Proxy) -> tokio_postgres::Client {
+    proxy.connect("postgres", None, "pgmux").await.expect("admin console login")
+}
+
+/// `app` on database `app`, announcing `application_name`.
+async fn app_named(proxy: &Proxy, name: &str) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(proxy.port())
+        .user(APP.0)
+        .password(APP.1)
+        .dbname(DB)
+        .application_name(name)
+        .connect_timeout(SOON);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect through pgmux");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+fn code(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+async fn scalar(c: &tokio_postgres::Client, sql: &str) -> String {
+    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+async fn admin_proxy(pool_size: usize) -> Proxy {
+    let cluster = support::cluster_async().await;
+    Proxy::start(&admin_config(cluster, pool_size, "")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_pools_clients_and_servers_after_known_traffic() {
+    let proxy = admin_proxy(2).await;
+    let a = app_named(&proxy, "holder").await;
+    let b = app_named(&proxy, "idle_b").await;
+    let c = app_named(&proxy, "idle_c").await;
+    for client in [&a, &b, &c] {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    a.batch_execute("BEGIN").await.unwrap();
+    let pid = scalar(&a, "SELECT pg_backend_pid()").await;
+
+    let pools = show(&proxy, "POOLS").await;
+    assert_eq!(
+        pools.columns,
+        [
+            "database",
+            "user",
+            "cl_active",
+            "cl_waiting",
+            "cl_active_cancel_req",
+            "cl_waiting_cancel_req",
+            "sv_active",
+            "sv_active_cancel",
+            "sv_being_canceled",
+            "sv_idle",
+            "sv_used",
+            "sv_tested",
+            "sv_login",
+            "maxwait",
+            "maxwait_us",
+            "pool_mode",
+            "cl_idle",
+            "sv_open",
+            "pinned"
+        ]
+    );
+    let row = pools.one("database", DB);
+    assert_eq!(pools.get(row, "user"), APP.0);
+    assert_eq!(pools.get(row, "cl_active"), "1");
+    assert_eq!(pools.get(row, "cl_waiting"), "0");
+    assert_eq!(pools.get(row, "cl_idle"), "2");
+    assert_eq!(pools.get(row, "sv_active"), "1");
+    assert_eq!(pools.get(row, "pool_mode"), "transaction");
+    assert_eq!(pools.get(row, "maxwait"), "0");
+    assert_eq!(pools.get(row, "pinned"), "0");
+    let n = |col| pools.get(row, col).parse::<usize>().unwrap();
+    assert_eq!(n("sv_open"), n("sv_active") + n("sv_idle") + n("sv_login"));
+
+    let clients = show(&proxy, "CLIENTS").await;
+    assert_eq!(
+        clients.columns,
+        [
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "local_addr",
+            "local_port",
+            "connect_time",
+            "request_time",
+            "wait",
+            "wait_us",
+            "close_needed",
+            "ptr",
+            "link",
+            "remote_pid",
+            "tls",
+            "application_name",
+            "id"
+        ]
+    );
+    let holder = clients.one("application_name", "holder");
+    assert_eq!(clients.get(holder, "state"), "active");
+    assert_eq!(clients.get(holder, "link"), pid);
+    assert_eq!(clients.get(holder, "database"), DB);
+    assert_eq!(clients.get(holder, "user"), APP.0);
+    assert_eq!(clients.get(holder, "addr"), "127.0.0.1");
+    assert_eq!(clients.get(holder, "local_port"), proxy.port().to_string());
+    assert!(clients.get(holder, "connect_time").ends_with(" UTC"));
+    for idle in ["idle_b", "idle_c"] {
+        let r = clients.one("application_name", idle);
+        assert_eq!((clients.get(r, "state"), clients.get(r, "link")), ("idle", ""));
+    }
+    // psql's own console session is listed too.
+    let console = clients.one("database", "pgmux");
+    assert_eq!((clients.get(console, "user"), clients.get(console, "state")), ("postgres", "active"));
+
+    let servers = show(&proxy, "SERVERS").await;
+    assert_eq!(
+        servers.columns,
+        ["type", "user", "database", "state", "addr", "port", "connect_time", "request_time", "remote_pid"]
+    );
+    let s = servers.one("remote_pid", &pid);
+    assert_eq!((servers.get(s, "state"), servers.get(s, "database"), servers.get(s, "user")), ("active", DB, APP.0));
+    assert_eq!(servers.get(s, "port"), support::cluster_async().await.primary().port().to_string());
+
+    a.batch_execute("COMMIT").await.unwrap();
+    // The client may read COMMIT's answer a moment before pgmux checks the backend in.
+    eventually(SOON, "the backend to be idle after COMMIT", || async {
+        let servers = show(&proxy, "SERVERS").await;
+        servers.find("remote_pid", &pid).iter().any(|r| servers.get(r, "state") == "idle")
+    })
+    .await;
+    let pools = show(&proxy, "POOLS").await;
+    let row = pools.one("database", DB);
+    assert_eq!((pools.get(row, "cl_active"), pools.get(row, "sv_active")), ("0", "0"));
+    assert_eq!(pools.get(row, "cl_idle"), "3");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_counts_transactions() {
+    let proxy = admin_proxy(2).await;
+    let c = proxy.app().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let before = show(&proxy, "STATS").await;
+    assert_eq!(
+        before.columns,
+        [
+            "database",
+            "total_xact_count",
+            "total_query_count",
+            "total_received",
+            "total_sent",
+            "total_xact_time",
+            "total_query_time",
+            "total_wait_time",
+            "avg_xact_count",
+            "avg_query_count",
+            "avg_recv",
+            "avg_sent",
+            "avg_xact_time",
+            "avg_query_time",
+            "avg_wait_time"
+        ]
+    );
+    let total = |t: &Table, col| t.get(t.one("database", DB), col).parse::<u64>().unwrap();
+    for _ in 0..4 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SELECT pg_sleep(0.05)").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    // Transaction time is added when the backend is released, which may be a
+    // moment after the client read COMMIT's answer.
+    eventually(SOON, "the explicit transaction's time to be counted", || async {
+        let after = show(&proxy, "STATS").await;
+        total(&after, "total_xact_time") - total(&before, "total_xact_time") >= 50_000
+    })
+    .await;
+    let after = show(&proxy, "STATS").await;
+    assert_eq!(total(&after, "total_xact_count") - total(&before, "total_xact_count"), 5);
+    assert!(total(&after, "avg_xact_time") > 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_databases_config_replicas_version_and_help() {
+    let cluster = support::cluster_async().await;
+    let primary = cluster.primary().host_port();
+    let replica = cluster.replicas()[0].host_port();
+    let toml = admin_config(cluster, 3, "query_wait_timeout = \"7s\"").replacen(
+        &format!("primary = \"{primary}\"\n"),
+        &format!("primary = \"{primary}\"\nreplicas = [\"{replica}\"]\nmin_pool_size = 1\n"),
+        1,
+    );
+    let proxy = Proxy::start(&toml).await;
+
+    let dbs = show(&proxy, "DATABASES").await;
+    assert_eq!(
+        dbs.columns,
+        [
+            "name",
+            "host",
+            "port",
+            "database",
+            "pool_size",
+            "min_pool_size",
+            "pool_mode",
+            "max_connections",
+            "current_connections",
+            "paused",
+            "disabled"
+        ]
+    );
+    let app = dbs.one("name", DB);
+    assert_eq!(dbs.get(app, "host"), cluster.primary().host());
+    assert_eq!(dbs.get(app, "port"), cluster.primary().port().to_string());
+    assert_eq!(dbs.get(app, "database"), DB);
+    assert_eq!((dbs.get(app, "pool_size"), dbs.get(app, "min_pool_size")), ("3", "1"));
+    assert_eq!(
+        (dbs.get(app, "pool_mode"), dbs.get(app, "paused"), dbs.get(app, "disabled")),
+        ("transaction", "0", "0")
+    );
+    assert_eq!(dbs.get(dbs.one("name", "postgres"), "min_pool_size"), "0");
+
+    let config = show(&proxy, "CONFIG").await;
+    assert_eq!(config.columns, ["key", "value", "default", "changeable"]);
+    let qwt = config.one("key", "proxy.query_wait_timeout");
+    assert_eq!((config.get(qwt, "value"), config.get(qwt, "default")), ("7s", "5s"));
+    let listen = config.one("key", "proxy.listen");
+    assert_eq!(config.get(listen, "value"), "127.0.0.1:0");
+    assert_eq!(config.get(config.one("key", "routing.load_balance"), "value"), "least_connections");
+    assert!(config.rows.iter().all(|r| r[0].starts_with("proxy.") || r[0].starts_with("routing.")));
+    assert!(!config.rows.iter().flatten().any(|v| v.contains("password") || v.contains(APP.1)));
+
+    let replicas = show(&proxy, "REPLICAS").await;
+    assert_eq!(replicas.columns, ["database", "host", "port", "weight", "state"]);
+    let r = replicas.one("database", DB);
+    assert_eq!(replicas.get(r, "port"), cluster.replicas()[0].port().to_string());
+    assert_eq!((replicas.get(r, "weight"), replicas.get(r, "state")), ("1", "unmonitored"));
+
+    let version = show(&proxy, "VERSION").await;
+    assert_eq!(version.columns, ["version"]);
+    assert_eq!(version.rows, [[format!("pgmux {}", env!("CARGO_PKG_VERSION"))]]);
+
+    let (_, notices) = psql(&proxy, "show help;").await.expect("SHOW HELP");
+    for cmd in ["SHOW POOLS", "SHOW CLIENTS", "PAUSE [db]", "KILL_CLIENT id", "SHUTDOWN", "RELOAD"] {
+        assert!(notices.contains(cmd), "SHOW HELP lacks {cmd}: {notices}");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_refuses_non_admins_and_unknown_commands() {
+    let proxy = admin_proxy(2).await;
+    let e = proxy.connect(APP.0, Some(APP.1), "pgmux").await.expect_err("app is not an admin");
+    assert_eq!(code(&e), "28000");
+
+    let admin = admin_client(&proxy).await;
+    let e = admin.simple_query("SHOW NOTHING").await.unwrap_err();
+    assert_eq!(code(&e), "42601");
+    assert!(e.as_db_error().unwrap().message().contains("SHOW POOLS"), "{e}");
+    assert_eq!(code(&admin.simple_query("RELOAD").await.unwrap_err()), "0A000");
+    assert_eq!(code(&admin.simple_query("KILL_CLIENT 999999").await.unwrap_err()), "42704");
+    assert_eq!(code(&admin.simple_query("PAUSE nosuchdb").await.unwrap_err()), "3D000");
+    // The session survives errors.
+    assert!(!admin.simple_query("show version").await.unwrap().is_empty());
+
+    let err = psql(&proxy, "SELECT 1").await.expect_err("not a console command");
+    assert!(err.contains("42601"), "{err}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_waits_for_the_open_transaction_then_holds_new_ones_until_resume() {
+    let proxy = admin_proxy(2).await;
+    let holder = proxy.app().await;
+    let later = app_named(&proxy, "later").await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.simple_query("SELECT 1").await.unwrap();
+
+    let pauser = admin_client(&proxy).await;
+    let mut pause = tokio::spawn(async move { pauser.simple_query("PAUSE app").await.map(|_| ()) });
+    eventually(SOON, "SHOW DATABASES to report app paused", || async {
+        let dbs = show(&proxy, "DATABASES").await;
+        dbs.get(dbs.one("name", DB), "paused") == "1"
+    })
+    .await;
+    // The open transaction keeps PAUSE waiting, and may go on.
+    assert!(tokio::time::timeout(HELD, &mut pause).await.is_err(), "PAUSE returned with a transaction open");
+    holder.simple_query("SELECT 2").await.unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(SOON, &mut pause).await.expect("PAUSE returns once the transaction ended").unwrap().unwrap();
+
+    // New transactions wait; the client stays connected.
+    let mut held = tokio::spawn(async move { later.simple_query("SELECT 3").await.map(|_| later) });
+    assert!(tokio::time::timeout(HELD, &mut held).await.is_err(), "a transaction ran while paused");
+    let clients = show(&proxy, "CLIENTS").await;
+    assert_eq!(clients.get(clients.one("application_name", "later"), "state"), "waiting");
+    let pools = show(&proxy, "POOLS").await;
+    assert_eq!(pools.get(pools.one("database", DB), "cl_waiting"), "1");
+
+    let resumer = admin_client(&proxy).await;
+    resumer.simple_query("RESUME app").await.unwrap();
+    let later = tokio::time::timeout(SOON, held).await.expect("RESUME releases the held client").unwrap().unwrap();
+    assert_eq!(scalar(&later, "SELECT 4").await, "4");
+    assert_eq!(code(&resumer.simple_query("RESUME app").await.unwrap_err()), "55000");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_closes_the_victim() {
+    let proxy = admin_proxy(2).await;
+    let victim = app_named(&proxy, "victim").await;
+    let bystander = app_named(&proxy, "bystander").await;
+    victim.simple_query("SELECT 1").await.unwrap();
+    let clients = show(&proxy, "CLIENTS").await;
+    let id = clients.get(clients.one("application_name", "victim"), "id").to_owned();
+
+    let (_, _) = psql(&proxy, &format!("KILL_CLIENT {id}")).await.expect("KILL_CLIENT");
+    eventually(SOON, "the victim's connection to close", || async { victim.is_closed() }).await;
+    assert!(victim.simple_query("SELECT 1").await.is_err());
+    eventually(SOON, "the victim to leave SHOW CLIENTS", || async {
+        show(&proxy, "CLIENTS").await.find("application_name", "victim").is_empty()
+    })
+    .await;
+    assert_eq!(scalar(&bystander, "SELECT 5").await, "5");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_the_proxy() {
+    let mut proxy = admin_proxy(2).await;
+    let c = proxy.app().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    psql(&proxy, "SHUTDOWN").await.expect("SHUTDOWN");
+    tokio::time::timeout(SOON, proxy.wait_stopped()).await.expect("pgmux stopped after SHUTDOWN");
+    eventually(SOON, "the idle client to be closed", || async { c.is_closed() }).await;
+    assert!(TcpStream::connect(proxy.addr).await.is_err(), "pgmux still accepts connections");
+}
+
+/// GET `path` over a raw socket; returns the status line and body.
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect to /metrics");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: pgmux\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(SOON, s.read_to_string(&mut response)).await.expect("response in time").unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP head and body");
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
+}
+
+/// Samples by their full series name (`name{labels}`).
+async fn scrape(proxy: &Proxy) -> (String, HashMap<String, f64>) {
+    let (status, body) = http_get(proxy.metrics.expect("metrics enabled"), "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let samples = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("malformed sample line {l:?}"));
+            (series.to_owned(), value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+        })
+        .collect();
+    (body, samples)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_transactions_exactly() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::start_with_metrics(&standard_config(cluster, 2, "")).await;
+    let c = proxy.app().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let xacts = r#"pgmux_transactions_total{database="app",user="app"}"#;
+
+    let idle = r#"pgmux_clients{database="app",user="app",state="idle"}"#;
+    eventually(SOON, "the client to be idle", || async { scrape(&proxy).await.1[idle] == 1.0 }).await;
+    let (body, before) = scrape(&proxy).await;
+    for name in [
+        "pgmux_clients",
+        "pgmux_server_connections",
+        "pgmux_pool_waiting_clients",
+        "pgmux_transactions_total",
+        "pgmux_client_connections_total",
+        "pgmux_auth_failures_total",
+        "pgmux_pool_wait_timeouts_total",
+    ] {
+        assert!(body.contains(&format!("\n# HELP {name} ")) || body.starts_with(&format!("# HELP {name} ")));
+        assert!(body.contains(&format!("# TYPE {name} ")), "no TYPE for {name}");
+    }
+    assert_eq!(before[r#"pgmux_clients{database="app",user="app",state="active"}"#], 0.0);
+
+    for _ in 0..3 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    for _ in 0..2 {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.simple_query("SELECT 1").await.unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let e = proxy.connect(APP.0, Some("wrong"), DB).await.expect_err("wrong password");
+    assert_eq!(code(&e), "28P01");
+
+    let (_, after) = scrape(&proxy).await;
+    assert_eq!(after[xacts] - before[xacts], 5.0);
+    assert_eq!(after["pgmux_auth_failures_total"] - before["pgmux_auth_failures_total"], 1.0);
+    assert!(after["pgmux_client_connections_total"] >= before["pgmux_client_connections_total"] + 1.0);
+    assert_eq!(after["pgmux_pool_wait_timeouts_total"], 0.0);
+    assert_eq!(http_get(proxy.metrics.unwrap(), "/other").await.0, "HTTP/1.1 404 Not Found");
+    proxy.shutdown().await;
+}
