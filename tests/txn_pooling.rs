@@ -420,3 +420,21 @@ async fn shutdown_lets_open_transactions_finish_then_closes_with_57p01() {
     let su = superuser().await;
     assert_eq!(scalar(&su, "SELECT v FROM shutdown_drain WHERE id = 1").await, "kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_split_across_reads_is_reassembled() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::standard(cluster, 1, "").await;
+    let mut raw = Raw::login(proxy.addr, TRUST, DB).await;
+    let sql = format!("SELECT '{}' AS long_literal", "x".repeat(5000));
+    let mut out = BytesMut::new();
+    frontend::query(&sql, &mut out).unwrap();
+    // Header and a little body first, the rest later: pgmux must wait for the
+    // whole Query before it takes (and keeps) a backend.
+    raw.send(&out[..20]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    raw.send(&out[20..]).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(tags(&msgs), "TDCZ");
+    assert!(msgs[1].body.ends_with(&b"x".repeat(5000)));
+}

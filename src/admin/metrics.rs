@@ -182,6 +182,35 @@ pub fn render(shared: &Shared) -> String {
 
     header(
         &mut out,
+        "pgmux_pinned_clients_total",
+        "counter",
+        "Clients pinned to their server connection for the rest of their session, by the session state that required it.",
+    );
+    for (i, reason) in crate::client::pinning::PinReason::ALL.iter().enumerate() {
+        sample(
+            &mut out,
+            "pgmux_pinned_clients_total",
+            &[("reason", reason.as_str())],
+            shared.stats.pinned[i].load(Ordering::Relaxed),
+        );
+    }
+    header(
+        &mut out,
+        "pgmux_session_state_refused_total",
+        "counter",
+        "Statements refused because on_session_state = \"error\", by kind.",
+    );
+    for (i, reason) in crate::client::pinning::PinReason::ALL.iter().enumerate() {
+        sample(
+            &mut out,
+            "pgmux_session_state_refused_total",
+            &[("reason", reason.as_str())],
+            shared.stats.session_state_refused[i].load(Ordering::Relaxed),
+        );
+    }
+
+    header(
+        &mut out,
         "pgmux_pool_wait_timeouts_total",
         "counter",
         "Requests that got no server connection within query_wait_timeout.",

@@ -9,4 +9,8 @@ pub struct Stats {
     pub client_connections: AtomicU64,
     /// Logins refused for a wrong password or an unknown user.
     pub auth_failures: AtomicU64,
+    /// Clients pinned to their backend, by [`crate::client::pinning::PinReason::ALL`] index.
+    pub pinned: [AtomicU64; 5],
+    /// Statements refused under `on_session_state = "error"`, same indexing.
+    pub session_state_refused: [AtomicU64; 5],
 }

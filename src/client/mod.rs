@@ -3,6 +3,7 @@
 
 pub mod cancel;
 pub mod params;
+pub mod pinning;
 pub mod relay;
 pub mod statements;
 
@@ -242,6 +243,8 @@ async fn run_session(
     let opts = RelayOptions {
         release_at_boundary: session.mode == PoolMode::Transaction,
         idle_transaction_timeout: config.proxy.idle_transaction_timeout,
+        on_session_state: config.proxy.on_session_state,
+        stats: &shared.stats,
     };
     loop {
         if pending.is_empty() {
@@ -333,7 +336,7 @@ enum Ended {
     Clean,
     /// The client is gone or being closed: clean the backend up in the
     /// background; tell the client why (if it is still there) and close.
-    Recover(Link, Option<(SqlState, String)>),
+    Recover(Box<Link>, Option<(SqlState, String)>),
     /// The backend is unusable: close it; tell the client why and close.
     Discard(Option<(SqlState, String)>),
 }
@@ -344,7 +347,7 @@ async fn transaction(
     backend: &mut Backend,
     pending: &mut BytesMut,
     session: &mut Session,
-    opts: &RelayOptions,
+    opts: &RelayOptions<'_>,
     force_close: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Ended {
     if let Some(sql) = session.params.sync_sql(backend) {
@@ -380,11 +383,13 @@ async fn transaction(
         client: &mut session.statements,
         registry: &session.pool.statements,
         max_prepared: session.pool.settings().max_prepared,
+        on_session_state: opts.on_session_state,
     };
     if let Err(e) = link.scan_client(&mut backend.to_server, &mut scope, &mut backend.prepared) {
-        return Ended::Recover(link, Some((SqlState::PROTOCOL_VIOLATION, e.to_string())));
+        return Ended::Recover(Box::new(link), Some((SqlState::PROTOCOL_VIOLATION, e.to_string())));
     }
     let outcome = relay::relay(stream, backend, &mut link, &mut scope, opts, force_close).await;
+    tracing::trace!(?outcome, pending_ready = link.pending_ready, status = link.status, "relay returned");
     for (k, v) in link.take_param_changes() {
         session.params.observe(&k, &v);
         backend.set_param(&k, &v);
@@ -400,16 +405,19 @@ async fn transaction(
             Ended::Clean
         }
         Outcome::Terminated | Outcome::ClientGone => {
-            if link.at_transaction_boundary(&backend.from_server) && session.mode == PoolMode::Transaction {
+            link.reset_session = link.pin.is_some() || session.mode == PoolMode::Session;
+            if link.at_transaction_boundary(&backend.from_server) && !link.reset_session {
                 backend.to_server.clear();
                 Ended::Clean
             } else {
-                Ended::Recover(link, None)
+                Ended::Recover(Box::new(link), None)
             }
         }
-        Outcome::ClientProtocol(e) => Ended::Recover(link, Some((SqlState::PROTOCOL_VIOLATION, e.to_string()))),
+        Outcome::ClientProtocol(e) => {
+            Ended::Recover(Box::new(link), Some((SqlState::PROTOCOL_VIOLATION, e.to_string())))
+        }
         Outcome::IdleInTransaction => Ended::Recover(
-            link,
+            Box::new(link),
             Some((
                 SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
                 "terminating connection due to idle-in-transaction timeout".to_owned(),

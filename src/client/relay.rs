@@ -15,7 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements, StatementCommand};
+use crate::admin::stats::Stats;
+use crate::config::OnSessionState;
 use crate::pool::Backend;
 use crate::pool::statements::{PreparedSet, Registry, Statement};
 use crate::protocol::backend::{self as msg};
@@ -52,6 +55,8 @@ pub struct StatementScope<'a> {
     pub client: &'a mut ClientStatements,
     pub registry: &'a Registry,
     pub max_prepared: usize,
+    /// What to do with statements that create session state.
+    pub on_session_state: OnSessionState,
 }
 
 /// What the relay knows about the backend's protocol state while linked.
@@ -88,6 +93,13 @@ pub struct Link {
     /// Settings the client's SQL may have changed for the session (`SET`,
     /// `RESET`, `set_config`): read back when the transaction ends.
     pub touched_settings: Vec<String>,
+    /// Session state the client created: the backend stays with it to the end.
+    pub pin: Option<PinReason>,
+    /// A statement refused under `on_session_state = "error"`.
+    pub refused: Option<PinReason>,
+    /// Reset the session (DISCARD ALL) before the backend serves anyone else.
+    pub reset_session: bool,
+    pin_reported: bool,
 }
 
 impl Link {
@@ -109,6 +121,10 @@ impl Link {
             drops: Vec::new(),
             param_changes: Vec::new(),
             touched_settings: Vec::new(),
+            pin: None,
+            refused: None,
+            reset_session: false,
+            pin_reported: false,
         }
     }
 
@@ -121,6 +137,7 @@ impl Link {
             && !self.unpoolable
             && self.status == msg::IDLE
             && self.client_body_remaining == 0
+            && !self.need_whole_frame
             && self.server_scan.at_boundary()
             && self.client_ready == 0
             && self.server_ready == 0
@@ -218,6 +235,10 @@ impl Link {
                 if touches_settings(body) {
                     super::params::settings_named_in(body, &mut self.touched_settings);
                 }
+                if let Some(reason) = self.session_state(body, scope.on_session_state) {
+                    crate::protocol::frontend::query(&mut out, &pinning::refusal_sql(reason));
+                    return statements::splice(buf, start, end, &out);
+                }
                 match statements::statement_command(body) {
                     StatementCommand::DropAll => {
                         scope.client.named.clear();
@@ -260,11 +281,21 @@ impl Link {
                 if touches_settings(rest) {
                     super::params::settings_named_in(rest, &mut self.touched_settings);
                 }
+                let refused = self.session_state(rest, scope.on_session_state).map(|reason| {
+                    let mut body = pinning::refusal_parse_sql(reason).into_bytes();
+                    body.extend_from_slice(&[0, 0, 0]);
+                    body
+                });
+                let rest = refused.as_deref().unwrap_or(rest);
                 if name.is_empty() {
                     scope.client.remember_unnamed(rest);
                     self.unnamed_here = true;
                     self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
-                    return end;
+                    if refused.is_none() {
+                        return end;
+                    }
+                    statements::write_parse(&mut out, b"", rest);
+                    return statements::splice(buf, start, end, &out);
                 }
                 let st = scope.registry.intern(rest);
                 let name: Box<[u8]> = name.into();
@@ -357,6 +388,39 @@ impl Link {
                 statements::splice(buf, start, end, &out)
             }
             _ => end,
+        }
+    }
+
+    /// Counts a new pin or refusal (once each) for metrics and logs it.
+    pub fn report_session_state(&mut self, stats: &Stats) {
+        if let Some(reason) = self.refused.take() {
+            tracing::info!(%reason, "statement refused: on_session_state = \"error\"");
+            stats.session_state_refused[reason as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let (Some(reason), false) = (self.pin, self.pin_reported) {
+            self.pin_reported = true;
+            tracing::info!(%reason, "client pinned to its server connection for the rest of its session");
+            stats.pinned[reason as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Applies `on_session_state` to SQL that creates session state: pins the
+    /// link, or returns the reason when the statement must be refused.
+    fn session_state(&mut self, sql: &[u8], policy: OnSessionState) -> Option<PinReason> {
+        if policy == OnSessionState::Allow || self.pin.is_some() {
+            return None;
+        }
+        let reason = pinning::session_state(sql)?;
+        match policy {
+            OnSessionState::Pin => {
+                self.pin = Some(reason);
+                None
+            }
+            OnSessionState::Error => {
+                self.refused = Some(reason);
+                Some(reason)
+            }
+            OnSessionState::Allow => None,
         }
     }
 
@@ -569,10 +633,13 @@ pub enum Outcome {
     Shutdown,
 }
 
-pub struct RelayOptions {
+pub struct RelayOptions<'a> {
     /// Release the backend at transaction boundaries (transaction pooling).
     pub release_at_boundary: bool,
     pub idle_transaction_timeout: Duration,
+    pub on_session_state: OnSessionState,
+    /// Where pins and refusals are counted.
+    pub stats: &'a Stats,
 }
 
 /// Relays until the transaction ends (or anything else stops it). `link`
@@ -582,16 +649,17 @@ pub async fn relay(
     backend: &mut Backend,
     link: &mut Link,
     scope: &mut StatementScope<'_>,
-    opts: &RelayOptions,
+    opts: &RelayOptions<'_>,
     force_close: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Outcome {
     let Backend { stream: server, to_server, from_server, prepared, .. } = backend;
     let mut idle_since = Instant::now();
     loop {
+        link.report_session_state(opts.stats);
         if link.terminated && link.client_ready == 0 {
             return Outcome::Terminated;
         }
-        if opts.release_at_boundary && link.at_transaction_boundary(from_server) {
+        if opts.release_at_boundary && link.pin.is_none() && link.at_transaction_boundary(from_server) {
             return Outcome::Boundary;
         }
         let idle_in_txn = link.pending_ready == 0
@@ -731,6 +799,17 @@ async fn recover_inner(backend: &mut Backend, link: &mut Link, registry: &Regist
     if link.status != msg::IDLE {
         let (_, status) = backend.run_quietly("ROLLBACK").await?;
         link.status = status;
+    }
+    if link.status == msg::IDLE && link.reset_session {
+        // The session's own state (LISTEN, locks, temp tables, WITH HOLD
+        // cursors, SQL-prepared statements, settings) goes with its client.
+        let (err, status) = backend.run_quietly("DISCARD ALL").await?;
+        if err.is_some() {
+            return Ok(false);
+        }
+        link.status = status;
+        backend.prepared.clear();
+        backend.forget_all_changed();
     }
     Ok(link.status == msg::IDLE)
 }

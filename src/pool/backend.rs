@@ -122,6 +122,11 @@ impl Backend {
         }
     }
 
+    /// After DISCARD ALL: every setting pgmux changed is back to its default.
+    pub fn forget_all_changed(&mut self) {
+        self.params.truncate(self.login_params);
+    }
+
     /// Runs a query returning one row of text values (control round trips only).
     pub async fn query_row(&mut self, sql: &str) -> std::io::Result<(Vec<Option<String>>, Option<ErrorFields>)> {
         let mut out = BytesMut::new();
