@@ -3,13 +3,16 @@
 # alternating targets round by round in one run (this machine is noisy:
 # compare medians and the ratio, never one absolute number).
 #
-#   benches/pgbench_vs_direct.sh [clients=64] [seconds=10] [rounds=3] [mode=extended] [script=-S]
+#   benches/pgbench_vs_direct.sh [clients=64] [seconds=10] [rounds=3] [modes="extended"] [script=-S]
+#
+# `modes` may list several pgbench query modes ("simple extended prepared");
+# every round runs each mode against each target in turn.
 #
 # Starts its own throwaway Postgres (as the postgres OS user when root) and a
 # release build of pgmux, and removes both on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-clients=${1:-64} seconds=${2:-10} rounds=${3:-3} mode=${4:-extended} script=${5:--S}
+clients=${1:-64} seconds=${2:-10} rounds=${3:-3} modes=${4:-extended} script=${5:--S}
 bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -x "$bindir/initdb" ] || { echo "PostgreSQL server not found: apt-get install postgresql postgresql-contrib" >&2; exit 1; }
 command -v pgbench >/dev/null || { echo "pgbench not found: apt-get install postgresql-contrib" >&2; exit 1; }
@@ -57,21 +60,31 @@ CONF
 mux_pid=$!
 for _ in $(seq 100); do pg_isready -q -h 127.0.0.1 -p "$mux_port" && break; sleep 0.05; done
 
-run() { # port -> tps
-    pgbench -h 127.0.0.1 -p "$1" -U postgres -c "$clients" -j 2 -T "$seconds" -M "$mode" $script postgres 2>/dev/null \
+run() { # port mode -> tps
+    pgbench -h 127.0.0.1 -p "$1" -U postgres -c "$clients" -j 2 -T "$seconds" -M "$2" $script postgres 2>/dev/null \
         | awk '/^tps = / {print $3; exit}'
 }
 cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-direct=() proxied=() cpu_ticks=0 xacts=0
-echo "pgbench -c $clients -j 2 -T $seconds -M $mode $script, $rounds alternated rounds, $(nproc) cores, $(date -u +%F)"
-for r in $(seq "$rounds"); do
-    d=$(run "$pg_port"); direct+=("$d")
-    c0=$(cpu_of "$mux_pid"); p=$(run "$mux_port"); c1=$(cpu_of "$mux_pid"); proxied+=("$p")
-    cpu_ticks=$(( cpu_ticks + c1 - c0 )); xacts=$(awk -v a="$xacts" -v t="$p" -v s="$seconds" 'BEGIN{print a + t*s}')
-    printf 'round %d: direct %8.0f tps   pgmux %8.0f tps\n' "$r" "$d" "$p"
-done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-md=$(median "${direct[@]}") mp=$(median "${proxied[@]}")
 hz=$(getconf CLK_TCK)
-echo "median: direct $md tps, pgmux $mp tps, ratio pgmux/direct $(awk -v a="$mp" -v b="$md" 'BEGIN{printf "%.2f", a/b}')"
-echo "pgmux CPU: $(awk -v t="$cpu_ticks" -v hz="$hz" -v x="$xacts" 'BEGIN{printf "%.3f", t/hz/x*1000}') s per 1000 transactions"
+declare -A results cpu xacts
+echo "pgbench -c $clients -j 2 -T $seconds $script, modes: $modes, $rounds alternated rounds, $(nproc) cores, $(date -u +%F)"
+for r in $(seq "$rounds"); do
+    for mode in $modes; do
+        d=$(run "$pg_port" "$mode")
+        c0=$(cpu_of "$mux_pid"); p=$(run "$mux_port" "$mode"); c1=$(cpu_of "$mux_pid")
+        results[direct,$mode]+="$d " results[pgmux,$mode]+="$p "
+        cpu[$mode]=$(( ${cpu[$mode]:-0} + c1 - c0 ))
+        xacts[$mode]=$(awk -v a="${xacts[$mode]:-0}" -v t="$p" -v s="$seconds" 'BEGIN{print a + t*s}')
+        printf 'round %d %-9s direct %8.0f tps   pgmux %8.0f tps\n' "$r" "$mode" "$d" "$p"
+    done
+done
+echo
+printf '| mode | direct tps (median) | pgmux tps (median) | pgmux/direct | pgmux CPU s per 1000 xacts |\n|---|---|---|---|---|\n'
+for mode in $modes; do
+    # shellcheck disable=SC2086
+    md=$(median ${results[direct,$mode]}) mp=$(median ${results[pgmux,$mode]})
+    printf '| %s | %.0f | %.0f | %.2f | %.4f |\n' "$mode" "$md" "$mp" \
+        "$(awk -v a="$mp" -v b="$md" 'BEGIN{print a/b}')" \
+        "$(awk -v t="${cpu[$mode]}" -v hz="$hz" -v x="${xacts[$mode]}" 'BEGIN{print t/hz/x*1000}')"
+done
