@@ -3,4 +3,9 @@
 mod classify;
 mod lex;
 
+#[cfg(test)]
+mod corpus;
+#[cfg(test)]
+mod tests;
+
 pub use classify::{Class, Classified, Hint, WriteFunctions, classify};
