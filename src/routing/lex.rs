@@ -40,23 +40,63 @@ pub(crate) struct Lexer<'a> {
     pub ambiguous: bool,
 }
 
+const SPACE: u8 = 1;
+const START: u8 = 2;
+const CONT: u8 = 4;
+const TAG: u8 = 8;
+
+/// Byte classes, one table lookup per byte in the hot loops.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if matches!(c, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c') {
+            t[b] |= SPACE;
+        }
+        // `ident_start` in scan.l: letters, `_` and every non-ASCII byte.
+        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            t[b] |= START | CONT | TAG;
+        }
+        if c.is_ascii_digit() {
+            t[b] |= CONT | TAG;
+        }
+        // `ident_cont` also has `$` (so `a$$b` is one name, not a dollar
+        // quote); dollar-quote tags do not.
+        if c == b'$' {
+            t[b] |= CONT;
+        }
+        b += 1;
+    }
+    t
+};
+
 fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c')
+    CLASS[usize::from(b)] & SPACE != 0
 }
 
-/// `ident_start` in scan.l: letters, `_` and every non-ASCII byte.
 pub(crate) fn is_ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+    CLASS[usize::from(b)] & START != 0
 }
 
-/// `ident_cont` in scan.l: also digits and `$` (so `a$$b` is one name, not a dollar quote).
 fn is_ident_cont(b: u8) -> bool {
-    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
+    CLASS[usize::from(b)] & CONT != 0
 }
 
-/// Dollar-quote tags are identifiers without `$`.
 fn is_tag_cont(b: u8) -> bool {
-    is_ident_start(b) || b.is_ascii_digit()
+    CLASS[usize::from(b)] & TAG != 0
+}
+
+/// Position of `needle` in `hay`. Most literals and quoted names are short,
+/// where a plain loop beats memchr's setup; long ones still get memchr.
+fn find(needle: u8, hay: &[u8]) -> Option<usize> {
+    const SHORT: usize = 24;
+    let head = &hay[..hay.len().min(SHORT)];
+    match head.iter().position(|&b| b == needle) {
+        Some(n) => Some(n),
+        None if hay.len() > SHORT => memchr::memchr(needle, &hay[SHORT..]).map(|n| n + SHORT),
+        None => None,
+    }
 }
 
 /// Index just past the end of a (nested) block comment starting at `i`
@@ -149,6 +189,7 @@ impl<'a> Lexer<'a> {
 
     /// The input ends inside a literal or comment: PostgreSQL would reject the
     /// whole string, so the classifier must not call it a read.
+    #[inline(never)] // rare: keeps next_tok's frame small
     fn cut_off(&mut self) {
         self.ambiguous = true;
         self.pos = self.s.len();
@@ -191,7 +232,7 @@ impl<'a> Lexer<'a> {
         let s = self.s;
         let mut i = body;
         loop {
-            let Some(n) = memchr::memchr(b'\'', &s[i..]) else {
+            let Some(n) = find(b'\'', &s[i..]) else {
                 self.cut_off();
                 return Tok::Str(&s[body..]);
             };
@@ -208,6 +249,7 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    #[inline(never)] // rare: keeps next_tok's frame small
     fn escape_string(&mut self, body: usize) -> Tok<'a> {
         let s = self.s;
         let mut i = body;
@@ -238,7 +280,7 @@ impl<'a> Lexer<'a> {
         let s = self.s;
         let mut i = body;
         loop {
-            let Some(n) = memchr::memchr(b'"', &s[i..]) else {
+            let Some(n) = find(b'"', &s[i..]) else {
                 self.cut_off();
                 return Tok::QIdent { raw: &s[body..], unicode };
             };
@@ -254,6 +296,7 @@ impl<'a> Lexer<'a> {
 
     /// `$tag$ ... $tag$` (tag may be empty). A `$` that does not open a valid
     /// tag is just an operator byte; PostgreSQL would reject it.
+    #[inline(never)] // rare: keeps next_tok's frame small
     fn dollar_string(&mut self, start: usize) -> Tok<'a> {
         let s = self.s;
         let mut i = start + 1;
