@@ -372,6 +372,23 @@ pub(super) const CORPUS: &[(&str, Class)] = &[
     (r#"SELECT 1 AS update"#, W),
     (r#"SELECT (1; DELETE FROM t)"#, W),
     (r#"SELECT 1)"#, W),
+    (r#"SELECT E'\''; DELETE FROM t"#, W),
+    (r#"SELECT e'\\'; DELETE FROM t"#, W),
+    (r#"select$$x$$ from t"#, W),
+    (r#"SELECT "pg_catalog"."nextval"('s')"#, W),
+    (r#"SELECT pg_catalog . nextval ( 's' )"#, W),
+    (r#"SELECT U&"name" FROM t"#, R),
+    (
+        r#"SELECT id FROM t WHERE id = 1 FOR
+UPDATE"#,
+        W,
+    ),
+    (r#"WITH t AS (SELECT 1) TABLE t"#, R),
+    (r#"COPY (TABLE t) TO STDOUT"#, R),
+    (r#"COPY (VALUES (1), (2)) TO STDOUT"#, R),
+    (r#"EXPLAIN (ANALYZE) (SELECT 1)"#, R),
+    (r#"EXPLAIN (ANALYZE, FORMAT JSON) WITH x AS (DELETE FROM t RETURNING 1) SELECT * FROM x"#, W),
+    (r#"EXPLAIN (FORMAT JSON) WITH x AS (DELETE FROM t RETURNING 1) SELECT * FROM x"#, R),
     // ---- plain writes and maintenance ----
     (r#"DO $$ BEGIN UPDATE t SET x = 1; END $$"#, W),
     (r#"DO LANGUAGE plpgsql $body$ BEGIN PERFORM 1; END $body$"#, W),

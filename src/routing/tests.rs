@@ -25,6 +25,15 @@ fn corpus() {
 #[test]
 fn corpus_size_and_mix() {
     let count = |f: fn(&Class) -> bool| CORPUS.iter().filter(|(_, c)| f(c)).count();
+    let mut mix: Vec<(String, usize)> = Vec::new();
+    for (_, c) in CORPUS {
+        let name = format!("{c:?}");
+        match mix.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, k)) => *k += 1,
+            None => mix.push((name, 1)),
+        }
+    }
+    eprintln!("corpus: {} statements, {mix:?}", CORPUS.len());
     assert!(CORPUS.len() >= 200, "corpus has {}", CORPUS.len());
     assert!(count(|c| *c == Class::Read) >= 80);
     assert!(count(|c| *c == Class::Write) >= 80);
