@@ -11,4 +11,5 @@ pub mod config;
 pub mod demo;
 pub mod pool;
 pub mod protocol;
+pub mod routing;
 pub mod server;
