@@ -438,3 +438,40 @@ async fn a_message_split_across_reads_is_reassembled() {
     assert_eq!(tags(&msgs), "TDCZ");
     assert!(msgs[1].body.ends_with(&b"x".repeat(5000)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_copy_leaves_nothing_behind() {
+    let cluster = support::cluster_async().await;
+    fresh_table("copy_kill", 0).await;
+    let proxy = Proxy::standard(cluster, 1, "").await;
+    let mut raw = Raw::login(proxy.addr, TRUST, DB).await;
+    let mut out = BytesMut::new();
+    frontend::query("COPY copy_kill (id, v) FROM STDIN", &mut out).unwrap();
+    raw.send(&out).await;
+    assert_eq!(raw.recv().await.unwrap().tag, b'G');
+    let mut out = BytesMut::new();
+    let data = b"1\tone\n2\ttwo\n";
+    out.extend_from_slice(b"d");
+    out.extend_from_slice(&((data.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    raw.send(&out).await;
+    drop(raw); // mid-COPY, no CopyDone
+    // The single backend comes back clean: usable, and the COPY never committed.
+    let c = proxy.connect(TRUST, None, DB).await.unwrap();
+    eventually(Duration::from_secs(5), "backend recovered", || async { c.simple_query("SELECT 1").await.is_ok() })
+        .await;
+    assert_eq!(scalar(&c, "SELECT count(*) FROM copy_kill").await, "0");
+    assert_eq!(scalar(&c, "SELECT txid_current_if_assigned() IS NULL").await, "t");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lifetime_recycles_backends() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::standard(cluster, 1, "server_lifetime = \"300ms\"").await;
+    let c = proxy.connect(CLEAR.0, Some(CLEAR.1), "postgres").await.unwrap();
+    let first = scalar(&c, "SELECT pg_backend_pid()").await;
+    eventually(Duration::from_secs(5), "a new backend after server_lifetime", || async {
+        scalar(&c, "SELECT pg_backend_pid()").await != first
+    })
+    .await;
+}
