@@ -22,9 +22,10 @@ work=$(mktemp -d /tmp/pgmux-bench.XXXXXX)
 chmod 755 "$work"
 as_pg=()
 if [ "$(id -u)" = 0 ]; then chown postgres "$work"; as_pg=(runuser -u postgres --); fi
-pg_port=$(( 20000 + RANDOM % 10000 )) mux_port=$(( 20000 + RANDOM % 10000 ))
+pg_port=$(( 20000 + RANDOM % 10000 )) mux_port=$(( 20000 + RANDOM % 10000 )) bouncer_port=$(( 20000 + RANDOM % 10000 ))
 cleanup() {
     [ -n "${mux_pid:-}" ] && kill "$mux_pid" 2>/dev/null || true
+    [ -n "${bouncer_pid:-}" ] && kill "$bouncer_pid" 2>/dev/null || true
     "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" stop -m immediate >/dev/null 2>&1 || true
     rm -rf "$work"
 }
@@ -60,31 +61,78 @@ CONF
 mux_pid=$!
 for _ in $(seq 100); do pg_isready -q -h 127.0.0.1 -p "$mux_port" && break; sleep 0.05; done
 
+# PgBouncer, when installed (Debian: apt-get install pgbouncer), in transaction
+# mode with the same pool size. It refuses to run as root.
+targets="direct pgmux"
+if command -v pgbouncer >/dev/null; then
+    cat > "$work/pgbouncer.ini" <<CONF
+[databases]
+postgres = host=127.0.0.1 port=$pg_port dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+unix_socket_dir =
+auth_type = trust
+auth_file = $work/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 2000
+logfile = $work/pgbouncer.log
+CONF
+    echo '"postgres" ""' > "$work/userlist.txt"
+    chmod 644 "$work/pgbouncer.ini" "$work/userlist.txt"
+    "${as_pg[@]}" pgbouncer "$work/pgbouncer.ini" >/dev/null 2>&1 &
+    bouncer_pid=$!
+    for _ in $(seq 100); do pg_isready -q -h 127.0.0.1 -p "$bouncer_port" && break; sleep 0.05; done
+    # With runuser the pid above is runuser's; find pgbouncer's own for CPU accounting.
+    bouncer_pid=$(pgrep -n -f "pgbouncer $work/pgbouncer.ini" || echo "$bouncer_pid")
+    targets="direct pgmux pgbouncer"
+fi
+
 run() { # port mode -> tps
     pgbench -h 127.0.0.1 -p "$1" -U postgres -c "$clients" -j 2 -T "$seconds" -M "$2" $script postgres 2>/dev/null \
         | awk '/^tps = / {print $3; exit}'
 }
 cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+port_of() { case $1 in direct) echo "$pg_port";; pgmux) echo "$mux_port";; pgbouncer) echo "$bouncer_port";; esac; }
+pid_of() { case $1 in pgmux) echo "$mux_pid";; pgbouncer) echo "$bouncer_pid";; *) echo "";; esac; }
 hz=$(getconf CLK_TCK)
 declare -A results cpu xacts
-echo "pgbench -c $clients -j 2 -T $seconds $script, modes: $modes, $rounds alternated rounds, $(nproc) cores, $(date -u +%F)"
+echo "pgbench -c $clients -j 2 -T $seconds $script, modes: $modes, targets: $targets, $rounds alternated rounds, $(nproc) cores, $(date -u +%F)"
 for r in $(seq "$rounds"); do
     for mode in $modes; do
-        d=$(run "$pg_port" "$mode")
-        c0=$(cpu_of "$mux_pid"); p=$(run "$mux_port" "$mode"); c1=$(cpu_of "$mux_pid")
-        results[direct,$mode]+="$d " results[pgmux,$mode]+="$p "
-        cpu[$mode]=$(( ${cpu[$mode]:-0} + c1 - c0 ))
-        xacts[$mode]=$(awk -v a="${xacts[$mode]:-0}" -v t="$p" -v s="$seconds" 'BEGIN{print a + t*s}')
-        printf 'round %d %-9s direct %8.0f tps   pgmux %8.0f tps\n' "$r" "$mode" "$d" "$p"
+        line="round $r $mode:"
+        for t in $targets; do
+            # PgBouncer 1.18 does not support named prepared statements in transaction mode.
+            if [ "$t" = pgbouncer ] && [ "$mode" = prepared ]; then continue; fi
+            pid=$(pid_of "$t"); c0=0; [ -n "$pid" ] && c0=$(cpu_of "$pid")
+            tps=$(run "$(port_of "$t")" "$mode")
+            if [ -n "$pid" ]; then
+                c1=$(cpu_of "$pid")
+                cpu[$t,$mode]=$(( ${cpu[$t,$mode]:-0} + c1 - c0 ))
+                xacts[$t,$mode]=$(awk -v a="${xacts[$t,$mode]:-0}" -v x="$tps" -v s="$seconds" 'BEGIN{print a + x*s}')
+            fi
+            results[$t,$mode]+="$tps "
+            line+=$(printf '  %s %.0f' "$t" "$tps")
+        done
+        echo "$line tps"
     done
 done
 echo
-printf '| mode | direct tps (median) | pgmux tps (median) | pgmux/direct | pgmux CPU s per 1000 xacts |\n|---|---|---|---|---|\n'
+printf '| mode | target | tps (median) | vs direct | vs pgbouncer | proxy CPU s / 1000 xacts |\n|---|---|---|---|---|---|\n'
 for mode in $modes; do
     # shellcheck disable=SC2086
-    md=$(median ${results[direct,$mode]}) mp=$(median ${results[pgmux,$mode]})
-    printf '| %s | %.0f | %.0f | %.2f | %.4f |\n' "$mode" "$md" "$mp" \
-        "$(awk -v a="$mp" -v b="$md" 'BEGIN{print a/b}')" \
-        "$(awk -v t="${cpu[$mode]}" -v hz="$hz" -v x="${xacts[$mode]}" 'BEGIN{print t/hz/x*1000}')"
+    md=$(median ${results[direct,$mode]})
+    mb=""
+    # shellcheck disable=SC2086
+    [ -n "${results[pgbouncer,$mode]:-}" ] && mb=$(median ${results[pgbouncer,$mode]})
+    for t in $targets; do
+        [ -n "${results[$t,$mode]:-}" ] || continue
+        # shellcheck disable=SC2086
+        m=$(median ${results[$t,$mode]})
+        vb="-"; [ -n "$mb" ] && vb=$(awk -v a="$m" -v b="$mb" 'BEGIN{printf "%.2f", a/b}')
+        c="-"; [ -n "${cpu[$t,$mode]:-}" ] && c=$(awk -v t="${cpu[$t,$mode]}" -v hz="$hz" -v x="${xacts[$t,$mode]}" 'BEGIN{printf "%.4f", t/hz/x*1000}')
+        printf '| %s | %s | %.0f | %.2f | %s | %s |\n' "$mode" "$t" "$m" "$(awk -v a="$m" -v b="$md" 'BEGIN{print a/b}')" "$vb" "$c"
+    done
 done

@@ -249,33 +249,34 @@ async fn run_session(
     loop {
         if pending.is_empty() {
             // Idle: no backend and no buffer; wait for the client (or shutdown).
-            pending = BytesMut::new();
-            tokio::select! {
-                r = stream.readable() => r?,
+            // Peek, don't read: the request is read straight into the
+            // backend's buffer once one is checked out. A lone Terminate (or
+            // EOF) needs no backend.
+            let mut first = [0u8; 1];
+            let peeked = tokio::select! {
+                r = stream.peek(&mut first) => r?,
                 _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
                     return fatal(stream, SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
                 }
                 // admin hook: KILL_CLIENT.
                 _ = info.killed() => return fatal(stream, SqlState::ADMIN_SHUTDOWN, TERMINATED_BY_ADMIN).await,
+            };
+            if peeked == 0 || first[0] == tag::TERMINATE {
+                return Ok(());
             }
-            match stream.try_read_buf(&mut pending) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        // Decide on a whole header: a lone Terminate needs no backend.
-        match Header::parse(&pending, MAX_MESSAGE_LEN) {
-            Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                if stream.read_buf(&mut pending).await? == 0 {
-                    return Ok(());
+        } else {
+            // Leftover bytes of the next request: decide on a whole header.
+            match Header::parse(&pending, MAX_MESSAGE_LEN) {
+                Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    if stream.read_buf(&mut pending).await? == 0 {
+                        return Ok(());
+                    }
+                    continue;
                 }
-                continue;
+                Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
             }
-            Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
         }
         // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
         if let Some(why) = info.wait_turn(&shared.pause, &session.database, &mut draining).await {
@@ -378,7 +379,17 @@ async fn transaction(
         }
     }
     let mut link = Link::new();
-    backend.to_server.unsplit(std::mem::take(pending));
+    if pending.is_empty() {
+        match stream.try_read_buf(&mut backend.to_server) {
+            // Gone before sending anything: the backend never saw it.
+            Ok(0) => return Ended::Clean,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Ended::Clean,
+        }
+    } else {
+        backend.to_server.unsplit(std::mem::take(pending));
+    }
     let mut scope = StatementScope {
         client: &mut session.statements,
         registry: &session.pool.statements,

@@ -56,7 +56,7 @@ impl fmt::Display for PinReason {
 /// conservative: a false positive only pins (or refuses) needlessly. Kept
 /// cheap for the hot path: a byte scan, no allocation.
 pub fn session_state(sql: &[u8]) -> Option<PinReason> {
-    if contains_ci(sql, b"advisory_lock(") || contains_ci(sql, b"advisory_lock_shared(") {
+    if calls_advisory_lock(sql) {
         // The transaction-level variants are spelled pg_advisory_xact_lock*.
         return Some(PinReason::AdvisoryLock);
     }
@@ -104,6 +104,19 @@ fn statement_starts(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
         rest = memchr::memchr(b';', s).map(|i| &s[i + 1..]);
         Some(s)
     })
+}
+
+/// A call of `...advisory_lock(` or `...advisory_lock_shared(`: checked at
+/// each `(`, which is far rarer than any letter.
+fn calls_advisory_lock(sql: &[u8]) -> bool {
+    memchr::memchr_iter(b'(', sql).any(|i| {
+        let before = sql[..i].trim_ascii_end();
+        ends_with_ci(before, b"advisory_lock") || ends_with_ci(before, b"advisory_lock_shared")
+    })
+}
+
+fn ends_with_ci(s: &[u8], suffix: &[u8]) -> bool {
+    s.len() >= suffix.len() && s[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
 }
 
 fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {

@@ -298,6 +298,7 @@ impl Link {
                     return statements::splice(buf, start, end, &out);
                 }
                 let st = scope.registry.intern(rest);
+                let rest_owned = refused.as_ref().map(|_| rest.to_vec());
                 let name: Box<[u8]> = name.into();
                 scope.client.named.insert(name.clone(), st.clone());
                 if prepared.touch(st.id) {
@@ -309,9 +310,24 @@ impl Link {
                     prepared.insert(st.clone(), scope.max_prepared);
                 }
                 self.close_queued(prepared, &mut out);
-                statements::write_parse(&mut out, st.server_name.as_bytes(), &st.body);
-                self.expect.push_back(Expect::Parse { forward: true, statement: Some(st), client_name: Some(name) });
-                statements::splice(buf, start, end, &out)
+                let server_name = st.server_name.clone();
+                self.expect.push_back(Expect::Parse {
+                    forward: true,
+                    statement: Some(st),
+                    client_name: Some(name.clone()),
+                });
+                if refused.is_some() {
+                    statements::write_parse(
+                        &mut out,
+                        server_name.as_bytes(),
+                        rest_owned.as_deref().unwrap_or_default(),
+                    );
+                    return statements::splice(buf, start, end, &out);
+                }
+                let name_start = start + HEADER_LEN;
+                let new_end =
+                    statements::rename(buf, start, end, name_start, name_start + name.len(), server_name.as_bytes());
+                self.insert_in_front(buf, start, new_end, &out)
             }
             tag::BIND => {
                 self.unsynced = true;
@@ -337,11 +353,13 @@ impl Link {
                     self.expect.push_back(Expect::Bind { statement: None });
                     return end;
                 };
+                let name_start = start + HEADER_LEN + portal.len() + 1;
+                let name_end = name_start + name.len();
+                let _ = rest;
                 self.ensure_prepared(&st, scope, prepared, &mut out);
-                let (portal, rest) = (portal.to_vec(), rest.to_vec());
-                statements::write_bind(&mut out, &portal, st.server_name.as_bytes(), &rest);
+                let new_end = statements::rename(buf, start, end, name_start, name_end, st.server_name.as_bytes());
                 self.expect.push_back(Expect::Bind { statement: Some(st) });
-                statements::splice(buf, start, end, &out)
+                self.insert_in_front(buf, start, new_end, &out)
             }
             tag::DESCRIBE => {
                 self.unsynced = true;
@@ -361,9 +379,11 @@ impl Link {
                     return statements::splice(buf, start, end, &out);
                 }
                 let Some(st) = scope.client.named.get(name).cloned() else { return end };
+                let name_start = start + HEADER_LEN + 1;
+                let name_end = name_start + name.len();
                 self.ensure_prepared(&st, scope, prepared, &mut out);
-                statements::write_describe_statement(&mut out, st.server_name.as_bytes());
-                statements::splice(buf, start, end, &out)
+                let new_end = statements::rename(buf, start, end, name_start, name_end, st.server_name.as_bytes());
+                self.insert_in_front(buf, start, new_end, &out)
             }
             tag::CLOSE => {
                 self.unsynced = true;
@@ -383,9 +403,10 @@ impl Link {
                 // The client's view only; the server copy stays for others. Closing a
                 // statement that does not exist is no error: the server still answers
                 // CloseComplete, in order.
+                let name_start = start + HEADER_LEN + 1;
+                let name_end = name_start + name.len();
                 scope.client.named.remove(name);
-                statements::write_close_statement(&mut out, CLOSE_NOOP_NAME);
-                statements::splice(buf, start, end, &out)
+                statements::rename(buf, start, end, name_start, name_end, CLOSE_NOOP_NAME)
             }
             _ => end,
         }
@@ -422,6 +443,16 @@ impl Link {
             }
             OnSessionState::Allow => None,
         }
+    }
+
+    /// Puts the injected messages in `out` in front of the frame at
+    /// `buf[start..end]`; returns the new end of that frame.
+    fn insert_in_front(&self, buf: &mut BytesMut, start: usize, end: usize, out: &[u8]) -> usize {
+        if out.is_empty() {
+            return end;
+        }
+        statements::splice(buf, start, start, out);
+        end + out.len()
     }
 
     /// Queues `e` ahead of the last expectation (the current Query's ReadyForQuery),

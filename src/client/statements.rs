@@ -93,17 +93,38 @@ pub fn write_describe_statement(out: &mut BytesMut, name: &[u8]) {
     finish(out, at);
 }
 
-/// Replaces `buf[start..end]` with `with`, returning the new end.
+/// Replaces `buf[start..end]` with `with`, returning the new end. Shifts the
+/// tail in place: no allocation unless the buffer must grow.
 pub fn splice(buf: &mut BytesMut, start: usize, end: usize, with: &[u8]) -> usize {
-    if with.len() == end - start {
-        buf[start..end].copy_from_slice(with);
-        return end;
+    let old_len = buf.len();
+    let new_end = start + with.len();
+    if new_end > end {
+        let grow = new_end - end;
+        buf.resize(old_len + grow, 0);
+        buf.copy_within(end..old_len, end + grow);
+    } else if new_end < end {
+        buf.copy_within(end..old_len, new_end);
+        buf.truncate(old_len - (end - new_end));
     }
-    let tail = buf.split_off(end);
-    buf.truncate(start);
-    buf.extend_from_slice(with);
-    let new_end = buf.len();
-    buf.unsplit(tail);
+    buf[start..new_end].copy_from_slice(with);
+    new_end
+}
+
+/// Replaces the statement name at `buf[name_start..name_end]` inside the
+/// frame that starts at `frame_start`, fixing the frame's length field.
+/// Returns the new end of the frame, given its old `frame_end`.
+pub fn rename(
+    buf: &mut BytesMut,
+    frame_start: usize,
+    frame_end: usize,
+    name_start: usize,
+    name_end: usize,
+    new_name: &[u8],
+) -> usize {
+    splice(buf, name_start, name_end, new_name);
+    let new_end = frame_end + new_name.len() - (name_end - name_start);
+    let len = (new_end - frame_start - 1) as u32;
+    buf[frame_start + 1..frame_start + 5].copy_from_slice(&len.to_be_bytes());
     new_end
 }
 
@@ -168,6 +189,19 @@ mod tests {
         assert_eq!(&b[..], b"aaYYYYbb");
         assert_eq!(splice(&mut b, 2, 6, b"Z"), 3);
         assert_eq!(&b[..], b"aaZbb");
+    }
+
+    #[test]
+    fn rename_fixes_the_length() {
+        let mut b = BytesMut::new();
+        write_bind(&mut b, b"", b"s0", &[0, 0, 0, 0, 0, 0]);
+        b.extend_from_slice(b"S\0\0\0\x04");
+        let end = rename(&mut b, 0, 15, 6, 8, b"pgmux_1");
+        let mut want = BytesMut::new();
+        write_bind(&mut want, b"", b"pgmux_1", &[0, 0, 0, 0, 0, 0]);
+        assert_eq!(end, want.len());
+        assert_eq!(&b[..end], &want[..]);
+        assert_eq!(&b[end..], b"S\0\0\0\x04");
     }
 
     #[test]
