@@ -149,17 +149,96 @@ impl SessionParams {
     }
 }
 
-/// Spells common encoding names the way the server reports them, so clients
-/// that compare ParameterStatus values (psycopg does) see `UTF8`, not `utf-8`.
+/// Spells encoding names the way the server reports them (`utf-8` →
+/// `UTF8`, `euc-jp` → `EUC_JP`), so clients that compare ParameterStatus
+/// values (psycopg does) see what a direct connection would announce.
 fn canonical_value(name: &str, value: &str) -> String {
     if name.eq_ignore_ascii_case("client_encoding") {
-        let squashed: String = value.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-        if squashed.eq_ignore_ascii_case("utf8") || squashed.eq_ignore_ascii_case("unicode") {
-            return "UTF8".to_owned();
-        }
-        return value.to_ascii_uppercase();
+        return canonical_encoding(value).map_or_else(|| value.to_owned(), str::to_owned);
     }
     value.to_owned()
+}
+
+/// Postgres' encoding names and common aliases, compared as Postgres does:
+/// case-insensitively, ignoring everything but letters and digits.
+fn canonical_encoding(value: &str) -> Option<&'static str> {
+    const NAMES: &[&str] = &[
+        "SQL_ASCII",
+        "EUC_JP",
+        "EUC_CN",
+        "EUC_KR",
+        "EUC_TW",
+        "EUC_JIS_2004",
+        "UTF8",
+        "MULE_INTERNAL",
+        "LATIN1",
+        "LATIN2",
+        "LATIN3",
+        "LATIN4",
+        "LATIN5",
+        "LATIN6",
+        "LATIN7",
+        "LATIN8",
+        "LATIN9",
+        "LATIN10",
+        "WIN1256",
+        "WIN1258",
+        "WIN866",
+        "WIN874",
+        "KOI8R",
+        "WIN1251",
+        "WIN1252",
+        "ISO_8859_5",
+        "ISO_8859_6",
+        "ISO_8859_7",
+        "ISO_8859_8",
+        "WIN1250",
+        "WIN1253",
+        "WIN1254",
+        "WIN1255",
+        "WIN1257",
+        "KOI8U",
+        "SJIS",
+        "BIG5",
+        "GBK",
+        "UHC",
+        "GB18030",
+        "JOHAB",
+        "SHIFT_JIS_2004",
+    ];
+    const ALIASES: &[(&str, &str)] = &[
+        ("unicode", "UTF8"),
+        ("koi8", "KOI8R"),
+        ("shiftjis", "SJIS"),
+        ("mskanji", "SJIS"),
+        ("win", "WIN1251"),
+        ("alt", "WIN866"),
+        ("tcvn", "WIN1258"),
+        ("tcvn5712", "WIN1258"),
+        ("vscii", "WIN1258"),
+        ("abc", "WIN1258"),
+        ("iso88591", "LATIN1"),
+        ("iso88592", "LATIN2"),
+        ("iso88593", "LATIN3"),
+        ("iso88594", "LATIN4"),
+        ("iso88599", "LATIN5"),
+        ("iso885910", "LATIN6"),
+        ("iso885913", "LATIN7"),
+        ("iso885914", "LATIN8"),
+        ("iso885915", "LATIN9"),
+        ("iso885916", "LATIN10"),
+    ];
+    let squash =
+        |s: &str| s.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect::<String>();
+    let wanted = squash(value);
+    NAMES
+        .iter()
+        .copied()
+        .find(|n| squash(n) == wanted)
+        .or_else(|| ALIASES.iter().find(|(alias, _)| *alias == wanted).map(|(_, n)| *n))
+        .or_else(|| {
+            wanted.strip_prefix("windows").and_then(|n| NAMES.iter().copied().find(|c| squash(c) == format!("win{n}")))
+        })
 }
 
 /// A string literal safe whatever `standard_conforming_strings` is: the E''
@@ -322,6 +401,23 @@ mod tests {
         assert!(announced.contains(&("application_name".into(), "app".into())));
         assert!(announced.contains(&("server_version".into(), "15".into())));
         assert!(!announced.iter().any(|(k, _)| k == "search_path"));
+    }
+
+    #[test]
+    fn encodings_are_spelled_like_the_server() {
+        for (given, want) in [
+            ("utf-8", "UTF8"),
+            ("euc-jp", "EUC_JP"),
+            ("eucjp", "EUC_JP"),
+            ("latin1", "LATIN1"),
+            ("Windows-1252", "WIN1252"),
+            ("sjis", "SJIS"),
+            ("Unicode", "UTF8"),
+            ("sql_ascii", "SQL_ASCII"),
+        ] {
+            assert_eq!(canonical_value("client_encoding", given), want, "{given}");
+        }
+        assert_eq!(canonical_value("client_encoding", "klingon"), "klingon");
     }
 
     #[test]
