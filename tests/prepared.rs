@@ -287,3 +287,24 @@ async fn startup_options_apply_to_the_session() {
         assert_ne!(scalar(&other, "SHOW application_name").await, "opts-test");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_of_departed_clients_are_closed_before_others_see_them() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::standard(cluster, 1, "").await;
+    let stayer = proxy.app().await;
+    let kept = stayer.prepare("SELECT 'kept'::text").await.unwrap();
+    {
+        let leaver = proxy.app().await;
+        let st = leaver.prepare("SELECT 'gone'::text").await.unwrap();
+        assert_eq!(leaver.query_one(&st, &[]).await.unwrap().get::<_, String>(0), "gone");
+    }
+    let observer = proxy.app().await;
+    let visible = "SELECT string_agg(statement, ',' ORDER BY statement) FROM pg_prepared_statements";
+    eventually(Duration::from_secs(5), "the departed client's statement closed", || async {
+        !scalar(&observer, visible).await.contains("gone")
+    })
+    .await;
+    // A statement still in use stays usable.
+    assert_eq!(stayer.query_one(&kept, &[]).await.unwrap().get::<_, String>(0), "kept");
+}

@@ -378,6 +378,12 @@ async fn transaction(
             }
         }
     }
+    // Statements whose last client left are closed here, before this client
+    // can see them (one round trip, only after such a departure).
+    let unused = backend.prepared.sweep_unused(&session.pool.statements);
+    if !unused.is_empty() && backend.close_statements(&unused).await.is_err() {
+        return Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "server connection lost".into())));
+    }
     let mut link = Link::new();
     if pending.is_empty() {
         match stream.try_read_buf(&mut backend.to_server) {

@@ -241,7 +241,7 @@ impl Link {
                 }
                 match statements::statement_command(body) {
                     StatementCommand::DropAll => {
-                        scope.client.named.clear();
+                        scope.client.clear();
                         prepared.clear();
                     }
                     StatementCommand::Deallocate(name) => {
@@ -249,7 +249,7 @@ impl Link {
                         // under its pgmux name (others re-prepare it transparently).
                         // Where this backend lacks it, it is created first (Parse +
                         // Sync, both answers dropped) so DEALLOCATE answers as directly.
-                        if let Some(st) = scope.client.named.remove(name) {
+                        if let Some(st) = scope.client.remove(name) {
                             if !prepared.touch(st.id) {
                                 statements::write_parse(&mut out, st.server_name.as_bytes(), &st.body);
                                 self.insert_before_last(Expect::Parse {
@@ -300,7 +300,7 @@ impl Link {
                 let st = scope.registry.intern(rest);
                 let rest_owned = refused.as_ref().map(|_| rest.to_vec());
                 let name: Box<[u8]> = name.into();
-                scope.client.named.insert(name.clone(), st.clone());
+                scope.client.insert(name.clone(), st.clone());
                 if prepared.touch(st.id) {
                     // Already on this backend: close and re-create it so the
                     // client gets its ParseComplete from the server, in order.
@@ -348,7 +348,7 @@ impl Link {
                     out.extend_from_slice(&buf[start..end]);
                     return statements::splice(buf, start, end, &out);
                 }
-                let Some(st) = scope.client.named.get(name).cloned() else {
+                let Some(st) = scope.client.get(name).cloned() else {
                     // Unknown to the client: the server gives the error Postgres would.
                     self.expect.push_back(Expect::Bind { statement: None });
                     return end;
@@ -378,7 +378,7 @@ impl Link {
                     out.extend_from_slice(&buf[start..end]);
                     return statements::splice(buf, start, end, &out);
                 }
-                let Some(st) = scope.client.named.get(name).cloned() else { return end };
+                let Some(st) = scope.client.get(name).cloned() else { return end };
                 let name_start = start + HEADER_LEN + 1;
                 let name_end = name_start + name.len();
                 self.ensure_prepared(&st, scope, prepared, &mut out);
@@ -405,7 +405,7 @@ impl Link {
                 // CloseComplete, in order.
                 let name_start = start + HEADER_LEN + 1;
                 let name_end = name_start + name.len();
-                scope.client.named.remove(name);
+                scope.client.remove(name);
                 statements::rename(buf, start, end, name_start, name_end, CLOSE_NOOP_NAME)
             }
             _ => end,
@@ -556,9 +556,9 @@ impl Link {
                             if let Some(Expect::Parse { statement: Some(st), client_name, .. }) = expect.pop_front() {
                                 prepared.remove(st.id, false);
                                 if let (Some(name), Some(client)) = (client_name, client.as_deref_mut())
-                                    && client.named.get(&name).is_some_and(|cur| Arc::ptr_eq(cur, &st))
+                                    && client.get(&name).is_some_and(|cur| Arc::ptr_eq(cur, &st))
                                 {
-                                    client.named.remove(&name);
+                                    client.remove(&name);
                                 }
                             }
                         }

@@ -15,14 +15,44 @@ use crate::protocol::tag;
 /// Owned by the client task; survives backend changes.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    /// The client's name → the interned statement.
-    pub named: HashMap<Box<[u8]>, Arc<Statement>>,
+    /// The client's name → the interned statement (each entry holds one of
+    /// the statement's user counts).
+    named: HashMap<Box<[u8]>, Arc<Statement>>,
     /// The client's unnamed statement (Parse body after the name), re-created
     /// on a new backend when the client binds it across a Sync.
     pub unnamed: Option<Vec<u8>>,
 }
 
+impl Drop for ClientStatements {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 impl ClientStatements {
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
+        self.named.get(name)
+    }
+
+    pub fn insert(&mut self, name: Box<[u8]>, st: Arc<Statement>) {
+        st.acquire();
+        if let Some(old) = self.named.insert(name, st) {
+            old.release();
+        }
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        let st = self.named.remove(name)?;
+        st.release();
+        Some(st)
+    }
+
+    pub fn clear(&mut self) {
+        for (_, st) in self.named.drain() {
+            st.release();
+        }
+    }
+
     pub fn remember_unnamed(&mut self, body: &[u8]) {
         // Reuse the allocation: unnamed Parse is on the hot path of every
         // extended-protocol query.

@@ -169,6 +169,20 @@ impl Backend {
         self.read_until_ready(1).await
     }
 
+    /// Closes these server-side statements (Close each, then Sync).
+    pub async fn close_statements(&mut self, names: &[Box<str>]) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        for name in names {
+            crate::client::statements::write_close_statement(&mut out, name.as_bytes());
+        }
+        frontend::sync(&mut out);
+        self.stream.write_all(&out).await?;
+        match self.read_until_ready(1).await? {
+            (None, msg::IDLE) => Ok(()),
+            _ => Err(std::io::Error::other("closing unused statements failed")),
+        }
+    }
+
     /// Reads and discards server messages until `pending` ReadyForQuery
     /// messages have arrived. Returns the first error and the last status.
     pub async fn read_until_ready(&mut self, mut pending: usize) -> std::io::Result<(Option<ErrorFields>, u8)> {

@@ -6,7 +6,7 @@
 //! statement per backend. Each backend keeps a bounded LRU of what it holds.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -19,6 +19,30 @@ pub struct Statement {
     pub server_name: Box<str>,
     /// The Parse body after the statement name: query, NUL, parameter type count and OIDs.
     pub body: Bytes,
+    /// Client names bound to it. At zero its server copies are closed the
+    /// next time each backend is checked out, so later clients never see
+    /// statements of clients long gone in `pg_prepared_statements`.
+    users: AtomicUsize,
+    /// The registry's count of statements that lost their last user.
+    deaths: Arc<AtomicU64>,
+}
+
+impl Statement {
+    /// A client bound a name to it.
+    pub fn acquire(&self) {
+        self.users.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client dropped a name bound to it.
+    pub fn release(&self) {
+        if self.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.deaths.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    pub fn is_unused(&self) -> bool {
+        self.users.load(Ordering::Acquire) == 0
+    }
 }
 
 /// Interning table of one pool.
@@ -26,6 +50,7 @@ pub struct Statement {
 pub struct Registry {
     by_body: Mutex<HashMap<Bytes, Arc<Statement>>>,
     next_id: AtomicU64,
+    deaths: Arc<AtomicU64>,
 }
 
 impl Registry {
@@ -37,7 +62,13 @@ impl Registry {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let body = Bytes::copy_from_slice(body);
-        let st = Arc::new(Statement { id, server_name: format!("pgmux_{id}").into_boxed_str(), body: body.clone() });
+        let st = Arc::new(Statement {
+            id,
+            server_name: format!("pgmux_{id}").into_boxed_str(),
+            body: body.clone(),
+            users: AtomicUsize::new(0),
+            deaths: self.deaths.clone(),
+        });
         map.insert(body, st.clone());
         st
     }
@@ -56,6 +87,12 @@ impl Registry {
         self.by_body.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// How many statements have lost their last user so far: backends that
+    /// saw this number already have nothing new to close.
+    pub fn deaths(&self) -> u64 {
+        self.deaths.load(Ordering::Acquire)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -70,6 +107,8 @@ pub struct PreparedSet {
     tick: u64,
     /// Server statements to close at the next opportunity (retired or evicted).
     pub to_close: Vec<Box<str>>,
+    /// `Registry::deaths` when unused statements were last swept here.
+    swept_at_deaths: u64,
 }
 
 impl PreparedSet {
@@ -109,6 +148,28 @@ impl PreparedSet {
         }
     }
 
+    /// Removes statements no client uses any more, once per change of the
+    /// registry's death count; returns their server names to close. Unused
+    /// statements also leave the registry, so it only holds live ones.
+    pub fn sweep_unused(&mut self, registry: &Registry) -> Vec<Box<str>> {
+        let deaths = registry.deaths();
+        if deaths == self.swept_at_deaths {
+            return Vec::new();
+        }
+        self.swept_at_deaths = deaths;
+        let mut names = Vec::new();
+        self.entries.retain(|(st, _)| {
+            if st.is_unused() {
+                registry.invalidate(st);
+                names.push(st.server_name.clone());
+                false
+            } else {
+                true
+            }
+        });
+        names
+    }
+
     /// The server dropped every prepared statement (DISCARD ALL / DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.entries.clear();
@@ -142,6 +203,25 @@ mod tests {
         // Invalidating the stale one again must not retire its successor.
         r.invalidate(&a);
         assert!(Arc::ptr_eq(&c, &r.intern(b"SELECT 1\0\0\0")));
+    }
+
+    #[test]
+    fn unused_statements_are_swept_once_their_last_user_leaves() {
+        let r = Registry::default();
+        let (a, b) = (r.intern(b"a\0\0\0"), r.intern(b"b\0\0\0"));
+        a.acquire();
+        b.acquire();
+        b.acquire();
+        let mut set = PreparedSet::default();
+        set.insert(a.clone(), 10);
+        set.insert(b.clone(), 10);
+        assert!(set.sweep_unused(&r).is_empty());
+        a.release();
+        b.release();
+        assert_eq!(set.sweep_unused(&r), vec![a.server_name.clone()]);
+        assert!(set.touch(b.id) && !set.touch(a.id));
+        // a left the registry too: the same text gets a fresh statement.
+        assert_ne!(r.intern(b"a\0\0\0").id, a.id);
     }
 
     #[test]
