@@ -2,6 +2,8 @@
 
 mod classify;
 mod lex;
+pub mod monitor;
+pub mod route;
 
 #[cfg(test)]
 mod corpus;

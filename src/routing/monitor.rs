@@ -1,0 +1,169 @@
+//! Per-node health and WAL position sampling.
+//!
+//! One task per (database, node) polls `pg_is_in_recovery()` and the WAL
+//! position — `pg_current_wal_insert_lsn()` on the primary,
+//! `pg_last_wal_replay_lsn()` and replay delay on replicas — every
+//! `monitor_interval`, and publishes a [`NodeView`] that routing reads
+//! without awaiting anything.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What routing knows about a node right now. Cheap to copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeView {
+    pub healthy: bool,
+    pub in_recovery: bool,
+    /// Insert LSN (primary) or replay LSN (replica) of the last sample.
+    pub lsn: u64,
+    /// When the last sample's query was *sent*: its LSN is at least the
+    /// position of everything committed before then.
+    pub sampled_at: Option<Instant>,
+    /// Replica only: how long ago the last replayed transaction committed on
+    /// the primary, or zero when replay has caught up with what it received.
+    pub replay_delay: Duration,
+}
+
+impl NodeView {
+    const UNKNOWN: NodeView =
+        NodeView { healthy: false, in_recovery: false, lsn: 0, sampled_at: None, replay_delay: Duration::ZERO };
+}
+
+/// Shared between a monitor task (writer) and routing (readers).
+#[derive(Debug)]
+pub struct NodeState {
+    pub addr: String,
+    view: Mutex<NodeView>,
+    /// Set when the monitor gives up (database removed, shutdown).
+    stopped: AtomicBool,
+}
+
+impl NodeState {
+    pub fn new(addr: &str) -> Arc<NodeState> {
+        Arc::new(NodeState {
+            addr: addr.to_owned(),
+            view: Mutex::new(NodeView::UNKNOWN),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    pub fn view(&self) -> NodeView {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, v: NodeView) {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+
+    fn mark_unhealthy(&self) {
+        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        v.healthy = false;
+    }
+
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How the monitor logs in.
+#[derive(Debug, Clone)]
+pub struct MonitorLogin {
+    pub user: String,
+    pub password: Option<String>,
+    pub dbname: String,
+}
+
+const SAMPLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
+     CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+          ELSE pg_catalog.pg_current_wal_insert_lsn() END, \
+     CASE WHEN NOT pg_catalog.pg_is_in_recovery() \
+            OR pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
+          ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
+
+/// Polls `state`'s node until stopped. Reconnects after failures; a failed or
+/// slow sample marks the node unhealthy at once.
+pub async fn run(state: Arc<NodeState>, login: MonitorLogin, interval: Duration) {
+    let interval = interval.max(Duration::from_millis(1));
+    while !state.stopped.load(Ordering::Relaxed) {
+        let mut conn = match connect(&state.addr, &login).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(addr = %state.addr, error = %e, "monitor cannot connect");
+                state.mark_unhealthy();
+                tokio::time::sleep(interval.max(Duration::from_millis(100))).await;
+                continue;
+            }
+        };
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !state.stopped.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let sent = Instant::now();
+            // A node that takes more than a second to answer a trivial query
+            // is not one to send reads to.
+            let sample = tokio::time::timeout(Duration::from_secs(1), conn.query_row(SAMPLE_SQL)).await;
+            match sample {
+                Ok(Ok((row, None))) => match parse_sample(&row) {
+                    Some((in_recovery, lsn, delay)) => state.publish(NodeView {
+                        healthy: true,
+                        in_recovery,
+                        lsn,
+                        sampled_at: Some(sent),
+                        replay_delay: delay,
+                    }),
+                    None => state.mark_unhealthy(),
+                },
+                _ => {
+                    tracing::debug!(addr = %state.addr, "monitor sample failed; reconnecting");
+                    state.mark_unhealthy();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn connect(addr: &str, login: &MonitorLogin) -> std::io::Result<crate::pool::Backend> {
+    let params = crate::pool::backend::LoginParams {
+        addr,
+        user: &login.user,
+        dbname: &login.dbname,
+        password: login.password.as_deref(),
+        connect_timeout: Duration::from_secs(2),
+    };
+    crate::pool::Backend::connect(&params).await.map_err(std::io::Error::other)
+}
+
+fn parse_sample(row: &[Option<String>]) -> Option<(bool, u64, Duration)> {
+    let in_recovery = row.first()?.as_deref()? == "t";
+    let lsn = parse_lsn(row.get(1)?.as_deref()?)?;
+    let delay_ms: f64 = row.get(2)?.as_deref()?.parse().ok()?;
+    Some((in_recovery, lsn, Duration::from_micros((delay_ms.max(0.0) * 1000.0) as u64)))
+}
+
+/// `16/B374D848` → 0x16_B374D848.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_parses() {
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(parse_lsn("x/1"), None);
+        assert_eq!(parse_lsn("12"), None);
+    }
+
+    #[test]
+    fn sample_parses() {
+        let row = vec![Some("t".to_owned()), Some("0/3000148".to_owned()), Some("12.5".to_owned())];
+        assert_eq!(parse_sample(&row), Some((true, 0x3000148, Duration::from_micros(12500))));
+        assert_eq!(parse_sample(&[Some("f".into()), None, Some("0".into())]), None);
+    }
+}

@@ -1,0 +1,307 @@
+//! The routing decision: primary or which replica, and why. Pure: inputs in,
+//! a [`Route`] with its reason out; no locks, clock or sockets inside.
+
+use std::time::{Duration, Instant};
+
+use super::monitor::NodeView;
+use crate::config::{LoadBalance, ReadYourWrites};
+
+/// Why a request went where it went; counted per reason in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteReason {
+    /// A read served by a replica.
+    Read,
+    /// Not a read (or not surely one).
+    Write,
+    /// An explicit read-write transaction.
+    Transaction,
+    /// Read-your-writes kept this scope on the primary.
+    Sticky,
+    /// A `/* pgmux:... */` hint decided.
+    Hint,
+    /// Replicas are up but none has replayed far enough (or lags too much).
+    ReplicaLagging,
+    /// No healthy replica.
+    NoReplica,
+    /// A replica refused a write (25006); re-run on the primary.
+    MisrouteRetry,
+    /// The chosen replica could not give a connection.
+    ReplicaFailed,
+}
+
+impl RouteReason {
+    pub const ALL: [RouteReason; 9] = [
+        RouteReason::Read,
+        RouteReason::Write,
+        RouteReason::Transaction,
+        RouteReason::Sticky,
+        RouteReason::Hint,
+        RouteReason::ReplicaLagging,
+        RouteReason::NoReplica,
+        RouteReason::MisrouteRetry,
+        RouteReason::ReplicaFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::Read => "read",
+            RouteReason::Write => "write",
+            RouteReason::Transaction => "transaction",
+            RouteReason::Sticky => "sticky",
+            RouteReason::Hint => "hint",
+            RouteReason::ReplicaLagging => "replica_lagging",
+            RouteReason::NoReplica => "no_replica",
+            RouteReason::MisrouteRetry => "misroute_retry",
+            RouteReason::ReplicaFailed => "replica_failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Primary,
+    /// Index into the replicas given to [`route`].
+    Replica(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub target: Target,
+    pub reason: RouteReason,
+}
+
+impl Route {
+    pub fn primary(reason: RouteReason) -> Route {
+        Route { target: Target::Primary, reason }
+    }
+}
+
+/// What the request is, as far as routing cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Surely a read (or a read-only transaction).
+    Read,
+    /// A read-write transaction start.
+    Transaction,
+    /// Anything else.
+    Write,
+    HintPrimary,
+    HintReplica,
+}
+
+/// The read-your-writes state of one scope (a connection, or a user).
+#[derive(Debug, Default, Clone)]
+pub struct Sticky {
+    wrote_at: Option<Instant>,
+    /// A primary WAL position sampled after the last write: replicas that
+    /// replayed past it have that write.
+    need_lsn: Option<u64>,
+}
+
+impl Sticky {
+    /// A transaction that was not a pure read committed on the primary.
+    pub fn wrote(&mut self, now: Instant) {
+        self.wrote_at = Some(now);
+        self.need_lsn = None;
+    }
+
+    /// What a read of this scope needs now.
+    fn requirement(&mut self, policy: &Policy, primary: &NodeView, now: Instant) -> Requirement {
+        let Some(wrote_at) = self.wrote_at else { return Requirement::Any };
+        match policy.read_your_writes {
+            ReadYourWrites::Off => Requirement::Any,
+            ReadYourWrites::Window if now < wrote_at + policy.sticky_window => Requirement::Primary,
+            ReadYourWrites::Window => Requirement::Any,
+            ReadYourWrites::Lsn => {
+                if self.need_lsn.is_none() && primary.healthy && primary.sampled_at.is_some_and(|t| t > wrote_at) {
+                    self.need_lsn = Some(primary.lsn);
+                }
+                self.need_lsn.map_or(Requirement::Primary, Requirement::ReplayedPast)
+            }
+        }
+    }
+}
+
+enum Requirement {
+    Any,
+    Primary,
+    ReplayedPast(u64),
+}
+
+/// The `[routing]` settings `route` needs.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub read_your_writes: ReadYourWrites,
+    pub sticky_window: Duration,
+    pub max_replica_lag: Duration,
+    pub max_replica_lag_bytes: Option<u64>,
+    pub load_balance: LoadBalance,
+}
+
+/// A replica as `route` sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub view: NodeView,
+    /// Server connections in use (for least_connections).
+    pub active: usize,
+    pub weight: u32,
+}
+
+/// Decides where a request goes. `spin` is a caller-kept counter (round
+/// robin) or random value (random).
+pub fn route(
+    intent: Intent,
+    policy: &Policy,
+    sticky: &mut Sticky,
+    primary: &NodeView,
+    replicas: &[Candidate],
+    now: Instant,
+    spin: usize,
+) -> Route {
+    let (lsn_ok, reason_if_none): (Option<u64>, RouteReason) = match intent {
+        Intent::Write => return Route::primary(RouteReason::Write),
+        Intent::Transaction => return Route::primary(RouteReason::Transaction),
+        Intent::HintPrimary => return Route::primary(RouteReason::Hint),
+        Intent::HintReplica => (None, RouteReason::Hint),
+        Intent::Read => match sticky.requirement(policy, primary, now) {
+            Requirement::Primary => return Route::primary(RouteReason::Sticky),
+            Requirement::Any => (None, RouteReason::Read),
+            Requirement::ReplayedPast(lsn) => (Some(lsn), RouteReason::Read),
+        },
+    };
+    let healthy = |c: &Candidate| {
+        let v = &c.view;
+        v.healthy
+            && v.in_recovery
+            && c.weight > 0
+            && v.replay_delay <= policy.max_replica_lag
+            && policy
+                .max_replica_lag_bytes
+                .is_none_or(|max| !primary.healthy || primary.lsn.saturating_sub(v.lsn) <= max)
+    };
+    let eligible: Vec<usize> = (0..replicas.len())
+        .filter(|&i| healthy(&replicas[i]) && lsn_ok.is_none_or(|need| replicas[i].view.lsn >= need))
+        .collect();
+    if eligible.is_empty() {
+        let any_healthy = replicas.iter().any(|c| c.view.healthy && c.view.in_recovery);
+        return Route::primary(if any_healthy { RouteReason::ReplicaLagging } else { RouteReason::NoReplica });
+    }
+    let pick = match policy.load_balance {
+        LoadBalance::LeastConnections => *eligible
+            .iter()
+            .min_by_key(|&&i| (replicas[i].active * 1000) / replicas[i].weight.max(1) as usize)
+            .expect("eligible is not empty"),
+        LoadBalance::RoundRobin | LoadBalance::Random => {
+            let total: usize = eligible.iter().map(|&i| replicas[i].weight as usize).sum();
+            let mut at = spin % total.max(1);
+            let mut chosen = eligible[0];
+            for &i in &eligible {
+                let w = replicas[i].weight as usize;
+                if at < w {
+                    chosen = i;
+                    break;
+                }
+                at -= w;
+            }
+            chosen
+        }
+    };
+    Route { target: Target::Replica(pick), reason: reason_if_none }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(mode: ReadYourWrites) -> Policy {
+        Policy {
+            read_your_writes: mode,
+            sticky_window: Duration::from_secs(1),
+            max_replica_lag: Duration::from_secs(2),
+            max_replica_lag_bytes: None,
+            load_balance: LoadBalance::LeastConnections,
+        }
+    }
+
+    fn node(lsn: u64, sampled_at: Instant, in_recovery: bool) -> NodeView {
+        NodeView { healthy: true, in_recovery, lsn, sampled_at: Some(sampled_at), replay_delay: Duration::ZERO }
+    }
+
+    #[test]
+    fn writes_and_transactions_go_to_the_primary() {
+        let t = Instant::now();
+        let p = node(100, t, false);
+        let r = [Candidate { view: node(100, t, true), active: 0, weight: 1 }];
+        let mut s = Sticky::default();
+        let pol = policy(ReadYourWrites::Lsn);
+        assert_eq!(route(Intent::Write, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Write));
+        assert_eq!(route(Intent::Transaction, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Transaction));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0).target, Target::Replica(0));
+    }
+
+    #[test]
+    fn lsn_mode_waits_for_a_sample_after_the_write_then_for_replay() {
+        let t0 = Instant::now();
+        let pol = policy(ReadYourWrites::Lsn);
+        let mut s = Sticky::default();
+        let write_at = t0 + Duration::from_millis(10);
+        s.wrote(write_at);
+        // The primary's last sample predates the write: its LSN proves nothing.
+        let p_old = node(100, t0, false);
+        let r = [Candidate { view: node(500, t0, true), active: 0, weight: 1 }];
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p_old, &r, write_at, 0), Route::primary(RouteReason::Sticky));
+        // A sample taken after the write: the replica must reach it.
+        let p_new = node(600, write_at + Duration::from_millis(5), false);
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p_new, &r, write_at, 0),
+            Route::primary(RouteReason::ReplicaLagging)
+        );
+        let caught_up = [Candidate { view: node(600, write_at, true), active: 0, weight: 1 }];
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p_new, &caught_up, write_at, 0).target, Target::Replica(0));
+    }
+
+    #[test]
+    fn window_mode_and_off() {
+        let t = Instant::now();
+        let p = node(1, t, false);
+        let r = [Candidate { view: node(1, t, true), active: 0, weight: 1 }];
+        let mut s = Sticky::default();
+        s.wrote(t);
+        let pol = policy(ReadYourWrites::Window);
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Sticky));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t + Duration::from_secs(2), 0).target, Target::Replica(0));
+        assert_eq!(route(Intent::Read, &policy(ReadYourWrites::Off), &mut s, &p, &r, t, 0).target, Target::Replica(0));
+    }
+
+    #[test]
+    fn unhealthy_lagging_and_balanced_replicas() {
+        let t = Instant::now();
+        let p = node(1000, t, false);
+        let mut s = Sticky::default();
+        let mut pol = policy(ReadYourWrites::Off);
+        let mut down = node(1000, t, true);
+        down.healthy = false;
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p, &[Candidate { view: down, active: 0, weight: 1 }], t, 0),
+            Route::primary(RouteReason::NoReplica)
+        );
+        let mut slow = node(1000, t, true);
+        slow.replay_delay = Duration::from_secs(5);
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p, &[Candidate { view: slow, active: 0, weight: 1 }], t, 0),
+            Route::primary(RouteReason::ReplicaLagging)
+        );
+        pol.max_replica_lag_bytes = Some(100);
+        let behind = Candidate { view: node(800, t, true), active: 0, weight: 1 };
+        let near = Candidate { view: node(950, t, true), active: 5, weight: 1 };
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[behind, near], t, 0).target, Target::Replica(1));
+        let idle = Candidate { view: node(950, t, true), active: 1, weight: 1 };
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[near, idle], t, 0).target, Target::Replica(1));
+        // A promoted "replica" (not in recovery) never takes reads meant for replicas.
+        let promoted = Candidate { view: node(1000, t, false), active: 0, weight: 1 };
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[promoted], t, 0), Route::primary(RouteReason::NoReplica));
+        pol.load_balance = LoadBalance::RoundRobin;
+        let picks: Vec<_> = (0..4).map(|i| route(Intent::Read, &pol, &mut s, &p, &[near, idle], t, i).target).collect();
+        assert_eq!(picks, [Target::Replica(0), Target::Replica(1), Target::Replica(0), Target::Replica(1)]);
+    }
+}
