@@ -38,6 +38,8 @@ pub struct Shared {
     pub pause: Pause,
     /// The admin SHUTDOWN command; `run` treats it like SIGTERM.
     shutdown_request: Notify,
+    /// Replica monitors, read-your-writes scopes, routing counters.
+    pub routing: crate::routing::Routing,
 }
 
 impl Shared {
@@ -96,6 +98,7 @@ pub async fn run_with_metrics(
         stats: Stats::default(),
         pause: Pause::default(),
         shutdown_request: Notify::new(),
+        routing: crate::routing::Routing::default(),
     });
     let permits = Arc::new(Semaphore::new(max_clients));
     // Scrapes keep working during the drain; they stop when `run` returns.
@@ -123,6 +126,7 @@ pub async fn run_with_metrics(
         m.abort();
     }
     pools.close_idle();
+    shared.routing.stop_monitors();
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -19,10 +19,13 @@ use crate::config::{Config, PoolMode};
 use crate::pool::inner::CloseReason;
 use crate::pool::{Backend, Pool};
 use crate::protocol::backend::{self as msg, Severity};
-use crate::protocol::frame::{Header, MAX_MESSAGE_LEN, Scanner};
+use crate::protocol::frame::{FrameError, Header, MAX_MESSAGE_LEN, Scanner};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::tag;
+use crate::routing::WriteFunctions;
+use crate::routing::monitor::{MonitorLogin, NodeState};
+use crate::routing::route::{Candidate, Intent, Policy, Route, RouteReason, Sticky, Target};
 use crate::server::Shared;
 use cancel::{CancelKey, CancelTarget};
 use params::SessionParams;
@@ -48,17 +51,178 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, client_id: u64) {
     .await
 }
 
+/// A session's view of its database's replicas.
+struct SessionRouting {
+    replicas: Vec<ReplicaTarget>,
+    primary_node: Arc<NodeState>,
+    sticky: Arc<std::sync::Mutex<Sticky>>,
+    policy: Policy,
+    write_functions: WriteFunctions,
+}
+
+struct ReplicaTarget {
+    pool: Arc<Pool>,
+    node: Arc<NodeState>,
+    weight: u32,
+}
+
+impl SessionRouting {
+    fn new(
+        shared: &Shared,
+        config: &Config,
+        db: &crate::config::DatabaseConfig,
+        user: &crate::config::UserConfig,
+    ) -> Option<Self> {
+        if !config.routing.read_write_split || db.replicas.is_empty() || config.pool_mode(db) != PoolMode::Transaction {
+            return None;
+        }
+        let login = MonitorLogin {
+            user: user.name.clone(),
+            password: user.backend_password().map(str::to_owned),
+            dbname: db.server_dbname().to_owned(),
+        };
+        let interval = config.routing.monitor_interval;
+        let r = &config.routing;
+        Some(SessionRouting {
+            replicas: db
+                .replicas
+                .iter()
+                .map(|rc| ReplicaTarget {
+                    pool: shared.pools.get_or_create_replica(config, db, user, rc.addr()),
+                    node: shared.routing.node(&db.name, rc.addr(), &login, interval),
+                    weight: rc.weight(),
+                })
+                .collect(),
+            primary_node: shared.routing.node(&db.name, &db.primary, &login, interval),
+            sticky: shared.routing.sticky(r.sticky_scope, &db.name, &user.name),
+            policy: Policy {
+                read_your_writes: r.read_your_writes,
+                sticky_window: r.sticky_window,
+                max_replica_lag: r.max_replica_lag,
+                max_replica_lag_bytes: r.max_replica_lag_bytes,
+                load_balance: r.load_balance,
+            },
+            write_functions: WriteFunctions::new(&r.write_functions),
+        })
+    }
+
+    /// Where the request unit at the front of `pending` goes.
+    fn route(&self, shared: &Shared, pending: &[u8], statements: &ClientStatements) -> (Intent, Route) {
+        let intent = crate::routing::intent_of(unit_sql(pending, statements), &self.write_functions);
+        let candidates: Vec<Candidate> = self
+            .replicas
+            .iter()
+            .map(|r| {
+                let s = r.pool.stats();
+                Candidate { view: r.node.view(), active: s.open.saturating_sub(s.idle), weight: r.weight }
+            })
+            .collect();
+        let primary = self.primary_node.view();
+        let mut sticky = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
+        let route = crate::routing::route::route(
+            intent,
+            &self.policy,
+            &mut sticky,
+            &primary,
+            &candidates,
+            std::time::Instant::now(),
+            shared.routing.spin(),
+        );
+        (intent, route)
+    }
+}
+
+/// The SQL texts a request unit runs: Query strings, Parse queries, and the
+/// statements its Bind/Describe messages name. Each text is cut at its NUL.
+fn unit_sql<'a>(pending: &'a [u8], statements: &'a ClientStatements) -> Vec<&'a [u8]> {
+    let cut = |b: &'a [u8]| &b[..memchr::memchr(0, b).unwrap_or(b.len())];
+    let mut parts = Vec::new();
+    let mut pos = 0;
+    while let Ok(Some(h)) = Header::parse(&pending[pos..], MAX_MESSAGE_LEN) {
+        let end = pos + h.frame_len();
+        let Some(body) = pending.get(pos + crate::protocol::frame::HEADER_LEN..end) else { break };
+        match h.tag {
+            tag::QUERY => parts.push(cut(body)),
+            tag::PARSE => {
+                if let Some((_, rest)) = statements::cstr(body) {
+                    parts.push(cut(rest));
+                }
+            }
+            tag::BIND | tag::DESCRIBE => {
+                let name = if h.tag == tag::BIND {
+                    statements::cstr(body).and_then(|(_, rest)| statements::cstr(rest)).map(|(n, _)| n)
+                } else {
+                    body.split_first()
+                        .filter(|(k, _)| **k == b'S')
+                        .and_then(|(_, rest)| statements::cstr(rest))
+                        .map(|(n, _)| n)
+                };
+                match name {
+                    Some(n) if !n.is_empty() => {
+                        if let Some(st) = statements.get(n) {
+                            parts.push(cut(&st.body));
+                        }
+                    }
+                    Some(_) => {
+                        if let Some(u) = &statements.unnamed {
+                            parts.push(cut(u));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+        pos = end;
+        if matches!(h.tag, tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH) {
+            break;
+        }
+    }
+    parts
+}
+
+/// Reads until `pending` holds a whole request unit: a Query or
+/// FunctionCall, or extended messages up to Sync (or Flush). `Ok(false)`
+/// if the client left or terminated first.
+async fn read_unit(stream: &mut TcpStream, pending: &mut BytesMut) -> std::io::Result<Result<bool, FrameError>> {
+    loop {
+        let mut pos = 0;
+        loop {
+            match Header::parse(&pending[pos..], MAX_MESSAGE_LEN) {
+                Ok(Some(h)) if h.tag == tag::TERMINATE && pos == 0 => return Ok(Ok(false)),
+                Ok(Some(h)) if pending.len() >= pos + h.frame_len() => {
+                    pos += h.frame_len();
+                    if matches!(h.tag, tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH) {
+                        return Ok(Ok(true));
+                    }
+                }
+                Ok(_) => break,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        pending.reserve(4096);
+        if stream.read_buf(pending).await? == 0 {
+            return Ok(Ok(false));
+        }
+    }
+}
+
 /// What a successful login leads to.
 enum Login {
     /// A pooled session on a configured database.
-    Pooled(Session),
+    Pooled(Box<Session>),
     /// The admin console (database `pgmux`, an `[admin] users` member).
     Admin { user: String },
 }
 
 /// What login produced: enough to run the session.
 struct Session {
+    /// The primary's pool.
     pool: Arc<Pool>,
+    /// The next request goes to the primary (a replica refused it as a write).
+    force_primary: bool,
+    /// Read/write splitting, when the database has replicas.
+    routing: Option<SessionRouting>,
     statements: ClientStatements,
     server_params: crate::pool::ServerParams,
     params: SessionParams,
@@ -100,7 +264,7 @@ async fn serve_inner(mut stream: TcpStream, shared: &Shared, info: &ClientInfo) 
     msg::ready_for_query(&mut out, msg::IDLE);
     stream.write_all(&out).await?;
     drop(out);
-    let result = run_session(&mut stream, buf, shared, &config, session, &key, info).await;
+    let result = run_session(&mut stream, buf, shared, &config, *session, &key, info).await;
     tracing::info!("client disconnected");
     result
 }
@@ -208,7 +372,9 @@ async fn login(
             return Ok(None);
         }
     };
-    Ok(Some(Login::Pooled(Session {
+    Ok(Some(Login::Pooled(Box::new(Session {
+        force_primary: false,
+        routing: SessionRouting::new(shared, config, db, user),
         statements: ClientStatements::default(),
         mode: config.pool_mode(db),
         pool,
@@ -216,7 +382,7 @@ async fn login(
         params,
         user: user.name.clone(),
         database,
-    })))
+    }))))
 }
 
 /// Writes a FATAL ErrorResponse and closes.
@@ -278,11 +444,47 @@ async fn run_session(
                 Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
             }
         }
+        // Routing needs the whole request unit to classify it.
+        let mut decided: Option<(Intent, Route)> = None;
+        if let Some(routing) = &session.routing {
+            match read_unit(stream, &mut pending).await? {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
+            }
+            decided = Some(routing.route(shared, &pending, &session.statements));
+            if std::mem::take(&mut session.force_primary)
+                && let Some((intent, route)) = &mut decided
+            {
+                *intent = Intent::Write;
+                *route = Route::primary(RouteReason::MisrouteRetry);
+            }
+        }
         // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
         if let Some(why) = info.wait_turn(&shared.pause, &session.database, &mut draining).await {
             return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await;
         }
-        let mut backend = match session.pool.checkout().await {
+        let mut pool = session.pool.clone();
+        if let (Some((_, route)), Some(routing)) = (&mut decided, &session.routing) {
+            if let Target::Replica(i) = route.target {
+                pool = routing.replicas[i].pool.clone();
+            }
+            shared.routing.count(route.reason);
+        }
+        let checked_out = match pool.checkout().await {
+            Err(e) if !Arc::ptr_eq(&pool, &session.pool) => {
+                // A replica that cannot give a connection: the read goes to the primary.
+                tracing::info!(error = %e, addr = %pool.settings().addr, "replica unavailable; reading from the primary");
+                shared.routing.count(RouteReason::ReplicaFailed);
+                if let Some((_, route)) = &mut decided {
+                    *route = Route::primary(RouteReason::ReplicaFailed);
+                }
+                pool = session.pool.clone();
+                pool.checkout().await
+            }
+            other => other,
+        };
+        let mut backend = match checked_out {
             Ok(b) => b,
             Err(e) => {
                 info.released(); // admin hook: back to idle
@@ -295,17 +497,52 @@ async fn run_session(
         };
         key.slot.set(Some(CancelTarget { addr: backend.addr, pid: backend.pid, secret: backend.secret }));
         info.linked(&backend); // admin hook
-        let outcome =
-            Box::pin(transaction(stream, &mut backend, &mut pending, &mut session, &opts, &mut force_close)).await;
+        // A read sent to a replica may still turn out to be a write (a function
+        // that writes): keep the request so it can be re-run on the primary.
+        let retry_copy = match (&decided, &session.routing) {
+            (Some((Intent::Read | Intent::HintReplica, route)), Some(_)) if route.target != Target::Primary => {
+                Some(bytes::Bytes::copy_from_slice(&pending))
+            }
+            _ => None,
+        };
+        let outcome = Box::pin(transaction(
+            stream,
+            &mut backend,
+            &mut pending,
+            retry_copy.is_some(),
+            &mut session,
+            &opts,
+            &mut force_close,
+        ))
+        .await;
         key.slot.set(None);
         info.released(); // admin hook
+        if let (Some((intent, route)), Some(routing)) = (decided, &session.routing)
+            && route.target == Target::Primary
+            && matches!(intent, Intent::Write | Intent::Transaction | Intent::HintPrimary)
+        {
+            // Read-your-writes: this scope's reads now need a replica that
+            // replayed past a primary position sampled after this moment.
+            routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).wrote(std::time::Instant::now());
+        }
         match outcome {
-            Ended::Clean => session.pool.checkin(backend),
+            Ended::Clean => pool.checkin(backend),
+            Ended::Misrouted => {
+                pool.checkin(backend);
+                shared.routing.count(RouteReason::MisrouteRetry);
+                tracing::info!("a replica refused a write (25006); re-running it on the primary");
+                if let Some(routing) = &session.routing {
+                    routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).wrote(std::time::Instant::now());
+                }
+                pending = BytesMut::from(&retry_copy.expect("held only with a copy")[..]);
+                session.force_primary = true;
+                continue;
+            }
             Ended::Recover(link, why) => {
-                let (pool, mut link) = (session.pool.clone(), link);
+                let (registry_owner, mut link) = (session.pool.clone(), link);
                 // Cleanup may wait on a cancelled query; the client need not wait for it.
                 tokio::spawn(async move {
-                    if relay::recover(&mut backend, &mut link, &pool.statements).await {
+                    if relay::recover(&mut backend, &mut link, &registry_owner.statements).await {
                         pool.checkin(backend);
                     } else {
                         pool.discard(backend, CloseReason::Dirty);
@@ -317,7 +554,7 @@ async fn run_session(
                 return Ok(());
             }
             Ended::Discard(why) => {
-                session.pool.discard(backend, CloseReason::Dead);
+                pool.discard(backend, CloseReason::Dead);
                 if let Some((code, text)) = why {
                     return fatal(stream, code, &text).await;
                 }
@@ -340,6 +577,9 @@ enum Ended {
     Recover(Box<Link>, Option<(SqlState, String)>),
     /// The backend is unusable: close it; tell the client why and close.
     Discard(Option<(SqlState, String)>),
+    /// The replica refused a write before anything reached the client: the
+    /// backend is clean; re-run the request on the primary.
+    Misrouted,
 }
 
 /// Runs one transaction (transaction mode) or the rest of the session (session mode).
@@ -347,6 +587,7 @@ async fn transaction(
     stream: &mut TcpStream,
     backend: &mut Backend,
     pending: &mut BytesMut,
+    hold_for_retry: bool,
     session: &mut Session,
     opts: &RelayOptions<'_>,
     force_close: &mut tokio::sync::watch::Receiver<bool>,
@@ -385,6 +626,7 @@ async fn transaction(
         return Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "server connection lost".into())));
     }
     let mut link = Link::new();
+    link.hold = hold_for_retry;
     if pending.is_empty() {
         match stream.try_read_buf(&mut backend.to_server) {
             // Gone before sending anything: the backend never saw it.
@@ -441,6 +683,15 @@ async fn transaction(
             )),
         ),
         Outcome::Shutdown => Ended::Discard(Some((SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down".into()))),
+        Outcome::Misrouted => {
+            if link.at_transaction_boundary_ignoring_output() {
+                backend.from_server.clear();
+                backend.to_server.clear();
+                Ended::Misrouted
+            } else {
+                Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "replica answer could not be retried".into())))
+            }
+        }
         Outcome::ServerGone(why) => {
             tracing::info!(pid = backend.pid, reason = %why, "server connection lost");
             Ended::Discard(Some((SqlState::CONNECTION_FAILURE, format!("server connection lost: {why}"))))

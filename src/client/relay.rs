@@ -100,6 +100,11 @@ pub struct Link {
     /// Reset the session (DISCARD ALL) before the backend serves anyone else.
     pub reset_session: bool,
     pin_reported: bool,
+    /// Routed to a replica with a retry possible: hold the server's answer
+    /// until it is clear the replica did not refuse a write (25006).
+    pub hold: bool,
+    /// The replica refused a write; its answer is held, not forwarded.
+    pub misrouted: bool,
 }
 
 impl Link {
@@ -125,6 +130,8 @@ impl Link {
             refused: None,
             reset_session: false,
             pin_reported: false,
+            hold: false,
+            misrouted: false,
         }
     }
 
@@ -143,6 +150,21 @@ impl Link {
             && self.server_ready == 0
             && self.expect.is_empty()
             && from_server.is_empty()
+    }
+
+    /// Like [`Link::at_transaction_boundary`], for a held answer that is
+    /// about to be dropped rather than forwarded.
+    pub fn at_transaction_boundary_ignoring_output(&self) -> bool {
+        self.pending_ready == 0
+            && !self.unsynced
+            && !self.copy_in
+            && !self.unpoolable
+            && self.status == msg::IDLE
+            && self.client_body_remaining == 0
+            && !self.need_whole_frame
+            && self.server_scan.at_boundary()
+            && self.client_ready == 0
+            && self.expect.is_empty()
     }
 
     pub fn take_param_changes(&mut self) -> Vec<(String, String)> {
@@ -511,12 +533,39 @@ impl Link {
         registry: &Registry,
         prepared: &mut PreparedSet,
     ) -> Result<(), FrameError> {
-        let Link { server_scan, pending_ready, copy_in, status, unpoolable, param_changes, expect, drops, .. } = self;
+        let Link {
+            server_scan,
+            pending_ready,
+            copy_in,
+            status,
+            unpoolable,
+            param_changes,
+            expect,
+            drops,
+            hold,
+            misrouted,
+            ..
+        } = self;
         drops.clear();
         let used = server_scan.scan(
             &from_server[self.server_ready..],
             |t| matches!(t, tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE),
             |f| {
+                if *hold && !*misrouted {
+                    match f.tag {
+                        // Nothing the client can act on yet: keep holding.
+                        tag::PARSE_COMPLETE | tag::BIND_COMPLETE | b't' | b'n' | b'T' | tag::PARAMETER_STATUS => {}
+                        tag::ERROR_RESPONSE => {
+                            let err = f.body.map(msg::parse_error_fields).unwrap_or_default();
+                            if err.code == "25006" {
+                                *misrouted = true;
+                            } else {
+                                *hold = false;
+                            }
+                        }
+                        _ => *hold = false,
+                    }
+                }
                 match f.tag {
                     tag::PARSE_COMPLETE => match expect.pop_front() {
                         Some(Expect::Parse { forward, .. }) => {
@@ -662,6 +711,8 @@ pub enum Outcome {
     IdleInTransaction,
     /// Shutdown's grace period ran out.
     Shutdown,
+    /// A replica refused the request as a write (25006); nothing reached the client.
+    Misrouted,
 }
 
 pub struct RelayOptions<'a> {
@@ -708,7 +759,7 @@ pub async fn relay(
                     return Outcome::ServerGone(format!("write to server failed: {e}"));
                 }
             }
-            r = client.writable(), if link.server_ready > 0 => {
+            r = client.writable(), if link.server_ready > 0 && !link.hold => {
                 if r.and_then(|_| flush(client, from_server, &mut link.server_ready)).is_err() {
                     return Outcome::ClientGone;
                 }
@@ -720,7 +771,10 @@ pub async fn relay(
                         if let Err(e) = link.scan_server(from_server, Some(scope.client), scope.registry, prepared) {
                             return Outcome::ServerGone(format!("server sent a malformed message: {e}"));
                         }
-                        if flush(client, from_server, &mut link.server_ready).is_err() {
+                        if link.misrouted && link.pending_ready == 0 && link.server_scan.at_boundary() {
+                            return Outcome::Misrouted;
+                        }
+                        if !link.hold && flush(client, from_server, &mut link.server_ready).is_err() {
                             return Outcome::ClientGone;
                         }
                     }
@@ -733,6 +787,9 @@ pub async fn relay(
                     Ok(0) => return Outcome::ClientGone,
                     Ok(_) => {
                         idle_since = Instant::now();
+                        // More requests on the link: the held answer can no longer be retried alone.
+                        link.hold = false;
+                        link.misrouted = false;
                         if let Err(e) = link.scan_client(to_server, scope, prepared) {
                             return Outcome::ClientProtocol(e);
                         }

@@ -331,7 +331,10 @@ impl Pool {
 /// All pools of the process, created on first use.
 #[derive(Debug, Default)]
 pub struct Pools {
+    /// Toward each database's primary, by (database, user).
     pools: DashMap<(String, String), Arc<Pool>>,
+    /// Toward replicas, by (database, user, replica address).
+    replica_pools: DashMap<(String, String, String), Arc<Pool>>,
 }
 
 impl Pools {
@@ -341,6 +344,33 @@ impl Pools {
             return p.clone();
         }
         self.pools.entry(key).or_insert_with(|| Pool::new(PoolSettings::new(config, db, user))).clone()
+    }
+
+    /// The pool of `user` on `db`'s replica at `addr` (same sizes and timeouts as the primary's).
+    pub fn get_or_create_replica(
+        &self,
+        config: &Config,
+        db: &DatabaseConfig,
+        user: &UserConfig,
+        addr: &str,
+    ) -> Arc<Pool> {
+        let key = (db.name.clone(), user.name.clone(), addr.to_owned());
+        if let Some(p) = self.replica_pools.get(&key) {
+            return p.clone();
+        }
+        self.replica_pools
+            .entry(key)
+            .or_insert_with(|| {
+                let mut settings = PoolSettings::new(config, db, user);
+                addr.clone_into(&mut settings.addr);
+                Pool::new(settings)
+            })
+            .clone()
+    }
+
+    /// Replica pools, keyed by (database, user, address).
+    pub fn replicas(&self) -> Vec<((String, String, String), Arc<Pool>)> {
+        self.replica_pools.iter().map(|e| (e.key().clone(), e.value().clone())).collect()
     }
 
     pub fn get(&self, db: &str, user: &str) -> Option<Arc<Pool>> {
@@ -366,14 +396,16 @@ impl Pools {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            for (_, pool) in self.all() {
+            let replicas = self.replicas().into_iter().map(|(_, p)| p);
+            for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas) {
                 pool.maintain().await;
             }
         }
     }
 
     pub fn close_idle(&self) {
-        for (_, pool) in self.all() {
+        let replicas = self.replicas().into_iter().map(|(_, p)| p);
+        for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas) {
             pool.close_idle();
         }
     }
