@@ -112,7 +112,12 @@ impl<B: Aged> Inner<B> {
     /// A reload's new sizes and ages. Growing hands the new slots to waiting
     /// clients at once; shrinking closes surplus idle backends now (returned
     /// for the caller to close) and busy ones as they come back ([`Inner::put`]).
-    pub fn reconfigure(&mut self, pool_size: usize, lifetime: Duration, idle_timeout: Duration) -> Vec<(B, CloseReason)> {
+    pub fn reconfigure(
+        &mut self,
+        pool_size: usize,
+        lifetime: Duration,
+        idle_timeout: Duration,
+    ) -> Vec<(B, CloseReason)> {
         self.pool_size = pool_size;
         self.lifetime = lifetime;
         self.idle_timeout = idle_timeout;
