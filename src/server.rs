@@ -179,7 +179,7 @@ async fn serve(
     });
     // Scrapes keep working during the drain; they stop when `run` returns.
     let metrics = metrics.map(|l| tokio::spawn(crate::admin::metrics::serve(l, shared.clone())));
-    let sighup = shared.config_path.is_some().then(|| tokio::spawn(reload_on_sighup(shared.clone())));
+    let sighup = shared.config_path.is_some().then(|| reload_on_sighup(shared.clone()));
 
     tokio::pin!(shutdown);
     tokio::select! {
@@ -258,20 +258,26 @@ impl ClientSlots {
     }
 }
 
-/// Reloads on every SIGHUP until aborted. Errors are logged and counted by `reload`.
-async fn reload_on_sighup(shared: Arc<Shared>) {
+/// Reloads on every SIGHUP until the returned task is aborted. The handler
+/// is installed before this returns, so a SIGHUP sent once pgmux accepts
+/// clients can never take the default action (terminate). Errors are logged
+/// and counted by `reload`.
+fn reload_on_sighup(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with the admin console's RELOAD");
-            return;
+    let hup = signal(SignalKind::hangup());
+    tokio::spawn(async move {
+        let mut hup = match hup {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with the admin console's RELOAD");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let _ = shared.reload();
         }
-    };
-    while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading the configuration");
-        let _ = shared.reload();
-    }
+    })
 }
 
 async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
