@@ -11,5 +11,6 @@ pub mod config;
 pub mod demo;
 pub mod pool;
 pub mod protocol;
+pub mod reload;
 pub mod routing;
 pub mod server;

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config)) {
+            match runtime.block_on(serve(config, cli.config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pgmux: {e}");
@@ -86,8 +86,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Arc<Config>) -> std::io::Result<()> {
+async fn serve(config: Arc<Config>, path: PathBuf) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.proxy.listen).await?;
     tracing::info!(listen = %config.proxy.listen, "pgmux listening");
-    pgmux::server::run(config, listener, pgmux::server::shutdown_signal()).await
+    // SIGHUP and the admin console's RELOAD re-read this file.
+    let options = pgmux::server::ServerOptions { config_path: Some(path), metrics: None };
+    pgmux::server::run_with(config, listener, pgmux::server::shutdown_signal(), options).await
 }

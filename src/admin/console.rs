@@ -16,6 +16,7 @@ use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::frame::split_frame;
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::tag;
+use crate::reload::ReloadError;
 use crate::server::Shared;
 
 /// Console commands are short; anything longer is refused.
@@ -126,8 +127,8 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "RELOAD",
         arg: Arg::None,
-        help: "not supported yet",
-        run: |_, _| Reply::Error(SqlState::FEATURE_NOT_SUPPORTED, "RELOAD is not supported yet".into()),
+        help: "re-read the configuration file, as on SIGHUP; errors leave the current one in force",
+        run: reload,
     },
 ];
 
@@ -172,6 +173,20 @@ fn resume(s: &Shared, db: Option<&str>) -> Reply {
     match s.pause.resume(db.map(identifier)) {
         Ok(()) => Reply::Done("RESUME"),
         Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
+    }
+}
+
+fn reload(s: &Shared, _: Option<&str>) -> Reply {
+    match s.reload() {
+        Ok(r) => {
+            let mut notices = r.needs_restart;
+            if !r.changes.is_empty() {
+                notices.push(format!("changed: {}", r.changes.join("; ")));
+            }
+            Reply::Notices(notices, "RELOAD")
+        }
+        Err(e @ ReloadError::NoConfigFile) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string()),
+        Err(e @ ReloadError::Invalid(_)) => Reply::Error(SqlState::CONFIG_FILE_ERROR, e.to_string()),
     }
 }
 

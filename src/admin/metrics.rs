@@ -218,6 +218,16 @@ pub fn render(shared: &Shared) -> String {
     let timeouts: u64 = views.iter().map(|v| v.pool.counters().wait_timeouts.load(Ordering::Relaxed)).sum();
     sample(&mut out, "pgmux_pool_wait_timeouts_total", &[], timeouts);
 
+    header(
+        &mut out,
+        "pgmux_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP, admin RELOAD): applied (ok) or refused for an unreadable or invalid file (failed).",
+    );
+    for (result, n) in [("ok", &shared.stats.reloads_ok), ("failed", &shared.stats.reloads_failed)] {
+        sample(&mut out, "pgmux_config_reloads_total", &[("result", result)], n.load(Ordering::Relaxed));
+    }
+
     out
 }
 

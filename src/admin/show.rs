@@ -381,13 +381,15 @@ pub fn version() -> ResultSet {
 }
 
 /// `key, value, default, changeable` for every `[proxy]` and `[routing]` key.
-/// Nothing is changeable at run time yet (no SET, no RELOAD).
+/// Changeable means a reload (SIGHUP, RELOAD) applies it; the listening
+/// addresses need a restart.
 pub fn config(shared: &Shared) -> ResultSet {
     let mut rs = ResultSet::new(&["key", "value", "default", "changeable"]);
     let current = config_values(&shared.config());
     let defaults = config_values(&Config::parse("", "defaults").expect("an empty config is valid"));
     for ((key, value), (_, default)) in current.into_iter().zip(defaults) {
-        rs.push(vec![key.into(), value, default, "no".into()]);
+        let changeable = if matches!(key, "proxy.listen" | "proxy.metrics_listen") { "no" } else { "yes" };
+        rs.push(vec![key.into(), value, default, changeable.into()]);
     }
     rs
 }
@@ -395,7 +397,7 @@ pub fn config(shared: &Shared) -> ResultSet {
 /// The `[proxy]` and `[routing]` settings as proxy.toml spells them. Every key
 /// is listed by hand: a new setting must be added here to be shown. None of
 /// these sections holds a password; `[[users]]` is never printed.
-fn config_values(c: &Config) -> Vec<(&'static str, String)> {
+pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
     let p = &c.proxy;
     let r = &c.routing;
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();

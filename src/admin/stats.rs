@@ -13,4 +13,8 @@ pub struct Stats {
     pub pinned: [AtomicU64; 5],
     /// Statements refused under `on_session_state = "error"`, same indexing.
     pub session_state_refused: [AtomicU64; 5],
+    /// Configuration reloads (SIGHUP, RELOAD) that were applied.
+    pub reloads_ok: AtomicU64,
+    /// Configuration reloads refused (unreadable or invalid file).
+    pub reloads_failed: AtomicU64,
 }

@@ -42,6 +42,9 @@ pub struct Backend {
     pub to_server: BytesMut,
     /// The prepared statements this server session holds.
     pub prepared: PreparedSet,
+    /// The pool's target generation when this backend was opened (see
+    /// [`super::inner::Inner::generation`]); set by the pool.
+    pub generation: u64,
     /// How many of `params` came with the login; later ones were set by pgmux
     /// on a client's behalf and are reset for clients that never set them.
     login_params: usize,
@@ -53,6 +56,9 @@ impl Aged for Backend {
     }
     fn last_used(&self) -> Instant {
         self.last_used
+    }
+    fn generation(&self) -> u64 {
+        self.generation
     }
 }
 
@@ -85,6 +91,7 @@ impl Backend {
                 from_server: BytesMut::with_capacity(INITIAL_BUFFER),
                 to_server: BytesMut::with_capacity(INITIAL_BUFFER),
                 prepared: PreparedSet::default(),
+                generation: 0,
                 login_params: hello.params.len(),
                 params: hello.params,
             })

@@ -42,6 +42,10 @@ pub enum CloseReason {
     LifetimeOver,
     IdleTooLong,
     PoolShrunk,
+    /// A reload changed the pool's server or database: it belongs to the old target.
+    Retargeted,
+    /// A reload removed the pool's database or user.
+    Retired,
     Dirty,
     Dead,
 }
@@ -52,16 +56,20 @@ impl std::fmt::Display for CloseReason {
             CloseReason::LifetimeOver => "server_lifetime over",
             CloseReason::IdleTooLong => "server_idle_timeout over",
             CloseReason::PoolShrunk => "pool_size reduced",
+            CloseReason::Retargeted => "database target changed by a reload",
+            CloseReason::Retired => "database or user removed by a reload",
             CloseReason::Dirty => "connection left in an unknown state",
             CloseReason::Dead => "connection closed by the server",
         })
     }
 }
 
-/// Anything the pool holds: it only needs to know ages.
+/// Anything the pool holds: it only needs to know ages, and which target
+/// (see [`Inner::generation`]) it was opened for.
 pub trait Aged {
     fn created(&self) -> Instant;
     fn last_used(&self) -> Instant;
+    fn generation(&self) -> u64;
 }
 
 #[derive(Debug)]
@@ -69,6 +77,12 @@ pub struct Inner<B> {
     pub pool_size: usize,
     pub lifetime: Duration,
     pub idle_timeout: Duration,
+    /// Bumped when a reload changes the pool's target (server, database):
+    /// backends of an older generation are closed when they come back.
+    generation: u64,
+    /// Set when a reload removes the pool's database or user: every backend
+    /// is closed when it comes back; no new client reaches this pool.
+    retired: bool,
     /// Most recently returned last: taken from the back (warm caches, and the
     /// front ages out under `idle_timeout`).
     idle: VecDeque<B>,
@@ -79,7 +93,57 @@ pub struct Inner<B> {
 
 impl<B: Aged> Inner<B> {
     pub fn new(pool_size: usize, lifetime: Duration, idle_timeout: Duration) -> Self {
-        Inner { pool_size, lifetime, idle_timeout, idle: VecDeque::new(), open: 0, waiters: VecDeque::new() }
+        Inner {
+            pool_size,
+            lifetime,
+            idle_timeout,
+            generation: 0,
+            retired: false,
+            idle: VecDeque::new(),
+            open: 0,
+            waiters: VecDeque::new(),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A reload's new sizes and ages. Growing hands the new slots to waiting
+    /// clients at once; shrinking closes surplus idle backends now (returned
+    /// for the caller to close) and busy ones as they come back ([`Inner::put`]).
+    pub fn reconfigure(
+        &mut self,
+        pool_size: usize,
+        lifetime: Duration,
+        idle_timeout: Duration,
+    ) -> Vec<(B, CloseReason)> {
+        self.pool_size = pool_size;
+        self.lifetime = lifetime;
+        self.idle_timeout = idle_timeout;
+        let mut out = Vec::new();
+        // Oldest returned first: the most recently used (warmest) stay.
+        while self.open > self.pool_size {
+            let Some(b) = self.idle.pop_front() else { break };
+            self.open -= 1;
+            out.push((b, CloseReason::PoolShrunk));
+        }
+        self.grant_slots();
+        out
+    }
+
+    /// A reload changed the target: idle backends (returned) and busy ones
+    /// (when they come back) belong to the old one and are closed.
+    pub fn retarget(&mut self) -> Vec<(B, CloseReason)> {
+        self.generation += 1;
+        self.drain_idle().into_iter().map(|b| (b, CloseReason::Retargeted)).collect()
+    }
+
+    /// A reload removed the pool's database or user: close the idle backends
+    /// (returned) and every other one as it comes back.
+    pub fn retire(&mut self) -> Vec<(B, CloseReason)> {
+        self.retired = true;
+        self.drain_idle().into_iter().map(|b| (b, CloseReason::Retired)).collect()
     }
 
     pub fn open(&self) -> usize {
@@ -136,6 +200,18 @@ impl<B: Aged> Inner<B> {
 
     /// A clean backend comes back. Returns it when the caller must close it.
     pub fn put(&mut self, mut b: B, now: Instant) -> Option<(B, CloseReason)> {
+        let stale = if self.retired {
+            Some(CloseReason::Retired)
+        } else if b.generation() != self.generation {
+            Some(CloseReason::Retargeted)
+        } else {
+            None
+        };
+        if let Some(reason) = stale {
+            self.open -= 1;
+            self.grant_slots();
+            return Some((b, reason));
+        }
         if self.open > self.pool_size {
             self.open -= 1;
             self.grant_slots();
@@ -224,6 +300,7 @@ mod tests {
         id: u32,
         created: Instant,
         used: Instant,
+        generation: u64,
     }
 
     impl Aged for Fake {
@@ -233,10 +310,13 @@ mod tests {
         fn last_used(&self) -> Instant {
             self.used
         }
+        fn generation(&self) -> u64 {
+            self.generation
+        }
     }
 
     fn fake(id: u32, t: Instant) -> Fake {
-        Fake { id, created: t, used: t }
+        Fake { id, created: t, used: t, generation: 0 }
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -337,5 +417,67 @@ mod tests {
         assert_eq!(p.open(), 1);
         assert_eq!(p.reserve_for_min(3), 2);
         assert_eq!(p.open(), 3);
+    }
+
+    #[test]
+    fn growing_grants_slots_to_waiters() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
+        let mut ex = Vec::new();
+        assert!(matches!(p.take(t, &mut ex), Take::Create));
+        let Take::Wait(mut a) = p.take(t, &mut ex) else { panic!() };
+        let Take::Wait(mut b) = p.take(t, &mut ex) else { panic!() };
+        assert!(p.reconfigure(3, HOUR, HOUR).is_empty());
+        assert!(matches!(a.try_recv(), Ok(Grant::Slot)));
+        assert!(matches!(b.try_recv(), Ok(Grant::Slot)));
+        assert_eq!(p.open(), 3);
+    }
+
+    #[test]
+    fn shrinking_closes_idle_surplus_now_and_busy_on_return() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(4, HOUR, HOUR);
+        for _ in 0..4 {
+            p.take(t, &mut Vec::new());
+        }
+        for i in 0..3 {
+            assert!(p.put(fake(i, t), t).is_none());
+        }
+        // 3 idle, 1 busy; shrink to 1: all 3 idle go now, the busy one is the survivor.
+        let closed = p.reconfigure(1, HOUR, HOUR);
+        assert_eq!(closed.iter().map(|c| c.0.id).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(p.open(), 1);
+        assert!(p.put(fake(3, t), t).is_none());
+        // Shrink below what is busy: the idle survivor stays until it is over size.
+        let mut p = Inner::<Fake>::new(3, HOUR, HOUR);
+        for _ in 0..3 {
+            p.take(t, &mut Vec::new());
+        }
+        assert!(p.reconfigure(1, HOUR, HOUR).is_empty());
+        assert_eq!(p.put(fake(1, t), t).map(|x| x.1), Some(CloseReason::PoolShrunk));
+        assert_eq!(p.put(fake(2, t), t).map(|x| x.1), Some(CloseReason::PoolShrunk));
+        assert!(p.put(fake(3, t), t).is_none());
+    }
+
+    #[test]
+    fn retarget_closes_old_generation_and_retire_closes_all() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(3, HOUR, HOUR);
+        for _ in 0..3 {
+            p.take(t, &mut Vec::new());
+        }
+        assert!(p.put(fake(1, t), t).is_none());
+        let closed = p.retarget();
+        assert_eq!((closed.len(), closed[0].1), (1, CloseReason::Retargeted));
+        assert_eq!(p.put(fake(2, t), t).map(|x| x.1), Some(CloseReason::Retargeted));
+        let fresh = Fake { generation: p.generation(), ..fake(3, t) };
+        assert!(p.put(fresh, t).is_none());
+        assert_eq!(p.open(), 1);
+        let closed = p.retire();
+        assert_eq!((closed.len(), closed[0].1), (1, CloseReason::Retired));
+        assert_eq!(p.open(), 0);
+        assert!(matches!(p.take(t, &mut Vec::new()), Take::Create));
+        let fresh = Fake { generation: p.generation(), ..fake(4, t) };
+        assert_eq!(p.put(fresh, t).map(|x| x.1), Some(CloseReason::Retired));
     }
 }

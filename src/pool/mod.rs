@@ -11,9 +11,10 @@ pub mod inner;
 pub mod statements;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
 pub use backend::Backend;
@@ -46,9 +47,9 @@ impl PoolError {
     }
 }
 
-/// Everything needed to open and size the backends of one pool; fixed at
-/// creation (a reload builds new settings).
-#[derive(Debug, Clone)]
+/// Everything needed to open and size the backends of one pool. A reload
+/// builds new settings and hands them to [`Pool::update`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSettings {
     pub addr: String,
     pub dbname: String,
@@ -118,7 +119,8 @@ pub struct PoolCounters {
 
 #[derive(Debug)]
 pub struct Pool {
-    settings: PoolSettings,
+    /// Read lock-free on every checkout; replaced whole by a reload.
+    settings: ArcSwap<PoolSettings>,
     inner: Mutex<Inner<Backend>>,
     /// ParameterStatus values of the first backend ever opened, announced to
     /// clients at login (pgmux answers logins without holding a backend).
@@ -134,7 +136,7 @@ impl Pool {
     pub fn new(settings: PoolSettings) -> Arc<Pool> {
         let inner = Inner::new(settings.pool_size, settings.lifetime, settings.idle_timeout);
         Arc::new(Pool {
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             inner: Mutex::new(inner),
             server_params: Mutex::new(None),
             counters: PoolCounters::default(),
@@ -143,8 +145,51 @@ impl Pool {
         })
     }
 
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
+    /// The settings in force (a reload may replace them at any time).
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.load_full()
+    }
+
+    /// Applies a reload's settings. Sizes and ages take effect at once
+    /// (waiting clients get new slots; surplus idle backends close now, busy
+    /// ones when they come back). A new server address, database or user
+    /// makes every current backend one of the old target: idle ones close
+    /// now, busy ones when they come back, and new ones go to the new target.
+    pub fn update(&self, new: PoolSettings) {
+        let old = self.settings.load_full();
+        if *old == new {
+            return;
+        }
+        let retarget = old.addr != new.addr || old.dbname != new.dbname || old.user != new.user;
+        let (pool_size, lifetime, idle_timeout) = (new.pool_size, new.lifetime, new.idle_timeout);
+        // Stored before the generation moves (under the lock), so that a
+        // backend stamped with the new generation was opened with these settings.
+        self.settings.store(Arc::new(new));
+        let mut closed = {
+            let mut inner = self.lock();
+            let mut closed = if retarget { inner.retarget() } else { Vec::new() };
+            closed.extend(inner.reconfigure(pool_size, lifetime, idle_timeout));
+            closed
+        };
+        if retarget {
+            // Re-learned from the new server by the next login.
+            *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        for (b, reason) in closed.drain(..) {
+            tracing::debug!(pid = b.pid, %reason, "closing server connection");
+            b.close();
+        }
+    }
+
+    /// A reload removed this pool's database or user: close its idle
+    /// backends now and every other one when it comes back. Clients still on
+    /// it keep working (each transaction opens a backend, closed after it).
+    pub fn retire(&self) {
+        let closed = self.lock().retire();
+        for (b, reason) in closed {
+            tracing::debug!(pid = b.pid, %reason, "closing server connection");
+            b.close();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<Backend>> {
@@ -197,7 +242,8 @@ impl Pool {
     }
 
     async fn checkout_inner(&self) -> Result<Backend, PoolError> {
-        let deadline = tokio::time::Instant::now() + self.settings.query_wait_timeout;
+        let wait = self.settings.load().query_wait_timeout;
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let mut expired = Vec::new();
             let take = self.lock().take(Instant::now(), &mut expired);
@@ -212,7 +258,7 @@ impl Pool {
                     Ok(Ok(grant)) => grant,
                     // The sender lives in `inner`, which outlives us: a dropped
                     // sender can only mean the pool is being torn down.
-                    Ok(Err(_)) => return Err(PoolError::Timeout(self.settings.query_wait_timeout)),
+                    Ok(Err(_)) => return Err(PoolError::Timeout(wait)),
                     Err(_) => {
                         // Something may have been granted between the timer
                         // firing and now: give it back rather than leak it.
@@ -222,7 +268,7 @@ impl Pool {
                             Ok(Grant::Slot) => self.lock().forget(),
                             Err(_) => {}
                         }
-                        return Err(PoolError::Timeout(self.settings.query_wait_timeout));
+                        return Err(PoolError::Timeout(wait));
                     }
                 },
             };
@@ -250,7 +296,9 @@ impl Pool {
     }
 
     async fn open_backend(&self) -> Result<Backend, PoolError> {
-        let s = &self.settings;
+        // Generation first, then settings: see `update`.
+        let generation = self.lock().generation();
+        let s = self.settings.load_full();
         let login = LoginParams {
             addr: &s.addr,
             user: &s.user,
@@ -258,7 +306,8 @@ impl Pool {
             password: s.password.as_deref(),
             connect_timeout: s.connect_timeout,
         };
-        let b = Backend::connect(&login).await?;
+        let mut b = Backend::connect(&login).await?;
+        b.generation = generation;
         tracing::debug!(pid = b.pid, addr = %s.addr, db = %s.dbname, user = %s.user, "server connection opened");
         let mut cached = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
         if cached.is_none() {
@@ -298,10 +347,11 @@ impl Pool {
 
     /// Periodic upkeep: close expired idle backends, keep `min_pool_size` open.
     pub async fn maintain(self: &Arc<Self>) {
+        let min = self.settings.load().min_pool_size;
         let (expired, to_open) = {
             let mut inner = self.lock();
-            let expired = inner.expire_idle(Instant::now(), self.settings.min_pool_size);
-            (expired, inner.reserve_for_min(self.settings.min_pool_size))
+            let expired = inner.expire_idle(Instant::now(), min);
+            (expired, inner.reserve_for_min(min))
         };
         for (b, reason) in expired {
             tracing::debug!(pid = b.pid, %reason, "closing idle server connection");
@@ -312,7 +362,7 @@ impl Pool {
                 Ok(b) => self.checkin(b),
                 Err(e) => {
                     self.lock().forget();
-                    tracing::warn!(addr = %self.settings.addr, error = %e, "could not open a min_pool_size connection");
+                    tracing::warn!(addr = %self.settings.load().addr, error = %e, "could not open a min_pool_size connection");
                     break;
                 }
             }
@@ -335,15 +385,57 @@ pub struct Pools {
     pools: DashMap<(String, String), Arc<Pool>>,
     /// Toward replicas, by (database, user, replica address).
     replica_pools: DashMap<(String, String, String), Arc<Pool>>,
+    /// The configuration of the last [`Pools::reconfigure`]. Pools are
+    /// created under its read lock and reconfigured under its write lock, so
+    /// a login that began before a reload cannot add a pool with old settings
+    /// after the reload went over the pools.
+    reloaded: RwLock<Option<Arc<Config>>>,
 }
 
 impl Pools {
+    /// The pool of (`db`, `user`), created with `config`'s settings if it
+    /// does not exist yet (or with a reload's, if one happened since `config`
+    /// was read; a database or user that reload removed gets a retired pool
+    /// of its own, which serves that one client and is not kept).
     pub fn get_or_create(&self, config: &Config, db: &DatabaseConfig, user: &UserConfig) -> Arc<Pool> {
         let key = (db.name.clone(), user.name.clone());
         if let Some(p) = self.pools.get(&key) {
             return p.clone();
         }
-        self.pools.entry(key).or_insert_with(|| Pool::new(PoolSettings::new(config, db, user))).clone()
+        let reloaded = self.reloaded.read().unwrap_or_else(|e| e.into_inner());
+        let current = reloaded.as_deref().unwrap_or(config);
+        match (current.database(&db.name), current.user(&user.name)) {
+            (Some(d), Some(u)) => {
+                self.pools.entry(key).or_insert_with(|| Pool::new(PoolSettings::new(current, d, u))).clone()
+            }
+            _ => {
+                let pool = Pool::new(PoolSettings::new(config, db, user));
+                pool.retire();
+                pool
+            }
+        }
+    }
+
+    /// Applies a reloaded configuration to every pool: new settings for
+    /// those whose database and user remain, retirement for the others
+    /// (removed from the map, so new logins never reach them), and warm
+    /// pools for new databases with `min_pool_size`.
+    pub fn reconfigure(&self, config: &Arc<Config>) {
+        {
+            let mut reloaded = self.reloaded.write().unwrap_or_else(|e| e.into_inner());
+            *reloaded = Some(config.clone());
+            for ((db, user), pool) in self.all() {
+                match (config.database(&db), config.user(&user)) {
+                    (Some(d), Some(u)) => pool.update(PoolSettings::new(config, d, u)),
+                    _ => {
+                        tracing::info!(database = %db, user = %user, "pool retired: its database or user was removed");
+                        self.pools.remove(&(db, user));
+                        pool.retire();
+                    }
+                }
+            }
+        }
+        self.prewarm(config);
     }
 
     /// The pool of `user` on `db`'s replica at `addr` (same sizes and timeouts as the primary's).

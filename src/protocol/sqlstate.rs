@@ -29,6 +29,8 @@ impl SqlState {
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
     pub const DATA_EXCEPTION: SqlState = SqlState("22000");
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
+    /// RELOAD with an unreadable or invalid configuration file.
+    pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
     /// Unknown admin console command.
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
 
@@ -58,6 +60,7 @@ impl SqlState {
         Self::INVALID_PARAMETER_VALUE,
         Self::DATA_EXCEPTION,
         Self::OBJECT_NOT_IN_PREREQUISITE_STATE,
+        Self::CONFIG_FILE_ERROR,
         Self::SYNTAX_ERROR,
     ];
 

@@ -1,6 +1,7 @@
 //! pgmux itself, run in-process on `127.0.0.1:0` in front of the shared cluster.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,16 +83,25 @@ pub fn admin_config(cluster: &Cluster, pool_size: usize, proxy_extra: &str) -> S
 impl Proxy {
     /// Starts pgmux with `toml` on a fresh loopback port.
     pub async fn start(toml: &str) -> Proxy {
-        Proxy::launch(toml, false).await
+        Proxy::launch(toml, false, None).await
     }
 
     /// Like [`Proxy::start`], with `/metrics` on another fresh loopback port.
     pub async fn start_with_metrics(toml: &str) -> Proxy {
-        Proxy::launch(toml, true).await
+        Proxy::launch(toml, true, None).await
     }
 
-    async fn launch(toml: &str, with_metrics: bool) -> Proxy {
-        let config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+    /// Starts pgmux from the config file at `path` (its `listen` is ignored:
+    /// a fresh loopback port is used), so that the admin console's RELOAD and
+    /// SIGHUP re-read it. `/metrics` is on another fresh port.
+    pub async fn start_file(path: &Path) -> Proxy {
+        let toml = std::fs::read_to_string(path).expect("read the test config file");
+        Proxy::launch(&toml, true, Some(path)).await
+    }
+
+    async fn launch(toml: &str, with_metrics: bool, path: Option<&Path>) -> Proxy {
+        let origin = path.map_or("test.toml".to_owned(), |p| p.display().to_string());
+        let config = Config::parse(toml, &origin).unwrap_or_else(|e| panic!("test config is invalid: {e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound address");
         let metrics_listener = if with_metrics {
@@ -101,9 +111,19 @@ impl Proxy {
         };
         let metrics = metrics_listener.as_ref().map(|l| l.local_addr().expect("bound address"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(pgmux::server::run_with_metrics(Arc::new(config), listener, metrics_listener, async {
+        let stopped = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = match path {
+            None => {
+                tokio::spawn(pgmux::server::run_with_metrics(Arc::new(config), listener, metrics_listener, stopped))
+            }
+            Some(p) => {
+                let options =
+                    pgmux::server::ServerOptions { config_path: Some(p.to_owned()), metrics: metrics_listener };
+                tokio::spawn(pgmux::server::run_with(Arc::new(config), listener, stopped, options))
+            }
+        };
         Proxy { addr, metrics, stop: Some(stop), task: Some(task) }
     }
 
