@@ -338,10 +338,17 @@ async fn show_databases_config_replicas_version_and_help() {
     assert!(!config.rows.iter().flatten().any(|v| v.contains("password") || v.contains(APP.1)));
 
     let replicas = show(&proxy, "REPLICAS").await;
-    assert_eq!(replicas.columns, ["database", "host", "port", "weight", "state"]);
-    let r = replicas.one("database", DB);
+    assert_eq!(
+        replicas.columns,
+        ["database", "node", "role", "host", "port", "weight", "state", "lsn", "lag_bytes", "lag_ms", "in_rotation"]
+    );
+    let r = replicas.one("role", "replica");
+    assert_eq!(replicas.get(r, "database"), DB);
     assert_eq!(replicas.get(r, "port"), cluster.replicas()[0].port().to_string());
-    assert_eq!((replicas.get(r, "weight"), replicas.get(r, "state")), ("1", "unmonitored"));
+    assert_eq!(replicas.get(r, "weight"), "1");
+    // Monitors start with the database's first routed client, and report within a few intervals.
+    assert!(["unmonitored", "up", "down"].contains(&replicas.get(r, "state")), "{replicas:?}");
+    assert_eq!(replicas.get(replicas.one("role", "primary"), "port"), cluster.primary().port().to_string());
 
     let version = show(&proxy, "VERSION").await;
     assert_eq!(version.columns, ["version"]);

@@ -182,6 +182,38 @@ pub fn render(shared: &Shared) -> String {
 
     header(
         &mut out,
+        "pgmux_routed_total",
+        "counter",
+        "Requests of databases with replicas, by where they went and why (read = served by a replica).",
+    );
+    for reason in crate::routing::route::RouteReason::ALL {
+        sample(&mut out, "pgmux_routed_total", &[("reason", reason.as_str())], shared.routing.counted(reason));
+    }
+    header(
+        &mut out,
+        "pgmux_replica_lag_bytes",
+        "gauge",
+        "How far each monitored replica's replay is behind the primary's insert position.",
+    );
+    let nodes = shared.routing.nodes();
+    for ((db, addr), node) in &nodes {
+        let v = node.view();
+        if !v.in_recovery {
+            continue;
+        }
+        let primary = nodes.iter().find(|((d, _), n)| d == db && !n.view().in_recovery && n.view().healthy);
+        if let Some((_, p)) = primary {
+            let lag = p.view().lsn.saturating_sub(v.lsn);
+            sample(&mut out, "pgmux_replica_lag_bytes", &[("database", db), ("node", addr)], lag);
+        }
+    }
+    header(&mut out, "pgmux_node_up", "gauge", "1 when a monitored node answered its last health check.");
+    for ((db, addr), node) in &nodes {
+        sample(&mut out, "pgmux_node_up", &[("database", db), ("node", addr)], u64::from(node.view().healthy));
+    }
+
+    header(
+        &mut out,
         "pgmux_pinned_clients_total",
         "counter",
         "Clients pinned to their server connection for the rest of their session, by the session state that required it.",

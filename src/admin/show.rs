@@ -363,12 +363,77 @@ pub fn databases(shared: &Shared) -> ResultSet {
 
 pub fn replicas(shared: &Shared) -> ResultSet {
     let config = shared.config();
-    let mut rs = ResultSet::new(&["database", "host", "port", "weight", "state"]);
+    let mut rs = ResultSet::new(&[
+        "database",
+        "node",
+        "role",
+        "host",
+        "port",
+        "weight",
+        "state",
+        "lsn",
+        "lag_bytes",
+        "lag_ms",
+        "in_rotation",
+    ]);
+    let nodes = shared.routing.nodes();
+    let view_of = |db: &str, addr: &str| nodes.iter().find(|((d, a), _)| d == db && a == addr).map(|(_, n)| n.view());
     for db in &config.databases {
+        let primary = view_of(&db.name, &db.primary);
+        let mut row = |role: &str, addr: &str, weight: u32| {
+            let (host, port) = split_host_port(addr);
+            let view = view_of(&db.name, addr);
+            let (state, lsn, lag_bytes, lag_ms, rotation) = match view {
+                // Monitors start with a database's first routed client.
+                None => ("unmonitored".to_owned(), String::new(), String::new(), String::new(), "no".to_owned()),
+                Some(v) => {
+                    let lag = primary.filter(|p| p.healthy && role == "replica").map(|p| p.lsn.saturating_sub(v.lsn));
+                    let r = &config.routing;
+                    let why_not = if !v.healthy {
+                        Some("down")
+                    } else if role == "replica" && !v.in_recovery {
+                        Some("not in recovery")
+                    } else if role == "replica"
+                        && (v.replay_delay > r.max_replica_lag
+                            || r.max_replica_lag_bytes.zip(lag).is_some_and(|(max, l)| l > max))
+                    {
+                        Some("lagging")
+                    } else {
+                        None
+                    };
+                    (
+                        if v.healthy { "up" } else { "down" }.to_owned(),
+                        format!("{:X}/{:X}", v.lsn >> 32, v.lsn & 0xffff_ffff),
+                        lag.map(|l| l.to_string()).unwrap_or_default(),
+                        if role == "replica" { v.replay_delay.as_millis().to_string() } else { String::new() },
+                        match (role, why_not) {
+                            ("primary", _) => "primary".to_owned(),
+                            (_, None) => "yes".to_owned(),
+                            (_, Some(why)) => format!("no ({why})"),
+                        },
+                    )
+                }
+            };
+            rs.push(vec![
+                db.name.clone(),
+                addr.to_owned(),
+                role.to_owned(),
+                host,
+                port,
+                weight.to_string(),
+                state,
+                lsn,
+                lag_bytes,
+                lag_ms,
+                rotation,
+            ]);
+        };
+        if db.replicas.is_empty() {
+            continue;
+        }
+        row("primary", &db.primary, 0);
         for r in &db.replicas {
-            let (host, port) = split_host_port(r.addr());
-            // No replica monitor yet: pgmux does not know their health or lag.
-            rs.push(vec![db.name.clone(), host, port, r.weight().to_string(), "unmonitored".into()]);
+            row("replica", r.addr(), r.weight());
         }
     }
     rs

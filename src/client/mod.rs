@@ -517,15 +517,42 @@ async fn run_session(
         .await;
         key.slot.set(None);
         info.released(); // admin hook
-        if let (Some((intent, route)), Some(routing)) = (decided, &session.routing)
-            && route.target == Target::Primary
-            && matches!(intent, Intent::Write | Intent::Transaction | Intent::HintPrimary)
-        {
+        let wrote = matches!(
+            (decided, &session.routing),
+            (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, route)), Some(_)) if route.target == Target::Primary
+        );
+        if wrote && !matches!(outcome, Ended::Clean) {
             // Read-your-writes: this scope's reads now need a replica that
             // replayed past a primary position sampled after this moment.
-            routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).wrote(std::time::Instant::now());
+            if let Some(routing) = &session.routing {
+                routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).wrote(std::time::Instant::now());
+            }
         }
         match outcome {
+            Ended::Clean if wrote => {
+                // The primary's insert position, read on the same session right
+                // after the commit, is exactly what a replica must have replayed.
+                // One round trip before the backend goes back, invisible to the client.
+                let now = std::time::Instant::now();
+                let lsn = backend.query_row("SELECT pg_catalog.pg_current_wal_insert_lsn()").await;
+                let routing = session.routing.as_ref().expect("wrote implies routing");
+                let mut sticky = routing.sticky.lock().unwrap_or_else(|e| e.into_inner());
+                match lsn {
+                    Ok((row, None)) => {
+                        match row.first().and_then(|v| v.as_deref()).and_then(crate::routing::monitor::parse_lsn) {
+                            Some(l) => sticky.wrote_at_lsn(now, l),
+                            None => sticky.wrote(now),
+                        }
+                        drop(sticky);
+                        pool.checkin(backend);
+                    }
+                    _ => {
+                        sticky.wrote(now);
+                        drop(sticky);
+                        pool.discard(backend, CloseReason::Dirty);
+                    }
+                }
+            }
             Ended::Clean => pool.checkin(backend),
             Ended::Misrouted => {
                 pool.checkin(backend);

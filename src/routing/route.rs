@@ -105,6 +105,13 @@ impl Sticky {
         self.need_lsn = None;
     }
 
+    /// A write committed and the primary's WAL insert position read on the
+    /// same session right after it: replicas past `lsn` have the write.
+    pub fn wrote_at_lsn(&mut self, now: Instant, lsn: u64) {
+        self.wrote_at = Some(now);
+        self.need_lsn = Some(self.need_lsn.map_or(lsn, |l| l.max(lsn)));
+    }
+
     /// What a read of this scope needs now.
     fn requirement(&mut self, policy: &Policy, primary: &NodeView, now: Instant) -> Requirement {
         let Some(wrote_at) = self.wrote_at else { return Requirement::Any };
