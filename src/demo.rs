@@ -76,7 +76,7 @@ async fn demo(bins: PgBinaries, pgbench: PathBuf) -> Result<(), String> {
     tokio::pin!(server);
 
     println!(
-        "pgmux listening on {addr}: pool_size = {POOL_SIZE}, transaction pooling on the primary (the replica is configured; read routing is a later milestone)"
+        "pgmux listening on {addr}: pool_size = {POOL_SIZE}, transaction pooling, reads routed to the replica with read-your-writes"
     );
     println!();
     println!("DATABASE_URL=postgres://{USER}:{PASSWORD}@{addr}/{DB}");
