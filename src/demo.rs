@@ -236,7 +236,10 @@ fn summarize(label: &'static str, lines: &[String]) -> RunSummary {
 
 /// Records, per node, the highest `pg_stat_activity` count for user app seen so far.
 async fn sample_backends(nodes: [Node; 2], peaks: Arc<[AtomicU64; 2]>) {
-    let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{USER}'");
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{USER}' AND application_name <> '{}'",
+        crate::routing::monitor::MONITOR_APPLICATION_NAME
+    );
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;

@@ -68,6 +68,8 @@ pub struct LoginParams<'a> {
     pub dbname: &'a str,
     pub password: Option<&'a str>,
     pub connect_timeout: std::time::Duration,
+    /// Startup parameters beyond user and database (e.g. the monitors' application_name).
+    pub params: &'a [(&'a str, &'a str)],
 }
 
 impl Backend {
@@ -77,7 +79,7 @@ impl Backend {
             // Small request/response messages: never wait for Nagle.
             stream.set_nodelay(true).map_err(PoolError::Connect)?;
             let addr = stream.peer_addr().map_err(PoolError::Connect)?;
-            let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.password, &[])
+            let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.password, login.params)
                 .await
                 .map_err(PoolError::Login)?;
             let now = Instant::now();

@@ -305,6 +305,7 @@ impl Pool {
             dbname: &s.dbname,
             password: s.password.as_deref(),
             connect_timeout: s.connect_timeout,
+            params: &[],
         };
         let mut b = Backend::connect(&login).await?;
         b.generation = generation;

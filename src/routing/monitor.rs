@@ -66,6 +66,9 @@ impl NodeState {
     }
 }
 
+/// The `application_name` monitor sessions show in `pg_stat_activity`.
+pub const MONITOR_APPLICATION_NAME: &str = "pgmux monitor";
+
 /// How the monitor logs in.
 #[derive(Debug, Clone)]
 pub struct MonitorLogin {
@@ -131,6 +134,8 @@ async fn connect(addr: &str, login: &MonitorLogin) -> std::io::Result<crate::poo
         dbname: &login.dbname,
         password: login.password.as_deref(),
         connect_timeout: Duration::from_secs(2),
+        // Named, so operators (and pg_stat_activity queries) can tell it from pooled sessions.
+        params: &[("application_name", MONITOR_APPLICATION_NAME)],
     };
     crate::pool::Backend::connect(&params).await.map_err(std::io::Error::other)
 }
