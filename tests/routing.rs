@@ -292,3 +292,29 @@ async fn a_select_that_writes_is_retried_on_the_primary() {
     assert_eq!(err.code().map(|c| c.code()), Some("25006"));
     c.batch_execute("ROLLBACK").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_write_is_sent_to_a_primary_in_recovery() {
+    let cluster = cluster_of(prompt).await;
+    let standby = cluster.replicas()[0].host_port();
+    // Misconfigured (or mid-failover): the "primary" is a standby.
+    let toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[routing]\nmonitor_interval = \"10ms\"\n\
+         [[databases]]\nname = \"{DB}\"\nprimary = \"{standby}\"\nreplicas = [\"{standby}\"]\n\
+         [[users]]\nname = \"{}\"\npassword = \"{}\"\n",
+        APP.0, APP.1
+    );
+    let proxy = Proxy::start(&toml).await;
+    let c = proxy.app().await;
+    eventually(Duration::from_secs(10), "pgmux refuses the write itself", || async {
+        match c.simple_query("UPDATE kv SET v = v WHERE id = 1").await {
+            Err(e) => e
+                .as_db_error()
+                .is_some_and(|d| d.code().code() == "25006" && d.message().contains("pgmux does not send writes")),
+            Ok(_) => panic!("a write succeeded on a standby"),
+        }
+    })
+    .await;
+    // Reads still work, and the connection is still usable.
+    assert_eq!(row(&c.simple_query("SELECT 1, 2").await.unwrap())[0], "1");
+}

@@ -460,6 +460,23 @@ async fn run_session(
                 *route = Route::primary(RouteReason::MisrouteRetry);
             }
         }
+        // Never send a write to a node in recovery (a demoted or not yet promoted primary).
+        if let (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, _)), Some(routing)) =
+            (&decided, &session.routing)
+        {
+            let primary = routing.primary_node.view();
+            if primary.healthy && primary.in_recovery {
+                tracing::warn!(addr = %routing.primary_node.addr, "the configured primary is in recovery; refusing a write");
+                let text = format!(
+                    "the primary {} is in recovery: pgmux does not send writes to it",
+                    routing.primary_node.addr
+                );
+                if !reject_request(stream, &mut pending, SqlState::READ_ONLY_TRANSACTION, &text).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
         // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
         if let Some(why) = info.wait_turn(&shared.pause, &session.database, &mut draining).await {
             return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await;

@@ -5,6 +5,7 @@ pub struct SqlState(pub &'static str);
 
 impl SqlState {
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    pub const READ_ONLY_TRANSACTION: SqlState = SqlState("25006");
     pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
     pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
