@@ -318,3 +318,66 @@ async fn no_write_is_sent_to_a_primary_in_recovery() {
     // Reads still work, and the connection is still usable.
     assert_eq!(row(&c.simple_query("SELECT 1, 2").await.unwrap())[0], "1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_scope_shares_read_your_writes_across_connections() {
+    let cluster = cluster_of(delayed).await;
+    let replica_port = cluster.replicas()[0].port().to_string();
+    // Connection scope: a second connection that never wrote reads the 500 ms-late replica.
+    let per_connection = proxy(cluster, "sticky_scope = \"connection\"").await;
+    let (writer, reader) = (per_connection.app().await, per_connection.app().await);
+    eventually(Duration::from_secs(10), "replica in rotation", || async {
+        row(&reader.simple_query("SELECT inet_server_port()").await.unwrap())[0] == replica_port
+    })
+    .await;
+    let mut stale = 0;
+    for n in 1..=5 {
+        writer.simple_query(&format!("UPDATE kv SET v = {n} WHERE id = 60")).await.unwrap();
+        if row(&reader.simple_query("SELECT v FROM kv WHERE id = 60").await.unwrap())[0] != n.to_string() {
+            stale += 1;
+        }
+    }
+    assert!(stale > 0, "with connection scope another connection must be able to read stale data");
+    // User scope: a write by any connection of the user pins them all.
+    let per_user = proxy(cluster, "sticky_scope = \"user\"").await;
+    let (writer, reader) = (per_user.app().await, per_user.app().await);
+    for n in 11..=15 {
+        writer.simple_query(&format!("UPDATE kv SET v = {n} WHERE id = 61")).await.unwrap();
+        assert_eq!(row(&reader.simple_query("SELECT v FROM kv WHERE id = 61").await.unwrap())[0], n.to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_commit_still_never_misses_a_write() {
+    let cluster = cluster_of(prompt).await;
+    let replica_port = cluster.replicas()[0].port();
+    let proxy = proxy(cluster, "").await;
+    let mut tasks = Vec::new();
+    let violations = std::sync::Arc::new(AtomicUsize::new(0));
+    for id in 70..78 {
+        let c = proxy.app().await;
+        let violations = violations.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 1..=10 {
+                // WAL reaches the replica only when the WAL writer flushes it.
+                c.simple_query(&format!(
+                    "BEGIN; SET LOCAL synchronous_commit = off; UPDATE kv SET v = {n} WHERE id = {id}; COMMIT"
+                ))
+                .await
+                .unwrap();
+                let r = row(&c
+                    .simple_query(&format!("SELECT v, inet_server_port() FROM kv WHERE id = {id}"))
+                    .await
+                    .unwrap());
+                if r[0] != n.to_string() {
+                    violations.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = replica_port;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(violations.load(Ordering::Relaxed), 0);
+}

@@ -488,6 +488,22 @@ async fn run_session(
             }
             shared.routing.count(route.reason);
         }
+        // A write of a routed scope: its reads stay on the primary until the
+        // write is settled with its post-commit WAL position (or given up).
+        let write_scope = match (&decided, &session.routing) {
+            (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, route)), Some(routing))
+                if route.target == Target::Primary =>
+            {
+                routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).begin_write(std::time::Instant::now());
+                Some(routing.sticky.clone())
+            }
+            _ => None,
+        };
+        let settle = |lsn: Option<u64>| {
+            if let Some(sticky) = &write_scope {
+                sticky.lock().unwrap_or_else(|e| e.into_inner()).end_write(std::time::Instant::now(), lsn);
+            }
+        };
         let checked_out = match pool.checkout().await {
             Err(e) if !Arc::ptr_eq(&pool, &session.pool) => {
                 // A replica that cannot give a connection: the read goes to the primary.
@@ -504,6 +520,7 @@ async fn run_session(
         let mut backend = match checked_out {
             Ok(b) => b,
             Err(e) => {
+                settle(None);
                 info.released(); // admin hook: back to idle
                 tracing::info!(error = %e, "no server connection for a client request");
                 if !reject_request(stream, &mut pending, e.sqlstate(), &e.to_string()).await? {
@@ -534,55 +551,39 @@ async fn run_session(
         .await;
         key.slot.set(None);
         info.released(); // admin hook
-        let wrote = matches!(
-            (decided, &session.routing),
-            (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, route)), Some(_)) if route.target == Target::Primary
-        );
-        if wrote && !matches!(outcome, Ended::Clean) {
-            // Read-your-writes: this scope's reads now need a replica that
-            // replayed past a primary position sampled after this moment.
-            if let Some(routing) = &session.routing {
-                routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).wrote(std::time::Instant::now());
-            }
-        }
         match outcome {
-            Ended::Clean if wrote => {
+            Ended::Clean if write_scope.is_some() => {
                 // The primary's insert position, read on the same session right
                 // after the commit, is exactly what a replica must have replayed.
-                // One round trip before the backend goes back, invisible to the client.
-                let now = std::time::Instant::now();
+                // One round trip before the backend goes back.
                 let lsn = backend.query_row("SELECT pg_catalog.pg_current_wal_insert_lsn()").await;
-                let routing = session.routing.as_ref().expect("wrote implies routing");
-                let mut sticky = routing.sticky.lock().unwrap_or_else(|e| e.into_inner());
-                match lsn {
+                let position = match &lsn {
                     Ok((row, None)) => {
-                        match row.first().and_then(|v| v.as_deref()).and_then(crate::routing::monitor::parse_lsn) {
-                            Some(l) => sticky.wrote_at_lsn(now, l),
-                            None => sticky.wrote(now),
-                        }
-                        drop(sticky);
-                        pool.checkin(backend);
+                        row.first().and_then(|v| v.as_deref()).and_then(crate::routing::monitor::parse_lsn)
                     }
-                    _ => {
-                        sticky.wrote(now);
-                        drop(sticky);
-                        pool.discard(backend, CloseReason::Dirty);
-                    }
+                    _ => None,
+                };
+                settle(position);
+                match lsn {
+                    Ok((_, None)) => pool.checkin(backend),
+                    _ => pool.discard(backend, CloseReason::Dirty),
                 }
             }
-            Ended::Clean => pool.checkin(backend),
+            Ended::Clean => {
+                settle(None);
+                pool.checkin(backend);
+            }
             Ended::Misrouted => {
                 pool.checkin(backend);
                 shared.routing.count(RouteReason::MisrouteRetry);
                 tracing::info!("a replica refused a write (25006); re-running it on the primary");
-                if let Some(routing) = &session.routing {
-                    routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).wrote(std::time::Instant::now());
-                }
+                // The retry is routed as a write: it opens (and settles) the scope's write.
                 pending = BytesMut::from(&retry_copy.expect("held only with a copy")[..]);
                 session.force_primary = true;
                 continue;
             }
             Ended::Recover(link, why) => {
+                settle(None);
                 let (registry_owner, mut link) = (session.pool.clone(), link);
                 // Cleanup may wait on a cancelled query; the client need not wait for it.
                 tokio::spawn(async move {
@@ -598,6 +599,7 @@ async fn run_session(
                 return Ok(());
             }
             Ended::Discard(why) => {
+                settle(None);
                 pool.discard(backend, CloseReason::Dead);
                 if let Some((code, text)) = why {
                     return fatal(stream, code, &text).await;

@@ -96,6 +96,10 @@ pub struct Sticky {
     /// A primary WAL position sampled after the last write: replicas that
     /// replayed past it have that write.
     need_lsn: Option<u64>,
+    /// Writes of this scope sent to the primary and not yet settled: until
+    /// each has its post-commit position, the scope reads from the primary
+    /// (with a user scope, another connection may read in between).
+    in_flight: u32,
 }
 
 impl Sticky {
@@ -105,16 +109,31 @@ impl Sticky {
         self.need_lsn = None;
     }
 
-    /// A write committed and the primary's WAL insert position read on the
-    /// same session right after it: replicas past `lsn` have the write.
-    pub fn wrote_at_lsn(&mut self, now: Instant, lsn: u64) {
+    /// A write is about to be sent to the primary.
+    pub fn begin_write(&mut self, now: Instant) {
+        self.in_flight += 1;
         self.wrote_at = Some(now);
-        self.need_lsn = Some(self.need_lsn.map_or(lsn, |l| l.max(lsn)));
+    }
+
+    /// A write begun with [`Sticky::begin_write`] is settled: with `lsn`, the
+    /// primary's insert position read on the same session right after the
+    /// commit (replicas past it have the write); without, the position will
+    /// come from the first primary sample taken after `now`.
+    pub fn end_write(&mut self, now: Instant, lsn: Option<u64>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.wrote_at = Some(now);
+        self.need_lsn = match lsn {
+            Some(l) => Some(self.need_lsn.map_or(l, |n| n.max(l))),
+            None => None,
+        };
     }
 
     /// What a read of this scope needs now.
     fn requirement(&mut self, policy: &Policy, primary: &NodeView, now: Instant) -> Requirement {
         let Some(wrote_at) = self.wrote_at else { return Requirement::Any };
+        if self.in_flight > 0 && policy.read_your_writes != ReadYourWrites::Off {
+            return Requirement::Primary;
+        }
         match policy.read_your_writes {
             ReadYourWrites::Off => Requirement::Any,
             ReadYourWrites::Window if now < wrote_at + policy.sticky_window => Requirement::Primary,
@@ -265,6 +284,22 @@ mod tests {
         );
         let caught_up = [Candidate { view: node(600, write_at, true), active: 0, weight: 1 }];
         assert_eq!(route(Intent::Read, &pol, &mut s, &p_new, &caught_up, write_at, 0).target, Target::Replica(0));
+    }
+
+    #[test]
+    fn a_write_in_flight_keeps_the_scope_on_the_primary() {
+        let t = Instant::now();
+        let pol = policy(ReadYourWrites::Lsn);
+        let p = node(100, t + Duration::from_secs(1), false);
+        let r = [Candidate { view: node(1000, t, true), active: 0, weight: 1 }];
+        let mut s = Sticky::default();
+        s.begin_write(t);
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Sticky));
+        s.end_write(t, Some(900));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0).target, Target::Replica(0));
+        s.begin_write(t);
+        s.end_write(t, Some(2000));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::ReplicaLagging));
     }
 
     #[test]
