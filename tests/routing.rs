@@ -12,19 +12,37 @@ use support::proxy::Proxy;
 use support::{APP, DB, eventually};
 use tokio_postgres::SimpleQueryMessage;
 
+static DELAYED: OnceLock<Cluster> = OnceLock::new();
+static PROMPT: OnceLock<Cluster> = OnceLock::new();
+
 /// Primary + a replica that applies WAL 500 ms late.
 fn delayed() -> &'static Cluster {
-    static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| start(Some("500ms")))
+    DELAYED.get_or_init(|| start(Some("500ms")))
 }
 
 /// Primary + an ordinary replica.
 fn prompt() -> &'static Cluster {
-    static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| start(None))
+    PROMPT.get_or_init(|| start(None))
+}
+
+/// Statics are never dropped; libtest ends with `exit`, which runs atexit hooks.
+fn stop_clusters_at_exit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        extern "C" fn stop() {
+            let _ = std::panic::catch_unwind(|| {
+                for c in [DELAYED.get(), PROMPT.get()].into_iter().flatten() {
+                    c.stop();
+                }
+            });
+        }
+        // SAFETY: `stop` is a plain extern "C" fn that lives for the whole program.
+        assert_eq!(unsafe { libc::atexit(stop) }, 0, "atexit registration failed");
+    });
 }
 
 fn start(delay: Option<&str>) -> Cluster {
+    stop_clusters_at_exit();
     let mut spec = ClusterSpec::default().replicas(1).user(ClusterUser::scram(APP.0, APP.1)).database(DB, APP.0);
     if let Some(d) = delay {
         spec = spec.replica_setting("recovery_min_apply_delay", d);
