@@ -72,6 +72,7 @@ pub struct MonitorLogin {
     pub user: String,
     pub password: Option<String>,
     pub dbname: String,
+    pub tls: crate::tls::BackendTls,
 }
 
 const SAMPLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
@@ -131,6 +132,7 @@ async fn connect(addr: &str, login: &MonitorLogin) -> std::io::Result<crate::poo
         dbname: &login.dbname,
         password: login.password.as_deref(),
         connect_timeout: Duration::from_secs(2),
+        tls: &login.tls,
     };
     crate::pool::Backend::connect(&params).await.map_err(std::io::Error::other)
 }
