@@ -128,7 +128,7 @@ fn verifying_client_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
-fn unverified_client_config() -> Result<Arc<ClientConfig>, String> {
+pub(crate) fn unverified_client_config() -> Result<Arc<ClientConfig>, String> {
     let provider = provider();
     let config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
