@@ -46,6 +46,11 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => match Config::load(&cli.config) {
+            // The certificate, key and CA files must load too, as at start.
+            Ok(config) if let Err(e) = pgmux::tls::TlsContext::load(&config.proxy) => {
+                eprintln!("{}: TLS: {e}", cli.config.display());
+                ExitCode::FAILURE
+            }
             Ok(config) => {
                 println!(
                     "{}: OK ({} databases, {} users)",

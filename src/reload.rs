@@ -42,12 +42,16 @@ pub enum ReloadError {
     /// The file could not be read or is invalid; the message names file, line and key.
     #[error("configuration not reloaded: {0}")]
     Invalid(#[from] ConfigError),
+    /// A TLS certificate, key or CA file could not be loaded.
+    #[error("configuration not reloaded: TLS: {0}")]
+    Tls(String),
 }
 
 /// Loads and validates `path` and compares it with `old`. The returned
 /// config keeps `old`'s values of the settings that need a restart.
 pub fn prepare(old: &Config, path: &Path) -> Result<(Config, Reloaded), ReloadError> {
     let mut new = Config::load(path)?;
+    new.tls = crate::tls::TlsContext::load(&new.proxy).map_err(ReloadError::Tls)?;
     let needs_restart = diff_requires_restart(old, &new)
         .into_iter()
         .map(|key| {

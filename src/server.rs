@@ -142,6 +142,15 @@ pub async fn run_with(
     serve(config, listener, metrics, shutdown, options.config_path).await
 }
 
+/// Loads the certificates and keys `[proxy]` names (once, at start).
+fn with_tls(config: Arc<Config>) -> std::io::Result<Arc<Config>> {
+    let tls = crate::tls::TlsContext::load(&config.proxy)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS: {e}")))?;
+    let mut config = Arc::unwrap_or_clone(config);
+    config.tls = tls;
+    Ok(Arc::new(config))
+}
+
 /// [`run`] with the metrics listener already bound, or none at all
 /// whatever `metrics_listen` says.
 pub async fn run_with_metrics(
@@ -160,6 +169,7 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     config_path: Option<PathBuf>,
 ) -> std::io::Result<()> {
+    let config = with_tls(config)?;
     let (draining_tx, draining) = watch::channel(false);
     let (force_tx, force_close) = watch::channel(false);
     let pools = Arc::new(Pools::default());

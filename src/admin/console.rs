@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
+use crate::net::Stream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::registry::ClientInfo;
 use super::show::{self, ResultSet};
@@ -186,7 +186,9 @@ fn reload(s: &Shared, _: Option<&str>) -> Reply {
             Reply::Notices(notices, "RELOAD")
         }
         Err(e @ ReloadError::NoConfigFile) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string()),
-        Err(e @ ReloadError::Invalid(_)) => Reply::Error(SqlState::CONFIG_FILE_ERROR, e.to_string()),
+        Err(e @ (ReloadError::Invalid(_) | ReloadError::Tls(_))) => {
+            Reply::Error(SqlState::CONFIG_FILE_ERROR, e.to_string())
+        }
     }
 }
 
@@ -257,12 +259,7 @@ fn write_reply(out: &mut BytesMut, reply: Reply) {
 }
 
 /// Serves an authenticated admin user until it disconnects, is killed, or pgmux shuts down.
-pub async fn serve(
-    stream: &mut TcpStream,
-    mut buf: BytesMut,
-    shared: &Shared,
-    info: &ClientInfo,
-) -> std::io::Result<()> {
+pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info: &ClientInfo) -> std::io::Result<()> {
     let mut draining = shared.draining.clone();
     let mut out = BytesMut::new();
     msg::authentication_ok(&mut out);
@@ -351,7 +348,7 @@ async fn drain(shared: &Shared, db: Option<&str>, draining: &mut tokio::sync::wa
     }
 }
 
-async fn fatal(stream: &mut TcpStream, code: SqlState, text: &str) -> std::io::Result<()> {
+async fn fatal(stream: &mut Stream, code: SqlState, text: &str) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     msg::error_response(&mut out, Severity::Fatal, code, text);
     stream.write_all(&out).await?;

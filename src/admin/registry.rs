@@ -91,6 +91,8 @@ pub struct ClientInfo {
     /// KILL_CLIENT: `notify_one` stores a permit, so a client busy in a
     /// transaction sees it at its next idle wait.
     kill: Notify,
+    /// The TLS protocol and cipher suite, once the client's handshake is done.
+    tls: OnceLock<String>,
 }
 
 /// A process-wide monotonic origin, so a timestamp fits in an atomic.
@@ -125,6 +127,7 @@ impl ClientInfo {
             link: Mutex::new(None),
             close_needed: AtomicBool::new(false),
             kill: Notify::new(),
+            tls: OnceLock::new(),
         }
     }
 
@@ -156,6 +159,16 @@ impl ClientInfo {
     }
 
     /// After authentication: a pooled client (with its pool) or an admin session.
+    /// The client's connection is encrypted: `description` is what SHOW CLIENTS shows.
+    pub fn tls_established(&self, description: String) {
+        let _ = self.tls.set(description);
+    }
+
+    /// Empty for plaintext clients.
+    pub fn tls(&self) -> &str {
+        self.tls.get().map_or("", String::as_str)
+    }
+
     pub fn logged_in(&self, user: &str, database: &str, application_name: &str, pool: Option<Arc<Pool>>) {
         let admin = pool.is_none();
         let _ = self.login.set(LoginInfo {

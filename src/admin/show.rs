@@ -275,8 +275,7 @@ pub fn clients(shared: &Shared) -> ResultSet {
             c.link().map(|l| l.pid.to_string()).unwrap_or_default(),
             // Only meaningful for Unix-socket clients, which pgmux does not accept.
             "0".into(),
-            // No client TLS yet.
-            String::new(),
+            c.tls().to_owned(),
             login.application_name.clone(),
             c.id.to_string(),
         ]);

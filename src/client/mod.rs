@@ -15,7 +15,8 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::admin::registry::{ClientInfo, TERMINATED_BY_ADMIN};
-use crate::config::{Config, PoolMode};
+use crate::config::{Config, PoolMode, TlsMode};
+use crate::net::Stream;
 use crate::pool::inner::CloseReason;
 use crate::pool::{Backend, Pool};
 use crate::protocol::backend::{self as msg, Severity};
@@ -80,6 +81,7 @@ impl SessionRouting {
             user: user.name.clone(),
             password: user.backend_password().map(str::to_owned),
             dbname: db.server_dbname().to_owned(),
+            tls: config.tls.client.clone(),
         };
         let interval = config.routing.monitor_interval;
         let r = &config.routing;
@@ -184,7 +186,7 @@ fn unit_sql<'a>(pending: &'a [u8], statements: &'a ClientStatements) -> Vec<&'a 
 /// Reads until `pending` holds a whole request unit: a Query or
 /// FunctionCall, or extended messages up to Sync (or Flush). `Ok(false)`
 /// if the client left or terminated first.
-async fn read_unit(stream: &mut TcpStream, pending: &mut BytesMut) -> std::io::Result<Result<bool, FrameError>> {
+async fn read_unit(stream: &mut Stream, pending: &mut BytesMut) -> std::io::Result<Result<bool, FrameError>> {
     loop {
         let mut pos = 0;
         loop {
@@ -213,6 +215,8 @@ enum Login {
     Pooled(Box<Session>),
     /// The admin console (database `pgmux`, an `[admin] users` member).
     Admin { user: String },
+    /// The client asked for TLS and got `S`: handshake, then log in again over TLS.
+    StartTls,
 }
 
 /// What login produced: enough to run the session.
@@ -231,12 +235,39 @@ struct Session {
     database: String,
 }
 
-async fn serve_inner(mut stream: TcpStream, shared: &Shared, info: &ClientInfo) -> std::io::Result<()> {
-    let _ = stream.set_nodelay(true);
+async fn serve_inner(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::io::Result<()> {
+    let _ = tcp.set_nodelay(true);
     let config = shared.config();
     let mut buf = BytesMut::new();
-    // Boxed: login state is large and short-lived; an idle client should not carry it.
-    let login = Box::pin(tokio::time::timeout(LOGIN_TIMEOUT, login(&mut stream, &mut buf, shared, &config))).await;
+    let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
+    let mut stream = Stream::Plain(tcp);
+    let login = loop {
+        // Boxed: login state is large and short-lived; an idle client should not carry it.
+        let login = Box::pin(tokio::time::timeout_at(deadline, login(&mut stream, &mut buf, shared, &config))).await;
+        if !matches!(login, Ok(Ok(Some(Login::StartTls)))) {
+            break login;
+        }
+        let (Stream::Plain(tcp), Some(tls)) = (stream, config.tls.server.as_ref()) else {
+            unreachable!("StartTls is only answered on a plain connection with TLS configured")
+        };
+        stream = match tokio::time::timeout_at(deadline, crate::tls::accept(tcp, tls)).await {
+            Ok(Ok(s)) => {
+                if let Some(d) = s.tls_description() {
+                    tracing::debug!(tls = %d, "client TLS handshake done");
+                    info.tls_established(d); // admin hook
+                }
+                s
+            }
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "client TLS handshake failed");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::info!("client did not finish the TLS handshake in time");
+                return Ok(());
+            }
+        };
+    };
     let session = match login {
         Ok(Ok(Some(Login::Pooled(session)))) => session,
         Ok(Ok(Some(Login::Admin { user }))) => {
@@ -245,6 +276,7 @@ async fn serve_inner(mut stream: TcpStream, shared: &Shared, info: &ClientInfo) 
             return crate::admin::serve(&mut stream, buf, shared, info).await;
         }
         Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(Login::StartTls))) => unreachable!("handled above"),
         Ok(Err(e)) => return Err(e),
         Err(_) => {
             tracing::info!("client did not finish login in time");
@@ -272,7 +304,7 @@ async fn serve_inner(mut stream: TcpStream, shared: &Shared, info: &ClientInfo) 
 /// Startup and authentication. `Ok(None)` means the connection ended cleanly
 /// (cancel request served, client gone, or an error already sent).
 async fn login(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     shared: &Shared,
     config: &Config,
@@ -293,7 +325,6 @@ async fn login(
             }
         };
         match packet {
-            // TLS and GSS encryption are declined; the client may go on in plaintext.
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 if !buf.is_empty() {
                     // Bytes sent after the request but before our answer could be a
@@ -301,6 +332,19 @@ async fn login(
                     fatal(stream, SqlState::PROTOCOL_VIOLATION, "unexpected data after encryption request").await?;
                     return Ok(None);
                 }
+                if stream.is_tls() {
+                    fatal(stream, SqlState::PROTOCOL_VIOLATION, "encryption request on an encrypted connection")
+                        .await?;
+                    return Ok(None);
+                }
+                let offer_tls = matches!(packet, StartupPacket::SslRequest)
+                    && config.proxy.tls_mode != TlsMode::Disable
+                    && config.tls.server.is_some();
+                if offer_tls {
+                    stream.write_all(b"S").await?;
+                    return Ok(Some(Login::StartTls));
+                }
+                // GSS encryption (and TLS when disabled) is declined; the client may go on in plaintext.
                 stream.write_all(b"N").await?;
             }
             StartupPacket::Cancel { pid, secret } => {
@@ -313,6 +357,12 @@ async fn login(
             StartupPacket::Startup(s) => break s,
         }
     };
+    if config.proxy.tls_mode == TlsMode::Require && !stream.is_tls() {
+        // Like a `hostssl`-only pg_hba.conf: plaintext logins are refused.
+        tracing::info!("login refused: TLS required");
+        fatal(stream, SqlState::INVALID_AUTHORIZATION, "TLS required").await?;
+        return Ok(None);
+    }
     if startup.minor > 0 || !startup.protocol_options.is_empty() {
         let mut out = BytesMut::new();
         msg::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
@@ -386,7 +436,7 @@ async fn login(
 }
 
 /// Writes a FATAL ErrorResponse and closes.
-async fn fatal(stream: &mut TcpStream, code: SqlState, text: &str) -> std::io::Result<()> {
+async fn fatal(stream: &mut Stream, code: SqlState, text: &str) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     msg::error_response(&mut out, Severity::Fatal, code, text);
     stream.write_all(&out).await?;
@@ -396,7 +446,7 @@ async fn fatal(stream: &mut TcpStream, code: SqlState, text: &str) -> std::io::R
 /// The transaction loop: wait idle without a backend, take one when the
 /// client speaks, relay, give it back at the transaction boundary.
 async fn run_session(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     mut pending: BytesMut,
     shared: &Shared,
     config: &Config,
@@ -420,7 +470,9 @@ async fn run_session(
             // EOF) needs no backend.
             let mut first = [0u8; 1];
             let peeked = tokio::select! {
-                r = stream.peek(&mut first) => r?,
+                // TLS output a full socket did not take yet must reach the
+                // client before it can answer: flush it while waiting.
+                r = async { stream.flush().await?; stream.peek(&mut first).await } => r?,
                 _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
                     return fatal(stream, SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
                 }
@@ -630,7 +682,7 @@ enum Ended {
 
 /// Runs one transaction (transaction mode) or the rest of the session (session mode).
 async fn transaction(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     backend: &mut Backend,
     pending: &mut BytesMut,
     hold_for_retry: bool,
@@ -789,7 +841,7 @@ async fn read_back_settings(backend: &mut Backend, session: &mut Session, touche
 /// ReadyForQuery, as the server would after an error. Returns `false` if the
 /// client terminated or went away meanwhile.
 async fn reject_request(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     pending: &mut BytesMut,
     code: SqlState,
     text: &str,

@@ -19,6 +19,7 @@ use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements, StatementCommand};
 use crate::admin::stats::Stats;
 use crate::config::OnSessionState;
+use crate::net::Stream;
 use crate::pool::Backend;
 use crate::pool::statements::{PreparedSet, Registry, Statement};
 use crate::protocol::backend::{self as msg};
@@ -727,7 +728,7 @@ pub struct RelayOptions<'a> {
 /// Relays until the transaction ends (or anything else stops it). `link`
 /// must already account for the bytes waiting in `backend.to_server`.
 pub async fn relay(
-    client: &mut TcpStream,
+    client: &mut Stream,
     backend: &mut Backend,
     link: &mut Link,
     scope: &mut StatementScope<'_>,
@@ -754,13 +755,16 @@ pub async fn relay(
         // read the forward is tried at once, saving a wakeup per message.
         tokio::select! {
             biased;
-            r = server.writable(), if link.client_ready > 0 => {
+            // `wants_write`: TLS output a full socket did not take yet.
+            r = server.writable(), if link.client_ready > 0 || server.wants_write() => {
                 if let Err(e) = r.and_then(|_| flush(server, to_server, &mut link.client_ready)) {
                     return Outcome::ServerGone(format!("write to server failed: {e}"));
                 }
             }
-            r = client.writable(), if link.server_ready > 0 && !link.hold => {
-                if r.and_then(|_| flush(client, from_server, &mut link.server_ready)).is_err() {
+            r = client.writable(), if (link.server_ready > 0 && !link.hold) || client.wants_write() => {
+                let mut held = 0;
+                let ready = if link.hold { &mut held } else { &mut link.server_ready };
+                if r.and_then(|_| flush(client, from_server, ready)).is_err() {
                     return Outcome::ClientGone;
                 }
             }
@@ -809,8 +813,9 @@ pub async fn relay(
     }
 }
 
-/// Writes as much of the first `*ready` bytes of `buf` as the socket takes now.
-fn flush(stream: &TcpStream, buf: &mut BytesMut, ready: &mut usize) -> std::io::Result<()> {
+/// Writes as much of the first `*ready` bytes of `buf` as the socket takes
+/// now (and, for TLS, as much of the encrypted output as it takes).
+fn flush(stream: &mut Stream, buf: &mut BytesMut, ready: &mut usize) -> std::io::Result<()> {
     while *ready > 0 {
         match stream.try_write(&buf[..*ready]) {
             Ok(n) => {
@@ -821,7 +826,7 @@ fn flush(stream: &TcpStream, buf: &mut BytesMut, ready: &mut usize) -> std::io::
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    stream.try_flush()
 }
 
 /// Brings a backend whose client left mid-flight back to idle: flush the whole

@@ -32,6 +32,10 @@ pub struct Config {
     pub databases: Vec<DatabaseConfig>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// Built from `[proxy]`'s TLS keys by the server at start and on reload
+    /// ([`crate::tls::TlsContext::load`]); parsing alone leaves it empty.
+    #[serde(skip)]
+    pub tls: crate::tls::TlsContext,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -6,13 +6,14 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::PoolError;
 use super::inner::Aged;
 use super::statements::PreparedSet;
 use crate::auth;
+use crate::net::Stream;
 use crate::protocol::backend::{self as msg, ErrorFields};
 use crate::protocol::frame::split_frame;
 use crate::protocol::{frontend, tag};
@@ -27,7 +28,8 @@ const INITIAL_BUFFER: usize = 8 * 1024;
 /// A server connection. Owned by the pool while idle, by one client task while checked out.
 #[derive(Debug)]
 pub struct Backend {
-    pub stream: TcpStream,
+    /// Plain or TLS, as `server_tls` and the server decided.
+    pub stream: Stream,
     /// The server's address, where cancel requests for this backend go.
     pub addr: SocketAddr,
     pub pid: i32,
@@ -70,15 +72,17 @@ pub struct LoginParams<'a> {
     pub connect_timeout: std::time::Duration,
     /// Startup parameters beyond user and database (e.g. the monitors' application_name).
     pub params: &'a [(&'a str, &'a str)],
+    pub tls: &'a crate::tls::BackendTls,
 }
 
 impl Backend {
     pub async fn connect(login: &LoginParams<'_>) -> Result<Backend, PoolError> {
         let connect = async {
-            let mut stream = TcpStream::connect(login.addr).await.map_err(PoolError::Connect)?;
+            let tcp = TcpStream::connect(login.addr).await.map_err(PoolError::Connect)?;
             // Small request/response messages: never wait for Nagle.
-            stream.set_nodelay(true).map_err(PoolError::Connect)?;
-            let addr = stream.peer_addr().map_err(PoolError::Connect)?;
+            tcp.set_nodelay(true).map_err(PoolError::Connect)?;
+            let addr = tcp.peer_addr().map_err(PoolError::Connect)?;
+            let mut stream = crate::tls::connect(tcp, login.tls, login.addr).await.map_err(PoolError::Connect)?;
             let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.password, login.params)
                 .await
                 .map_err(PoolError::Login)?;
@@ -103,10 +107,10 @@ impl Backend {
 
     /// True if the server has not closed or written to this idle connection.
     /// An idle server sends nothing unless it is going away (e.g. the FATAL
-    /// sent by `pg_terminate_backend`), so any readable byte means "discard".
+    /// sent by `pg_terminate_backend`), so any readable byte means "discard"
+    /// (with TLS: any byte on the socket, or decrypted data already buffered).
     pub fn is_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.is_quiet()
     }
 
     pub fn param(&self, name: &str) -> Option<&str> {
@@ -233,6 +237,6 @@ impl Backend {
     pub fn close(self) {
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
-        let _ = self.stream.try_write(&out);
+        self.stream.close_quietly(&out);
     }
 }

@@ -63,6 +63,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Server-side prepared statements kept per backend.
     pub max_prepared: usize,
+    /// `server_tls` and its built rustls configuration.
+    pub tls: crate::tls::BackendTls,
 }
 
 impl PoolSettings {
@@ -79,6 +81,7 @@ impl PoolSettings {
             lifetime: config.proxy.server_lifetime,
             idle_timeout: config.proxy.server_idle_timeout,
             max_prepared: config.proxy.max_prepared_statements,
+            tls: config.tls.client.clone(),
         }
     }
 }
@@ -306,6 +309,7 @@ impl Pool {
             password: s.password.as_deref(),
             connect_timeout: s.connect_timeout,
             params: &[],
+            tls: &s.tls,
         };
         let mut b = Backend::connect(&login).await?;
         b.generation = generation;

@@ -75,6 +75,7 @@ pub struct MonitorLogin {
     pub user: String,
     pub password: Option<String>,
     pub dbname: String,
+    pub tls: crate::tls::BackendTls,
 }
 
 const SAMPLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
@@ -136,6 +137,7 @@ async fn connect(addr: &str, login: &MonitorLogin) -> std::io::Result<crate::poo
         connect_timeout: Duration::from_secs(2),
         // Named, so operators (and pg_stat_activity queries) can tell it from pooled sessions.
         params: &[("application_name", MONITOR_APPLICATION_NAME)],
+        tls: &login.tls,
     };
     crate::pool::Backend::connect(&params).await.map_err(std::io::Error::other)
 }

@@ -1,0 +1,506 @@
+//! A connection that is either plain TCP or TLS over TCP, with the
+//! readiness + non-blocking interface the relay uses on `TcpStream`.
+//!
+//! TLS uses rustls' sans-I/O connection directly over the socket, so the
+//! relay keeps its shape: wait for readiness, then `try_read_buf` /
+//! `try_write` on the same buffers. The differences that matter:
+//! - "socket readable" is not "plaintext available": a read may consume a
+//!   partial record and return `WouldBlock`; and decrypted plaintext may be
+//!   buffered while the socket is not readable, so [`Stream::readable`]
+//!   returns at once then.
+//! - `try_write` accepts plaintext once earlier TLS output is flushed; what
+//!   the socket did not take stays in the TLS connection
+//!   ([`Stream::wants_write`]) and goes out with the next write or
+//!   [`Stream::try_flush`].
+//!
+//! The plain path is one enum match away from `TcpStream`.
+
+use std::io::{self, BufRead, Read, Write};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A client or server connection.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+/// rustls over a non-blocking socket.
+pub struct TlsStream {
+    io: TcpStream,
+    conn: rustls::Connection,
+    /// Decrypted bytes waiting in `conn`'s reader.
+    plain: usize,
+    /// The peer closed (TCP EOF or close_notify); report EOF once `plain` is drained.
+    eof: bool,
+    /// close_notify queued by shutdown.
+    closing: bool,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream").field("io", &self.io).field("plain", &self.plain).finish_non_exhaustive()
+    }
+}
+
+/// `std::io` over a tokio socket's non-blocking calls (which clear readiness
+/// on `WouldBlock`, so the next `readable()`/`writable()` really waits).
+struct SyncIo<'a>(&'a TcpStream);
+
+impl Read for SyncIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for SyncIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl TlsStream {
+    /// Runs the handshake to completion on `io`.
+    pub async fn handshake(io: TcpStream, conn: impl Into<rustls::Connection>) -> io::Result<TlsStream> {
+        let mut s = TlsStream { io, conn: conn.into(), plain: 0, eof: false, closing: false };
+        while s.conn.is_handshaking() {
+            while s.conn.wants_write() {
+                match s.write_pending() {
+                    Ok(()) => {}
+                    Err(e) if would_block(&e) => s.io.writable().await?,
+                    Err(e) => return Err(e),
+                }
+            }
+            if !s.conn.is_handshaking() {
+                break;
+            }
+            match s.conn.read_tls(&mut SyncIo(&s.io)) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed during TLS handshake")),
+                Ok(_) => s.process()?,
+                Err(e) if would_block(&e) => s.io.readable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        // The last flight (and TLS 1.3 session tickets) still to send.
+        s.flush_all().await?;
+        Ok(s)
+    }
+
+    /// Decrypts what `read_tls` took in; on a TLS error the alert goes out best-effort.
+    fn process(&mut self) -> io::Result<()> {
+        match self.conn.process_new_packets() {
+            Ok(state) => {
+                self.plain = state.plaintext_bytes_to_read();
+                if state.peer_has_closed() {
+                    self.eof = true;
+                }
+                if self.conn.wants_write() {
+                    match self.write_pending() {
+                        Err(e) if !would_block(&e) => return Err(e),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.write_pending();
+                Err(io::Error::new(io::ErrorKind::InvalidData, e))
+            }
+        }
+    }
+
+    /// Reads records until plaintext is available or the peer closed;
+    /// `WouldBlock` when the socket has no more for now.
+    fn fill(&mut self) -> io::Result<()> {
+        while self.plain == 0 && !self.eof {
+            match self.conn.read_tls(&mut SyncIo(&self.io))? {
+                0 => {
+                    self.eof = true;
+                    self.process()?;
+                }
+                _ => self.process()?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes queued TLS output; `WouldBlock` if the socket is full.
+    fn write_pending(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            if self.conn.write_tls(&mut SyncIo(&self.io))? == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_all(&mut self) -> io::Result<()> {
+        loop {
+            match self.write_pending() {
+                Ok(()) => return Ok(()),
+                Err(e) if would_block(&e) => self.io.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn read_plain(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        let n = self.conn.reader().read(dst)?;
+        self.plain -= n.min(self.plain);
+        Ok(n)
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.fill()?;
+        if self.plain == 0 {
+            return Ok(0);
+        }
+        let start = buf.len();
+        let want = self.plain.min(64 * 1024);
+        buf.resize(start + want, 0);
+        let r = self.read_plain(&mut buf[start..]);
+        buf.truncate(start + *r.as_ref().unwrap_or(&0));
+        r
+    }
+
+    fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.write_pending()?;
+        let n = self.conn.writer().write(data)?;
+        if n == 0 && !data.is_empty() {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        match self.write_pending() {
+            Err(e) if !would_block(&e) => Err(e),
+            _ => Ok(n),
+        }
+    }
+}
+
+impl Stream {
+    /// Waits until a read may make progress (for TLS: plaintext is buffered, or the socket is readable).
+    #[inline]
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.readable().await,
+            Stream::Tls(t) if t.plain > 0 || t.eof => Ok(()),
+            Stream::Tls(t) => t.io.readable().await,
+        }
+    }
+
+    #[inline]
+    pub async fn writable(&self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.writable().await,
+            Stream::Tls(t) => t.io.writable().await,
+        }
+    }
+
+    /// Like `TcpStream::try_read_buf`: `Ok(0)` at EOF, `WouldBlock` when nothing is there yet.
+    #[inline]
+    pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.try_read_buf(buf),
+            Stream::Tls(t) => t.try_read_buf(buf),
+        }
+    }
+
+    /// Like `TcpStream::try_write`. For TLS, accepted bytes may still sit in
+    /// the TLS connection: see [`Stream::wants_write`].
+    #[inline]
+    pub fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.try_write(data),
+            Stream::Tls(t) => t.try_write(data),
+        }
+    }
+
+    /// Encrypted output accepted but not yet taken by the socket.
+    #[inline]
+    pub fn wants_write(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(t) => t.conn.wants_write(),
+        }
+    }
+
+    /// Pushes pending TLS output to the socket as far as it takes it now.
+    #[inline]
+    pub fn try_flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(_) => Ok(()),
+            Stream::Tls(t) => match t.write_pending() {
+                Err(e) if !would_block(&e) => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Waits for the first byte the peer sends, without consuming it (`Ok(0)` at EOF).
+    pub async fn peek(&mut self, first: &mut [u8; 1]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.peek(first).await,
+            Stream::Tls(t) => loop {
+                match t.fill() {
+                    Ok(()) if t.plain == 0 => return Ok(0),
+                    Ok(()) => {
+                        let mut reader = t.conn.reader();
+                        first[0] = reader.fill_buf()?[0];
+                        return Ok(1);
+                    }
+                    Err(e) if would_block(&e) => t.io.readable().await?,
+                    Err(e) => return Err(e),
+                }
+            },
+        }
+    }
+
+    /// Writes all of `data` and, for TLS, every encrypted byte it produced.
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(data).await,
+            Stream::Tls(_) => {
+                AsyncWriteExt::write_all(self, data).await?;
+                AsyncWriteExt::flush(self).await
+            }
+        }
+    }
+
+    /// For an idle server connection: true while nothing at all arrived.
+    /// Any readable byte (even a TLS record) or EOF means "discard".
+    pub fn is_quiet(&self) -> bool {
+        let (io, buffered) = match self {
+            Stream::Plain(s) => (s, false),
+            Stream::Tls(t) => (&t.io, t.plain > 0 || t.eof),
+        };
+        let mut probe = [0u8; 1];
+        !buffered && matches!(io.try_read(&mut probe), Err(e) if would_block(&e))
+    }
+
+    /// Best-effort last words, without waiting: `data`, then close_notify for TLS.
+    pub fn close_quietly(mut self, data: &[u8]) {
+        let _ = self.try_write(data);
+        if let Stream::Tls(t) = &mut self {
+            t.conn.send_close_notify();
+            let _ = t.write_pending();
+        }
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.io,
+        }
+    }
+
+    /// `TLSv1_3/TLS13_AES_256_GCM_SHA384`-style protocol and cipher suite; `None` for plain.
+    pub fn tls_description(&self) -> Option<String> {
+        let Stream::Tls(t) = self else { return None };
+        let version = t.conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+        let suite = t.conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+        Some(format!("{version}/{suite}"))
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().peer_addr()
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().local_addr()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(t) => loop {
+                match t.fill() {
+                    Ok(()) if t.plain == 0 => return Poll::Ready(Ok(())),
+                    Ok(()) => {
+                        let want = t.plain.min(buf.remaining());
+                        let n = t.read_plain(buf.initialize_unfilled_to(want))?;
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if would_block(&e) => ready!(t.io.poll_read_ready(cx))?,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Stream::Tls(t) => loop {
+                match t.try_write(data) {
+                    Err(e) if would_block(&e) => ready!(t.io.poll_write_ready(cx))?,
+                    r => return Poll::Ready(r),
+                }
+            },
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(t) => loop {
+                match t.write_pending() {
+                    Err(e) if would_block(&e) => ready!(t.io.poll_write_ready(cx))?,
+                    r => return Poll::Ready(r),
+                }
+            },
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Stream::Tls(t) = &mut *self
+            && !t.closing
+        {
+            t.closing = true;
+            t.conn.send_close_notify();
+        }
+        ready!(self.as_mut().poll_flush(cx))?;
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(t) => Pin::new(&mut t.io).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use tokio::net::TcpSocket;
+
+    use super::{Stream, TlsStream};
+
+    /// A TLS connection over loopback: (pgmux as server, pgmux as client).
+    async fn pair() -> (Stream, Stream) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let server_config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                )
+                .unwrap();
+        // Small socket buffers: a writer meets a full socket quickly.
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(8).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            crate::tls::accept(tcp, &Arc::new(server_config)).await.unwrap()
+        };
+        let connect = async {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(16 * 1024).unwrap();
+            let tcp = socket.connect(addr).await.unwrap();
+            let config = crate::tls::unverified_client_config().unwrap();
+            let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+            Stream::Tls(Box::new(TlsStream::handshake(tcp, conn).await.unwrap()))
+        };
+        tokio::join!(accept, connect)
+    }
+
+    /// The relay's pattern: readiness, then non-blocking calls; a full
+    /// socket leaves TLS output pending, flushed on the next writable.
+    #[tokio::test]
+    async fn relay_style_io_moves_megabytes_through_a_slow_reader() {
+        let (mut server, mut client) = pair().await;
+        let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut pending_seen = 0;
+        let writer = async {
+            let mut pos = 0;
+            while pos < data.len() || client.wants_write() {
+                client.writable().await.unwrap();
+                while pos < data.len() {
+                    match client.try_write(&data[pos..]) {
+                        Ok(n) => {
+                            pos += n;
+                            pending_seen += usize::from(client.wants_write());
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                client.try_flush().unwrap();
+            }
+        };
+        let reader = async {
+            // Start late so that the writer's socket fills up first.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut got = BytesMut::new();
+            while got.len() < data.len() {
+                server.readable().await.unwrap();
+                match server.try_read_buf(&mut got) {
+                    Ok(0) => panic!("early EOF"),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            got
+        };
+        let ((), got) = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(writer, reader) })
+            .await
+            .expect("no deadlock");
+        assert!(got[..] == data[..]);
+        assert!(pending_seen > 0, "the socket never filled: the pending-output path was not exercised");
+    }
+
+    /// Plaintext decrypted by `peek` sits in the TLS connection while the
+    /// socket has nothing more: `readable` must not wait for the socket.
+    #[tokio::test]
+    async fn buffered_plaintext_is_readable_without_socket_data() {
+        let (mut server, mut client) = pair().await;
+        client.write_all(b"Qhello").await.unwrap();
+        let mut first = [0u8; 1];
+        assert_eq!(server.peek(&mut first).await.unwrap(), 1);
+        assert_eq!(first[0], b'Q');
+        tokio::time::timeout(Duration::from_millis(500), server.readable()).await.expect("ready at once").unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(server.try_read_buf(&mut buf).unwrap(), 6);
+        assert_eq!(&buf[..], b"Qhello");
+        // A clean close: close_notify, then EOF.
+        tokio::io::AsyncWriteExt::shutdown(&mut client).await.unwrap();
+        server.readable().await.unwrap();
+        let n = loop {
+            match server.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => server.readable().await.unwrap(),
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(n, 0);
+        assert!(!server.is_quiet(), "a closed peer is not quiet");
+    }
+}
