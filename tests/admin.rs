@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::{code, scalar};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -12,7 +14,6 @@ use support::proxy::{Proxy, admin_config, standard_config};
 use support::{APP, DB, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::SimpleQueryMessage;
 
 /// Long enough for pgmux to have acted on a request if it were going to.
 const HELD: Duration = Duration::from_millis(300);
@@ -107,20 +108,6 @@ async fn app_named(proxy: &Proxy, name: &str) -> tokio_postgres::Client {
         let _ = connection.await;
     });
     client
-}
-
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
-}
-
-async fn scalar(c: &tokio_postgres::Client, sql: &str) -> String {
-    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{sql}: no row"))
 }
 
 async fn admin_proxy(pool_size: usize) -> Proxy {

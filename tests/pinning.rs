@@ -3,21 +3,12 @@
 
 mod support;
 
+use support::scalar;
+
 use std::time::Duration;
 
 use support::proxy::Proxy;
 use support::{DB, TRUST, eventually};
-use tokio_postgres::SimpleQueryMessage;
-
-async fn scalar(c: &tokio_postgres::Client, sql: &str) -> String {
-    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{sql}: no row"))
-}
 
 async fn trust(proxy: &Proxy) -> tokio_postgres::Client {
     proxy.connect(TRUST, None, DB).await.expect("connect")

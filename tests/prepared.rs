@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::{code, scalar};
+
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -11,26 +13,6 @@ use postgres_protocol::message::frontend;
 use support::proxy::Proxy;
 use support::raw::{Raw, tags};
 use support::{APP, DB, TRUST, eventually};
-use tokio_postgres::SimpleQueryMessage;
-
-async fn superuser() -> tokio_postgres::Client {
-    let cluster = support::cluster_async().await;
-    support::connect(cluster.primary(), "postgres", None, DB).await.expect("direct superuser connection")
-}
-
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
-}
-
-async fn scalar(c: &tokio_postgres::Client, sql: &str) -> String {
-    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{sql}: no row"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_prepare_once_and_execute_across_transactions() {
@@ -90,7 +72,7 @@ async fn statement_survives_its_backend_being_terminated() {
     let c = proxy.app().await;
     let st = c.prepare("SELECT pg_backend_pid()").await.unwrap();
     let pid: i32 = c.query_one(&st, &[]).await.unwrap().get(0);
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     su.simple_query(&format!("SELECT pg_terminate_backend({pid})")).await.unwrap();
     eventually(Duration::from_secs(5), "backend gone", || async {
         scalar(&su, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")).await == "0"
@@ -103,7 +85,7 @@ async fn statement_survives_its_backend_being_terminated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alter_table_invalidates_like_a_direct_connection_and_reprepare_works() {
     let cluster = support::cluster_async().await;
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     su.batch_execute(
         "DROP TABLE IF EXISTS prep_ddl; CREATE TABLE prep_ddl (a int); INSERT INTO prep_ddl VALUES (1);
          GRANT ALL ON prep_ddl TO PUBLIC;",
@@ -204,7 +186,7 @@ async fn deallocate_and_discard_all_act_on_the_clients_own_statements() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreported_settings_follow_the_client_and_stay_private() {
     let cluster = support::cluster_async().await;
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     su.batch_execute("CREATE SCHEMA IF NOT EXISTS s_priv; GRANT USAGE ON SCHEMA s_priv TO PUBLIC").await.unwrap();
     let proxy = Proxy::standard(cluster, 2, "").await;
     let a = proxy.app().await;

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::code;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -106,10 +108,6 @@ async fn config_value(admin: &tokio_postgres::Client, key: &str) -> String {
 async fn pool_stat(admin: &tokio_postgres::Client, db: &str, user: &str, column: &str) -> usize {
     let rows = show(admin, "POOLS").await;
     rows.iter().find(|r| r["database"] == db && r["user"] == user).map_or(0, |r| r[column].parse().unwrap())
-}
-
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
 }
 
 async fn select_one(c: &tokio_postgres::Client) {

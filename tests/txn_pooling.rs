@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::{code, scalar};
+
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,28 +15,9 @@ use support::{APP, CLEAR, DB, MD5, TRUST, eventually};
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::types::Type;
 
-async fn superuser() -> tokio_postgres::Client {
-    let cluster = support::cluster_async().await;
-    support::connect(cluster.primary(), "postgres", None, DB).await.expect("direct superuser connection")
-}
-
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
-}
-
-async fn scalar(c: &tokio_postgres::Client, sql: &str) -> String {
-    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{sql}: no row"))
-}
-
 /// A table only this test touches, readable and writable by every test user.
 async fn fresh_table(name: &str, rows: i32) {
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     su.batch_execute(&format!(
         "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (id int PRIMARY KEY, v text);
          INSERT INTO {name} SELECT g, 'x' FROM generate_series(1, {rows}) g;
@@ -168,7 +151,7 @@ async fn client_killed_idle_in_transaction_frees_its_row_lock() {
     let mut raw = Raw::login(proxy.addr, TRUST, DB).await;
     let msgs = raw.simple_query("BEGIN; SELECT * FROM lock_kill WHERE id = 1 FOR UPDATE").await;
     assert_eq!(&msgs.last().unwrap().body[..], b"T");
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     assert_eq!(
         code(&su.simple_query("SELECT * FROM lock_kill WHERE id = 1 FOR UPDATE NOWAIT").await.unwrap_err()),
         "55P03"
@@ -190,7 +173,7 @@ async fn client_killed_mid_query_gets_its_backend_cancelled_and_reused() {
     let mut out = BytesMut::new();
     frontend::query("SELECT pg_sleep(60) /* kill-me */", &mut out).unwrap();
     raw.send(&out).await;
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     let running = "SELECT pid FROM pg_stat_activity WHERE query LIKE '%kill-me%' AND state = 'active' AND pid <> pg_backend_pid()";
     eventually(Duration::from_secs(5), "pg_sleep running", || async {
         su.simple_query(running).await.unwrap().iter().any(|m| matches!(m, SimpleQueryMessage::Row(_)))
@@ -214,7 +197,7 @@ async fn terminated_idle_backend_is_replaced_unnoticed() {
     let proxy = Proxy::standard(cluster, 1, "").await;
     let c = proxy.connect(CLEAR.0, Some(CLEAR.1), DB).await.unwrap();
     let pid = scalar(&c, "SELECT pg_backend_pid()").await;
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     assert_eq!(scalar(&su, &format!("SELECT pg_terminate_backend({pid})")).await, "t");
     eventually(Duration::from_secs(5), "backend gone", || async {
         scalar(&su, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")).await == "0"
@@ -231,7 +214,7 @@ async fn backend_killed_mid_transaction_errors_that_client_only() {
     let (victim, bystander) = (proxy.connect(MD5.0, Some(MD5.1), DB).await.unwrap(), proxy.app().await);
     victim.batch_execute("BEGIN").await.unwrap();
     let pid = scalar(&victim, "SELECT pg_backend_pid()").await;
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     su.simple_query(&format!("SELECT pg_terminate_backend({pid})")).await.unwrap();
     let err = victim.simple_query("SELECT 1").await.unwrap_err();
     assert!(err.as_db_error().is_some() || victim.is_closed(), "victim sees an error: {err}");
@@ -252,7 +235,7 @@ async fn cancel_request_reaches_the_running_query() {
         let r = c.simple_query("SELECT pg_sleep(20) /* cancel-me */").await.map(|_| ());
         (r, c)
     });
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     eventually(Duration::from_secs(5), "pg_sleep running", || async {
         scalar(&su, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%cancel-me%' AND state = 'active' AND pid <> pg_backend_pid()").await == "1"
     })
@@ -379,7 +362,7 @@ async fn idle_in_transaction_timeout_disconnects_and_frees_the_backend() {
     eventually(Duration::from_secs(5), "idle client disconnected", || async { c.is_closed() }).await;
     let other = proxy.app().await;
     assert_eq!(scalar(&other, "SELECT count(*) FROM idle_timeout WHERE id = 1").await, "1");
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     su.simple_query("SELECT * FROM idle_timeout WHERE id = 1 FOR UPDATE NOWAIT").await.expect("lock released");
 }
 
@@ -417,7 +400,7 @@ async fn shutdown_lets_open_transactions_finish_then_closes_with_57p01() {
     busy.batch_execute("COMMIT").await.expect("open transaction finishes");
     proxy.wait_stopped().await;
     assert!(busy.simple_query("SELECT 1").await.is_err());
-    let su = superuser().await;
+    let su = support::superuser(DB).await;
     assert_eq!(scalar(&su, "SELECT v FROM shutdown_drain WHERE id = 1").await, "kept");
 }
 

@@ -139,18 +139,7 @@ impl Link {
     /// The backend can serve someone else: every request answered, idle
     /// outside a transaction, and no partial message in flight either way.
     pub fn at_transaction_boundary(&self, from_server: &BytesMut) -> bool {
-        self.pending_ready == 0
-            && !self.unsynced
-            && !self.copy_in
-            && !self.unpoolable
-            && self.status == msg::IDLE
-            && self.client_body_remaining == 0
-            && !self.need_whole_frame
-            && self.server_scan.at_boundary()
-            && self.client_ready == 0
-            && self.server_ready == 0
-            && self.expect.is_empty()
-            && from_server.is_empty()
+        self.at_transaction_boundary_ignoring_output() && self.server_ready == 0 && from_server.is_empty()
     }
 
     /// Like [`Link::at_transaction_boundary`], for a held answer that is

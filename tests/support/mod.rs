@@ -118,3 +118,24 @@ pub async fn connect(
     });
     Ok(client)
 }
+
+/// The SQLSTATE of a database error, or a text saying there was none.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+/// The first column of the first row `sql` returns (simple protocol).
+pub async fn scalar(c: &tokio_postgres::Client, sql: &str) -> String {
+    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_owned()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+/// The trust superuser straight to the shared cluster's primary, on `db`.
+pub async fn superuser(db: &str) -> tokio_postgres::Client {
+    connect(cluster_async().await.primary(), "postgres", None, db).await.expect("direct superuser connection")
+}
