@@ -34,17 +34,42 @@ async fn pinned_client_keeps_its_session_state_and_the_backend_is_reset_after() 
     // The backend comes back reset: no temp table, no lock, no listener, no statement.
     let c = trust(&proxy).await;
     let d = trust(&proxy).await;
-    eventually(Duration::from_secs(5), "the pinned backend back in the pool", || async {
+    // Both pooled backends busy at once: one of them must be the reset one.
+    // (One at a time, the pool's LIFO would keep handing out the other.)
+    eventually(Duration::from_secs(10), "the pinned backend back in the pool", || async {
+        c.batch_execute("BEGIN").await.unwrap();
+        if d.batch_execute("BEGIN").await.is_err() {
+            // Still being reset: d waited past query_wait_timeout.
+            c.batch_execute("ROLLBACK").await.unwrap();
+            return false;
+        }
         let (x, y) = (scalar(&c, "SELECT pg_backend_pid()").await, scalar(&d, "SELECT pg_backend_pid()").await);
-        x == pid || y == pid
+        let on_reset_backend = if x == pid {
+            Some(&c)
+        } else if y == pid {
+            Some(&d)
+        } else {
+            None
+        };
+        if let Some(client) = on_reset_backend {
+            // Checked inside the transaction, so surely on the backend that was pinned.
+            assert_eq!(scalar(client, "SELECT to_regclass('pin_tmp') IS NULL").await, "t");
+            assert_eq!(scalar(client, "SELECT count(*) FROM pg_prepared_statements WHERE name = 'sqlprep'").await, "0");
+            assert_eq!(scalar(client, "SELECT count(*) FROM pg_listening_channels()").await, "0");
+            assert_eq!(
+                scalar(client, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+                    .await,
+                "0"
+            );
+        }
+        c.batch_execute("COMMIT").await.unwrap();
+        d.batch_execute("COMMIT").await.unwrap();
+        on_reset_backend.is_some()
     })
     .await;
-    for client in [&c, &d] {
-        assert_eq!(scalar(client, "SELECT count(*) FROM pg_prepared_statements WHERE name = 'sqlprep'").await, "0");
-        assert_eq!(scalar(client, "SELECT count(*) FROM pg_listening_channels()").await, "0");
-        assert_eq!(scalar(client, "SELECT pg_try_advisory_lock(4242)").await, "t");
-        client.batch_execute("SELECT pg_advisory_unlock_all()").await.unwrap();
-    }
+    // And no one holds the pinned client's advisory lock any more.
+    assert_eq!(scalar(&c, "SELECT pg_try_advisory_lock(4242)").await, "t");
+    c.batch_execute("SELECT pg_advisory_unlock_all()").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
