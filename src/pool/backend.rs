@@ -140,6 +140,20 @@ impl Backend {
         self.params.truncate(self.login_params);
     }
 
+    /// The next whole server message on a round trip pgmux runs itself.
+    async fn next_control_frame(&mut self) -> std::io::Result<(u8, BytesMut)> {
+        loop {
+            let frame = split_frame(&mut self.from_server, MAX_CONTROL_MESSAGE)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            if let Some(frame) = frame {
+                return Ok(frame);
+            }
+            if self.stream.read_buf(&mut self.from_server).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
     /// Runs a query returning one row of text values (control round trips only).
     pub async fn query_row(&mut self, sql: &str) -> std::io::Result<(Vec<Option<String>>, Option<ErrorFields>)> {
         let mut out = BytesMut::new();
@@ -148,14 +162,7 @@ impl Backend {
         let mut row = Vec::new();
         let mut first_error = None;
         loop {
-            let frame = split_frame(&mut self.from_server, MAX_CONTROL_MESSAGE)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            let Some((t, body)) = frame else {
-                if self.stream.read_buf(&mut self.from_server).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                continue;
-            };
+            let (t, body) = self.next_control_frame().await?;
             match t {
                 tag::DATA_ROW => row = msg::parse_data_row(&body),
                 tag::ERROR_RESPONSE if first_error.is_none() => first_error = Some(msg::parse_error_fields(&body)),
@@ -202,14 +209,7 @@ impl Backend {
         let mut first_error = None;
         let mut status = msg::IDLE;
         while pending > 0 {
-            let frame = split_frame(&mut self.from_server, MAX_CONTROL_MESSAGE)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            let Some((t, body)) = frame else {
-                if self.stream.read_buf(&mut self.from_server).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                continue;
-            };
+            let (t, body) = self.next_control_frame().await?;
             match t {
                 tag::READY_FOR_QUERY => {
                     pending -= 1;
