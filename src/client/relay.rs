@@ -347,18 +347,14 @@ impl Link {
                     self.expect.push_back(Expect::Bind { statement: None });
                     return end;
                 };
-                let Some((name, rest)) = statements::cstr(after_portal) else {
+                let Some((name, _)) = statements::cstr(after_portal) else {
                     self.expect.push_back(Expect::Bind { statement: None });
                     return end;
                 };
                 if name.is_empty() {
                     self.ensure_unnamed(scope, &mut out);
                     self.expect.push_back(Expect::Bind { statement: None });
-                    if out.is_empty() {
-                        return end;
-                    }
-                    out.extend_from_slice(&buf[start..end]);
-                    return statements::splice(buf, start, end, &out);
+                    return self.insert_in_front(buf, start, end, &out);
                 }
                 let Some(st) = scope.client.get(name).cloned() else {
                     // Unknown to the client: the server gives the error Postgres would.
@@ -367,7 +363,6 @@ impl Link {
                 };
                 let name_start = start + HEADER_LEN + portal.len() + 1;
                 let name_end = name_start + name.len();
-                let _ = rest;
                 self.ensure_prepared(&st, scope, prepared, &mut out);
                 let new_end = statements::rename(buf, start, end, name_start, name_end, st.server_name.as_bytes());
                 self.expect.push_back(Expect::Bind { statement: Some(st) });
@@ -375,20 +370,10 @@ impl Link {
             }
             tag::DESCRIBE => {
                 self.unsynced = true;
-                let (kind, name) = match body.split_first() {
-                    Some((&k, rest)) => (k, statements::cstr(rest).map(|(n, _)| n).unwrap_or_default()),
-                    None => return end,
-                };
-                if kind != b'S' {
-                    return end;
-                }
+                let Some(name) = statements::statement_target(body) else { return end };
                 if name.is_empty() {
                     self.ensure_unnamed(scope, &mut out);
-                    if out.is_empty() {
-                        return end;
-                    }
-                    out.extend_from_slice(&buf[start..end]);
-                    return statements::splice(buf, start, end, &out);
+                    return self.insert_in_front(buf, start, end, &out);
                 }
                 let Some(st) = scope.client.get(name).cloned() else { return end };
                 let name_start = start + HEADER_LEN + 1;
@@ -400,13 +385,7 @@ impl Link {
             tag::CLOSE => {
                 self.unsynced = true;
                 self.expect.push_back(Expect::Close { forward: true });
-                let (kind, name) = match body.split_first() {
-                    Some((&k, rest)) => (k, statements::cstr(rest).map(|(n, _)| n).unwrap_or_default()),
-                    None => return end,
-                };
-                if kind != b'S' {
-                    return end;
-                }
+                let Some(name) = statements::statement_target(body) else { return end };
                 if name.is_empty() {
                     scope.client.unnamed = None;
                     self.unnamed_here = false;

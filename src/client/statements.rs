@@ -72,6 +72,15 @@ pub fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&body[..end], &body[end + 1..]))
 }
 
+/// The statement name a Describe or Close body targets; `None` when it
+/// targets a portal (or is malformed, which the server will reject itself).
+pub fn statement_target(body: &[u8]) -> Option<&[u8]> {
+    match body.split_first() {
+        Some((b'S', rest)) => Some(cstr(rest).map(|(n, _)| n).unwrap_or_default()),
+        _ => None,
+    }
+}
+
 fn begin(out: &mut BytesMut, tag: u8) -> usize {
     out.put_u8(tag);
     let at = out.len();
@@ -102,8 +111,10 @@ pub fn write_close_statement(out: &mut BytesMut, name: &[u8]) {
     finish(out, at);
 }
 
-/// Bind with the statement name replaced: `portal` and `rest` (everything
+/// Bind with the statement name replaced (the relay renames in place; this
+/// builds reference frames for the tests): `portal` and `rest` (everything
 /// after the client's statement name) are copied unchanged.
+#[cfg(test)]
 pub fn write_bind(out: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u8]) {
     let at = begin(out, tag::BIND);
     out.put_slice(portal);
@@ -111,15 +122,6 @@ pub fn write_bind(out: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u
     out.put_slice(statement);
     out.put_u8(0);
     out.put_slice(rest);
-    finish(out, at);
-}
-
-/// Describe of a statement under another name.
-pub fn write_describe_statement(out: &mut BytesMut, name: &[u8]) {
-    let at = begin(out, tag::DESCRIBE);
-    out.put_u8(b'S');
-    out.put_slice(name);
-    out.put_u8(0);
     finish(out, at);
 }
 
