@@ -153,7 +153,11 @@ impl ClientInfo {
     }
 
     fn set_state(&self, s: ClientState) {
-        self.since_us.store(now_us(), Ordering::Relaxed);
+        self.set_state_at(s, now_us());
+    }
+
+    fn set_state_at(&self, s: ClientState, at_us: u64) {
+        self.since_us.store(at_us, Ordering::Relaxed);
         // SeqCst: PAUSE reads these states after publishing its flag (see `wait_turn`).
         self.state.store(s as u8, Ordering::SeqCst);
     }
@@ -219,13 +223,15 @@ impl ClientInfo {
     /// The client gave its backend up (checked in, discarded or handed to
     /// cleanup); counts the time held toward SHOW STATS.
     pub fn released(&self) {
+        let now = now_us();
         if self.state() == ClientState::Active
             && let Some(pool) = self.login().and_then(|l| l.pool.as_ref())
         {
-            pool.record_xact_time(self.since().elapsed());
+            let held = now.saturating_sub(self.since_us.load(Ordering::Relaxed));
+            pool.record_xact_time(Duration::from_micros(held));
         }
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.set_state(ClientState::Idle);
+        self.set_state_at(ClientState::Idle, now);
     }
 
     /// Resolves once KILL_CLIENT targets this client. For the idle wait.

@@ -209,6 +209,26 @@ async fn read_unit(stream: &mut Stream, pending: &mut BytesMut) -> std::io::Resu
     }
 }
 
+/// The first read of an idle client's next request: readiness first, so no
+/// buffer exists while nothing is there (an idle client owns none).
+fn poll_first_read(
+    stream: &mut Stream,
+    cx: &mut std::task::Context<'_>,
+    pending: &mut BytesMut,
+) -> std::task::Poll<std::io::Result<usize>> {
+    std::task::ready!(stream.poll_read_ready(cx))?;
+    pending.reserve(FIRST_READ);
+    let read = stream.poll_read_buf(cx, pending);
+    if read.is_pending() {
+        // The readiness was stale: give the buffer back while idle.
+        *pending = BytesMut::new();
+    }
+    read
+}
+
+/// A typical request fits; a longer one streams on into the backend's buffer.
+const FIRST_READ: usize = 1024;
+
 /// What a successful login leads to.
 enum Login {
     /// A pooled session on a configured database.
@@ -465,23 +485,29 @@ async fn run_session(
     loop {
         if pending.is_empty() {
             // Idle: no backend and no buffer; wait for the client (or shutdown).
-            // Peek, don't read: the request is read straight into the
-            // backend's buffer once one is checked out. A lone Terminate (or
-            // EOF) needs no backend.
-            let mut first = [0u8; 1];
-            let peeked = tokio::select! {
+            // The request's first bytes go into a small buffer made only once
+            // they are there, then into the backend's buffer; a lone
+            // Terminate (or EOF) needs no backend.
+            let read = tokio::select! {
+                // Fixed order: no random branch choice per transaction.
+                biased;
                 // TLS output a full socket did not take yet must reach the
                 // client before it can answer: flush it while waiting.
-                r = async { stream.flush().await?; stream.peek(&mut first).await } => r?,
+                r = async {
+                    stream.flush().await?;
+                    std::future::poll_fn(|cx| poll_first_read(stream, cx, &mut pending)).await
+                } => r?,
                 _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
                     return fatal(stream, SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
                 }
                 // admin hook: KILL_CLIENT.
                 _ = info.killed() => return fatal(stream, SqlState::ADMIN_SHUTDOWN, TERMINATED_BY_ADMIN).await,
             };
-            if peeked == 0 || first[0] == tag::TERMINATE {
+            if read == 0 {
                 return Ok(());
             }
+            // The header checks below decide on what arrived.
+            continue;
         } else {
             // Leftover bytes of the next request: decide on a whole header.
             match Header::parse(&pending, MAX_MESSAGE_LEN) {
@@ -704,6 +730,7 @@ async fn transaction(
                         session.params.observe(name, v);
                     }
                 }
+                backend.mark_synced(session.params.profile());
             }
             Ok((Some(err), _)) => {
                 tracing::info!(code = %err.code, message = %err.message, "could not apply session parameters");
@@ -716,6 +743,8 @@ async fn transaction(
                 return Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "server connection lost".into())));
             }
         }
+    } else {
+        backend.mark_synced(session.params.profile());
     }
     // Statements whose last client left are closed here, before this client
     // can see them (one round trip, only after such a departure).
@@ -725,17 +754,10 @@ async fn transaction(
     }
     let mut link = Link::new();
     link.hold = hold_for_retry;
-    if pending.is_empty() {
-        match stream.try_read_buf(&mut backend.to_server) {
-            // Gone before sending anything: the backend never saw it.
-            Ok(0) => return Ended::Clean,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Ended::Clean,
-        }
-    } else {
-        backend.to_server.unsplit(std::mem::take(pending));
-    }
+    // Copied, not swapped in: the backend keeps its grown buffer, and the
+    // client's small one is freed while it idles.
+    backend.to_server.extend_from_slice(pending);
+    *pending = BytesMut::new();
     let mut scope = StatementScope {
         client: &mut session.statements,
         registry: &session.pool.statements,
@@ -754,7 +776,10 @@ async fn transaction(
     match outcome {
         Outcome::Boundary => {
             // A partial header of the client's next message stays with the client.
-            *pending = backend.to_server.split();
+            if !backend.to_server.is_empty() {
+                pending.extend_from_slice(&backend.to_server);
+                backend.to_server.clear();
+            }
             if !link.touched_settings.is_empty() && !read_back_settings(backend, session, &link.touched_settings).await
             {
                 return Ended::Discard(None);

@@ -5,6 +5,10 @@
 //! startup packet asked for, and follows every ParameterStatus relayed to it.
 //! Before a backend serves the client, parameters that differ are set on it.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+
 use crate::pool::Backend;
 
 /// Parameters pgmux keeps per client even when the client never set them, so
@@ -23,9 +27,62 @@ pub const TRACKED: &[&str] = &[
 /// Startup keys that are not session parameters.
 const NOT_PARAMETERS: &[&str] = &["user", "database"];
 
-#[derive(Debug, Default, Clone)]
+/// One set of session parameter values. Identical sets are interned (one
+/// shared allocation), so idle clients with the usual settings cost no
+/// memory of their own, and "is this backend already set up for this
+/// client?" is a pointer comparison rather than a string-by-string check on
+/// every transaction.
+pub type Profile = Arc<[Setting]>;
+
+/// A parameter name and its value.
+pub type Setting = (Box<str>, Box<str>);
+
+#[derive(Debug, Clone)]
 pub struct SessionParams {
-    values: Vec<(String, String)>,
+    values: Profile,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        SessionParams { values: intern(Vec::new()) }
+    }
+}
+
+/// Live profiles by content hash. Entries are weak: a profile goes when its
+/// last client and backend drop it; dead entries are swept whenever the
+/// table has doubled since the last sweep (amortised O(1) per intern).
+struct Interner {
+    by_hash: HashMap<u64, Vec<Weak<[Setting]>>>,
+    entries: usize,
+    sweep_at: usize,
+}
+
+static INTERNER: LazyLock<Mutex<Interner>> =
+    LazyLock::new(|| Mutex::new(Interner { by_hash: HashMap::new(), entries: 0, sweep_at: 64 }));
+
+/// The shared profile equal to `values`. Runs at login and when a client's
+/// settings change, never per transaction.
+fn intern(values: Vec<Setting>) -> Profile {
+    let mut hasher = std::hash::DefaultHasher::new();
+    values.hash(&mut hasher);
+    let hash = hasher.finish();
+    let mut table = INTERNER.lock().unwrap_or_else(|e| e.into_inner());
+    let bucket = table.by_hash.entry(hash).or_default();
+    if let Some(found) = bucket.iter().filter_map(Weak::upgrade).find(|p| **p == *values) {
+        return found;
+    }
+    let profile: Profile = values.into();
+    bucket.push(Arc::downgrade(&profile));
+    table.entries += 1;
+    if table.entries >= table.sweep_at {
+        table.by_hash.retain(|_, bucket| {
+            bucket.retain(|w| w.strong_count() > 0);
+            !bucket.is_empty()
+        });
+        table.entries = table.by_hash.values().map(Vec::len).sum();
+        table.sweep_at = (table.entries * 2).max(64);
+    }
+    profile
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,10 +100,10 @@ impl SessionParams {
         server: &[(String, String)],
         startup: &[(String, String)],
     ) -> Result<SessionParams, StartupParamError> {
-        let mut p = SessionParams::default();
+        let mut values = Vec::new();
         for (k, v) in server {
             if TRACKED.iter().any(|t| t.eq_ignore_ascii_case(k)) {
-                p.set(k, v);
+                set_in(&mut values, k, v);
             }
         }
         for (k, v) in startup {
@@ -58,24 +115,31 @@ impl SessionParams {
                 "replication" => {}
                 "options" => {
                     for (name, value) in parse_options(v)? {
-                        p.set(&name, &value);
+                        set_in(&mut values, &name, &value);
                     }
                 }
-                _ => p.set(k, &canonical_value(k, v)),
+                _ => set_in(&mut values, k, &canonical_value(k, v)),
             }
         }
-        Ok(p)
+        Ok(SessionParams { values: intern(values) })
+    }
+
+    /// The interned profile: equal for clients with equal settings.
+    pub fn profile(&self) -> &Profile {
+        &self.values
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.values.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.values.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| &**v)
     }
 
     fn set(&mut self, name: &str, value: &str) {
-        match self.values.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
-            Some((_, v)) => value.clone_into(v),
-            None => self.values.push((name.to_owned(), value.to_owned())),
+        if self.get(name) == Some(value) {
+            return;
         }
+        let mut values = self.values.to_vec();
+        set_in(&mut values, name, value);
+        self.values = intern(values);
     }
 
     /// A ParameterStatus reached the client: its session now has this value.
@@ -89,12 +153,12 @@ impl SessionParams {
     /// client's own values where it has them.
     pub fn announce(&self, server: &[(String, String)]) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = server.to_vec();
-        for (k, v) in &self.values {
+        for (k, v) in self.values.iter() {
             match out.iter_mut().find(|(sk, _)| sk.eq_ignore_ascii_case(k)) {
-                Some((_, sv)) => v.clone_into(sv),
+                Some((_, sv)) => v.as_ref().clone_into(sv),
                 // Only reported parameters are announced; others are applied silently.
-                None if TRACKED.iter().any(|t| t.eq_ignore_ascii_case(k)) && k != "search_path" => {
-                    out.push((k.clone(), v.clone()))
+                None if TRACKED.iter().any(|t| t.eq_ignore_ascii_case(k)) && &**k != "search_path" => {
+                    out.push((k.to_string(), v.to_string()))
                 }
                 None => {}
             }
@@ -106,8 +170,8 @@ impl SessionParams {
     /// Reported parameters are then overwritten by the server's own
     /// ParameterStatus (its canonical spelling); unreported ones keep these.
     pub fn record_on(&self, backend: &mut Backend) {
-        for (k, v) in &self.values {
-            if backend.param(k) != Some(v.as_str()) {
+        for (k, v) in self.values.iter() {
+            if backend.param(k) != Some(&**v) {
                 backend.set_param(k, v);
             }
         }
@@ -124,9 +188,12 @@ impl SessionParams {
     /// another client changed on this backend that this client never set are
     /// RESET to the server default.
     pub fn sync_sql(&self, backend: &Backend) -> Option<String> {
+        if backend.synced_profile().is_some_and(|p| Arc::ptr_eq(p, &self.values)) {
+            return None;
+        }
         let mut sql = String::new();
-        for (k, v) in &self.values {
-            if backend.param(k) == Some(v.as_str()) {
+        for (k, v) in self.values.iter() {
+            if backend.param(k) == Some(&**v) {
                 continue;
             }
             sql.push_str(if sql.is_empty() { "SELECT " } else { ", " });
@@ -146,6 +213,13 @@ impl SessionParams {
             }
         }
         (!sql.is_empty()).then_some(sql)
+    }
+}
+
+fn set_in(values: &mut Vec<Setting>, name: &str, value: &str) {
+    match values.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+        Some((_, v)) => *v = value.into(),
+        None => values.push((name.into(), value.into())),
     }
 }
 
@@ -418,6 +492,20 @@ mod tests {
             assert_eq!(canonical_value("client_encoding", given), want, "{given}");
         }
         assert_eq!(canonical_value("client_encoding", "klingon"), "klingon");
+    }
+
+    #[test]
+    fn equal_settings_share_one_profile() {
+        let server = pairs(&[("TimeZone", "UTC"), ("client_encoding", "UTF8")]);
+        let startup = pairs(&[("application_name", "profile-test")]);
+        let a = SessionParams::from_startup(&server, &startup).unwrap();
+        let mut b = SessionParams::from_startup(&server, &startup).unwrap();
+        assert!(Arc::ptr_eq(a.profile(), b.profile()), "equal settings, one allocation");
+        b.observe("TimeZone", "Europe/Paris");
+        assert!(!Arc::ptr_eq(a.profile(), b.profile()));
+        assert_eq!(a.get("timezone"), Some("UTC"), "a change is private to its client");
+        b.observe("TimeZone", "UTC");
+        assert!(Arc::ptr_eq(a.profile(), b.profile()), "back to equal, back to shared");
     }
 
     #[test]

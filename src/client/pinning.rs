@@ -61,6 +61,10 @@ pub fn session_state(sql: &[u8]) -> Option<PinReason> {
         return Some(PinReason::AdvisoryLock);
     }
     for stmt in statement_starts(sql) {
+        // Every keyword below starts with one of these: skip the word split for the rest.
+        if !matches!(stmt.first().map(u8::to_ascii_lowercase), Some(b'l' | b'p' | b'c' | b'd')) {
+            continue;
+        }
         let mut words =
             stmt.split(|b: &u8| b.is_ascii_whitespace() || *b == b'(' || *b == b';').filter(|w| !w.is_empty()).take(6);
         let first = words.next().unwrap_or_default();

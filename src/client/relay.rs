@@ -7,7 +7,10 @@
 //! (ReadyForQuery's status byte, ParameterStatus, ErrorResponse).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -629,32 +632,26 @@ const SYNC: &[u8] = b"S\0\0\0\x04";
 /// server does not report: a statement starting with SET or RESET, or a
 /// `set_config(` call anywhere. False positives only cost a read-back.
 fn touches_settings(sql: &[u8]) -> bool {
-    if memchr::memmem::find(sql, b"set_config").is_some() {
+    // Built once: constructing a searcher per call cost more than the search.
+    static SET_CONFIG: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"set_config"));
+    if SET_CONFIG.find(sql).is_some() {
         return true;
     }
-    let mut at_start = true;
-    let mut i = 0;
-    while i < sql.len() {
-        let b = sql[i];
-        if b == b';' {
-            at_start = true;
-        } else if !b.is_ascii_whitespace() {
-            if at_start {
-                let word = &sql[i..sql.len().min(i + 6)];
-                let starts = |kw: &[u8]| {
-                    word.len() > kw.len()
-                        && word[..kw.len()].eq_ignore_ascii_case(kw)
-                        && word[kw.len()].is_ascii_whitespace()
-                };
-                if starts(b"set") || starts(b"reset") {
-                    return true;
-                }
-            }
-            at_start = false;
+    let starts = |word: &[u8], kw: &[u8]| {
+        word.len() > kw.len() && word[..kw.len()].eq_ignore_ascii_case(kw) && word[kw.len()].is_ascii_whitespace()
+    };
+    let mut rest = sql;
+    loop {
+        let word = rest.trim_ascii_start();
+        if starts(word, b"set") || starts(word, b"reset") {
+            return true;
         }
-        i += 1;
+        match memchr::memchr(b';', word) {
+            Some(i) => rest = &word[i + 1..],
+            None => return false,
+        }
     }
-    false
 }
 
 impl Default for Link {
@@ -705,6 +702,11 @@ pub async fn relay(
 ) -> Outcome {
     let Backend { stream: server, to_server, from_server, prepared, .. } = backend;
     let mut idle_since = Instant::now();
+    // Registered once per relay, not per loop turn.
+    let mut shutdown = std::pin::pin!(force_close.changed());
+    // Armed at the first idle-in-transaction wait; on firing it re-checks the
+    // real deadline, so client activity never has to re-arm the timer.
+    let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         link.report_session_state(opts.stats);
         if link.terminated && link.client_ready == 0 {
@@ -718,67 +720,104 @@ pub async fn relay(
             && link.client_ready == 0
             && link.server_ready == 0
             && !opts.idle_transaction_timeout.is_zero();
-        // Readiness, then non-blocking I/O on the same buffers: a read and a
-        // write of one buffer never need to be borrowed at once, and after a
-        // read the forward is tried at once, saving a wakeup per message.
-        tokio::select! {
-            biased;
+        // One poll over every source, in priority order (writes first: they
+        // free buffer space). Reads happen inside the poll so that a short
+        // read clears the socket's readiness (see `Stream::poll_read_buf`).
+        let event = std::future::poll_fn(|cx| {
             // `wants_write`: TLS output a full socket did not take yet.
-            r = server.writable(), if link.client_ready > 0 || server.wants_write() => {
+            if (link.client_ready > 0 || server.wants_write())
+                && let Poll::Ready(r) = server.poll_write_ready(cx)
+            {
+                return Poll::Ready(Event::ServerWritable(r));
+            }
+            if ((link.server_ready > 0 && !link.hold) || client.wants_write())
+                && let Poll::Ready(r) = client.poll_write_ready(cx)
+            {
+                return Poll::Ready(Event::ClientWritable(r));
+            }
+            if from_server.len() < HIGH_WATER
+                && let Poll::Ready(r) = server.poll_read_buf(cx, from_server)
+            {
+                return Poll::Ready(Event::ServerRead(r));
+            }
+            if link.may_read_client(to_server.len())
+                && let Poll::Ready(r) = client.poll_read_buf(cx, to_server)
+            {
+                return Poll::Ready(Event::ClientRead(r));
+            }
+            if idle_in_txn {
+                let deadline = idle_since + opts.idle_transaction_timeout;
+                let timer = idle_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(Event::IdleTimeout);
+                    }
+                    timer.as_mut().reset(deadline);
+                    // Registers the re-armed timer (it cannot be due yet).
+                    let _ = timer.as_mut().poll(cx);
+                }
+            }
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::ServerWritable(r) => {
                 if let Err(e) = r.and_then(|_| flush(server, to_server, &mut link.client_ready)) {
                     return Outcome::ServerGone(format!("write to server failed: {e}"));
                 }
             }
-            r = client.writable(), if (link.server_ready > 0 && !link.hold) || client.wants_write() => {
+            Event::ClientWritable(r) => {
                 let mut held = 0;
                 let ready = if link.hold { &mut held } else { &mut link.server_ready };
                 if r.and_then(|_| flush(client, from_server, ready)).is_err() {
                     return Outcome::ClientGone;
                 }
             }
-            r = server.readable(), if from_server.len() < HIGH_WATER => {
-                match r.and_then(|_| server.try_read_buf(from_server)) {
-                    Ok(0) => return Outcome::ServerGone("server closed the connection".into()),
-                    Ok(_) => {
-                        if let Err(e) = link.scan_server(from_server, Some(scope.client), scope.registry, prepared) {
-                            return Outcome::ServerGone(format!("server sent a malformed message: {e}"));
-                        }
-                        if link.misrouted && link.pending_ready == 0 && link.server_scan.at_boundary() {
-                            return Outcome::Misrouted;
-                        }
-                        if !link.hold && flush(client, from_server, &mut link.server_ready).is_err() {
-                            return Outcome::ClientGone;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Outcome::ServerGone(format!("read from server failed: {e}")),
+            Event::ServerRead(Ok(0)) => return Outcome::ServerGone("server closed the connection".into()),
+            Event::ServerRead(Ok(_)) => {
+                if let Err(e) = link.scan_server(from_server, Some(scope.client), scope.registry, prepared) {
+                    return Outcome::ServerGone(format!("server sent a malformed message: {e}"));
+                }
+                if link.misrouted && link.pending_ready == 0 && link.server_scan.at_boundary() {
+                    return Outcome::Misrouted;
+                }
+                if !link.hold && flush(client, from_server, &mut link.server_ready).is_err() {
+                    return Outcome::ClientGone;
                 }
             }
-            r = client.readable(), if link.may_read_client(to_server.len()) => {
-                match r.and_then(|_| client.try_read_buf(to_server)) {
-                    Ok(0) => return Outcome::ClientGone,
-                    Ok(_) => {
-                        idle_since = Instant::now();
-                        // More requests on the link: the held answer can no longer be retried alone.
-                        link.hold = false;
-                        link.misrouted = false;
-                        if let Err(e) = link.scan_client(to_server, scope, prepared) {
-                            return Outcome::ClientProtocol(e);
-                        }
-                        if let Err(e) = flush(server, to_server, &mut link.client_ready) {
-                            return Outcome::ServerGone(format!("write to server failed: {e}"));
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Outcome::ClientGone,
+            Event::ServerRead(Err(e)) => return Outcome::ServerGone(format!("read from server failed: {e}")),
+            Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) => return Outcome::ClientGone,
+            Event::ClientRead(Ok(_)) => {
+                if !opts.idle_transaction_timeout.is_zero() {
+                    idle_since = Instant::now();
+                }
+                // More requests on the link: the held answer can no longer be retried alone.
+                link.hold = false;
+                link.misrouted = false;
+                if let Err(e) = link.scan_client(to_server, scope, prepared) {
+                    return Outcome::ClientProtocol(e);
+                }
+                if let Err(e) = flush(server, to_server, &mut link.client_ready) {
+                    return Outcome::ServerGone(format!("write to server failed: {e}"));
                 }
             }
-            _ = tokio::time::sleep_until(idle_since + opts.idle_transaction_timeout), if idle_in_txn => {
-                return Outcome::IdleInTransaction;
-            }
-            _ = force_close.changed() => return Outcome::Shutdown,
+            Event::IdleTimeout => return Outcome::IdleInTransaction,
+            Event::Shutdown => return Outcome::Shutdown,
         }
     }
+}
+
+/// What woke the relay.
+enum Event {
+    ServerWritable(std::io::Result<()>),
+    ClientWritable(std::io::Result<()>),
+    ServerRead(std::io::Result<usize>),
+    ClientRead(std::io::Result<usize>),
+    IdleTimeout,
+    Shutdown,
 }
 
 /// Writes as much of the first `*ready` bytes of `buf` as the socket takes
@@ -898,5 +937,25 @@ pub async fn cancel_backend(addr: std::net::SocketAddr, pid: i32, secret: i32) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(pid, error = %e, "cancel request failed"),
         Err(_) => tracing::debug!(pid, "cancel request timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::touches_settings;
+
+    #[test]
+    fn settings_changes_are_spotted() {
+        for sql in [
+            "SET search_path = a",
+            "  reset all",
+            "SELECT 1; SET\tTimeZone TO 'UTC'",
+            "select pg_catalog.set_config('x', 'y', false)",
+        ] {
+            assert!(touches_settings(sql.as_bytes()), "{sql}");
+        }
+        for sql in ["SELECT 1", "SELECT settings FROM t", "UPDATE t SET a = 1", "resetting", ""] {
+            assert!(!touches_settings(sql.as_bytes()), "{sql}");
+        }
     }
 }

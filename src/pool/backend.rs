@@ -50,6 +50,10 @@ pub struct Backend {
     /// How many of `params` came with the login; later ones were set by pgmux
     /// on a client's behalf and are reset for clients that never set them.
     login_params: usize,
+    /// The client profile this session's settings were last brought in line
+    /// with; `None` once anything changed them since. Lets a transaction skip
+    /// the settings check when the backend last served equal settings.
+    synced: Option<crate::client::params::Profile>,
 }
 
 impl Aged for Backend {
@@ -99,6 +103,7 @@ impl Backend {
                 prepared: PreparedSet::default(),
                 generation: 0,
                 login_params: hello.params.len(),
+                synced: None,
                 params: hello.params,
             })
         };
@@ -118,12 +123,24 @@ impl Backend {
     }
 
     /// Settings changed on this session beyond what the server reported at login.
+    /// The profile this backend's settings match, if known.
+    pub fn synced_profile(&self) -> Option<&crate::client::params::Profile> {
+        self.synced.as_ref()
+    }
+
+    /// The backend's settings now match `profile` exactly (after a sync or a
+    /// check that found nothing to change).
+    pub fn mark_synced(&mut self, profile: &crate::client::params::Profile) {
+        self.synced = Some(profile.clone());
+    }
+
     pub fn changed_settings(&self) -> impl Iterator<Item = &str> {
         self.params[self.login_params..].iter().map(|(k, _)| k.as_str())
     }
 
     /// The server reset these settings to their defaults: forget them.
     pub fn forget_changed(&mut self, names: &[&str]) {
+        self.synced = None;
         let keep = self.login_params;
         let mut i = keep;
         while i < self.params.len() {
@@ -137,6 +154,7 @@ impl Backend {
 
     /// After DISCARD ALL: every setting pgmux changed is back to its default.
     pub fn forget_all_changed(&mut self) {
+        self.synced = None;
         self.params.truncate(self.login_params);
     }
 
@@ -173,6 +191,7 @@ impl Backend {
     }
 
     pub fn set_param(&mut self, name: &str, value: &str) {
+        self.synced = None;
         match self.params.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
             Some((_, v)) => value.clone_into(v),
             None => self.params.push((name.to_owned(), value.to_owned())),

@@ -72,6 +72,18 @@ pub trait Aged {
     fn generation(&self) -> u64;
 }
 
+impl<T: Aged> Aged for Box<T> {
+    fn created(&self) -> Instant {
+        (**self).created()
+    }
+    fn last_used(&self) -> Instant {
+        (**self).last_used()
+    }
+    fn generation(&self) -> u64 {
+        (**self).generation()
+    }
+}
+
 #[derive(Debug)]
 pub struct Inner<B> {
     pub pool_size: usize,

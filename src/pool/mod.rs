@@ -124,7 +124,9 @@ pub struct PoolCounters {
 pub struct Pool {
     /// Read lock-free on every checkout; replaced whole by a reload.
     settings: ArcSwap<PoolSettings>,
-    inner: Mutex<Inner<Backend>>,
+    /// Boxed: a backend changes hands several times per transaction (pool,
+    /// waiter queue, client); moving a pointer beats copying ~300 bytes.
+    inner: Mutex<Inner<Box<Backend>>>,
     /// ParameterStatus values of the first backend ever opened, announced to
     /// clients at login (pgmux answers logins without holding a backend).
     server_params: Mutex<Option<ServerParams>>,
@@ -195,7 +197,7 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner<Backend>> {
+    fn lock(&self) -> MutexGuard<'_, Inner<Box<Backend>>> {
         // A panic while holding this lock would be a bug in `inner`'s small,
         // non-panicking methods; recover the data rather than poison every client.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -234,9 +236,9 @@ impl Pool {
     }
 
     /// Waits up to `query_wait_timeout` for a live backend, FIFO among waiters.
-    pub async fn checkout(&self) -> Result<Backend, PoolError> {
+    pub async fn checkout(&self) -> Result<Box<Backend>, PoolError> {
         let started = Instant::now();
-        let result = self.checkout_inner().await;
+        let result = self.checkout_inner(started).await;
         self.counters.wait_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if let Err(PoolError::Timeout(_)) = result {
             self.counters.wait_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -244,12 +246,13 @@ impl Pool {
         result
     }
 
-    async fn checkout_inner(&self) -> Result<Backend, PoolError> {
+    async fn checkout_inner(&self, started: Instant) -> Result<Box<Backend>, PoolError> {
         let wait = self.settings.load().query_wait_timeout;
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = tokio::time::Instant::from_std(started + wait);
+        let mut now = started;
         loop {
             let mut expired = Vec::new();
-            let take = self.lock().take(Instant::now(), &mut expired);
+            let take = self.lock().take(now, &mut expired);
             for (b, reason) in expired {
                 tracing::debug!(pid = b.pid, %reason, "closing server connection");
                 b.close();
@@ -283,6 +286,7 @@ impl Pool {
                 Grant::Backend(b) => {
                     tracing::info!(pid = b.pid, "server connection closed while idle; replacing it");
                     self.discard(b, CloseReason::Dead);
+                    now = Instant::now();
                 }
                 Grant::Slot => match self.open_backend().await {
                     Ok(b) => {
@@ -298,7 +302,7 @@ impl Pool {
         }
     }
 
-    async fn open_backend(&self) -> Result<Backend, PoolError> {
+    async fn open_backend(&self) -> Result<Box<Backend>, PoolError> {
         // Generation first, then settings: see `update`.
         let generation = self.lock().generation();
         let s = self.settings.load_full();
@@ -311,7 +315,7 @@ impl Pool {
             params: &[],
             tls: &s.tls,
         };
-        let mut b = Backend::connect(&login).await?;
+        let mut b = Box::new(Backend::connect(&login).await?);
         b.generation = generation;
         tracing::debug!(pid = b.pid, addr = %s.addr, db = %s.dbname, user = %s.user, "server connection opened");
         let mut cached = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
@@ -333,10 +337,11 @@ impl Pool {
     }
 
     /// Returns a clean backend: idle on the server, nothing unread, nothing unsent.
-    pub fn checkin(&self, mut b: Backend) {
+    pub fn checkin(&self, mut b: Box<Backend>) {
         debug_assert!(b.from_server.is_empty() && b.to_server.is_empty());
-        b.last_used = Instant::now();
-        let closed = self.lock().put(b, Instant::now());
+        let now = Instant::now();
+        b.last_used = now;
+        let closed = self.lock().put(b, now);
         if let Some((b, reason)) = closed {
             tracing::debug!(pid = b.pid, %reason, "closing server connection");
             b.close();
@@ -344,7 +349,7 @@ impl Pool {
     }
 
     /// Closes a backend that must not be reused, freeing its slot.
-    pub fn discard(&self, b: Backend, reason: CloseReason) {
+    pub fn discard(&self, b: Box<Backend>, reason: CloseReason) {
         tracing::debug!(pid = b.pid, %reason, "closing server connection");
         b.close();
         self.lock().forget();
