@@ -202,6 +202,7 @@ async fn serve(
     }
     drop(listener);
     let _ = draining_tx.send(true);
+    shared.clients.raise_all(crate::admin::registry::Signal::DRAIN);
     if let Some(h) = sighup {
         h.abort();
     }
@@ -211,6 +212,7 @@ async fn serve(
     if tokio::time::timeout(grace, &mut all_gone).await.is_err() {
         tracing::info!(remaining = shared.slots.count(), "shutdown_timeout reached; closing");
         let _ = force_tx.send(true);
+        shared.clients.raise_all(crate::admin::registry::Signal::FORCE_CLOSE);
         // Clients close at once on force; this bound only guards against a stuck socket write.
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut all_gone).await;
     }
@@ -315,10 +317,14 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         match ClientSlots::try_take(shared, shared.config.load().proxy.max_client_conn) {
             Some(slot) => {
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                let fut = async move {
                     crate::client::serve(stream, shared, id).await;
                     drop(slot);
-                });
+                };
+                if std::env::var_os("PGMUX_PROBE").is_some() {
+                    eprintln!("PROBE client future {} bytes", std::mem::size_of_val(&fut));
+                }
+                tokio::spawn(fut);
             }
             None => {
                 tracing::warn!("max_client_conn reached; refusing a client");

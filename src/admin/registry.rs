@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
-use tokio::sync::{Notify, watch};
 
 use super::pause::Pause;
 use super::stats::Stats;
@@ -88,9 +87,8 @@ pub struct ClientInfo {
     since_us: AtomicU64,
     link: Mutex<Option<LinkInfo>>,
     close_needed: AtomicBool,
-    /// KILL_CLIENT: `notify_one` stores a permit, so a client busy in a
-    /// transaction sees it at its next idle wait.
-    kill: Notify,
+    /// KILL_CLIENT and shutdown, as seen by this client's task.
+    signal: Signal,
     /// The TLS protocol and cipher suite, once the client's handshake is done.
     tls: OnceLock<String>,
 }
@@ -126,7 +124,7 @@ impl ClientInfo {
             since_us: AtomicU64::new(now_us()),
             link: Mutex::new(None),
             close_needed: AtomicBool::new(false),
-            kill: Notify::new(),
+            signal: Signal::default(),
             tls: OnceLock::new(),
         }
     }
@@ -191,12 +189,7 @@ impl ClientInfo {
     /// PAUSE publishes its flag and then reads client states (both with a
     /// SeqCst fence between). So either PAUSE sees this client as in flight
     /// and waits for it, or the client sees the pause and stops here.
-    pub async fn wait_turn(
-        &self,
-        pause: &Pause,
-        database: &str,
-        draining: &mut watch::Receiver<bool>,
-    ) -> Option<&'static str> {
+    pub async fn wait_turn(&self, pause: &Pause, database: &str) -> Option<&'static str> {
         loop {
             self.set_state(ClientState::Waiting);
             std::sync::atomic::fence(Ordering::SeqCst);
@@ -204,10 +197,18 @@ impl ClientInfo {
                 return None;
             }
             self.set_state(ClientState::Paused);
-            tokio::select! {
-                _ = pause.wait_resumed(database) => {}
-                _ = self.kill.notified() => return Some(TERMINATED_BY_ADMIN),
-                _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => return Some(SHUTTING_DOWN),
+            // Boxed: a rare wait whose futures would otherwise enlarge every
+            // client's task, idle ones included.
+            let paused = Box::pin(async {
+                tokio::select! {
+                    _ = pause.wait_resumed(database) => None,
+                    flags = std::future::poll_fn(|cx| self.signal.poll(cx, Signal::KILL | Signal::DRAIN | Signal::FORCE_CLOSE)) => {
+                        Some(if flags & Signal::KILL != 0 { TERMINATED_BY_ADMIN } else { SHUTTING_DOWN })
+                    }
+                }
+            });
+            if let Some(why) = paused.await {
+                return Some(why);
             }
         }
     }
@@ -234,15 +235,62 @@ impl ClientInfo {
         self.set_state_at(ClientState::Idle, now);
     }
 
-    /// Resolves once KILL_CLIENT targets this client. For the idle wait.
+    /// Resolves once KILL_CLIENT targets this client.
     pub async fn killed(&self) {
-        self.kill.notified().await
+        std::future::poll_fn(|cx| self.signal.poll(cx, Signal::KILL)).await;
+    }
+
+    /// What the client task watches for KILL_CLIENT and shutdown.
+    pub fn signal(&self) -> &Signal {
+        &self.signal
     }
 
     /// KILL_CLIENT: the client closes with 57P01 at its next idle moment.
     pub fn kill(&self) {
         self.close_needed.store(true, Ordering::Relaxed);
-        self.kill.notify_one();
+        self.signal.raise(Signal::KILL);
+    }
+}
+
+/// Events for one client task: flags and a single waker slot (one task
+/// polls it). Watching costs a couple of atomics per poll, where a
+/// `Notify`/`watch` future takes a lock to register and again to drop, on
+/// every transaction; and it adds no future state to an idle client.
+#[derive(Debug, Default)]
+pub struct Signal {
+    flags: AtomicU8,
+    waker: atomic_waker::AtomicWaker,
+}
+
+impl Signal {
+    /// KILL_CLIENT for this client.
+    pub const KILL: u8 = 1;
+    /// Shutdown began: idle clients leave now, busy ones at their boundary.
+    pub const DRAIN: u8 = 2;
+    /// Shutdown's grace period is over: leave now, even mid-transaction.
+    pub const FORCE_CLOSE: u8 = 4;
+
+    pub fn raise(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// The raised flags among `mask` (0 if none).
+    pub fn raised(&self, mask: u8) -> u8 {
+        self.flags.load(Ordering::SeqCst) & mask
+    }
+
+    /// Ready with the raised flags among `mask`; otherwise registers `cx`.
+    pub fn poll(&self, cx: &mut std::task::Context<'_>, mask: u8) -> std::task::Poll<u8> {
+        if self.raised(mask) != 0 {
+            return std::task::Poll::Ready(self.raised(mask));
+        }
+        self.waker.register(cx.waker());
+        // Re-check: a raise between the load and the registration woke nobody.
+        match self.raised(mask) {
+            0 => std::task::Poll::Pending,
+            flags => std::task::Poll::Ready(flags),
+        }
     }
 }
 
@@ -250,6 +298,8 @@ impl ClientInfo {
 #[derive(Debug, Default)]
 pub struct ClientRegistry {
     clients: DashMap<u64, Arc<ClientInfo>>,
+    /// Flags raised for everyone so far: clients listed later get them too.
+    raised_for_all: AtomicU8,
 }
 
 /// Keeps a client listed while the connection lives.
@@ -284,7 +334,21 @@ impl ClientRegistry {
         stats.client_connections.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(ClientInfo::new(id, peer, local));
         self.clients.insert(id, info.clone());
+        // After the insert (SeqCst both sides): either `raise_all` finds this
+        // client in the map or this load sees its flag.
+        let raised = self.raised_for_all.load(Ordering::SeqCst);
+        if raised != 0 {
+            info.signal.raise(raised);
+        }
         Registration { registry: self, info }
+    }
+
+    /// Raises `flag` for every client, present and future (shutdown).
+    pub fn raise_all(&self, flag: u8) {
+        self.raised_for_all.fetch_or(flag, Ordering::SeqCst);
+        for c in self.clients.iter() {
+            c.signal.raise(flag);
+        }
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<ClientInfo>> {

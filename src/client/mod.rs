@@ -10,11 +10,11 @@ pub mod statements;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::admin::registry::{ClientInfo, TERMINATED_BY_ADMIN};
+use crate::admin::registry::{ClientInfo, SHUTTING_DOWN, Signal, TERMINATED_BY_ADMIN};
 use crate::config::{Config, PoolMode, TlsMode};
 use crate::net::Stream;
 use crate::pool::inner::CloseReason;
@@ -256,14 +256,31 @@ struct Session {
 }
 
 async fn serve_inner(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::io::Result<()> {
+    // Boxed: startup, TLS and authentication state is large and short-lived;
+    // it is freed before the session starts instead of sizing the task.
+    let Some((mut stream, buf, session, config)) = Box::pin(establish(tcp, shared, info)).await? else {
+        return Ok(());
+    };
+    let key = shared.cancels.issue();
+    Box::pin(greet(&mut stream, &session, &key)).await?;
+    let result = run_session(&mut stream, buf, shared, &config, session, &key, info).await;
+    tracing::info!("client disconnected");
+    result
+}
+
+/// A logged-in pooled client, ready for its session.
+type Established = (Stream, BytesMut, Box<Session>, Arc<Config>);
+
+/// Startup, TLS and authentication, up to a pooled session (`None` when the
+/// connection ended, or was an admin console session, served here).
+async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::io::Result<Option<Established>> {
     let _ = tcp.set_nodelay(true);
     let config = shared.config();
     let mut buf = BytesMut::new();
     let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
     let mut stream = Stream::Plain(tcp);
     let login = loop {
-        // Boxed: login state is large and short-lived; an idle client should not carry it.
-        let login = Box::pin(tokio::time::timeout_at(deadline, login(&mut stream, &mut buf, shared, &config))).await;
+        let login = tokio::time::timeout_at(deadline, login(&mut stream, &mut buf, shared, &config)).await;
         if !matches!(login, Ok(Ok(Some(Login::StartTls)))) {
             break login;
         }
@@ -280,11 +297,11 @@ async fn serve_inner(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std:
             }
             Ok(Err(e)) => {
                 tracing::info!(error = %e, "client TLS handshake failed");
-                return Ok(());
+                return Ok(None);
             }
             Err(_) => {
                 tracing::info!("client did not finish the TLS handshake in time");
-                return Ok(());
+                return Ok(None);
             }
         };
     };
@@ -293,20 +310,26 @@ async fn serve_inner(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std:
         Ok(Ok(Some(Login::Admin { user }))) => {
             tracing::info!(user = %user, "admin console login");
             info.logged_in(&user, crate::admin::DATABASE, "", None); // admin hook
-            return crate::admin::serve(&mut stream, buf, shared, info).await;
+            crate::admin::serve(&mut stream, buf, shared, info).await?;
+            return Ok(None);
         }
-        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(None)) => return Ok(None),
         Ok(Ok(Some(Login::StartTls))) => unreachable!("handled above"),
         Ok(Err(e)) => return Err(e),
         Err(_) => {
             tracing::info!("client did not finish login in time");
-            return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, "login timed out").await;
+            fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, "login timed out").await?;
+            return Ok(None);
         }
     };
     tracing::info!(user = %session.user, database = %session.database, "client logged in");
     let app = session.params.get("application_name").unwrap_or_default();
     info.logged_in(&session.user, &session.database, app, Some(session.pool.clone())); // admin hook
-    let key = shared.cancels.issue();
+    Ok(Some((stream, buf, session, config)))
+}
+
+/// AuthenticationOk, the session's parameters, the cancel key, ReadyForQuery.
+async fn greet(stream: &mut Stream, session: &Session, key: &CancelKey<'_>) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     msg::authentication_ok(&mut out);
     for (k, v) in session.params.announce(&session.server_params) {
@@ -314,11 +337,7 @@ async fn serve_inner(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std:
     }
     msg::backend_key_data(&mut out, key.pid, key.secret);
     msg::ready_for_query(&mut out, msg::IDLE);
-    stream.write_all(&out).await?;
-    drop(out);
-    let result = run_session(&mut stream, buf, shared, &config, *session, &key, info).await;
-    tracing::info!("client disconnected");
-    result
+    stream.write_all(&out).await
 }
 
 /// Startup and authentication. `Ok(None)` means the connection ended cleanly
@@ -456,26 +475,36 @@ async fn login(
 }
 
 /// Writes a FATAL ErrorResponse and closes.
-async fn fatal(stream: &mut Stream, code: SqlState, text: &str) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    msg::error_response(&mut out, Severity::Fatal, code, text);
-    stream.write_all(&out).await?;
-    stream.shutdown().await
+///
+/// Boxed, like the other rare paths below: a client's task is sized for its
+/// largest await, and an idle client should not pay for its last words.
+fn fatal<'a>(stream: &'a mut Stream, code: SqlState, text: &'a str) -> RarePath<'a, std::io::Result<()>> {
+    Box::pin(async move {
+        let mut out = BytesMut::new();
+        msg::error_response(&mut out, Severity::Fatal, code, text);
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
 }
+
+/// A boxed future for a path taken rarely (errors, routing extras).
+type RarePath<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// The transaction loop: wait idle without a backend, take one when the
 /// client speaks, relay, give it back at the transaction boundary.
+///
+/// Only the idle wait lives in this future; everything a request does is
+/// in [`serve_request`], boxed per request. A task is sized for its largest
+/// await, and an idle client should cost its task header and this loop.
 async fn run_session(
     stream: &mut Stream,
     mut pending: BytesMut,
     shared: &Shared,
     config: &Config,
-    mut session: Session,
+    mut session: Box<Session>,
     key: &CancelKey<'_>,
     info: &ClientInfo,
 ) -> std::io::Result<()> {
-    let mut draining = shared.draining.clone();
-    let mut force_close = shared.force_close.clone();
     let opts = RelayOptions {
         release_at_boundary: session.mode == PoolMode::Transaction,
         idle_transaction_timeout: config.proxy.idle_transaction_timeout,
@@ -484,212 +513,245 @@ async fn run_session(
     };
     loop {
         if pending.is_empty() {
-            // Idle: no backend and no buffer; wait for the client (or shutdown).
-            // The request's first bytes go into a small buffer made only once
-            // they are there, then into the backend's buffer; a lone
-            // Terminate (or EOF) needs no backend.
-            let read = tokio::select! {
-                // Fixed order: no random branch choice per transaction.
-                biased;
-                // TLS output a full socket did not take yet must reach the
-                // client before it can answer: flush it while waiting.
-                r = async {
-                    stream.flush().await?;
-                    std::future::poll_fn(|cx| poll_first_read(stream, cx, &mut pending)).await
-                } => r?,
-                _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
-                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
+            // Idle: no backend and no buffer; wait for the client (or shutdown,
+            // or KILL_CLIENT). The request's first bytes go into a small buffer
+            // made only once they are there, then into the backend's buffer; a
+            // lone Terminate (or EOF) needs no backend.
+            match std::future::poll_fn(|cx| poll_idle(stream, cx, &mut pending, info.signal())).await {
+                Idle::Signal(flags) => {
+                    // admin hook: KILL_CLIENT.
+                    let why = if flags & Signal::KILL != 0 { TERMINATED_BY_ADMIN } else { SHUTTING_DOWN };
+                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await;
                 }
-                // admin hook: KILL_CLIENT.
-                _ = info.killed() => return fatal(stream, SqlState::ADMIN_SHUTDOWN, TERMINATED_BY_ADMIN).await,
-            };
-            if read == 0 {
-                return Ok(());
-            }
-            // The header checks below decide on what arrived.
-            continue;
-        } else {
-            // Leftover bytes of the next request: decide on a whole header.
-            match Header::parse(&pending, MAX_MESSAGE_LEN) {
-                Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    if stream.read_buf(&mut pending).await? == 0 {
+                Idle::Read(read) => {
+                    if read? == 0 {
                         return Ok(());
                     }
+                    // The header checks below decide on what arrived.
                     continue;
                 }
-                Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
             }
         }
-        // Routing needs the whole request unit to classify it.
-        let mut decided: Option<(Intent, Route)> = None;
-        if let Some(routing) = &session.routing {
-            match read_unit(stream, &mut pending).await? {
-                Ok(true) => {}
-                Ok(false) => return Ok(()),
-                Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
-            }
-            decided = Some(routing.route(shared, &pending, &session.statements));
-            if std::mem::take(&mut session.force_primary)
-                && let Some((intent, route)) = &mut decided
-            {
-                *intent = Intent::Write;
-                *route = Route::primary(RouteReason::MisrouteRetry);
-            }
-        }
-        // Never send a write to a node in recovery (a demoted or not yet promoted primary).
-        if let (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, _)), Some(routing)) =
-            (&decided, &session.routing)
-        {
-            let primary = routing.primary_node.view();
-            if primary.healthy && primary.in_recovery {
-                tracing::warn!(addr = %routing.primary_node.addr, "the configured primary is in recovery; refusing a write");
-                let text = format!(
-                    "the primary {} is in recovery: pgmux does not send writes to it",
-                    routing.primary_node.addr
-                );
-                if !reject_request(stream, &mut pending, SqlState::READ_ONLY_TRANSACTION, &text).await? {
+        // Leftover bytes of the next request: decide on a whole header.
+        match Header::parse(&pending, MAX_MESSAGE_LEN) {
+            Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                if stream.read_buf(&mut pending).await? == 0 {
                     return Ok(());
                 }
                 continue;
             }
+            Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
         }
-        // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
-        if let Some(why) = info.wait_turn(&shared.pause, &session.database, &mut draining).await {
-            return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await;
+        let step = Box::pin(serve_request(stream, &mut pending, shared, &mut session, key, info, &opts)).await?;
+        if step == Step::Done {
+            return Ok(());
         }
-        let mut pool = session.pool.clone();
-        if let (Some((_, route)), Some(routing)) = (&mut decided, &session.routing) {
-            if let Target::Replica(i) = route.target {
-                pool = routing.replicas[i].pool.clone();
-            }
-            shared.routing.count(route.reason);
-        }
-        // A write of a routed scope: its reads stay on the primary until the
-        // write is settled with its post-commit WAL position (or given up).
-        let write_scope = match (&decided, &session.routing) {
-            (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, route)), Some(routing))
-                if route.target == Target::Primary =>
-            {
-                routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).begin_write(std::time::Instant::now());
-                Some(routing.sticky.clone())
-            }
-            _ => None,
-        };
-        let settle = |lsn: Option<u64>| {
-            if let Some(sticky) = &write_scope {
-                sticky.lock().unwrap_or_else(|e| e.into_inner()).end_write(std::time::Instant::now(), lsn);
-            }
-        };
-        let checked_out = match pool.checkout().await {
-            Err(e) if !Arc::ptr_eq(&pool, &session.pool) => {
-                // A replica that cannot give a connection: the read goes to the primary.
-                tracing::info!(error = %e, addr = %pool.settings().addr, "replica unavailable; reading from the primary");
-                shared.routing.count(RouteReason::ReplicaFailed);
-                if let Some((_, route)) = &mut decided {
-                    *route = Route::primary(RouteReason::ReplicaFailed);
-                }
-                pool = session.pool.clone();
-                pool.checkout().await
-            }
-            other => other,
-        };
-        let mut backend = match checked_out {
-            Ok(b) => b,
-            Err(e) => {
-                settle(None);
-                info.released(); // admin hook: back to idle
-                tracing::info!(error = %e, "no server connection for a client request");
-                if !reject_request(stream, &mut pending, e.sqlstate(), &e.to_string()).await? {
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        key.slot.set(Some(CancelTarget { addr: backend.addr, pid: backend.pid, secret: backend.secret }));
-        info.linked(&backend); // admin hook
-        // A read sent to a replica may still turn out to be a write (a function
-        // that writes): keep the request so it can be re-run on the primary.
-        let retry_copy = match (&decided, &session.routing) {
-            (Some((Intent::Read | Intent::HintReplica, route)), Some(_)) if route.target != Target::Primary => {
-                Some(bytes::Bytes::copy_from_slice(&pending))
-            }
-            _ => None,
-        };
-        let outcome = Box::pin(transaction(
-            stream,
-            &mut backend,
-            &mut pending,
-            retry_copy.is_some(),
-            &mut session,
-            &opts,
-            &mut force_close,
-        ))
-        .await;
-        key.slot.set(None);
-        info.released(); // admin hook
-        match outcome {
-            Ended::Clean if write_scope.is_some() => {
-                // The primary's insert position, read on the same session right
-                // after the commit, is exactly what a replica must have replayed.
-                // One round trip before the backend goes back.
-                let lsn = backend.query_row("SELECT pg_catalog.pg_current_wal_insert_lsn()").await;
-                let position = match &lsn {
-                    Ok((row, None)) => {
-                        row.first().and_then(|v| v.as_deref()).and_then(crate::routing::monitor::parse_lsn)
-                    }
-                    _ => None,
-                };
-                settle(position);
-                match lsn {
-                    Ok((_, None)) => pool.checkin(backend),
-                    _ => pool.discard(backend, CloseReason::Dirty),
-                }
-            }
-            Ended::Clean => {
-                settle(None);
-                pool.checkin(backend);
-            }
-            Ended::Misrouted => {
-                pool.checkin(backend);
-                shared.routing.count(RouteReason::MisrouteRetry);
-                tracing::info!("a replica refused a write (25006); re-running it on the primary");
-                // The retry is routed as a write: it opens (and settles) the scope's write.
-                pending = BytesMut::from(&retry_copy.expect("held only with a copy")[..]);
-                session.force_primary = true;
-                continue;
-            }
-            Ended::Recover(link, why) => {
-                settle(None);
-                let (registry_owner, mut link) = (session.pool.clone(), link);
-                // Cleanup may wait on a cancelled query; the client need not wait for it.
-                tokio::spawn(async move {
-                    if relay::recover(&mut backend, &mut link, &registry_owner.statements).await {
-                        pool.checkin(backend);
-                    } else {
-                        pool.discard(backend, CloseReason::Dirty);
-                    }
-                });
-                if let Some((code, text)) = why {
-                    return fatal(stream, code, &text).await;
-                }
-                return Ok(());
-            }
-            Ended::Discard(why) => {
-                settle(None);
-                pool.discard(backend, CloseReason::Dead);
-                if let Some((code, text)) = why {
-                    return fatal(stream, code, &text).await;
-                }
-                return Ok(());
-            }
-        }
-        let shutting_down = *draining.borrow();
-        if shutting_down {
-            return fatal(stream, SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
+        if info.signal().raised(Signal::DRAIN | Signal::FORCE_CLOSE) != 0 {
+            return fatal(stream, SqlState::ADMIN_SHUTDOWN, SHUTTING_DOWN).await;
         }
     }
+}
+
+/// What an idle client's wait ended with.
+enum Idle {
+    Read(std::io::Result<usize>),
+    Signal(u8),
+}
+
+/// The idle wait: shutdown or KILL_CLIENT first, then pending TLS output
+/// (it must reach the client before the client can answer), then the first
+/// read of the next request.
+fn poll_idle(
+    stream: &mut Stream,
+    cx: &mut std::task::Context<'_>,
+    pending: &mut BytesMut,
+    signal: &Signal,
+) -> std::task::Poll<Idle> {
+    use std::task::Poll;
+    if let Poll::Ready(flags) = signal.poll(cx, Signal::KILL | Signal::DRAIN | Signal::FORCE_CLOSE) {
+        return Poll::Ready(Idle::Signal(flags));
+    }
+    match std::pin::Pin::new(&mut *stream).poll_flush(cx) {
+        Poll::Ready(Ok(())) => {}
+        Poll::Ready(Err(e)) => return Poll::Ready(Idle::Read(Err(e))),
+        Poll::Pending => return Poll::Pending,
+    }
+    poll_first_read(stream, cx, pending).map(Idle::Read)
+}
+
+/// After a request: wait for the next, or the session is over (whatever had
+/// to be said to the client has been said).
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Next,
+    Done,
+}
+
+/// One request unit (transaction mode: a transaction; session mode: the
+/// rest of the session): route it, take a backend, relay, give it back.
+async fn serve_request(
+    stream: &mut Stream,
+    pending: &mut BytesMut,
+    shared: &Shared,
+    session: &mut Session,
+    key: &CancelKey<'_>,
+    info: &ClientInfo,
+    opts: &RelayOptions<'_>,
+) -> std::io::Result<Step> {
+    // Routing needs the whole request unit to classify it.
+    let mut decided: Option<(Intent, Route)> = None;
+    if let Some(routing) = &session.routing {
+        match Box::pin(read_unit(stream, pending)).await? {
+            Ok(true) => {}
+            Ok(false) => return Ok(Step::Done),
+            Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await.map(|()| Step::Done),
+        }
+        decided = Some(routing.route(shared, pending, &session.statements));
+        if std::mem::take(&mut session.force_primary)
+            && let Some((intent, route)) = &mut decided
+        {
+            *intent = Intent::Write;
+            *route = Route::primary(RouteReason::MisrouteRetry);
+        }
+    }
+    // Never send a write to a node in recovery (a demoted or not yet promoted primary).
+    if let (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, _)), Some(routing)) =
+        (&decided, &session.routing)
+    {
+        let primary = routing.primary_node.view();
+        if primary.healthy && primary.in_recovery {
+            tracing::warn!(addr = %routing.primary_node.addr, "the configured primary is in recovery; refusing a write");
+            let text =
+                format!("the primary {} is in recovery: pgmux does not send writes to it", routing.primary_node.addr);
+            if !reject_request(stream, pending, SqlState::READ_ONLY_TRANSACTION, &text).await? {
+                return Ok(Step::Done);
+            }
+            return Ok(Step::Next);
+        }
+    }
+    // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
+    if let Some(why) = info.wait_turn(&shared.pause, &session.database).await {
+        return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await.map(|()| Step::Done);
+    }
+    let mut pool = session.pool.clone();
+    if let (Some((_, route)), Some(routing)) = (&mut decided, &session.routing) {
+        if let Target::Replica(i) = route.target {
+            pool = routing.replicas[i].pool.clone();
+        }
+        shared.routing.count(route.reason);
+    }
+    // A write of a routed scope: its reads stay on the primary until the
+    // write is settled with its post-commit WAL position (or given up).
+    let write_scope = match (&decided, &session.routing) {
+        (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, route)), Some(routing))
+            if route.target == Target::Primary =>
+        {
+            routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).begin_write(std::time::Instant::now());
+            Some(routing.sticky.clone())
+        }
+        _ => None,
+    };
+    let settle = |lsn: Option<u64>| {
+        if let Some(sticky) = &write_scope {
+            sticky.lock().unwrap_or_else(|e| e.into_inner()).end_write(std::time::Instant::now(), lsn);
+        }
+    };
+    let checked_out = match pool.checkout().await {
+        Err(e) if !Arc::ptr_eq(&pool, &session.pool) => {
+            // A replica that cannot give a connection: the read goes to the primary.
+            tracing::info!(error = %e, addr = %pool.settings().addr, "replica unavailable; reading from the primary");
+            shared.routing.count(RouteReason::ReplicaFailed);
+            if let Some((_, route)) = &mut decided {
+                *route = Route::primary(RouteReason::ReplicaFailed);
+            }
+            pool = session.pool.clone();
+            pool.checkout().await
+        }
+        other => other,
+    };
+    let mut backend = match checked_out {
+        Ok(b) => b,
+        Err(e) => {
+            settle(None);
+            info.released(); // admin hook: back to idle
+            tracing::info!(error = %e, "no server connection for a client request");
+            if !reject_request(stream, pending, e.sqlstate(), &e.to_string()).await? {
+                return Ok(Step::Done);
+            }
+            return Ok(Step::Next);
+        }
+    };
+    key.slot.set(Some(CancelTarget { addr: backend.addr, pid: backend.pid, secret: backend.secret }));
+    info.linked(&backend); // admin hook
+    // A read sent to a replica may still turn out to be a write (a function
+    // that writes): keep the request so it can be re-run on the primary.
+    let retry_copy = match (&decided, &session.routing) {
+        (Some((Intent::Read | Intent::HintReplica, route)), Some(_)) if route.target != Target::Primary => {
+            Some(bytes::Bytes::copy_from_slice(pending))
+        }
+        _ => None,
+    };
+    let outcome =
+        Box::pin(transaction(stream, &mut backend, pending, retry_copy.is_some(), session, opts, info.signal())).await;
+    key.slot.set(None);
+    info.released(); // admin hook
+    match outcome {
+        Ended::Clean if write_scope.is_some() => {
+            // The primary's insert position, read on the same session right
+            // after the commit, is exactly what a replica must have replayed.
+            // One round trip before the backend goes back.
+            let lsn = Box::pin(backend.query_row("SELECT pg_catalog.pg_current_wal_insert_lsn()")).await;
+            let position = match &lsn {
+                Ok((row, None)) => row.first().and_then(|v| v.as_deref()).and_then(crate::routing::monitor::parse_lsn),
+                _ => None,
+            };
+            settle(position);
+            match lsn {
+                Ok((_, None)) => pool.checkin(backend),
+                _ => pool.discard(backend, CloseReason::Dirty),
+            }
+        }
+        Ended::Clean => {
+            settle(None);
+            pool.checkin(backend);
+        }
+        Ended::Misrouted => {
+            pool.checkin(backend);
+            shared.routing.count(RouteReason::MisrouteRetry);
+            tracing::info!("a replica refused a write (25006); re-running it on the primary");
+            // The retry is routed as a write: it opens (and settles) the scope's write.
+            *pending = BytesMut::from(&retry_copy.expect("held only with a copy")[..]);
+            session.force_primary = true;
+            return Ok(Step::Next);
+        }
+        Ended::Recover(link, why) => {
+            settle(None);
+            let (registry_owner, mut link) = (session.pool.clone(), link);
+            // Cleanup may wait on a cancelled query; the client need not wait for it.
+            tokio::spawn(async move {
+                if relay::recover(&mut backend, &mut link, &registry_owner.statements).await {
+                    pool.checkin(backend);
+                } else {
+                    pool.discard(backend, CloseReason::Dirty);
+                }
+            });
+            if let Some((code, text)) = why {
+                return fatal(stream, code, &text).await.map(|()| Step::Done);
+            }
+            return Ok(Step::Done);
+        }
+        Ended::Discard(why) => {
+            settle(None);
+            pool.discard(backend, CloseReason::Dead);
+            if let Some((code, text)) = why {
+                return fatal(stream, code, &text).await.map(|()| Step::Done);
+            }
+            return Ok(Step::Done);
+        }
+    }
+    Ok(Step::Next)
 }
 
 /// How a transaction on a backend ended, and what becomes of the backend.
@@ -714,7 +776,7 @@ async fn transaction(
     hold_for_retry: bool,
     session: &mut Session,
     opts: &RelayOptions<'_>,
-    force_close: &mut tokio::sync::watch::Receiver<bool>,
+    signal: &Signal,
 ) -> Ended {
     if let Some(sql) = session.params.sync_sql(backend) {
         let reset: Vec<String> =
@@ -767,7 +829,7 @@ async fn transaction(
     if let Err(e) = link.scan_client(&mut backend.to_server, &mut scope, &mut backend.prepared) {
         return Ended::Recover(Box::new(link), Some((SqlState::PROTOCOL_VIOLATION, e.to_string())));
     }
-    let outcome = relay::relay(stream, backend, &mut link, &mut scope, opts, force_close).await;
+    let outcome = relay::relay(stream, backend, &mut link, &mut scope, opts, signal).await;
     tracing::trace!(?outcome, pending_ready = link.pending_ready, status = link.status, "relay returned");
     for (k, v) in link.take_param_changes() {
         session.params.observe(&k, &v);
@@ -865,7 +927,16 @@ async fn read_back_settings(backend: &mut Backend, session: &mut Session, touche
 /// the end of that request (Query, FunctionCall or Sync) and send
 /// ReadyForQuery, as the server would after an error. Returns `false` if the
 /// client terminated or went away meanwhile.
-async fn reject_request(
+fn reject_request<'a>(
+    stream: &'a mut Stream,
+    pending: &'a mut BytesMut,
+    code: SqlState,
+    text: &'a str,
+) -> RarePath<'a, std::io::Result<bool>> {
+    Box::pin(reject_request_inner(stream, pending, code, text))
+}
+
+async fn reject_request_inner(
     stream: &mut Stream,
     pending: &mut BytesMut,
     code: SqlState,

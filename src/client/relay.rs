@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements, StatementCommand};
+use crate::admin::registry::Signal;
 use crate::admin::stats::Stats;
 use crate::config::OnSessionState;
 use crate::net::Stream;
@@ -698,12 +699,10 @@ pub async fn relay(
     link: &mut Link,
     scope: &mut StatementScope<'_>,
     opts: &RelayOptions<'_>,
-    force_close: &mut tokio::sync::watch::Receiver<bool>,
+    signal: &Signal,
 ) -> Outcome {
     let Backend { stream: server, to_server, from_server, prepared, .. } = backend;
     let mut idle_since = Instant::now();
-    // Registered once per relay, not per loop turn.
-    let mut shutdown = std::pin::pin!(force_close.changed());
     // Armed at the first idle-in-transaction wait; on firing it re-checks the
     // real deadline, so client activity never has to re-arm the timer.
     let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -757,7 +756,7 @@ pub async fn relay(
                     let _ = timer.as_mut().poll(cx);
                 }
             }
-            if shutdown.as_mut().poll(cx).is_ready() {
+            if signal.poll(cx, Signal::FORCE_CLOSE).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
             Poll::Pending

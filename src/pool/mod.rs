@@ -288,7 +288,9 @@ impl Pool {
                     self.discard(b, CloseReason::Dead);
                     now = Instant::now();
                 }
-                Grant::Slot => match self.open_backend().await {
+                // Boxed: connecting (TLS, authentication) is a large future;
+                // inline it would size every client's task for this rare path.
+                Grant::Slot => match Box::pin(self.open_backend()).await {
                     Ok(b) => {
                         self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
                         return Ok(b);
