@@ -149,7 +149,9 @@ async fn show_pools_clients_and_servers_after_known_traffic() {
             "pool_mode",
             "cl_idle",
             "sv_open",
-            "pinned"
+            "pinned",
+            "node",
+            "role"
         ]
     );
     let row = pools.one("database", DB);
@@ -208,7 +210,19 @@ async fn show_pools_clients_and_servers_after_known_traffic() {
     let servers = show(&proxy, "SERVERS").await;
     assert_eq!(
         servers.columns,
-        ["type", "user", "database", "state", "addr", "port", "connect_time", "request_time", "remote_pid"]
+        [
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "connect_time",
+            "request_time",
+            "remote_pid",
+            "node",
+            "role"
+        ]
     );
     let s = servers.one("remote_pid", &pid);
     assert_eq!((servers.get(s, "state"), servers.get(s, "database"), servers.get(s, "user")), ("active", DB, APP.0));
@@ -251,7 +265,9 @@ async fn show_stats_counts_transactions() {
             "avg_sent",
             "avg_xact_time",
             "avg_query_time",
-            "avg_wait_time"
+            "avg_wait_time",
+            "node",
+            "role"
         ]
     );
     let total = |t: &Table, col| t.get(t.one("database", DB), col).parse::<u64>().unwrap();

@@ -74,6 +74,15 @@ pub struct LinkInfo {
     pub pid: i32,
     pub addr: SocketAddr,
     pub connected: Instant,
+    /// Which pool the backend came from (the primary's or a replica's), as
+    /// [`pool_id`]: an identity to match pools by, never dereferenced.
+    pub pool: usize,
+}
+
+/// A pool's identity for [`LinkInfo::pool`]. An address rather than an
+/// `Arc` so that linking costs no reference count traffic on the pool.
+pub fn pool_id(pool: &Arc<Pool>) -> usize {
+    Arc::as_ptr(pool) as usize
 }
 
 #[derive(Debug)]
@@ -208,20 +217,19 @@ impl ClientInfo {
         }
     }
 
-    /// The client got `backend` from its pool.
-    pub fn linked(&self, backend: &Backend) {
+    /// The client got `backend` from `pool`.
+    pub fn linked(&self, backend: &Backend, pool: &Arc<Pool>) {
         use crate::pool::inner::Aged;
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(LinkInfo { pid: backend.pid, addr: backend.addr, connected: backend.created() });
+            Some(LinkInfo { pid: backend.pid, addr: backend.addr, connected: backend.created(), pool: pool_id(pool) });
         self.set_state(ClientState::Active);
     }
 
     /// The client gave its backend up (checked in, discarded or handed to
-    /// cleanup); counts the time held toward SHOW STATS.
-    pub fn released(&self) {
-        if self.state() == ClientState::Active
-            && let Some(pool) = self.login().and_then(|l| l.pool.as_ref())
-        {
+    /// cleanup), or its checkout from `pool` failed; counts the time a
+    /// backend was held toward `pool`'s SHOW STATS and `/metrics`.
+    pub fn released(&self, pool: &Pool) {
+        if self.state() == ClientState::Active {
             pool.record_xact_time(self.since().elapsed());
         }
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = None;

@@ -456,11 +456,15 @@ async fn run_session(
 ) -> std::io::Result<()> {
     let mut draining = shared.draining.clone();
     let mut force_close = shared.force_close.clone();
-    let opts = RelayOptions {
+    // Each transaction's options name its own pool; these are the rest.
+    let home = session.pool.clone();
+    let session_opts = RelayOptions {
         release_at_boundary: session.mode == PoolMode::Transaction,
         idle_transaction_timeout: config.proxy.idle_transaction_timeout,
         on_session_state: config.proxy.on_session_state,
         stats: &shared.stats,
+        counters: home.counters(),
+        route: None,
     };
     loop {
         if pending.is_empty() {
@@ -573,7 +577,7 @@ async fn run_session(
             Ok(b) => b,
             Err(e) => {
                 settle(None);
-                info.released(); // admin hook: back to idle
+                info.released(&pool); // admin hook: back to idle
                 tracing::info!(error = %e, "no server connection for a client request");
                 if !reject_request(stream, &mut pending, e.sqlstate(), &e.to_string()).await? {
                     return Ok(());
@@ -582,7 +586,7 @@ async fn run_session(
             }
         };
         key.slot.set(Some(CancelTarget { addr: backend.addr, pid: backend.pid, secret: backend.secret }));
-        info.linked(&backend); // admin hook
+        info.linked(&backend, &pool); // admin hook
         // A read sent to a replica may still turn out to be a write (a function
         // that writes): keep the request so it can be re-run on the primary.
         let retry_copy = match (&decided, &session.routing) {
@@ -591,6 +595,8 @@ async fn run_session(
             }
             _ => None,
         };
+        let opts =
+            RelayOptions { counters: pool.counters(), route: decided.map(|(_, route)| route.reason), ..session_opts };
         let outcome = Box::pin(transaction(
             stream,
             &mut backend,
@@ -602,7 +608,7 @@ async fn run_session(
         ))
         .await;
         key.slot.set(None);
-        info.released(); // admin hook
+        info.released(&pool); // admin hook
         match outcome {
             Ended::Clean if write_scope.is_some() => {
                 // The primary's insert position, read on the same session right
@@ -745,16 +751,25 @@ async fn transaction(
     if let Err(e) = link.scan_client(&mut backend.to_server, &mut scope, &mut backend.prepared) {
         return Ended::Recover(Box::new(link), Some((SqlState::PROTOCOL_VIOLATION, e.to_string())));
     }
+    // The request that opened the transaction was read before the relay.
+    link.traffic.bytes_in = backend.to_server.len() as u64;
     let outcome = relay::relay(stream, backend, &mut link, &mut scope, opts, force_close).await;
     tracing::trace!(?outcome, pending_ready = link.pending_ready, status = link.status, "relay returned");
+    if !matches!(outcome, Outcome::Boundary) {
+        // Cut short: what it did so far counts (cleanup traffic does not).
+        relay::record_traffic(&mut link, opts);
+    }
     for (k, v) in link.take_param_changes() {
         session.params.observe(&k, &v);
         backend.set_param(&k, &v);
     }
     match outcome {
         Outcome::Boundary => {
-            // A partial header of the client's next message stays with the client.
+            // A partial header of the client's next message stays with the client
+            // (and is counted with the transaction it starts).
             *pending = backend.to_server.split();
+            link.traffic.bytes_in = link.traffic.bytes_in.saturating_sub(pending.len() as u64);
+            relay::record_traffic(&mut link, opts);
             if !link.touched_settings.is_empty() && !read_back_settings(backend, session, &link.touched_settings).await
             {
                 return Ended::Discard(None);

@@ -17,14 +17,15 @@ use tokio::time::Instant;
 
 use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements, StatementCommand};
-use crate::admin::stats::Stats;
+use crate::admin::stats::{Stats, sqlstate_class};
 use crate::config::OnSessionState;
 use crate::net::Stream;
-use crate::pool::Backend;
 use crate::pool::statements::{PreparedSet, Registry, Statement};
+use crate::pool::{Backend, PoolCounters, Traffic};
 use crate::protocol::backend::{self as msg};
 use crate::protocol::frame::{FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, Scanner};
 use crate::protocol::{frontend, tag};
+use crate::routing::route::RouteReason;
 
 /// Stop reading a side while this many bytes wait to be written to the other:
 /// backpressure instead of unbounded buffering.
@@ -106,6 +107,9 @@ pub struct Link {
     pub hold: bool,
     /// The replica refused a write; its answer is held, not forwarded.
     pub misrouted: bool,
+    /// This transaction's bytes, queries, cache hits and errors, counted in
+    /// plain integers and added to the pool once ([`record_traffic`]).
+    pub traffic: Traffic,
 }
 
 impl Link {
@@ -133,6 +137,7 @@ impl Link {
             pin_reported: false,
             hold: false,
             misrouted: false,
+            traffic: Traffic::default(),
         }
     }
 
@@ -463,9 +468,11 @@ impl Link {
         out: &mut BytesMut,
     ) {
         if prepared.touch(st.id) {
+            self.traffic.prepared_hits += 1;
             self.close_queued(prepared, out);
             return;
         }
+        self.traffic.prepared_misses += 1;
         prepared.insert(st.clone(), scope.max_prepared);
         self.close_queued(prepared, out);
         statements::write_parse(out, st.server_name.as_bytes(), &st.body);
@@ -513,6 +520,7 @@ impl Link {
             drops,
             hold,
             misrouted,
+            traffic,
             ..
         } = self;
         drops.clear();
@@ -557,6 +565,10 @@ impl Link {
                     },
                     tag::ERROR_RESPONSE => {
                         let err = f.body.map(msg::parse_error_fields).unwrap_or_default();
+                        if !*misrouted {
+                            // A misrouted write's 25006 never reaches the client: not counted.
+                            traffic.errors.push(sqlstate_class(&err.code));
+                        }
                         if let Some(Expect::Bind { statement: Some(st) }) = expect.front()
                             && err.code == "0A000"
                             && err.message.contains("cached plan must not change result type")
@@ -611,7 +623,17 @@ impl Link {
             used -= e - s;
         }
         self.server_ready += used;
+        self.traffic.bytes_out += used as u64;
         Ok(())
+    }
+
+    /// `n` requests were answered, `took` after the server had the first.
+    fn count_queries(&mut self, n: usize, took: Duration) {
+        // Answers that arrive together share the time (pipelined requests).
+        let each = took.as_micros() as u64 / n as u64;
+        for _ in 0..n {
+            self.traffic.queries.observe_us(each);
+        }
     }
 
     /// More client bytes may be read: under the high-water mark, or the frame
@@ -684,13 +706,33 @@ pub enum Outcome {
     Misrouted,
 }
 
+#[derive(Clone, Copy)]
 pub struct RelayOptions<'a> {
     /// Release the backend at transaction boundaries (transaction pooling).
     pub release_at_boundary: bool,
     pub idle_transaction_timeout: Duration,
     pub on_session_state: OnSessionState,
-    /// Where pins and refusals are counted.
+    /// Where pins, refusals and errors are counted.
     pub stats: &'a Stats,
+    /// The counters of the pool the backend came from.
+    pub counters: &'a PoolCounters,
+    /// Why the transaction went to that pool (`None`: the database is not routed).
+    pub route: Option<RouteReason>,
+}
+
+/// Adds the tally of the transaction that just ended to its pool (and its
+/// errors to the process-wide table), and starts a new one.
+pub fn record_traffic(link: &mut Link, opts: &RelayOptions<'_>) {
+    let t = &mut link.traffic;
+    if t.is_empty() {
+        return;
+    }
+    opts.counters.record(opts.route, t);
+    for class in t.errors.drain(..) {
+        opts.stats.errors.count_class(class);
+    }
+    let errors = std::mem::take(&mut t.errors);
+    *t = Traffic { errors, ..Traffic::default() };
 }
 
 /// Relays until the transaction ends (or anything else stops it). `link`
@@ -705,6 +747,8 @@ pub async fn relay(
 ) -> Outcome {
     let Backend { stream: server, to_server, from_server, prepared, .. } = backend;
     let mut idle_since = Instant::now();
+    // When the server got the request it is now answering (for query durations).
+    let mut query_started = idle_since;
     loop {
         link.report_session_state(opts.stats);
         if link.terminated && link.client_ready == 0 {
@@ -740,6 +784,7 @@ pub async fn relay(
                 match r.and_then(|_| server.try_read_buf(from_server)) {
                     Ok(0) => return Outcome::ServerGone("server closed the connection".into()),
                     Ok(_) => {
+                        let owed = link.pending_ready;
                         if let Err(e) = link.scan_server(from_server, Some(scope.client), scope.registry, prepared) {
                             return Outcome::ServerGone(format!("server sent a malformed message: {e}"));
                         }
@@ -749,6 +794,18 @@ pub async fn relay(
                         if !link.hold && flush(client, from_server, &mut link.server_ready).is_err() {
                             return Outcome::ClientGone;
                         }
+                        if link.pending_ready < owed {
+                            // One clock read per answered request, none per message.
+                            let now = Instant::now();
+                            link.count_queries(owed - link.pending_ready, now - query_started);
+                            query_started = now;
+                            // Session mode (or a pinned client): the relay outlives
+                            // transactions, so it records each as the server ends it.
+                            let outlives = !opts.release_at_boundary || link.pin.is_some();
+                            if outlives && link.pending_ready == 0 && link.status == msg::IDLE {
+                                record_traffic(link, opts);
+                            }
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => return Outcome::ServerGone(format!("read from server failed: {e}")),
@@ -757,8 +814,12 @@ pub async fn relay(
             r = client.readable(), if link.may_read_client(to_server.len()) => {
                 match r.and_then(|_| client.try_read_buf(to_server)) {
                     Ok(0) => return Outcome::ClientGone,
-                    Ok(_) => {
+                    Ok(n) => {
                         idle_since = Instant::now();
+                        link.traffic.bytes_in += n as u64;
+                        if link.pending_ready == 0 {
+                            query_started = idle_since;
+                        }
                         // More requests on the link: the held answer can no longer be retried alone.
                         link.hold = false;
                         link.misrouted = false;

@@ -7,10 +7,11 @@
 //! [`Pool::discard`] (closed).
 
 pub mod backend;
+pub mod counters;
 pub mod inner;
 pub mod statements;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use dashmap::DashMap;
 
 pub use backend::Backend;
 use backend::LoginParams;
+pub use counters::{PoolCounters, Traffic};
 use inner::{CloseReason, Grant, Inner, Take};
 
 use crate::auth::BackendLoginError;
@@ -104,20 +106,6 @@ pub struct IdleBackend {
     pub addr: std::net::SocketAddr,
     pub created: Instant,
     pub last_used: Instant,
-}
-
-/// Cumulative counters for SHOW STATS and /metrics. Relaxed atomics: each is
-/// an independent tally, read for display only.
-#[derive(Debug, Default)]
-pub struct PoolCounters {
-    /// Successful checkouts: one per transaction (transaction mode) or session.
-    pub checkouts: AtomicU64,
-    /// Microseconds clients spent in `checkout`, waiting or connecting.
-    pub wait_us: AtomicU64,
-    /// Microseconds backends spent checked out (reported by the client task).
-    pub xact_us: AtomicU64,
-    /// Checkouts that gave up after `query_wait_timeout`.
-    pub wait_timeouts: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -230,14 +218,14 @@ impl Pool {
 
     /// Adds the time a client held a backend (checkout to release) to SHOW STATS.
     pub fn record_xact_time(&self, held: Duration) {
-        self.counters.xact_us.fetch_add(held.as_micros() as u64, Ordering::Relaxed);
+        self.counters.xact.observe(held);
     }
 
     /// Waits up to `query_wait_timeout` for a live backend, FIFO among waiters.
     pub async fn checkout(&self) -> Result<Backend, PoolError> {
         let started = Instant::now();
         let result = self.checkout_inner().await;
-        self.counters.wait_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.counters.wait.observe(started.elapsed());
         if let Err(PoolError::Timeout(_)) = result {
             self.counters.wait_timeouts.fetch_add(1, Ordering::Relaxed);
         }
