@@ -523,3 +523,98 @@ async fn metrics_count_transactions_exactly() {
     assert_eq!(http_get(proxy.metrics.unwrap(), "/other").await.0, "HTTP/1.1 404 Not Found");
     proxy.shutdown().await;
 }
+
+/// `app` on `app` as `name`, with the connection task's own result: an
+/// error the server (pgmux) sends outside any query ends it.
+async fn app_watched(
+    proxy: &Proxy,
+    name: &str,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>) {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(proxy.port())
+        .user(APP.0)
+        .password(APP.1)
+        .dbname(DB)
+        .application_name(name)
+        .connect_timeout(SOON);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect through pgmux");
+    (client, tokio::spawn(connection))
+}
+
+async fn client_id(proxy: &Proxy, application_name: &str) -> String {
+    let clients = show(proxy, "CLIENTS").await;
+    clients.get(clients.one("application_name", application_name), "id").to_owned()
+}
+
+/// `state` of a server session in pg_stat_activity, seen directly on the primary.
+async fn backend_state(su: &tokio_postgres::Client, pid: &str) -> String {
+    scalar(
+        su,
+        &format!(
+            "SELECT coalesce(state, 'gone') FROM pg_stat_activity WHERE pid = {pid} UNION ALL SELECT 'gone' LIMIT 1"
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_inside_a_transaction_acts_at_once_and_cleans_the_backend() {
+    let su = support::superuser(DB).await;
+    su.batch_execute(
+        "CREATE TABLE IF NOT EXISTS admin_kill_lock (id int PRIMARY KEY);
+         INSERT INTO admin_kill_lock VALUES (1) ON CONFLICT DO NOTHING;
+         GRANT ALL ON admin_kill_lock TO app;",
+    )
+    .await
+    .unwrap();
+    let proxy = admin_proxy(3).await;
+
+    // Idle inside a transaction, holding a row lock.
+    let (holder, holder_conn) = app_watched(&proxy, "kill_holder").await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.simple_query("SELECT id FROM admin_kill_lock WHERE id = 1 FOR UPDATE").await.unwrap();
+    let holder_pid = scalar(&holder, "SELECT pg_backend_pid()").await;
+    // Running a statement inside a transaction.
+    let (sleeper, _sleeper_conn) = app_watched(&proxy, "kill_sleeper").await;
+    sleeper.batch_execute("BEGIN").await.unwrap();
+    let sleeper_pid = scalar(&sleeper, "SELECT pg_backend_pid()").await;
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
+    eventually(SOON, "the sleeper's statement to run", || async { backend_state(&su, &sleeper_pid).await == "active" })
+        .await;
+
+    let id = client_id(&proxy, "kill_holder").await;
+    psql(&proxy, &format!("KILL_CLIENT {id}")).await.expect("KILL_CLIENT");
+    // Without acting at once, the holder would stay linked until it ends its transaction.
+    let ended = tokio::time::timeout(SOON, holder_conn).await.expect("the holder is closed at once").unwrap();
+    assert_eq!(code(&ended.expect_err("closed with an error")), "57P01");
+    assert!(holder.is_closed());
+
+    let id = client_id(&proxy, "kill_sleeper").await;
+    psql(&proxy, &format!("KILL_CLIENT {id}")).await.expect("KILL_CLIENT");
+    let e = tokio::time::timeout(SOON, sleeping).await.expect("the running statement ends at once").unwrap();
+    assert_eq!(code(&e.expect_err("the statement fails")), "57P01");
+
+    // Both backends are rolled back and go back to the pool clean.
+    let other = proxy.app().await;
+    tokio::time::timeout(
+        SOON,
+        other.batch_execute("BEGIN; SELECT id FROM admin_kill_lock WHERE id = 1 FOR UPDATE; COMMIT"),
+    )
+    .await
+    .expect("the row lock was released")
+    .unwrap();
+    for pid in [&holder_pid, &sleeper_pid] {
+        eventually(SOON, "the killed client's backend to be idle on the server", || async {
+            backend_state(&su, pid).await == "idle"
+        })
+        .await;
+        eventually(SOON, "the killed client's backend to be idle in the pool", || async {
+            let servers = show(&proxy, "SERVERS").await;
+            servers.find("remote_pid", pid).iter().any(|r| servers.get(r, "state") == "idle")
+        })
+        .await;
+    }
+    proxy.shutdown().await;
+}

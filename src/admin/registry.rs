@@ -97,8 +97,8 @@ pub struct ClientInfo {
     since_us: AtomicU64,
     link: Mutex<Option<LinkInfo>>,
     close_needed: AtomicBool,
-    /// KILL_CLIENT: `notify_one` stores a permit, so a client busy in a
-    /// transaction sees it at its next idle wait.
+    /// KILL_CLIENT: `notify_one` stores a permit, so the client sees it
+    /// wherever it waits next (idle, PAUSE gate, or relaying a transaction).
     kill: Notify,
     /// The TLS protocol and cipher suite, once the client's handshake is done.
     tls: OnceLock<String>,
@@ -236,12 +236,13 @@ impl ClientInfo {
         self.set_state(ClientState::Idle);
     }
 
-    /// Resolves once KILL_CLIENT targets this client. For the idle wait.
+    /// Resolves once KILL_CLIENT targets this client: for the idle wait and the relay.
     pub async fn killed(&self) {
         self.kill.notified().await
     }
 
-    /// KILL_CLIENT: the client closes with 57P01 at its next idle moment.
+    /// KILL_CLIENT: the client closes with 57P01 at once; a transaction it
+    /// is in is cancelled and rolled back in the background.
     pub fn kill(&self) {
         self.close_needed.store(true, Ordering::Relaxed);
         self.kill.notify_one();

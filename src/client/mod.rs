@@ -465,6 +465,7 @@ async fn run_session(
         stats: &shared.stats,
         counters: home.counters(),
         route: None,
+        client: info,
     };
     loop {
         if pending.is_empty() {
@@ -796,6 +797,9 @@ async fn transaction(
             )),
         ),
         Outcome::Shutdown => Ended::Discard(Some((SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down".into()))),
+        // The backend goes through the same cleanup as an abandoned one
+        // (cancel, roll back) in the background; the client is told at once.
+        Outcome::Killed => Ended::Recover(Box::new(link), Some((SqlState::ADMIN_SHUTDOWN, TERMINATED_BY_ADMIN.into()))),
         Outcome::Misrouted => {
             if link.at_transaction_boundary_ignoring_output() {
                 backend.from_server.clear();

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements, StatementCommand};
+use crate::admin::registry::ClientInfo;
 use crate::admin::stats::{Stats, sqlstate_class};
 use crate::config::OnSessionState;
 use crate::net::Stream;
@@ -702,6 +703,8 @@ pub enum Outcome {
     IdleInTransaction,
     /// Shutdown's grace period ran out.
     Shutdown,
+    /// KILL_CLIENT named this client.
+    Killed,
     /// A replica refused the request as a write (25006); nothing reached the client.
     Misrouted,
 }
@@ -718,6 +721,8 @@ pub struct RelayOptions<'a> {
     pub counters: &'a PoolCounters,
     /// Why the transaction went to that pool (`None`: the database is not routed).
     pub route: Option<RouteReason>,
+    /// The client, whose KILL_CLIENT signal ends the relay at once.
+    pub client: &'a ClientInfo,
 }
 
 /// Adds the tally of the transaction that just ended to its pool (and its
@@ -749,6 +754,9 @@ pub async fn relay(
     let mut idle_since = Instant::now();
     // When the server got the request it is now answering (for query durations).
     let mut query_started = idle_since;
+    // Pinned once per transaction: polled only when nothing else is ready.
+    let killed = opts.client.killed();
+    tokio::pin!(killed);
     loop {
         link.report_session_state(opts.stats);
         if link.terminated && link.client_ready == 0 {
@@ -838,6 +846,7 @@ pub async fn relay(
                 return Outcome::IdleInTransaction;
             }
             _ = force_close.changed() => return Outcome::Shutdown,
+            () = &mut killed => return Outcome::Killed,
         }
     }
 }
