@@ -116,7 +116,10 @@ impl SessionRouting {
             .iter()
             .map(|r| {
                 let s = r.pool.stats();
-                Candidate { view: r.node.view(), active: s.open.saturating_sub(s.idle), weight: r.weight }
+                let mut view = r.node.view();
+                // A replica a reload removed takes no more reads, even from sessions that knew it.
+                view.healthy &= !s.retired;
+                Candidate { view, active: s.open.saturating_sub(s.idle), weight: r.weight }
             })
             .collect();
         let primary = self.primary_node.view();
