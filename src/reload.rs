@@ -1,7 +1,7 @@
 //! Hot reload (SIGHUP, admin `RELOAD`): what a new `proxy.toml` changes, and
 //! when each change takes effect. [`crate::server::Shared::reload`] runs it.
 //!
-//! - At once, for existing pools: `pool_size`, `min_pool_size`,
+//! - At once, for existing pools (the primaries' and the replicas'): `pool_size`, `min_pool_size`,
 //!   `query_wait_timeout`, `server_lifetime`, `server_idle_timeout`,
 //!   `server_connect_timeout`, `max_prepared_statements`, and a user's
 //!   `server_password` for new server connections. Growing a pool hands the
@@ -18,7 +18,10 @@
 //!   A client keeps the values it logged in with.
 //! - New connections: `max_client_conn` (nobody is disconnected).
 //! - `shutdown_timeout`: read when a shutdown begins.
-//! - `[routing]`, `replicas`, TLS keys: swapped in with the rest.
+//! - A replica removed from `replicas`: its pools retire like a removed
+//!   database's, and it takes no more reads, even from clients that
+//!   logged in before. A replica added serves clients that log in after.
+//! - `[routing]`, TLS keys: swapped in with the rest.
 //! - `[proxy] listen`, `metrics_listen`: need a restart; the old ones stay
 //!   (and `SHOW CONFIG` keeps showing them).
 

@@ -149,7 +149,9 @@ async fn show_pools_clients_and_servers_after_known_traffic() {
             "pool_mode",
             "cl_idle",
             "sv_open",
-            "pinned"
+            "pinned",
+            "node",
+            "role"
         ]
     );
     let row = pools.one("database", DB);
@@ -208,7 +210,19 @@ async fn show_pools_clients_and_servers_after_known_traffic() {
     let servers = show(&proxy, "SERVERS").await;
     assert_eq!(
         servers.columns,
-        ["type", "user", "database", "state", "addr", "port", "connect_time", "request_time", "remote_pid"]
+        [
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "connect_time",
+            "request_time",
+            "remote_pid",
+            "node",
+            "role"
+        ]
     );
     let s = servers.one("remote_pid", &pid);
     assert_eq!((servers.get(s, "state"), servers.get(s, "database"), servers.get(s, "user")), ("active", DB, APP.0));
@@ -251,7 +265,9 @@ async fn show_stats_counts_transactions() {
             "avg_sent",
             "avg_xact_time",
             "avg_query_time",
-            "avg_wait_time"
+            "avg_wait_time",
+            "node",
+            "role"
         ]
     );
     let total = |t: &Table, col| t.get(t.one("database", DB), col).parse::<u64>().unwrap();
@@ -505,5 +521,298 @@ async fn metrics_count_transactions_exactly() {
     assert!(after["pgmux_client_connections_total"] >= before["pgmux_client_connections_total"] + 1.0);
     assert_eq!(after["pgmux_pool_wait_timeouts_total"], 0.0);
     assert_eq!(http_get(proxy.metrics.unwrap(), "/other").await.0, "HTTP/1.1 404 Not Found");
+    proxy.shutdown().await;
+}
+
+/// `app` on `app` as `name`, with the connection task's own result: an
+/// error the server (pgmux) sends outside any query ends it.
+async fn app_watched(
+    proxy: &Proxy,
+    name: &str,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>) {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(proxy.port())
+        .user(APP.0)
+        .password(APP.1)
+        .dbname(DB)
+        .application_name(name)
+        .connect_timeout(SOON);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect through pgmux");
+    (client, tokio::spawn(connection))
+}
+
+async fn client_id(proxy: &Proxy, application_name: &str) -> String {
+    let clients = show(proxy, "CLIENTS").await;
+    clients.get(clients.one("application_name", application_name), "id").to_owned()
+}
+
+/// `state` of a server session in pg_stat_activity, seen directly on the primary.
+async fn backend_state(su: &tokio_postgres::Client, pid: &str) -> String {
+    scalar(
+        su,
+        &format!(
+            "SELECT coalesce(state, 'gone') FROM pg_stat_activity WHERE pid = {pid} UNION ALL SELECT 'gone' LIMIT 1"
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_inside_a_transaction_acts_at_once_and_cleans_the_backend() {
+    let su = support::superuser(DB).await;
+    su.batch_execute(
+        "CREATE TABLE IF NOT EXISTS admin_kill_lock (id int PRIMARY KEY);
+         INSERT INTO admin_kill_lock VALUES (1) ON CONFLICT DO NOTHING;
+         GRANT ALL ON admin_kill_lock TO app;",
+    )
+    .await
+    .unwrap();
+    let proxy = admin_proxy(3).await;
+
+    // Idle inside a transaction, holding a row lock.
+    let (holder, holder_conn) = app_watched(&proxy, "kill_holder").await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.simple_query("SELECT id FROM admin_kill_lock WHERE id = 1 FOR UPDATE").await.unwrap();
+    let holder_pid = scalar(&holder, "SELECT pg_backend_pid()").await;
+    // Running a statement inside a transaction.
+    let (sleeper, _sleeper_conn) = app_watched(&proxy, "kill_sleeper").await;
+    sleeper.batch_execute("BEGIN").await.unwrap();
+    let sleeper_pid = scalar(&sleeper, "SELECT pg_backend_pid()").await;
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await.map(|_| ()) });
+    eventually(SOON, "the sleeper's statement to run", || async { backend_state(&su, &sleeper_pid).await == "active" })
+        .await;
+
+    let id = client_id(&proxy, "kill_holder").await;
+    psql(&proxy, &format!("KILL_CLIENT {id}")).await.expect("KILL_CLIENT");
+    // Without acting at once, the holder would stay linked until it ends its transaction.
+    let ended = tokio::time::timeout(SOON, holder_conn).await.expect("the holder is closed at once").unwrap();
+    assert_eq!(code(&ended.expect_err("closed with an error")), "57P01");
+    assert!(holder.is_closed());
+
+    let id = client_id(&proxy, "kill_sleeper").await;
+    psql(&proxy, &format!("KILL_CLIENT {id}")).await.expect("KILL_CLIENT");
+    let e = tokio::time::timeout(SOON, sleeping).await.expect("the running statement ends at once").unwrap();
+    assert_eq!(code(&e.expect_err("the statement fails")), "57P01");
+
+    // Both backends are rolled back and go back to the pool clean.
+    let other = proxy.app().await;
+    tokio::time::timeout(
+        SOON,
+        other.batch_execute("BEGIN; SELECT id FROM admin_kill_lock WHERE id = 1 FOR UPDATE; COMMIT"),
+    )
+    .await
+    .expect("the row lock was released")
+    .unwrap();
+    for pid in [&holder_pid, &sleeper_pid] {
+        eventually(SOON, "the killed client's backend to be idle on the server", || async {
+            backend_state(&su, pid).await == "idle"
+        })
+        .await;
+        eventually(SOON, "the killed client's backend to be idle in the pool", || async {
+            let servers = show(&proxy, "SERVERS").await;
+            servers.find("remote_pid", pid).iter().any(|r| servers.get(r, "state") == "idle")
+        })
+        .await;
+    }
+    proxy.shutdown().await;
+}
+
+/// A scrape parsed by a Prometheus text-format parser.
+struct Scraped(prometheus_parse::Scrape);
+
+impl Scraped {
+    async fn take(proxy: &Proxy) -> Scraped {
+        let (status, body) = http_get(proxy.metrics.expect("metrics enabled"), "/metrics").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("parse /metrics");
+        // Every histogram is well formed: buckets never decrease, and +Inf is the count.
+        for s in &scrape.samples {
+            if let prometheus_parse::Value::Histogram(buckets) = &s.value {
+                let mut sorted = buckets.clone();
+                sorted.sort_by(|a, b| a.less_than.total_cmp(&b.less_than));
+                assert!(sorted.windows(2).all(|w| w[0].count <= w[1].count), "{s:?}");
+                let inf = sorted.last().expect("buckets");
+                assert!(inf.less_than.is_infinite());
+                let count = Scraped(scrape.clone()).get(&format!("{}_count", s.metric), &label_pairs(&s.labels));
+                assert_eq!(Some(inf.count), count, "{s:?}");
+            }
+        }
+        Scraped(scrape)
+    }
+
+    /// The value of the series `name` whose labels are exactly `labels`.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        use prometheus_parse::Value;
+        let found: Vec<f64> = self
+            .0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && label_pairs(&s.labels).len() == labels.len())
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .filter_map(|s| match s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+            .collect();
+        assert!(found.len() <= 1, "several {name}{labels:?}");
+        found.first().copied()
+    }
+
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in /metrics"))
+    }
+}
+
+fn label_pairs(labels: &prometheus_parse::Labels) -> Vec<(&str, &str)> {
+    labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_show_stats_count_queries_bytes_errors_and_prepared_statements() {
+    let cluster = support::cluster_async().await;
+    // One server connection: the prepared statement is always on the backend used.
+    let proxy = Proxy::start_with_metrics(&admin_config(cluster, 1, "")).await;
+    let c = proxy.app().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let primary = cluster.primary().host_port();
+    let pool = [("database", DB), ("user", APP.0), ("node", primary.as_str())];
+    let unrouted = [("database", DB), ("user", APP.0), ("node", primary.as_str()), ("reason", "unrouted")];
+    let xacts = r#"pgmux_transaction_duration_seconds_count"#;
+    // Transaction time is counted when the backend is released, just after
+    // the client got its answer: wait for the warm-up to be counted.
+    eventually(SOON, "the warm-up transaction to be counted", || async {
+        Scraped::take(&proxy).await.get(xacts, &pool) == Some(1.0)
+    })
+    .await;
+    let before = Scraped::take(&proxy).await;
+
+    // Simple queries: bytes counted exactly. `Q` + length + "SELECT 1\0" in;
+    // RowDescription (34) + DataRow (12) + CommandComplete (14) + ReadyForQuery (6) out.
+    for _ in 0..5 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    // Parse/Describe/Sync, then Bind/Execute/Sync twice: each Describe and
+    // Bind finds the statement on the backend.
+    let st = c.prepare("SELECT $1::int").await.unwrap();
+    for i in 0..2 {
+        assert_eq!(c.query_one(&st, &[&i]).await.unwrap().get::<_, i32>(0), i);
+    }
+    // Last: the client hears of the error before the ReadyForQuery, and a
+    // request sent at once could join this transaction.
+    let e = c.simple_query("SELECT 1/0").await.unwrap_err();
+    assert_eq!(code(&e), "22012");
+    // 5 + 1 + 2 + 1 transactions of one request each.
+    let done = 9.0;
+    let queries = "pgmux_query_duration_seconds_count";
+    eventually(SOON, "every transaction to be counted", || async {
+        let m = Scraped::take(&proxy).await;
+        m.value(xacts, &pool) - before.value(xacts, &pool) >= done
+            && m.value(queries, &pool) - before.value(queries, &pool) >= done
+    })
+    .await;
+    let after = Scraped::take(&proxy).await;
+    let delta = |name: &str, labels: &[(&str, &str)]| after.value(name, labels) - before.value(name, labels);
+    assert_eq!(delta(xacts, &pool), done);
+    assert_eq!(delta(queries, &pool), done);
+    assert_eq!(delta("pgmux_pool_wait_seconds_count", &pool), done);
+    assert_eq!(delta("pgmux_node_transactions_total", &unrouted), done);
+    assert_eq!(delta("pgmux_node_queries_total", &unrouted), done);
+    assert_eq!(delta("pgmux_transactions_total", &[("database", DB), ("user", APP.0)]), done);
+    assert!(delta("pgmux_query_duration_seconds_sum", &pool) > 0.0);
+    assert!(delta("pgmux_bytes_in_total", &pool) > 5.0 * 14.0);
+    assert!(delta("pgmux_bytes_out_total", &pool) > 5.0 * 66.0);
+    assert_eq!(delta("pgmux_prepared_cache_hits_total", &pool), 3.0);
+    assert_eq!(delta("pgmux_prepared_cache_misses_total", &pool), 0.0);
+    assert_eq!(after.value("pgmux_errors_total", &[("class", "22")]), 1.0);
+    assert_eq!(after.get("pgmux_errors_total", &[("class", "42")]), None);
+    assert_eq!(
+        after.value(
+            "pgmux_server_connections",
+            &[("database", DB), ("user", APP.0), ("node", &primary), ("state", "idle")]
+        ),
+        1.0
+    );
+
+    // Exactly the bytes of five simple queries.
+    let before = Scraped::take(&proxy).await;
+    for _ in 0..5 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    eventually(SOON, "the five queries to be counted", || async {
+        Scraped::take(&proxy).await.value(xacts, &pool) - before.value(xacts, &pool) >= 5.0
+    })
+    .await;
+    let after = Scraped::take(&proxy).await;
+    assert_eq!(after.value("pgmux_bytes_in_total", &pool) - before.value("pgmux_bytes_in_total", &pool), 5.0 * 14.0);
+    assert_eq!(after.value("pgmux_bytes_out_total", &pool) - before.value("pgmux_bytes_out_total", &pool), 5.0 * 66.0);
+
+    let stats = show(&proxy, "STATS").await;
+    let row = stats.one("database", DB);
+    let n = |col| stats.get(row, col).parse::<u64>().unwrap_or_else(|_| panic!("{col} is not a number: {stats:?}"));
+    // Checkouts also count the one that learnt the server's parameters at the first login.
+    assert_eq!((n("total_query_count"), n("total_xact_count")), (1 + 9 + 5, 1 + 1 + 9 + 5));
+    assert!(n("total_received") >= 10 * 14, "{stats:?}");
+    assert_eq!(n("total_received"), after.value("pgmux_bytes_in_total", &pool) as u64);
+    assert_eq!(n("total_sent"), after.value("pgmux_bytes_out_total", &pool) as u64);
+    assert!(n("total_query_time") > 0 && n("avg_query_time") > 0, "{stats:?}");
+    assert_eq!(n("avg_query_time"), n("total_query_time") / n("total_query_count"));
+    assert_eq!((stats.get(row, "node"), stats.get(row, "role")), (primary.as_str(), "primary"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_pools_show_up_in_metrics_and_show_commands() {
+    let cluster = support::cluster_async().await;
+    let primary = cluster.primary().host_port();
+    let replica = cluster.replicas()[0].host_port();
+    let toml = admin_config(cluster, 2, "").replacen(
+        &format!("primary = \"{primary}\"\n"),
+        &format!("primary = \"{primary}\"\nreplicas = [\"{replica}\"]\n"),
+        1,
+    ) + "\n[routing]\nmonitor_interval = \"10ms\"\n";
+    let proxy = Proxy::start_with_metrics(&toml).await;
+    let c = proxy.app().await;
+    // The replica takes reads once its monitor has reported it healthy.
+    eventually(SOON, "a read to be served by the replica", || async {
+        scalar(&c, "SELECT inet_server_port()").await == cluster.replicas()[0].port().to_string()
+    })
+    .await;
+    let node = [("database", DB), ("node", replica.as_str())];
+    let on_replica = [("database", DB), ("user", APP.0), ("node", replica.as_str())];
+    eventually(SOON, "the replica's transaction to be counted", || async {
+        let m = Scraped::take(&proxy).await;
+        m.get("pgmux_transaction_duration_seconds_count", &on_replica).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    let m = Scraped::take(&proxy).await;
+    let conns: f64 = ["active", "idle", "login"]
+        .iter()
+        .map(|s| m.value("pgmux_server_connections", &[on_replica[0], on_replica[1], on_replica[2], ("state", s)]))
+        .sum();
+    assert!(conns >= 1.0, "no server connection to the replica counted");
+    let read = [on_replica[0], on_replica[1], on_replica[2], ("reason", "read")];
+    assert!(m.value("pgmux_node_transactions_total", &read) >= 1.0);
+    assert!(m.value("pgmux_node_queries_total", &read) >= 1.0);
+    assert!(m.value("pgmux_query_duration_seconds_count", &on_replica) >= 1.0);
+    assert!(m.value("pgmux_bytes_out_total", &on_replica) > 0.0);
+    assert_eq!(m.value("pgmux_replica_in_rotation", &node), 1.0);
+    assert!(m.value("pgmux_replica_lag_seconds", &node) >= 0.0);
+    assert!(m.value("pgmux_replica_lag_bytes", &node) >= 0.0);
+    assert_eq!(m.value("pgmux_node_up", &node), 1.0);
+
+    let pools = show(&proxy, "POOLS").await;
+    let r = pools.one("node", &replica);
+    assert_eq!((pools.get(r, "database"), pools.get(r, "user"), pools.get(r, "role")), (DB, APP.0, "replica"));
+    assert_eq!(pools.get(pools.one("node", &primary), "role"), "primary");
+    let servers = show(&proxy, "SERVERS").await;
+    let on = servers.find("role", "replica");
+    assert!(!on.is_empty(), "{servers:?}");
+    assert!(on.iter().all(|r| servers.get(r, "port") == cluster.replicas()[0].port().to_string()), "{servers:?}");
+    let stats = show(&proxy, "STATS").await;
+    let r = stats.one("node", &replica);
+    assert_eq!(stats.get(r, "role"), "replica");
+    assert!(stats.get(r, "total_query_count").parse::<u64>().unwrap() >= 1, "{stats:?}");
     proxy.shutdown().await;
 }

@@ -447,3 +447,55 @@ async fn database_target_change_moves_new_work_to_the_new_target() {
     assert_eq!(pool_stat(&admin, "gone", APP.0, "sv_open").await, 0, "a retired pool is not listed");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_retires_the_pools_of_a_removed_replica() {
+    let cluster = support::cluster_async().await;
+    let primary = cluster.primary().host_port();
+    let replica = cluster.replicas()[0].host_port();
+    let routed = |replicas: &str| {
+        config("", &[(DB, DB, 3)], &app_user()).replacen(
+            &format!("primary = \"{primary}\"\n"),
+            &format!("primary = \"{primary}\"\nreplicas = [{replicas}]\n"),
+            1,
+        ) + "\n[routing]\nmonitor_interval = \"10ms\"\n"
+    };
+    let file = ConfigFile::new(&routed(&format!("\"{replica}\"")));
+    let proxy = start(&file).await;
+    let (admin, _notices) = admin(&proxy).await;
+    let c = proxy.app().await;
+    let replica_port = cluster.replicas()[0].port().to_string();
+    eventually(SOON, "a read to be served by the replica", || async { server_port(&c).await == replica_port }).await;
+    let replica_rows = |rows: Vec<std::collections::HashMap<String, String>>| {
+        rows.into_iter().filter(|r| r["role"] == "replica").count()
+    };
+    assert_eq!(replica_rows(show(&admin, "POOLS").await), 1);
+
+    file.write(&routed(""));
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert_eq!(replica_rows(show(&admin, "POOLS").await), 0);
+    // The client logged in while the replica was configured: its reads now stay on the primary.
+    for _ in 0..5 {
+        assert_eq!(server_port(&c).await, cluster.primary().port().to_string());
+    }
+    // The replica pool's idle server connections were closed.
+    let on_replica = support::connect(&cluster.replicas()[0], "postgres", None, "postgres").await.unwrap();
+    eventually(SOON, "pgmux's connections to the removed replica to close", || async {
+        let row = on_replica
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' \
+                 AND application_name <> 'pgmux monitor'",
+                &[&APP.0],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 0
+    })
+    .await;
+    proxy.shutdown().await;
+}
+
+/// The port of the server that answered.
+async fn server_port(c: &tokio_postgres::Client) -> String {
+    support::scalar(c, "SELECT inet_server_port()").await
+}

@@ -61,7 +61,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "SHOW POOLS",
         arg: Arg::None,
-        help: "clients and server connections per (database, user) pool",
+        help: "clients and server connections per (database, user) pool and node (primary or replica)",
         run: |s, _| Reply::Rows(show::pools(s)),
     },
     Command {
@@ -73,13 +73,13 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "SHOW SERVERS",
         arg: Arg::None,
-        help: "open server connections, active (linked to a client) or idle",
+        help: "open server connections to primaries and replicas, active (linked to a client) or idle",
         run: |s, _| Reply::Rows(show::servers(s)),
     },
     Command {
         name: "SHOW STATS",
         arg: Arg::None,
-        help: "per-database totals since start; query and byte counts are not measured yet (0), \
+        help: "totals per database and node since start (transactions, queries, bytes, times in us); \
                averages are since the pool was created",
         run: |s, _| Reply::Rows(show::stats(s)),
     },
@@ -98,7 +98,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "SHOW REPLICAS",
         arg: Arg::None,
-        help: "configured replicas (not monitored yet)",
+        help: "configured nodes: state, replay LSN, lag, in rotation or why not",
         run: |s, _| Reply::Rows(show::replicas(s)),
     },
     Command { name: "SHOW VERSION", arg: Arg::None, help: "pgmux version", run: |_, _| Reply::Rows(show::version()) },
@@ -112,7 +112,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "KILL_CLIENT",
         arg: Arg::Required("id"),
-        help: "close a client (57P01) at once if idle or held, else when its transaction ends",
+        help: "close a client (57P01) at once; a transaction it is in is rolled back",
         run: kill_client,
     },
     Command {

@@ -1,19 +1,27 @@
 //! `GET /metrics` in the Prometheus text format (0.0.4).
 //!
 //! A tiny HTTP/1.1 responder rather than a web framework: one request per
-//! connection, answered and closed. The text format is written directly
-//! (HELP, TYPE, samples with escaped labels); it is simple, and a crate for
-//! it would bring a registry abstraction pgmux does not need.
+//! connection, answered and closed. The exposition itself is written by
+//! `prometheus-client`'s text encoder (names, escaping, histogram series)
+//! from a [`Collector`] that reads pgmux's own counters at scrape time:
+//! client tasks count with plain atomics ([`super::stats`],
+//! [`crate::pool::PoolCounters`]) and never touch the crate's types or locks.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::show::pool_views;
+use super::show::{PoolView, out_of_rotation, pool_views};
+use super::stats::{HistogramSnapshot, LATENCY_BOUNDS_US};
+use crate::pool::counters::{REASON_SLOTS, reason_label};
 use crate::server::Shared;
 
 /// Request heads are small; anything bigger is not a scrape.
@@ -23,6 +31,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves scrapes until the task is aborted (when `server::run` ends).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let registry = Arc::new(registry(shared));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -32,16 +41,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared)).await.unwrap_or(Ok(())) {
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &registry)).await.unwrap_or(Ok(())) {
                 tracing::debug!(error = %e, "metrics request failed");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
         if head.len() >= MAX_REQUEST_HEAD || stream.read_buf(&mut head).await? == 0 {
@@ -50,10 +59,10 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     }
     let response = match request_target(&head) {
         Some(("GET", "/metrics")) => {
-            let body = render(shared);
+            let body = render(registry);
             format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                 body.len()
             )
         }
@@ -77,190 +86,316 @@ fn request_target(head: &[u8]) -> Option<(&str, &str)> {
     Some((method, target.split('?').next().unwrap_or(target)))
 }
 
-/// Label values escaped per the text format: backslash, quote, newline.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// The registry `/metrics` encodes: one collector over the whole process.
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(PgmuxCollector(shared)));
+    registry
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (k, v)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{k}=\"{}\"", escape(v));
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {value}");
-}
-
-/// The whole exposition. Every pool gets every state's series (zeros
-/// included) so that series do not appear and vanish with traffic.
-pub fn render(shared: &Shared) -> String {
-    let views = pool_views(shared);
+/// The whole exposition, encoded now.
+pub fn render(registry: &Registry) -> String {
     let mut out = String::new();
-
-    header(
-        &mut out,
-        "pgmux_clients",
-        "gauge",
-        "Logged-in client connections by pool and state (active: holding a server connection).",
-    );
-    for v in &views {
-        for (state, n) in [("active", v.cl_active), ("idle", v.cl_idle), ("waiting", v.cl_waiting)] {
-            sample(
-                &mut out,
-                "pgmux_clients",
-                &[("database", &v.database), ("user", &v.user), ("state", state)],
-                n as u64,
-            );
-        }
+    // Writing to a String cannot fail, and the collector never returns an error of its own.
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "metrics encoding failed");
     }
-
-    header(
-        &mut out,
-        "pgmux_server_connections",
-        "gauge",
-        "Server connections by pool and state (login: being opened or cleaned up).",
-    );
-    for v in &views {
-        for (state, n) in [("active", v.sv_active), ("idle", v.sv_idle), ("login", v.sv_login())] {
-            let labels = [("database", v.database.as_str()), ("user", v.user.as_str()), ("state", state)];
-            sample(&mut out, "pgmux_server_connections", &labels, n as u64);
-        }
-    }
-
-    header(
-        &mut out,
-        "pgmux_pool_waiting_clients",
-        "gauge",
-        "Clients waiting for a server connection (queued in the pool or held by PAUSE).",
-    );
-    for v in &views {
-        sample(
-            &mut out,
-            "pgmux_pool_waiting_clients",
-            &[("database", &v.database), ("user", &v.user)],
-            v.cl_waiting as u64,
-        );
-    }
-
-    header(
-        &mut out,
-        "pgmux_transactions_total",
-        "counter",
-        "Server connection checkouts: one per transaction in transaction mode, per session in session mode.",
-    );
-    for v in &views {
-        let n = v.pool.counters().checkouts.load(Ordering::Relaxed);
-        sample(&mut out, "pgmux_transactions_total", &[("database", &v.database), ("user", &v.user)], n);
-    }
-
-    header(
-        &mut out,
-        "pgmux_client_connections_total",
-        "counter",
-        "Client connections accepted (cancel requests and failed logins included).",
-    );
-    sample(&mut out, "pgmux_client_connections_total", &[], shared.stats.client_connections.load(Ordering::Relaxed));
-
-    header(
-        &mut out,
-        "pgmux_auth_failures_total",
-        "counter",
-        "Client logins refused for a wrong password or an unknown user.",
-    );
-    sample(&mut out, "pgmux_auth_failures_total", &[], shared.stats.auth_failures.load(Ordering::Relaxed));
-
-    header(
-        &mut out,
-        "pgmux_routed_total",
-        "counter",
-        "Requests of databases with replicas, by where they went and why (read = served by a replica).",
-    );
-    for reason in crate::routing::route::RouteReason::ALL {
-        sample(&mut out, "pgmux_routed_total", &[("reason", reason.as_str())], shared.routing.counted(reason));
-    }
-    header(
-        &mut out,
-        "pgmux_replica_lag_bytes",
-        "gauge",
-        "How far each monitored replica's replay is behind the primary's insert position.",
-    );
-    let nodes = shared.routing.nodes();
-    for ((db, addr), node) in &nodes {
-        let v = node.view();
-        if !v.in_recovery {
-            continue;
-        }
-        let primary = nodes.iter().find(|((d, _), n)| d == db && !n.view().in_recovery && n.view().healthy);
-        if let Some((_, p)) = primary {
-            let lag = p.view().lsn.saturating_sub(v.lsn);
-            sample(&mut out, "pgmux_replica_lag_bytes", &[("database", db), ("node", addr)], lag);
-        }
-    }
-    header(&mut out, "pgmux_node_up", "gauge", "1 when a monitored node answered its last health check.");
-    for ((db, addr), node) in &nodes {
-        sample(&mut out, "pgmux_node_up", &[("database", db), ("node", addr)], u64::from(node.view().healthy));
-    }
-
-    header(
-        &mut out,
-        "pgmux_pinned_clients_total",
-        "counter",
-        "Clients pinned to their server connection for the rest of their session, by the session state that required it.",
-    );
-    for (i, reason) in crate::client::pinning::PinReason::ALL.iter().enumerate() {
-        sample(
-            &mut out,
-            "pgmux_pinned_clients_total",
-            &[("reason", reason.as_str())],
-            shared.stats.pinned[i].load(Ordering::Relaxed),
-        );
-    }
-    header(
-        &mut out,
-        "pgmux_session_state_refused_total",
-        "counter",
-        "Statements refused because on_session_state = \"error\", by kind.",
-    );
-    for (i, reason) in crate::client::pinning::PinReason::ALL.iter().enumerate() {
-        sample(
-            &mut out,
-            "pgmux_session_state_refused_total",
-            &[("reason", reason.as_str())],
-            shared.stats.session_state_refused[i].load(Ordering::Relaxed),
-        );
-    }
-
-    header(
-        &mut out,
-        "pgmux_pool_wait_timeouts_total",
-        "counter",
-        "Requests that got no server connection within query_wait_timeout.",
-    );
-    let timeouts: u64 = views.iter().map(|v| v.pool.counters().wait_timeouts.load(Ordering::Relaxed)).sum();
-    sample(&mut out, "pgmux_pool_wait_timeouts_total", &[], timeouts);
-
-    header(
-        &mut out,
-        "pgmux_config_reloads_total",
-        "counter",
-        "Configuration reloads (SIGHUP, admin RELOAD): applied (ok) or refused for an unreadable or invalid file (failed).",
-    );
-    for (result, n) in [("ok", &shared.stats.reloads_ok), ("failed", &shared.stats.reloads_failed)] {
-        sample(&mut out, "pgmux_config_reloads_total", &[("result", result)], n.load(Ordering::Relaxed));
-    }
-
     out
+}
+
+/// Reads pgmux's counters at scrape time.
+#[derive(Debug)]
+struct PgmuxCollector(Arc<Shared>);
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// One metric family: a descriptor, then its samples. Counter names are
+/// given without `_total`: the encoder appends it.
+fn gauges<'a, V: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, V)>,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        m.encode_family(&labels)?.encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
+fn counters<'a, V: EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, V)>,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        m.encode_family(&labels)?.encode_counter::<Labels<'_>, V, f64>(&v, None)?;
+    }
+    Ok(())
+}
+
+/// Latency histograms, in seconds.
+fn histograms<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, HistogramSnapshot)>,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in samples {
+        let buckets: Vec<(f64, u64)> =
+            LATENCY_BOUNDS_US.iter().map(|&us| us as f64 / 1e6).chain([f64::INFINITY]).zip(h.buckets).collect();
+        m.encode_family(&labels)?.encode_histogram::<Labels<'_>>(h.sum_us as f64 / 1e6, h.count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+/// The labels of a pool's node-scoped series.
+fn node_labels(v: &PoolView) -> Labels<'_> {
+    vec![("database", &v.database), ("user", &v.user), ("node", &v.node)]
+}
+
+impl Collector for PgmuxCollector {
+    /// Every pool gets every state's series (zeros included) so that series
+    /// do not appear and vanish with traffic; by-reason and by-class
+    /// counters list what occurred.
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let shared = &*self.0;
+        let views = pool_views(shared);
+        let config = shared.config();
+
+        // Per (database, user): clients belong to the pair, whichever node serves them.
+        #[derive(Default)]
+        struct PerUser {
+            active: usize,
+            idle: usize,
+            waiting: usize,
+            transactions: u64,
+        }
+        let mut per_user: BTreeMap<(&str, &str), PerUser> = BTreeMap::new();
+        for v in &views {
+            let p = per_user.entry((&v.database, &v.user)).or_default();
+            p.active += v.cl_active;
+            p.idle += v.cl_idle;
+            p.waiting += v.cl_waiting;
+            p.transactions += v.pool.counters().checkouts.load(Ordering::Relaxed);
+        }
+        gauges(
+            &mut enc,
+            "pgmux_clients",
+            "Logged-in client connections by pool and state (active: holding a server connection).",
+            per_user.iter().flat_map(|((db, user), p)| {
+                [("active", p.active), ("idle", p.idle), ("waiting", p.waiting)]
+                    .map(|(state, n)| (vec![("database", *db), ("user", *user), ("state", state)], n as u64))
+            }),
+        )?;
+        gauges(
+            &mut enc,
+            "pgmux_server_connections",
+            "Server connections by pool, node (primary or replica) and state (login: being opened or cleaned up).",
+            views.iter().flat_map(|v| {
+                [("active", v.sv_active), ("idle", v.sv_idle), ("login", v.sv_login())].map(|(state, n)| {
+                    let labels =
+                        vec![("database", &*v.database), ("user", &*v.user), ("node", &*v.node), ("state", state)];
+                    (labels, n as u64)
+                })
+            }),
+        )?;
+        gauges(
+            &mut enc,
+            "pgmux_pool_waiting_clients",
+            "Clients waiting for a server connection (queued in the pool or held by PAUSE).",
+            per_user.iter().map(|((db, user), p)| (vec![("database", *db), ("user", *user)], p.waiting as u64)),
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_transactions",
+            "Server connection checkouts, all nodes of the pool: one per transaction in transaction mode, per session in session mode.",
+            per_user.iter().map(|((db, user), p)| (vec![("database", *db), ("user", *user)], p.transactions)),
+        )?;
+        let by_reason = |pick: fn(&crate::pool::PoolCounters) -> &[std::sync::atomic::AtomicU64; REASON_SLOTS]| {
+            let mut out = Vec::new();
+            for v in &views {
+                for (i, n) in pick(v.pool.counters()).iter().enumerate() {
+                    let n = n.load(Ordering::Relaxed);
+                    if n > 0 {
+                        let mut labels = node_labels(v);
+                        labels.push(("reason", reason_label(i)));
+                        out.push((labels, n));
+                    }
+                }
+            }
+            out
+        };
+        counters(
+            &mut enc,
+            "pgmux_node_transactions",
+            "Transactions by node and the routing decision that sent them there (unrouted: the database has no read/write split).",
+            by_reason(|c| &c.xacts_by_reason),
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_node_queries",
+            "Requests answered with ReadyForQuery, by node and the routing decision of their transaction.",
+            by_reason(|c| &c.queries_by_reason),
+        )?;
+        histograms(
+            &mut enc,
+            "pgmux_pool_wait_seconds",
+            "Time clients spent getting a server connection from the pool (waiting or connecting), by node.",
+            views.iter().map(|v| (node_labels(v), v.pool.counters().wait.snapshot())),
+        )?;
+        histograms(
+            &mut enc,
+            "pgmux_transaction_duration_seconds",
+            "Time a client held a server connection (one transaction in transaction mode), by node.",
+            views.iter().map(|v| (node_labels(v), v.pool.counters().xact.snapshot())),
+        )?;
+        histograms(
+            &mut enc,
+            "pgmux_query_duration_seconds",
+            "Time from a request reaching the server to its ReadyForQuery, by node.",
+            views.iter().map(|v| (node_labels(v), v.pool.counters().query.snapshot())),
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_bytes_in",
+            "Bytes clients sent while linked to a server connection of the node.",
+            views.iter().map(|v| (node_labels(v), v.pool.counters().bytes_in.load(Ordering::Relaxed))),
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_bytes_out",
+            "Bytes of server answers forwarded to clients, by node.",
+            views.iter().map(|v| (node_labels(v), v.pool.counters().bytes_out.load(Ordering::Relaxed))),
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_prepared_cache_hits",
+            "Bind/Describe of a named prepared statement the server connection already had.",
+            views.iter().map(|v| (node_labels(v), v.pool.counters().prepared_hits.load(Ordering::Relaxed))),
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_prepared_cache_misses",
+            "Bind/Describe of a named prepared statement pgmux first had to prepare on the server connection.",
+            views.iter().map(|v| (node_labels(v), v.pool.counters().prepared_misses.load(Ordering::Relaxed))),
+        )?;
+        let classes = shared.stats.errors.nonzero();
+        counters(
+            &mut enc,
+            "pgmux_errors",
+            "ErrorResponses servers sent to clients, by SQLSTATE class (its first two characters).",
+            classes.iter().map(|(class, n)| (vec![("class", class.as_str())], *n)),
+        )?;
+
+        counters(
+            &mut enc,
+            "pgmux_client_connections",
+            "Client connections accepted (cancel requests and failed logins included).",
+            [(vec![], shared.stats.client_connections.load(Ordering::Relaxed))],
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_auth_failures",
+            "Client logins refused for a wrong password or an unknown user.",
+            [(vec![], shared.stats.auth_failures.load(Ordering::Relaxed))],
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_routed",
+            "Requests of databases with replicas, by where they went and why (read = served by a replica).",
+            crate::routing::route::RouteReason::ALL
+                .iter()
+                .map(|r| (vec![("reason", r.as_str())], shared.routing.counted(*r))),
+        )?;
+
+        // Replica state, from the monitors.
+        let nodes = shared.routing.nodes();
+        let mut lag_bytes = Vec::new();
+        let mut lag_seconds = Vec::new();
+        let mut in_rotation = Vec::new();
+        for ((db, addr), n) in &nodes {
+            let Some(dbc) = config.database(db) else { continue };
+            if !dbc.replicas.iter().any(|r| r.addr() == addr) {
+                continue;
+            }
+            let v = n.view();
+            let primary =
+                nodes.iter().map(|(k, p)| (k, p.view())).find(|((d, _), p)| d == db && p.healthy && !p.in_recovery);
+            let lag = primary.filter(|_| v.in_recovery).map(|(_, p)| p.lsn.saturating_sub(v.lsn));
+            let labels = vec![("database", db.as_str()), ("node", addr.as_str())];
+            if let Some(lag) = lag {
+                lag_bytes.push((labels.clone(), lag));
+            }
+            if v.healthy && v.in_recovery {
+                lag_seconds.push((labels.clone(), v.replay_delay.as_secs_f64()));
+            }
+            in_rotation.push((labels, u64::from(out_of_rotation(&config.routing, &v, lag).is_none())));
+        }
+        gauges(
+            &mut enc,
+            "pgmux_replica_lag_bytes",
+            "How far each monitored replica's replay is behind the primary's insert position.",
+            lag_bytes,
+        )?;
+        gauges(
+            &mut enc,
+            "pgmux_replica_lag_seconds",
+            "How long ago the last transaction a replica replayed committed on the primary (0 when replay has caught up).",
+            lag_seconds,
+        )?;
+        gauges(
+            &mut enc,
+            "pgmux_replica_in_rotation",
+            "1 when a replica takes reads now (up, in recovery, within max_replica_lag).",
+            in_rotation,
+        )?;
+        gauges(
+            &mut enc,
+            "pgmux_node_up",
+            "1 when a monitored node answered its last health check.",
+            nodes.iter().map(|((db, addr), n)| {
+                (vec![("database", db.as_str()), ("node", addr.as_str())], u64::from(n.view().healthy))
+            }),
+        )?;
+
+        let pins = crate::client::pinning::PinReason::ALL;
+        counters(
+            &mut enc,
+            "pgmux_pinned_clients",
+            "Clients pinned to their server connection for the rest of their session, by the session state that required it.",
+            pins.iter()
+                .zip(&shared.stats.pinned)
+                .map(|(r, n)| (vec![("reason", r.as_str())], n.load(Ordering::Relaxed))),
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_session_state_refused",
+            "Statements refused because on_session_state = \"error\", by kind.",
+            pins.iter()
+                .zip(&shared.stats.session_state_refused)
+                .map(|(r, n)| (vec![("reason", r.as_str())], n.load(Ordering::Relaxed))),
+        )?;
+        let timeouts: u64 = views.iter().map(|v| v.pool.counters().wait_timeouts.load(Ordering::Relaxed)).sum();
+        counters(
+            &mut enc,
+            "pgmux_pool_wait_timeouts",
+            "Requests that got no server connection within query_wait_timeout.",
+            [(vec![], timeouts)],
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_config_reloads",
+            "Configuration reloads (SIGHUP, admin RELOAD): applied (ok) or refused for an unreadable or invalid file (failed).",
+            [("ok", &shared.stats.reloads_ok), ("failed", &shared.stats.reloads_failed)]
+                .map(|(result, n)| (vec![("result", result)], n.load(Ordering::Relaxed))),
+        )?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -274,10 +409,33 @@ mod tests {
         assert_eq!(request_target(b"garbage"), None);
     }
 
+    /// The encoder's output for one family of each kind, exactly.
     #[test]
-    fn labels_are_escaped() {
-        let mut out = String::new();
-        sample(&mut out, "m", &[("a", "x\"y\\z\nw")], 3);
-        assert_eq!(out, "m{a=\"x\\\"y\\\\z\\nw\"} 3\n");
+    fn families_encode_in_the_text_format() {
+        #[derive(Debug)]
+        struct Fixed;
+        impl Collector for Fixed {
+            fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+                counters(&mut enc, "m", "help", [(vec![("a", "x\"y\\z\nw")], 3u64)])?;
+                let h = crate::admin::stats::Histogram::default();
+                h.observe_us(70);
+                h.observe_us(20_000_000);
+                histograms(&mut enc, "h_seconds", "hist", [(vec![("n", "1")], h.snapshot())])
+            }
+        }
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Fixed));
+        let out = render(&registry);
+        assert!(
+            out.starts_with("# HELP m_total help\n# TYPE m_total counter\nm_total{a=\"x\\\"y\\\\z\\nw\"} 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE h_seconds histogram\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{n=\"1\",le=\"5e-05\"} 0\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{n=\"1\",le=\"0.0001\"} 1\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{n=\"1\",le=\"10\"} 1\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{n=\"1\",le=\"+Inf\"} 2\n"), "{out}");
+        assert!(out.contains("h_seconds_sum{n=\"1\"} 20.00007\n"), "{out}");
+        assert!(out.contains("h_seconds_count{n=\"1\"} 2\n"), "{out}");
     }
 }

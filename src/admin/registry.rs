@@ -73,6 +73,15 @@ pub struct LinkInfo {
     pub pid: i32,
     pub addr: SocketAddr,
     pub connected: Instant,
+    /// Which pool the backend came from (the primary's or a replica's), as
+    /// [`pool_id`]: an identity to match pools by, never dereferenced.
+    pub pool: usize,
+}
+
+/// A pool's identity for [`LinkInfo::pool`]. An address rather than an
+/// `Arc` so that linking costs no reference count traffic on the pool.
+pub fn pool_id(pool: &Arc<Pool>) -> usize {
+    Arc::as_ptr(pool) as usize
 }
 
 #[derive(Debug)]
@@ -213,21 +222,20 @@ impl ClientInfo {
         }
     }
 
-    /// The client got `backend` from its pool.
-    pub fn linked(&self, backend: &Backend) {
+    /// The client got `backend` from `pool`.
+    pub fn linked(&self, backend: &Backend, pool: &Arc<Pool>) {
         use crate::pool::inner::Aged;
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(LinkInfo { pid: backend.pid, addr: backend.addr, connected: backend.created() });
+            Some(LinkInfo { pid: backend.pid, addr: backend.addr, connected: backend.created(), pool: pool_id(pool) });
         self.set_state(ClientState::Active);
     }
 
     /// The client gave its backend up (checked in, discarded or handed to
-    /// cleanup); counts the time held toward SHOW STATS.
-    pub fn released(&self) {
+    /// cleanup), or its checkout from `pool` failed; counts the time a
+    /// backend was held toward `pool`'s SHOW STATS and `/metrics`.
+    pub fn released(&self, pool: &Pool) {
         let now = now_us();
-        if self.state() == ClientState::Active
-            && let Some(pool) = self.login().and_then(|l| l.pool.as_ref())
-        {
+        if self.state() == ClientState::Active {
             let held = now.saturating_sub(self.since_us.load(Ordering::Relaxed));
             pool.record_xact_time(Duration::from_micros(held));
         }
@@ -235,7 +243,7 @@ impl ClientInfo {
         self.set_state_at(ClientState::Idle, now);
     }
 
-    /// Resolves once KILL_CLIENT targets this client.
+    /// Resolves once KILL_CLIENT targets this client: for the idle wait and the relay.
     pub async fn killed(&self) {
         std::future::poll_fn(|cx| self.signal.poll(cx, Signal::KILL)).await;
     }
@@ -245,7 +253,8 @@ impl ClientInfo {
         &self.signal
     }
 
-    /// KILL_CLIENT: the client closes with 57P01 at its next idle moment.
+    /// KILL_CLIENT: the client closes with 57P01 at once; a transaction it
+    /// is in is cancelled and rolled back in the background.
     pub fn kill(&self) {
         self.close_needed.store(true, Ordering::Relaxed);
         self.signal.raise(Signal::KILL);

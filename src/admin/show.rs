@@ -1,17 +1,18 @@
 //! The SHOW result sets, built from the registries and pools without I/O.
 //! Every value is text; names follow PgBouncer's where one exists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::registry::{ClientState, wall_time};
+use super::registry::{ClientState, pool_id, wall_time};
 use crate::config::{
     Config, LoadBalance, OnSessionState, PoolMode, ReadYourWrites, ServerTlsMode, StickyScope, TlsMode,
 };
 use crate::pool::Pool;
+use crate::routing::monitor::NodeView;
 use crate::server::Shared;
 
 /// Columns and text rows; sent as RowDescription, DataRows, `SHOW`.
@@ -37,6 +38,10 @@ impl ResultSet {
 pub struct PoolView {
     pub database: String,
     pub user: String,
+    /// The server the pool connects to, as the configuration spells it.
+    pub node: String,
+    /// `primary` or `replica`.
+    pub role: &'static str,
     pub pool: Arc<Pool>,
     pub cl_active: usize,
     pub cl_waiting: usize,
@@ -59,14 +64,18 @@ impl PoolView {
     }
 }
 
-/// Every pool sorted by (database, user), with client counts from the registry.
+/// Every pool, the primaries' and the replicas', sorted by (database, user,
+/// primary first, node), with client counts from the registry. A client
+/// holding a backend counts toward the pool it came from; idle and waiting
+/// clients toward their database's primary pool (where every request starts).
 pub fn pool_views(shared: &Shared) -> Vec<PoolView> {
-    let mut views: BTreeMap<(String, String), PoolView> = BTreeMap::new();
-    for ((database, user), pool) in shared.pools.all() {
+    let view = |database: String, user: String, role: &'static str, pool: Arc<Pool>| {
         let stats = pool.stats();
-        let view = PoolView {
-            database: database.clone(),
-            user: user.clone(),
+        PoolView {
+            database,
+            user,
+            node: pool.settings().addr.clone(),
+            role,
             pool,
             cl_active: 0,
             cl_waiting: 0,
@@ -75,26 +84,31 @@ pub fn pool_views(shared: &Shared) -> Vec<PoolView> {
             sv_idle: stats.idle,
             sv_open: stats.open,
             maxwait: Duration::ZERO,
-        };
-        views.insert((database, user), view);
-    }
+        }
+    };
+    let mut views: Vec<PoolView> = shared.pools.all().into_iter().map(|((d, u), p)| view(d, u, "primary", p)).collect();
+    views.extend(shared.pools.replicas().into_iter().map(|((d, u, _), p)| view(d, u, "replica", p)));
+    views.sort_by(|a, b| (&a.database, &a.user, a.role, &a.node).cmp(&(&b.database, &b.user, b.role, &b.node)));
+    let index: HashMap<usize, usize> = views.iter().enumerate().map(|(i, v)| (pool_id(&v.pool), i)).collect();
     for c in shared.clients.snapshot() {
         let Some(login) = c.login() else { continue };
-        let Some(view) = views.get_mut(&(login.database.clone(), login.user.clone())) else { continue };
+        let Some(home) = login.pool.as_ref().and_then(|p| index.get(&pool_id(p))) else { continue };
         match c.state() {
-            ClientState::Idle => view.cl_idle += 1,
+            ClientState::Idle => views[*home].cl_idle += 1,
             ClientState::Paused | ClientState::Waiting => {
+                let view = &mut views[*home];
                 view.cl_waiting += 1;
                 view.maxwait = view.maxwait.max(c.since().elapsed());
             }
             ClientState::Active => {
-                view.cl_active += 1;
-                view.sv_active += 1;
+                let linked = c.link().and_then(|l| index.get(&l.pool)).unwrap_or(home);
+                views[*linked].cl_active += 1;
+                views[*linked].sv_active += 1;
             }
             ClientState::Login | ClientState::Admin => {}
         }
     }
-    views.into_values().collect()
+    views
 }
 
 fn mode_str(m: PoolMode) -> &'static str {
@@ -130,6 +144,8 @@ pub fn pools(shared: &Shared) -> ResultSet {
         "cl_idle",
         "sv_open",
         "pinned",
+        "node",
+        "role",
     ]);
     for v in pool_views(shared) {
         let mode = pool_mode_of(&config, &v.database);
@@ -157,6 +173,8 @@ pub fn pools(shared: &Shared) -> ResultSet {
             v.cl_idle.to_string(),
             v.sv_open.to_string(),
             pinned.to_string(),
+            v.node.clone(),
+            v.role.into(),
         ]);
     }
     rs
@@ -179,46 +197,60 @@ pub fn stats(shared: &Shared) -> ResultSet {
         "avg_xact_time",
         "avg_query_time",
         "avg_wait_time",
+        "node",
+        "role",
     ]);
-    // PgBouncer reports per database, summed over users.
+    // PgBouncer reports per database, summed over users; pgmux has a row per
+    // node of the database, since its replicas are pools of their own.
     #[derive(Default)]
     struct Sum {
+        role: &'static str,
         xacts: u64,
+        queries: u64,
+        received: u64,
+        sent: u64,
         xact_us: u64,
+        query_us: u64,
         wait_us: u64,
         oldest: Option<Instant>,
     }
-    let mut by_db: BTreeMap<String, Sum> = BTreeMap::new();
-    for ((database, _), pool) in shared.pools.all() {
-        let c = pool.counters();
-        let s = by_db.entry(database).or_default();
+    let mut by_node: BTreeMap<(String, bool, String), Sum> = BTreeMap::new();
+    for v in pool_views(shared) {
+        let c = v.pool.counters();
+        let s = by_node.entry((v.database, v.role != "primary", v.node)).or_default();
+        s.role = v.role;
         s.xacts += c.checkouts.load(Ordering::Relaxed);
-        s.xact_us += c.xact_us.load(Ordering::Relaxed);
-        s.wait_us += c.wait_us.load(Ordering::Relaxed);
-        s.oldest = Some(s.oldest.map_or(pool.created(), |o| o.min(pool.created())));
+        s.queries += c.query.count();
+        s.received += c.bytes_in.load(Ordering::Relaxed);
+        s.sent += c.bytes_out.load(Ordering::Relaxed);
+        s.xact_us += c.xact.sum_us();
+        s.query_us += c.query.sum_us();
+        s.wait_us += c.wait.sum_us();
+        s.oldest = Some(s.oldest.map_or(v.pool.created(), |o| o.min(v.pool.created())));
     }
-    for (database, s) in by_db {
+    for ((database, _, node), s) in by_node {
+        // Averages are since the pool was created, not over PgBouncer's 15 s
+        // stats_period: rates per second, times per transaction or query.
         let secs = s.oldest.map_or(0, |o| o.elapsed().as_secs()).max(1);
-        let per_xact = |total: u64| total.checked_div(s.xacts).unwrap_or(0);
-        // Zeros: queries and bytes are not counted yet (the relay does not
-        // report them); averages are since the pool was created, not over
-        // PgBouncer's 15 s stats_period.
+        let per = |total: u64, n: u64| total.checked_div(n).unwrap_or(0).to_string();
         rs.push(vec![
             database,
             s.xacts.to_string(),
-            "0".into(),
-            "0".into(),
-            "0".into(),
+            s.queries.to_string(),
+            s.received.to_string(),
+            s.sent.to_string(),
             s.xact_us.to_string(),
-            "0".into(),
+            s.query_us.to_string(),
             s.wait_us.to_string(),
             (s.xacts / secs).to_string(),
-            "0".into(),
-            "0".into(),
-            "0".into(),
-            per_xact(s.xact_us).to_string(),
-            "0".into(),
-            per_xact(s.wait_us).to_string(),
+            (s.queries / secs).to_string(),
+            (s.received / secs).to_string(),
+            (s.sent / secs).to_string(),
+            per(s.xact_us, s.xacts),
+            per(s.query_us, s.queries),
+            per(s.wait_us, s.xacts),
+            node,
+            s.role.into(),
         ]);
     }
     rs
@@ -294,31 +326,39 @@ pub fn servers(shared: &Shared) -> ResultSet {
         "connect_time",
         "request_time",
         "remote_pid",
+        "node",
+        "role",
     ]);
-    let row = |user: &str, db: &str, state: &str, addr: SocketAddr, connected: Instant, request: Instant, pid| {
+    let row = |v: &PoolView, state: &str, addr: SocketAddr, connected: Instant, request: Instant, pid| {
         vec![
             "S".into(),
-            user.to_owned(),
-            db.to_owned(),
+            v.user.clone(),
+            v.database.clone(),
             state.to_owned(),
             addr.ip().to_string(),
             addr.port().to_string(),
             format_time(wall_time(connected)),
             format_time(wall_time(request)),
             i32::to_string(&pid),
+            v.node.clone(),
+            v.role.into(),
         ]
     };
+    let views = pool_views(shared);
+    let by_id: HashMap<usize, &PoolView> = views.iter().map(|v| (pool_id(&v.pool), v)).collect();
     let mut rows = Vec::new();
     for c in shared.clients.snapshot() {
-        let (Some(login), Some(link)) = (c.login(), c.link()) else { continue };
-        rows.push(row(&login.user, &login.database, "active", link.addr, link.connected, c.since(), link.pid));
+        let Some(link) = c.link() else { continue };
+        // A retired pool (its database removed by a reload) is in no view.
+        let Some(v) = by_id.get(&link.pool) else { continue };
+        rows.push(row(v, "active", link.addr, link.connected, c.since(), link.pid));
     }
-    for ((database, user), pool) in shared.pools.all() {
-        for b in pool.idle_backends() {
-            rows.push(row(&user, &database, "idle", b.addr, b.created, b.last_used, b.pid));
+    for v in &views {
+        for b in v.pool.idle_backends() {
+            rows.push(row(v, "idle", b.addr, b.created, b.last_used, b.pid));
         }
     }
-    rows.sort_by(|a, b| (&a[2], &a[1], &a[3], &a[8]).cmp(&(&b[2], &b[1], &b[3], &b[8])));
+    rows.sort_by(|a, b| (&a[2], &a[1], &a[10], &a[9], &a[3], &a[8]).cmp(&(&b[2], &b[1], &b[10], &b[9], &b[3], &b[8])));
     rs.rows = rows;
     rs
 }
@@ -387,18 +427,10 @@ pub fn replicas(shared: &Shared) -> ResultSet {
                 None => ("unmonitored".to_owned(), String::new(), String::new(), String::new(), "no".to_owned()),
                 Some(v) => {
                     let lag = primary.filter(|p| p.healthy && role == "replica").map(|p| p.lsn.saturating_sub(v.lsn));
-                    let r = &config.routing;
-                    let why_not = if !v.healthy {
-                        Some("down")
-                    } else if role == "replica" && !v.in_recovery {
-                        Some("not in recovery")
-                    } else if role == "replica"
-                        && (v.replay_delay > r.max_replica_lag
-                            || r.max_replica_lag_bytes.zip(lag).is_some_and(|(max, l)| l > max))
-                    {
-                        Some("lagging")
-                    } else {
-                        None
+                    let why_not = match role {
+                        "replica" => out_of_rotation(&config.routing, &v, lag),
+                        _ if !v.healthy => Some("down"),
+                        _ => None,
                     };
                     (
                         if v.healthy { "up" } else { "down" }.to_owned(),
@@ -436,6 +468,27 @@ pub fn replicas(shared: &Shared) -> ResultSet {
         }
     }
     rs
+}
+
+/// Why a replica takes no reads right now (`None`: it is in the rotation).
+/// `lag_bytes` is how far its replay is behind the primary, when known. The
+/// same limits as routing's own choice ([`crate::routing::route::route`]).
+pub fn out_of_rotation(
+    routing: &crate::config::RoutingConfig,
+    v: &NodeView,
+    lag_bytes: Option<u64>,
+) -> Option<&'static str> {
+    if !v.healthy {
+        Some("down")
+    } else if !v.in_recovery {
+        Some("not in recovery")
+    } else if v.replay_delay > routing.max_replica_lag
+        || routing.max_replica_lag_bytes.zip(lag_bytes).is_some_and(|(max, l)| l > max)
+    {
+        Some("lagging")
+    } else {
+        None
+    }
 }
 
 pub fn version() -> ResultSet {

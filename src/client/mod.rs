@@ -116,7 +116,10 @@ impl SessionRouting {
             .iter()
             .map(|r| {
                 let s = r.pool.stats();
-                Candidate { view: r.node.view(), active: s.open.saturating_sub(s.idle), weight: r.weight }
+                let mut view = r.node.view();
+                // A replica a reload removed takes no more reads, even from sessions that knew it.
+                view.healthy &= !s.retired;
+                Candidate { view, active: s.open.saturating_sub(s.idle), weight: r.weight }
             })
             .collect();
         let primary = self.primary_node.view();
@@ -505,11 +508,15 @@ async fn run_session(
     key: &CancelKey<'_>,
     info: &ClientInfo,
 ) -> std::io::Result<()> {
-    let opts = RelayOptions {
+    // Each transaction's options name its own pool; these are the rest.
+    let home = session.pool.clone();
+    let session_opts = RelayOptions {
         release_at_boundary: session.mode == PoolMode::Transaction,
         idle_transaction_timeout: config.proxy.idle_transaction_timeout,
         on_session_state: config.proxy.on_session_state,
         stats: &shared.stats,
+        counters: home.counters(),
+        route: None,
     };
     loop {
         if pending.is_empty() {
@@ -544,7 +551,8 @@ async fn run_session(
             }
             Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
         }
-        let step = Box::pin(serve_request(stream, &mut pending, shared, &mut session, key, info, &opts)).await?;
+        let step =
+            Box::pin(serve_request(stream, &mut pending, shared, &mut session, key, info, &session_opts)).await?;
         if step == Step::Done {
             return Ok(());
         }
@@ -598,7 +606,7 @@ async fn serve_request(
     session: &mut Session,
     key: &CancelKey<'_>,
     info: &ClientInfo,
-    opts: &RelayOptions<'_>,
+    session_opts: &RelayOptions<'_>,
 ) -> std::io::Result<Step> {
     // Routing needs the whole request unit to classify it.
     let mut decided: Option<(Intent, Route)> = None;
@@ -675,7 +683,7 @@ async fn serve_request(
         Ok(b) => b,
         Err(e) => {
             settle(None);
-            info.released(); // admin hook: back to idle
+            info.released(&pool); // admin hook: back to idle
             tracing::info!(error = %e, "no server connection for a client request");
             if !reject_request(stream, pending, e.sqlstate(), &e.to_string()).await? {
                 return Ok(Step::Done);
@@ -684,7 +692,7 @@ async fn serve_request(
         }
     };
     key.slot.set(Some(CancelTarget { addr: backend.addr, pid: backend.pid, secret: backend.secret }));
-    info.linked(&backend); // admin hook
+    info.linked(&backend, &pool); // admin hook
     // A read sent to a replica may still turn out to be a write (a function
     // that writes): keep the request so it can be re-run on the primary.
     let retry_copy = match (&decided, &session.routing) {
@@ -693,10 +701,12 @@ async fn serve_request(
         }
         _ => None,
     };
+    let opts =
+        RelayOptions { counters: pool.counters(), route: decided.map(|(_, route)| route.reason), ..*session_opts };
     let outcome =
-        Box::pin(transaction(stream, &mut backend, pending, retry_copy.is_some(), session, opts, info.signal())).await;
+        Box::pin(transaction(stream, &mut backend, pending, retry_copy.is_some(), session, &opts, info.signal())).await;
     key.slot.set(None);
-    info.released(); // admin hook
+    info.released(&pool); // admin hook
     match outcome {
         Ended::Clean if write_scope.is_some() => {
             // The primary's insert position, read on the same session right
@@ -829,19 +839,28 @@ async fn transaction(
     if let Err(e) = link.scan_client(&mut backend.to_server, &mut scope, &mut backend.prepared) {
         return Ended::Recover(Box::new(link), Some((SqlState::PROTOCOL_VIOLATION, e.to_string())));
     }
+    // The request that opened the transaction was read before the relay.
+    link.traffic.bytes_in = backend.to_server.len() as u64;
     let outcome = relay::relay(stream, backend, &mut link, &mut scope, opts, signal).await;
     tracing::trace!(?outcome, pending_ready = link.pending_ready, status = link.status, "relay returned");
+    if !matches!(outcome, Outcome::Boundary) {
+        // Cut short: what it did so far counts (cleanup traffic does not).
+        relay::record_traffic(&mut link, opts);
+    }
     for (k, v) in link.take_param_changes() {
         session.params.observe(&k, &v);
         backend.set_param(&k, &v);
     }
     match outcome {
         Outcome::Boundary => {
-            // A partial header of the client's next message stays with the client.
+            // A partial header of the client's next message stays with the client
+            // (and is counted with the transaction it starts).
             if !backend.to_server.is_empty() {
                 pending.extend_from_slice(&backend.to_server);
                 backend.to_server.clear();
             }
+            link.traffic.bytes_in = link.traffic.bytes_in.saturating_sub(pending.len() as u64);
+            relay::record_traffic(&mut link, opts);
             if !link.touched_settings.is_empty() && !read_back_settings(backend, session, &link.touched_settings).await
             {
                 return Ended::Discard(None);
@@ -868,6 +887,9 @@ async fn transaction(
             )),
         ),
         Outcome::Shutdown => Ended::Discard(Some((SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down".into()))),
+        // The backend goes through the same cleanup as an abandoned one
+        // (cancel, roll back) in the background; the client is told at once.
+        Outcome::Killed => Ended::Recover(Box::new(link), Some((SqlState::ADMIN_SHUTDOWN, TERMINATED_BY_ADMIN.into()))),
         Outcome::Misrouted => {
             if link.at_transaction_boundary_ignoring_output() {
                 backend.from_server.clear();

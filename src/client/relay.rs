@@ -21,14 +21,15 @@ use tokio::time::Instant;
 use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements, StatementCommand};
 use crate::admin::registry::Signal;
-use crate::admin::stats::Stats;
+use crate::admin::stats::{Stats, sqlstate_class};
 use crate::config::OnSessionState;
 use crate::net::Stream;
-use crate::pool::Backend;
 use crate::pool::statements::{PreparedSet, Registry, Statement};
+use crate::pool::{Backend, PoolCounters, Traffic};
 use crate::protocol::backend::{self as msg};
 use crate::protocol::frame::{FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, Scanner};
 use crate::protocol::{frontend, tag};
+use crate::routing::route::RouteReason;
 
 /// Stop reading a side while this many bytes wait to be written to the other:
 /// backpressure instead of unbounded buffering.
@@ -110,6 +111,9 @@ pub struct Link {
     pub hold: bool,
     /// The replica refused a write; its answer is held, not forwarded.
     pub misrouted: bool,
+    /// This transaction's bytes, queries, cache hits and errors, counted in
+    /// plain integers and added to the pool once ([`record_traffic`]).
+    pub traffic: Traffic,
 }
 
 impl Link {
@@ -137,6 +141,7 @@ impl Link {
             pin_reported: false,
             hold: false,
             misrouted: false,
+            traffic: Traffic::default(),
         }
     }
 
@@ -467,9 +472,11 @@ impl Link {
         out: &mut BytesMut,
     ) {
         if prepared.touch(st.id) {
+            self.traffic.prepared_hits += 1;
             self.close_queued(prepared, out);
             return;
         }
+        self.traffic.prepared_misses += 1;
         prepared.insert(st.clone(), scope.max_prepared);
         self.close_queued(prepared, out);
         statements::write_parse(out, st.server_name.as_bytes(), &st.body);
@@ -517,6 +524,7 @@ impl Link {
             drops,
             hold,
             misrouted,
+            traffic,
             ..
         } = self;
         drops.clear();
@@ -561,6 +569,10 @@ impl Link {
                     },
                     tag::ERROR_RESPONSE => {
                         let err = f.body.map(msg::parse_error_fields).unwrap_or_default();
+                        if !*misrouted {
+                            // A misrouted write's 25006 never reaches the client: not counted.
+                            traffic.errors.push(sqlstate_class(&err.code));
+                        }
                         if let Some(Expect::Bind { statement: Some(st) }) = expect.front()
                             && err.code == "0A000"
                             && err.message.contains("cached plan must not change result type")
@@ -615,7 +627,17 @@ impl Link {
             used -= e - s;
         }
         self.server_ready += used;
+        self.traffic.bytes_out += used as u64;
         Ok(())
+    }
+
+    /// `n` requests were answered, `took` after the server had the first.
+    fn count_queries(&mut self, n: usize, took: Duration) {
+        // Answers that arrive together share the time (pipelined requests).
+        let each = took.as_micros() as u64 / n as u64;
+        for _ in 0..n {
+            self.traffic.queries.observe_us(each);
+        }
     }
 
     /// More client bytes may be read: under the high-water mark, or the frame
@@ -678,17 +700,39 @@ pub enum Outcome {
     IdleInTransaction,
     /// Shutdown's grace period ran out.
     Shutdown,
+    /// KILL_CLIENT named this client.
+    Killed,
     /// A replica refused the request as a write (25006); nothing reached the client.
     Misrouted,
 }
 
+#[derive(Clone, Copy)]
 pub struct RelayOptions<'a> {
     /// Release the backend at transaction boundaries (transaction pooling).
     pub release_at_boundary: bool,
     pub idle_transaction_timeout: Duration,
     pub on_session_state: OnSessionState,
-    /// Where pins and refusals are counted.
+    /// Where pins, refusals and errors are counted.
     pub stats: &'a Stats,
+    /// The counters of the pool the backend came from.
+    pub counters: &'a PoolCounters,
+    /// Why the transaction went to that pool (`None`: the database is not routed).
+    pub route: Option<RouteReason>,
+}
+
+/// Adds the tally of the transaction that just ended to its pool (and its
+/// errors to the process-wide table), and starts a new one.
+pub fn record_traffic(link: &mut Link, opts: &RelayOptions<'_>) {
+    let t = &mut link.traffic;
+    if t.is_empty() {
+        return;
+    }
+    opts.counters.record(opts.route, t);
+    for class in t.errors.drain(..) {
+        opts.stats.errors.count_class(class);
+    }
+    let errors = std::mem::take(&mut t.errors);
+    *t = Traffic { errors, ..Traffic::default() };
 }
 
 /// Relays until the transaction ends (or anything else stops it). `link`
@@ -706,6 +750,8 @@ pub async fn relay(
     // Armed at the first idle-in-transaction wait; on firing it re-checks the
     // real deadline, so client activity never has to re-arm the timer.
     let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // When the server got the request it is now answering (for query durations).
+    let mut query_started = idle_since;
     loop {
         link.report_session_state(opts.stats);
         if link.terminated && link.client_ready == 0 {
@@ -756,8 +802,9 @@ pub async fn relay(
                     let _ = timer.as_mut().poll(cx);
                 }
             }
-            if signal.poll(cx, Signal::FORCE_CLOSE).is_ready() {
-                return Poll::Ready(Event::Shutdown);
+            if let Poll::Ready(flags) = signal.poll(cx, Signal::FORCE_CLOSE | Signal::KILL) {
+                // KILL_CLIENT acts at once, even mid-transaction.
+                return Poll::Ready(if flags & Signal::KILL != 0 { Event::Killed } else { Event::Shutdown });
             }
             Poll::Pending
         })
@@ -777,6 +824,7 @@ pub async fn relay(
             }
             Event::ServerRead(Ok(0)) => return Outcome::ServerGone("server closed the connection".into()),
             Event::ServerRead(Ok(_)) => {
+                let owed = link.pending_ready;
                 if let Err(e) = link.scan_server(from_server, Some(scope.client), scope.registry, prepared) {
                     return Outcome::ServerGone(format!("server sent a malformed message: {e}"));
                 }
@@ -786,12 +834,28 @@ pub async fn relay(
                 if !link.hold && flush(client, from_server, &mut link.server_ready).is_err() {
                     return Outcome::ClientGone;
                 }
+                if link.pending_ready < owed {
+                    // One clock read per answered request, none per message.
+                    let now = Instant::now();
+                    link.count_queries(owed - link.pending_ready, now - query_started);
+                    query_started = now;
+                    // Session mode (or a pinned client): the relay outlives
+                    // transactions, so it records each as the server ends it.
+                    let outlives = !opts.release_at_boundary || link.pin.is_some();
+                    if outlives && link.pending_ready == 0 && link.status == msg::IDLE {
+                        record_traffic(link, opts);
+                    }
+                }
             }
             Event::ServerRead(Err(e)) => return Outcome::ServerGone(format!("read from server failed: {e}")),
             Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) => return Outcome::ClientGone,
-            Event::ClientRead(Ok(_)) => {
-                if !opts.idle_transaction_timeout.is_zero() {
+            Event::ClientRead(Ok(n)) => {
+                link.traffic.bytes_in += n as u64;
+                if link.pending_ready == 0 || !opts.idle_transaction_timeout.is_zero() {
                     idle_since = Instant::now();
+                    if link.pending_ready == 0 {
+                        query_started = idle_since;
+                    }
                 }
                 // More requests on the link: the held answer can no longer be retried alone.
                 link.hold = false;
@@ -805,6 +869,7 @@ pub async fn relay(
             }
             Event::IdleTimeout => return Outcome::IdleInTransaction,
             Event::Shutdown => return Outcome::Shutdown,
+            Event::Killed => return Outcome::Killed,
         }
     }
 }
@@ -817,6 +882,7 @@ enum Event {
     ClientRead(std::io::Result<usize>),
     IdleTimeout,
     Shutdown,
+    Killed,
 }
 
 /// Writes as much of the first `*ready` bytes of `buf` as the socket takes

@@ -376,6 +376,11 @@ impl Config {
         self.databases.iter().find(|d| d.name == name)
     }
 
+    /// Database `name`, if `addr` is one of its replicas.
+    pub fn replica(&self, name: &str, addr: &str) -> Option<&DatabaseConfig> {
+        self.database(name).filter(|d| d.replicas.iter().any(|r| r.addr() == addr))
+    }
+
     pub fn user(&self, name: &str) -> Option<&UserConfig> {
         self.users.iter().find(|u| u.name == name)
     }

@@ -162,6 +162,10 @@ impl<B: Aged> Inner<B> {
         self.open
     }
 
+    pub fn retired(&self) -> bool {
+        self.retired
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.len()
     }

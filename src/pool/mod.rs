@@ -7,10 +7,11 @@
 //! [`Pool::discard`] (closed).
 
 pub mod backend;
+pub mod counters;
 pub mod inner;
 pub mod statements;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use dashmap::DashMap;
 
 pub use backend::Backend;
 use backend::LoginParams;
+pub use counters::{PoolCounters, Traffic};
 use inner::{CloseReason, Grant, Inner, Take};
 
 use crate::auth::BackendLoginError;
@@ -84,6 +86,13 @@ impl PoolSettings {
             tls: config.tls.client.clone(),
         }
     }
+
+    /// The same settings toward `db`'s replica at `addr`.
+    pub fn replica(config: &Config, db: &DatabaseConfig, user: &UserConfig, addr: &str) -> PoolSettings {
+        let mut settings = PoolSettings::new(config, db, user);
+        addr.clone_into(&mut settings.addr);
+        settings
+    }
 }
 
 /// A server's ParameterStatus set, shared by every client of a pool.
@@ -95,6 +104,8 @@ pub struct PoolStats {
     pub open: usize,
     pub idle: usize,
     pub waiting: usize,
+    /// A reload removed the pool's database, user or replica.
+    pub retired: bool,
 }
 
 /// An idle backend as SHOW SERVERS lists it; copied out under the lock.
@@ -104,20 +115,6 @@ pub struct IdleBackend {
     pub addr: std::net::SocketAddr,
     pub created: Instant,
     pub last_used: Instant,
-}
-
-/// Cumulative counters for SHOW STATS and /metrics. Relaxed atomics: each is
-/// an independent tally, read for display only.
-#[derive(Debug, Default)]
-pub struct PoolCounters {
-    /// Successful checkouts: one per transaction (transaction mode) or session.
-    pub checkouts: AtomicU64,
-    /// Microseconds clients spent in `checkout`, waiting or connecting.
-    pub wait_us: AtomicU64,
-    /// Microseconds backends spent checked out (reported by the client task).
-    pub xact_us: AtomicU64,
-    /// Checkouts that gave up after `query_wait_timeout`.
-    pub wait_timeouts: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -205,7 +202,7 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let inner = self.lock();
-        PoolStats { open: inner.open(), idle: inner.idle_count(), waiting: inner.waiting() }
+        PoolStats { open: inner.open(), idle: inner.idle_count(), waiting: inner.waiting(), retired: inner.retired() }
     }
 
     pub fn checkouts(&self) -> u64 {
@@ -232,14 +229,14 @@ impl Pool {
 
     /// Adds the time a client held a backend (checkout to release) to SHOW STATS.
     pub fn record_xact_time(&self, held: Duration) {
-        self.counters.xact_us.fetch_add(held.as_micros() as u64, Ordering::Relaxed);
+        self.counters.xact.observe(held);
     }
 
     /// Waits up to `query_wait_timeout` for a live backend, FIFO among waiters.
     pub async fn checkout(&self) -> Result<Box<Backend>, PoolError> {
         let started = Instant::now();
         let result = self.checkout_inner(started).await;
-        self.counters.wait_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.counters.wait.observe(started.elapsed());
         if let Err(PoolError::Timeout(_)) = result {
             self.counters.wait_timeouts.fetch_add(1, Ordering::Relaxed);
         }
@@ -429,9 +426,9 @@ impl Pools {
     }
 
     /// Applies a reloaded configuration to every pool: new settings for
-    /// those whose database and user remain, retirement for the others
-    /// (removed from the map, so new logins never reach them), and warm
-    /// pools for new databases with `min_pool_size`.
+    /// those whose database and user (and replica) remain, retirement for
+    /// the others (removed from the map, so new logins never reach them),
+    /// and warm pools for new databases with `min_pool_size`.
     pub fn reconfigure(&self, config: &Arc<Config>) {
         {
             let mut reloaded = self.reloaded.write().unwrap_or_else(|e| e.into_inner());
@@ -446,11 +443,24 @@ impl Pools {
                     }
                 }
             }
+            for ((db, user, addr), pool) in self.replicas() {
+                match (config.replica(&db, &addr), config.user(&user)) {
+                    (Some(d), Some(u)) => pool.update(PoolSettings::replica(config, d, u, &addr)),
+                    _ => {
+                        tracing::info!(database = %db, user = %user, replica = %addr, "replica pool retired: its replica, database or user was removed");
+                        self.replica_pools.remove(&(db, user, addr));
+                        pool.retire();
+                    }
+                }
+            }
         }
         self.prewarm(config);
     }
 
-    /// The pool of `user` on `db`'s replica at `addr` (same sizes and timeouts as the primary's).
+    /// The pool of `user` on `db`'s replica at `addr` (same sizes and
+    /// timeouts as the primary's), created like [`Pools::get_or_create`]:
+    /// with a reload's settings if one happened since `config` was read, and
+    /// retired (not kept) if that reload removed the replica.
     pub fn get_or_create_replica(
         &self,
         config: &Config,
@@ -462,14 +472,20 @@ impl Pools {
         if let Some(p) = self.replica_pools.get(&key) {
             return p.clone();
         }
-        self.replica_pools
-            .entry(key)
-            .or_insert_with(|| {
-                let mut settings = PoolSettings::new(config, db, user);
-                addr.clone_into(&mut settings.addr);
-                Pool::new(settings)
-            })
-            .clone()
+        let reloaded = self.reloaded.read().unwrap_or_else(|e| e.into_inner());
+        let current = reloaded.as_deref().unwrap_or(config);
+        match (current.replica(&db.name, addr), current.user(&user.name)) {
+            (Some(d), Some(u)) => self
+                .replica_pools
+                .entry(key)
+                .or_insert_with(|| Pool::new(PoolSettings::replica(current, d, u, addr)))
+                .clone(),
+            _ => {
+                let pool = Pool::new(PoolSettings::replica(config, db, user, addr));
+                pool.retire();
+                pool
+            }
+        }
     }
 
     /// Replica pools, keyed by (database, user, address).
@@ -512,5 +528,42 @@ impl Pools {
         for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas) {
             pool.close_idle();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pool_size: usize, replicas: &str) -> Arc<Config> {
+        let toml = format!(
+            "[[databases]]\nname = \"app\"\nprimary = \"127.0.0.1:5432\"\nreplicas = [{replicas}]\npool_size = {pool_size}\n\n\
+             [[users]]\nname = \"u\"\npassword = \"p\"\n"
+        );
+        Arc::new(Config::parse(&toml, "t.toml").unwrap())
+    }
+
+    #[test]
+    fn reload_reconfigures_replica_pools_and_retires_removed_replicas() {
+        let old = config(5, "\"127.0.0.1:5433\", \"127.0.0.1:5434\"");
+        let pools = Pools::default();
+        let (db, user) = (old.database("app").unwrap(), old.user("u").unwrap());
+        let kept = pools.get_or_create_replica(&old, db, user, "127.0.0.1:5433");
+        let removed = pools.get_or_create_replica(&old, db, user, "127.0.0.1:5434");
+        assert_eq!(kept.settings().addr, "127.0.0.1:5433");
+
+        let new = config(2, "\"127.0.0.1:5433\"");
+        pools.reconfigure(&new);
+        assert_eq!((kept.settings().pool_size, kept.settings().addr.as_str()), (2, "127.0.0.1:5433"));
+        assert!(!kept.stats().retired);
+        assert!(removed.stats().retired);
+        let left: Vec<_> = pools.replicas().into_iter().map(|(k, _)| k.2).collect();
+        assert_eq!(left, ["127.0.0.1:5433"]);
+        // A session that read the old configuration gets the reload's settings,
+        // and a retired one-off pool for the removed replica.
+        assert!(Arc::ptr_eq(&pools.get_or_create_replica(&old, db, user, "127.0.0.1:5433"), &kept));
+        let late = pools.get_or_create_replica(&old, db, user, "127.0.0.1:5434");
+        assert!(late.stats().retired);
+        assert_eq!(pools.replicas().len(), 1);
     }
 }
