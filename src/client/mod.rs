@@ -41,15 +41,16 @@ const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 pub async fn serve(stream: TcpStream, shared: Arc<Shared>, client_id: u64) {
     let peer = stream.peer_addr().ok();
     let span = tracing::info_span!("client", id = client_id, peer = ?peer);
-    async move {
+    let connection = async move {
         // admin hook: listed for SHOW CLIENTS while the connection lives.
         let info = shared.clients.register(&shared.stats, client_id, peer, stream.local_addr().ok());
         if let Err(e) = serve_inner(stream, &shared, &info).await {
             tracing::debug!(error = %e, "client connection ended with an I/O error");
         }
-    }
-    .instrument(span)
-    .await
+    };
+    // A disabled span (log level above info) still costs an enter and an
+    // exit on every poll of the task: skip it then.
+    if span.is_disabled() { connection.await } else { connection.instrument(span).await }
 }
 
 /// A session's view of its database's replicas.
@@ -235,7 +236,7 @@ const FIRST_READ: usize = 1024;
 /// What a successful login leads to.
 enum Login {
     /// A pooled session on a configured database.
-    Pooled(Box<Session>),
+    Pooled { session: Box<Session>, user: String, database: String },
     /// The admin console (database `pgmux`, an `[admin] users` member).
     Admin { user: String },
     /// The client asked for TLS and got `S`: handshake, then log in again over TLS.
@@ -248,14 +249,12 @@ struct Session {
     pool: Arc<Pool>,
     /// The next request goes to the primary (a replica refused it as a write).
     force_primary: bool,
-    /// Read/write splitting, when the database has replicas.
-    routing: Option<SessionRouting>,
+    /// Read/write splitting, when the database has replicas (boxed: most sessions have none).
+    routing: Option<Box<SessionRouting>>,
     statements: ClientStatements,
     server_params: crate::pool::ServerParams,
     params: SessionParams,
     mode: PoolMode,
-    user: String,
-    database: String,
 }
 
 async fn serve_inner(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::io::Result<()> {
@@ -308,8 +307,8 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
             }
         };
     };
-    let session = match login {
-        Ok(Ok(Some(Login::Pooled(session)))) => session,
+    let (session, user, database) = match login {
+        Ok(Ok(Some(Login::Pooled { session, user, database }))) => (session, user, database),
         Ok(Ok(Some(Login::Admin { user }))) => {
             tracing::info!(user = %user, "admin console login");
             info.logged_in(&user, crate::admin::DATABASE, "", None); // admin hook
@@ -325,9 +324,10 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
             return Ok(None);
         }
     };
-    tracing::info!(user = %session.user, database = %session.database, "client logged in");
+    tracing::info!(user = %user, database = %database, "client logged in");
     let app = session.params.get("application_name").unwrap_or_default();
-    info.logged_in(&session.user, &session.database, app, Some(session.pool.clone())); // admin hook
+    // The names live here only (not in the session as well): SHOW CLIENTS and the PAUSE gate read them.
+    info.logged_in(&user, &database, app, Some(session.pool.clone())); // admin hook
     Ok(Some((stream, buf, session, config)))
 }
 
@@ -464,17 +464,19 @@ async fn login(
             return Ok(None);
         }
     };
-    Ok(Some(Login::Pooled(Box::new(Session {
-        force_primary: false,
-        routing: SessionRouting::new(shared, config, db, user),
-        statements: ClientStatements::default(),
-        mode: config.pool_mode(db),
-        pool,
-        server_params,
-        params,
+    Ok(Some(Login::Pooled {
+        session: Box::new(Session {
+            force_primary: false,
+            routing: SessionRouting::new(shared, config, db, user).map(Box::new),
+            statements: ClientStatements::default(),
+            mode: config.pool_mode(db),
+            pool,
+            server_params,
+            params,
+        }),
         user: user.name.clone(),
         database,
-    }))))
+    }))
 }
 
 /// Writes a FATAL ErrorResponse and closes.
@@ -508,16 +510,6 @@ async fn run_session(
     key: &CancelKey<'_>,
     info: &ClientInfo,
 ) -> std::io::Result<()> {
-    // Each transaction's options name its own pool; these are the rest.
-    let home = session.pool.clone();
-    let session_opts = RelayOptions {
-        release_at_boundary: session.mode == PoolMode::Transaction,
-        idle_transaction_timeout: config.proxy.idle_transaction_timeout,
-        on_session_state: config.proxy.on_session_state,
-        stats: &shared.stats,
-        counters: home.counters(),
-        route: None,
-    };
     loop {
         if pending.is_empty() {
             // Idle: no backend and no buffer; wait for the client (or shutdown,
@@ -551,8 +543,7 @@ async fn run_session(
             }
             Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
         }
-        let step =
-            Box::pin(serve_request(stream, &mut pending, shared, &mut session, key, info, &session_opts)).await?;
+        let step = Box::pin(serve_request(stream, &mut pending, shared, config, &mut session, key, info)).await?;
         if step == Step::Done {
             return Ok(());
         }
@@ -603,10 +594,10 @@ async fn serve_request(
     stream: &mut Stream,
     pending: &mut BytesMut,
     shared: &Shared,
+    config: &Config,
     session: &mut Session,
     key: &CancelKey<'_>,
     info: &ClientInfo,
-    session_opts: &RelayOptions<'_>,
 ) -> std::io::Result<Step> {
     // Routing needs the whole request unit to classify it.
     let mut decided: Option<(Intent, Route)> = None;
@@ -640,7 +631,8 @@ async fn serve_request(
         }
     }
     // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
-    if let Some(why) = info.wait_turn(&shared.pause, &session.database).await {
+    let database = info.login().map_or("", |l| l.database.as_str());
+    if let Some(why) = info.wait_turn(&shared.pause, database).await {
         return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await.map(|()| Step::Done);
     }
     let mut pool = session.pool.clone();
@@ -701,8 +693,14 @@ async fn serve_request(
         }
         _ => None,
     };
-    let opts =
-        RelayOptions { counters: pool.counters(), route: decided.map(|(_, route)| route.reason), ..*session_opts };
+    let opts = RelayOptions {
+        release_at_boundary: session.mode == PoolMode::Transaction,
+        idle_transaction_timeout: config.proxy.idle_transaction_timeout,
+        on_session_state: config.proxy.on_session_state,
+        stats: &shared.stats,
+        counters: pool.counters(),
+        route: decided.map(|(_, route)| route.reason),
+    };
     let outcome =
         Box::pin(transaction(stream, &mut backend, pending, retry_copy.is_some(), session, &opts, info.signal())).await;
     key.slot.set(None);
