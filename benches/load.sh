@@ -31,7 +31,8 @@
 # PgBouncer 1.18 cannot serve `-M prepared` in transaction mode: prepared
 # cells compare pgmux with direct only.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self=$(realpath "$0")
+cd "$(dirname "$self")/.."
 command_line="benches/load.sh${*:+ $*}"
 
 # SECONDS is bash's seconds-since-start counter: take the value the caller put
@@ -52,7 +53,7 @@ for arg in "$@"; do
         SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=*)
             printf -v "${arg%%=*}" '%s' "${arg#*=}" ;;
         SECONDS=*) DURATION=${arg#*=} ;;
-        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -86,9 +87,10 @@ if [ "$(id -u)" = 0 ]; then
     chown postgres "$work"
     as_pg=(runuser -u postgres --)
 fi
-pg_started="" mux_pid="" bouncer_pid=""
+pg_started="" mux_pid="" bouncer_pid="" bench_pid=""
 cleanup() {
     set +e
+    [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
     [ -n "$mux_pid" ] && kill "$mux_pid" 2>/dev/null
     [ -n "$bouncer_pid" ] && kill "$bouncer_pid" 2>/dev/null
     [ -n "$pg_started" ] && "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" stop -m immediate >/dev/null 2>&1
@@ -222,16 +224,25 @@ run() { # kind script mode clients round target
     rm -rf "$logs" && mkdir "$logs"
     pid=$(pid_of "$target")
     c0=$(cpu_ticks "$pid")
-    pgbench -n -h 127.0.0.1 -p "$(port_of "$target")" -U postgres -c "$clients" -j $((clients < 2 ? clients : 2)) \
-        -T "$DURATION" -M "$mode" -l --log-prefix="$logs/tx" "${script_args[@]}" postgres >"$out" 2>&1 || rc=$?
+    # A proxy that stalls fails its run instead of hanging the benchmark.
+    timeout -k 5 $((2 * DURATION + 90)) pgbench -n -h 127.0.0.1 -p "$(port_of "$target")" -U postgres -c "$clients" -j $((clients < 2 ? clients : 2)) \
+        -T "$DURATION" -M "$mode" -l --log-prefix="$logs/tx" "${script_args[@]}" postgres >"$out" 2>&1 &
+    # In the background, so that INT/TERM interrupt `wait` and clean up at once.
+    bench_pid=$!
+    wait "$bench_pid" || rc=$?
+    bench_pid=""
     c1=$(cpu_ticks "$pid")
     local tps xacts failed
     tps=$(awk '/^tps = / {print $3; exit}' "$out")
     xacts=$(awk -F': ' '/^number of transactions actually processed/ {print $2 + 0; exit}' "$out")
     failed=$(awk -F': ' '/^number of failed transactions/ {print $2 + 0; exit}' "$out")
     if [ "$rc" != 0 ] || [ -z "$tps" ] || [ -z "$xacts" ]; then
-        echo "  pgbench against $target failed (exit $rc):" >&2
-        { grep -m 5 -E 'error|abort|FATAL' "$out" || tail -5 "$out"; } | sed 's/^/    /' >&2
+        if [ "$rc" = 0 ]; then
+            echo "  pgbench against $target completed no transaction in ${DURATION}s (counted as a failed run)" >&2
+        else
+            echo "  pgbench against $target failed (exit $rc):" >&2
+            { grep -m 5 -E 'error|abort|FATAL' "$out" || tail -5 "$out"; } | sed 's/^/    /' >&2
+        fi
         tps=nan xacts=0
     fi
     # Per-transaction log lines: client_id xact_no latency_us script_no epoch epoch_us.
@@ -262,7 +273,7 @@ cell_targets() { # mode round
 cells=0
 for s in $SCRIPTS; do for m in $MODES; do for c in $CLIENTS; do cells=$((cells + $(cell_targets "$m" 1 | wc -l))); done; done; done
 for m in $LATENCY_MODES; do cells=$((cells + $(cell_targets "$m" 1 | wc -l))); done
-echo "$cells pgbench runs of ${DURATION}s per round, $ROUNDS rounds: about $((cells * ROUNDS * (DURATION + 2) / 60 + 1)) minutes" >&2
+echo "$cells pgbench runs of ${DURATION}s per round, $ROUNDS rounds: about $((cells * ROUNDS * (DURATION + 1) / 60 + 1)) minutes" >&2
 
 started=$(date -u '+%F %H:%M UTC')
 for round in $(seq "$ROUNDS"); do
@@ -301,7 +312,7 @@ report="$work/report.md"
     echo "- pgmux $pgmux_rev (release build); ${bouncer_version}"
     echo "- pgbench -n -j min(2, clients) -T $DURATION, per-transaction logs (-l) for latencies; the proxy and Postgres share the machine with pgbench."
     echo
-    echo "### Throughput and latency"
+    echo "#### Throughput and latency"
     echo
     echo "| script | mode | clients | target | TPS median | TPS min–max | avg ms | p99 ms | × direct | × PgBouncer | proxy CPU s / 1000 xacts |"
     echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -335,8 +346,8 @@ report="$work/report.md"
                     if (!(k in seen)) continue
                     m = median(tps[k])
                     note = ""
-                    if (fails[k]) note = note " (" fails[k] " runs failed)"
-                    if (failed[k]) note = note " (" failed[k] " xacts failed)"
+                    if (fails[k]) note = note " (failed runs: " fails[k] ")"
+                    if (failed[k]) note = note " (failed xacts: " failed[k] ")"
                     vd = (T[t] == "direct" || d == "nan" || m == "nan") ? "–" : sprintf("%.2f", m / d)
                     vb = (T[t] == "pgbouncer" || pb == "nan" || m == "nan") ? "–" : sprintf("%.2f", m / pb)
                     cpu = (T[t] == "direct" || xacts[k] == 0) ? "–" : sprintf("%.4f", ticks[k] / hz / xacts[k] * 1000)
@@ -349,7 +360,7 @@ report="$work/report.md"
         }' "$results"
     if [ -n "$LATENCY_MODES" ]; then
         echo
-        echo "### Added latency per \`SELECT 1\` round trip (1 client)"
+        echo "#### Added latency per \`SELECT 1\` round trip (1 client)"
         echo
         echo "| mode | target | avg µs (median) | added µs vs direct (median of per-round differences) | p99 µs |"
         echo "|---|---|---:|---:|---:|"
