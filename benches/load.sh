@@ -159,7 +159,7 @@ pool_size = $POOL_SIZE
 name = "postgres"
 auth = "trust"
 CONF
-    ./target/release/pgmux --config "$work/proxy.toml" --log-level warn 2>"$work/pgmux.log" &
+    "${CARGO_TARGET_DIR:-target}/release/pgmux" --config "$work/proxy.toml" --log-level warn 2>"$work/pgmux.log" &
     mux_pid=$!
     wait_port "$mux_port" pgmux
 fi
