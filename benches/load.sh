@@ -1,0 +1,407 @@
+#!/usr/bin/env bash
+# Load benchmark: pgbench directly against Postgres, through pgmux and through
+# PgBouncer (when installed), alternating targets within every round (this
+# machine is noisy: compare medians and ratios, never one absolute number).
+#
+#   benches/load.sh [VAR=value ...]        (or the same variables in the environment)
+#
+#   SCRIPTS="select tpcb"                 pgbench -S (select-only) and the default TPC-B-like script
+#   MODES="simple extended prepared"      pgbench -M query modes
+#   CLIENTS="1 64 512"                    pgbench -c; -j is min(2, clients)
+#   DURATION=8                            seconds per pgbench run (SECONDS=8 works too)
+#   ROUNDS=3                              rounds; each round runs every cell on every target
+#   TARGETS="direct pgmux pgbouncer"      pgbouncer is skipped when not installed
+#   LATENCY_MODES="simple extended"       1-client `SELECT 1` added-latency runs ("" skips them)
+#   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
+#   SCALE=10                              pgbench -i scale factor
+#   DOC=docs/benchmarks.md                where the results block is written ("" to skip)
+#
+# Quick check that everything works end to end:
+#   benches/load.sh SCRIPTS=select MODES=simple CLIENTS=8 DURATION=2 ROUNDS=1
+#
+# The default matrix (2 scripts x 3 modes x 3 client counts, 3 rounds, 8 s
+# runs, plus the latency runs) takes about 25 minutes.
+#
+# Starts its own throwaway Postgres (as the postgres OS user when root), a
+# release build of pgmux and PgBouncer (as postgres when root: it refuses to
+# run as root), and stops them and removes every temp file on exit. The
+# results replace the block between `<!-- results:begin -->` and
+# `<!-- results:end -->` in $DOC; the rest of the file is left alone.
+#
+# PgBouncer 1.18 cannot serve `-M prepared` in transaction mode: prepared
+# cells compare pgmux with direct only.
+set -euo pipefail
+self=$(realpath "$0")
+cd "$(dirname "$self")/.."
+command_line="benches/load.sh${*:+ $*}"
+
+# SECONDS is bash's seconds-since-start counter: take the value the caller put
+# in the environment, not the counter's current value.
+env_seconds=$(tr '\0' '\n' </proc/$$/environ | sed -n 's/^SECONDS=//p')
+SCRIPTS=${SCRIPTS:-select tpcb}
+MODES=${MODES:-simple extended prepared}
+CLIENTS=${CLIENTS:-1 64 512}
+DURATION=${DURATION:-${env_seconds:-8}}
+ROUNDS=${ROUNDS:-3}
+TARGETS=${TARGETS:-direct pgmux pgbouncer}
+LATENCY_MODES=${LATENCY_MODES-simple extended}
+POOL_SIZE=${POOL_SIZE:-20}
+SCALE=${SCALE:-10}
+DOC=${DOC-docs/benchmarks.md}
+for arg in "$@"; do
+    case $arg in
+        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=*)
+            printf -v "${arg%%=*}" '%s' "${arg#*=}" ;;
+        SECONDS=*) DURATION=${arg#*=} ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
+for s in $SCRIPTS; do case $s in select | tpcb) ;; *) echo "SCRIPTS: select or tpcb, not $s" >&2; exit 2 ;; esac; done
+for m in $MODES $LATENCY_MODES; do case $m in simple | extended | prepared) ;; *) echo "MODES: simple, extended or prepared, not $m" >&2; exit 2 ;; esac; done
+
+bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+[ -x "$bindir/initdb" ] || { echo "PostgreSQL server not found: apt-get install postgresql postgresql-contrib" >&2; exit 1; }
+command -v pgbench >/dev/null || { echo "pgbench not found: apt-get install postgresql-contrib" >&2; exit 1; }
+bouncer_bin=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
+targets=""
+for t in $TARGETS; do
+    case $t in
+        direct | pgmux) targets+=" $t" ;;
+        pgbouncer) if [ -n "$bouncer_bin" ]; then targets+=" $t"; else echo "PgBouncer not installed (apt-get install pgbouncer): skipped" >&2; fi ;;
+        *) echo "TARGETS: direct, pgmux or pgbouncer, not $t" >&2; exit 2 ;;
+    esac
+done
+read -r -a targets <<<"$targets"
+has_target() { [[ " ${targets[*]} " == *" $1 "* ]]; }
+has_target direct || { echo "TARGETS must include direct (the baseline)" >&2; exit 2; }
+
+# 512 clients need 512 sockets in pgbench, pgmux and PgBouncer alike.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo build --release --quiet
+work=$(mktemp -d /tmp/pgmux-load.XXXXXX)
+chmod 755 "$work"
+as_pg=()
+if [ "$(id -u)" = 0 ]; then
+    chown postgres "$work"
+    as_pg=(runuser -u postgres --)
+fi
+pg_started="" mux_pid="" bouncer_pid="" bench_pid=""
+cleanup() {
+    set +e
+    [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
+    [ -n "$mux_pid" ] && kill "$mux_pid" 2>/dev/null
+    [ -n "$bouncer_pid" ] && kill "$bouncer_pid" 2>/dev/null
+    [ -n "$pg_started" ] && "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" stop -m immediate >/dev/null 2>&1
+    wait 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A port below 32768 (outside Linux's ephemeral range) that nothing listens on.
+taken=" "
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 12000))
+        [[ $taken == *" $p "* ]] && continue
+        (: </dev/tcp/127.0.0.1/$p) 2>/dev/null && continue
+        taken+="$p "
+        echo "$p"
+        return
+    done
+}
+pg_port=$(free_port) mux_port=$(free_port) bouncer_port=$(free_port)
+max_clients=$(printf '%s\n' $CLIENTS 1 | sort -n | tail -1)
+
+wait_port() { # port name
+    for _ in $(seq 200); do
+        pg_isready -q -h 127.0.0.1 -p "$1" && return 0
+        sleep 0.05
+    done
+    echo "$2 did not start on port $1" >&2
+    return 1
+}
+
+# ---------------------------------------------------------------- Postgres
+"${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust >/dev/null
+cat >>"$work/data/postgresql.conf" <<CONF
+port = $pg_port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$work'
+max_connections = $((max_clients + 2 * POOL_SIZE + 20))
+fsync = off
+CONF
+"${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
+pg_started=1
+psql_direct() { psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres "$@"; }
+echo "initialising pgbench tables (scale $SCALE)..." >&2
+pgbench -i -s "$SCALE" -q -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
+pg_version=$(psql_direct -At -c 'SHOW server_version')
+
+# ---------------------------------------------------------------- pgmux
+if has_target pgmux; then
+    cat >"$work/proxy.toml" <<CONF
+[proxy]
+listen = "127.0.0.1:$mux_port"
+max_client_conn = $((max_clients + 100))
+query_wait_timeout = "120s"
+server_tls = "disable"
+
+[[databases]]
+name = "postgres"
+primary = "127.0.0.1:$pg_port"
+pool_size = $POOL_SIZE
+
+[[users]]
+name = "postgres"
+auth = "trust"
+CONF
+    "${CARGO_TARGET_DIR:-target}/release/pgmux" --config "$work/proxy.toml" --log-level warn 2>"$work/pgmux.log" &
+    mux_pid=$!
+    wait_port "$mux_port" pgmux
+fi
+
+# ---------------------------------------------------------------- PgBouncer
+if has_target pgbouncer; then
+    cat >"$work/pgbouncer.ini" <<CONF
+[databases]
+postgres = host=127.0.0.1 port=$pg_port dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+unix_socket_dir =
+auth_type = trust
+auth_file = $work/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+max_client_conn = $((max_clients + 100))
+query_wait_timeout = 120
+server_tls_sslmode = disable
+logfile = $work/pgbouncer.log
+CONF
+    echo '"postgres" ""' >"$work/userlist.txt"
+    chmod 644 "$work/pgbouncer.ini" "$work/userlist.txt"
+    # PgBouncer refuses to run as root. setpriv execs it as postgres in place:
+    # $! is PgBouncer itself (for CPU accounting) and it keeps the raised
+    # open-file limit (runuser's PAM session would reset it to 1024).
+    as_bouncer=()
+    [ "$(id -u)" = 0 ] && as_bouncer=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+    "${as_bouncer[@]}" "$bouncer_bin" "$work/pgbouncer.ini" >/dev/null 2>&1 &
+    bouncer_pid=$!
+    wait_port "$bouncer_port" pgbouncer
+    [ "$(cat "/proc/$bouncer_pid/comm" 2>/dev/null)" = pgbouncer ] || { echo "PgBouncer exited: $(tail -3 "$work/pgbouncer.log")" >&2; exit 1; }
+fi
+
+# ---------------------------------------------------------------- runs
+port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgbouncer) echo "$bouncer_port" ;; esac; }
+pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgbouncer) echo "$bouncer_pid" ;; *) echo "" ;; esac; }
+# utime + stime of the whole process (all its threads), in clock ticks.
+cpu_ticks() { [ -n "$1" ] && sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}' || echo 0; }
+hz=$(getconf CLK_TCK)
+echo 'SELECT 1;' >"$work/select1.sql"
+
+results="$work/results.tsv" # kind script mode clients round target tps xacts failed avg_us p99_us cpu_ticks
+: >"$results"
+
+# Runs pgbench once and appends one line to $results.
+run() { # kind script mode clients round target
+    local kind=$1 script=$2 mode=$3 clients=$4 round=$5 target=$6
+    local pid logs out c0 c1 rc=0 script_args=()
+    case $script in
+        select) script_args=(-S) ;;
+        tpcb) script_args=() ;;
+        select1) script_args=(-f "$work/select1.sql") ;;
+    esac
+    if [ "$script" = tpcb ]; then
+        # What pgbench's own vacuum step does, done directly so that every
+        # target starts from the same table state and no proxy carries VACUUM.
+        psql_direct -c 'VACUUM pgbench_branches' -c 'VACUUM pgbench_tellers' -c 'TRUNCATE pgbench_history' >/dev/null
+    fi
+    logs="$work/logs" out="$work/pgbench.out"
+    rm -rf "$logs" && mkdir "$logs"
+    pid=$(pid_of "$target")
+    c0=$(cpu_ticks "$pid")
+    # A proxy that stalls fails its run instead of hanging the benchmark.
+    timeout -k 5 $((2 * DURATION + 90)) pgbench -n -h 127.0.0.1 -p "$(port_of "$target")" -U postgres -c "$clients" -j $((clients < 2 ? clients : 2)) \
+        -T "$DURATION" -M "$mode" -l --log-prefix="$logs/tx" "${script_args[@]}" postgres >"$out" 2>&1 &
+    # In the background, so that INT/TERM interrupt `wait` and clean up at once.
+    bench_pid=$!
+    wait "$bench_pid" || rc=$?
+    bench_pid=""
+    c1=$(cpu_ticks "$pid")
+    local tps xacts failed
+    tps=$(awk '/^tps = / {print $3; exit}' "$out")
+    xacts=$(awk -F': ' '/^number of transactions actually processed/ {print $2 + 0; exit}' "$out")
+    failed=$(awk -F': ' '/^number of failed transactions/ {print $2 + 0; exit}' "$out")
+    if [ "$rc" != 0 ] || [ -z "$tps" ] || [ -z "$xacts" ]; then
+        if [ "$rc" = 0 ]; then
+            echo "  pgbench against $target completed no transaction in ${DURATION}s (counted as a failed run)" >&2
+        else
+            echo "  pgbench against $target failed (exit $rc):" >&2
+            { grep -m 5 -E 'error|abort|FATAL' "$out" || tail -5 "$out"; } | sed 's/^/    /' >&2
+        fi
+        tps=nan xacts=0
+    fi
+    # Per-transaction log lines: client_id xact_no latency_us script_no epoch epoch_us.
+    # Nearest-rank p99 over every successful transaction of the run.
+    local lat
+    lat=$({ cat "$logs"/tx.* 2>/dev/null || true; } | awk '$3 ~ /^[0-9]+$/ {print $3}' | sort -n |
+        awk '{v[NR] = $1; s += $1} END {if (NR) {i = int(NR * 0.99); if (i < NR * 0.99) i++; printf "%.1f %d", s / NR, v[i]} else print "nan nan"}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$script" "$mode" "$clients" "$round" "$target" \
+        "$tps" "$xacts" "${failed:-0}" "${lat% *}" "${lat#* }" $((c1 - c0)) >>"$results"
+    printf '  %-9s %9.0f tps  avg %7.3f ms  p99 %7.3f ms%s\n' "$target" "$tps" \
+        "$(awk -v a="${lat% *}" 'BEGIN {print a / 1000}')" "$(awk -v a="${lat#* }" 'BEGIN {print a / 1000}')" \
+        "$([ "${failed:-0}" != 0 ] && echo "  ($failed failed)")" >&2
+}
+
+# Targets of one cell, in an order rotated each round so no target always
+# runs first (or right after the same neighbour).
+cell_targets() { # mode round
+    local list=() t i n
+    for t in "${targets[@]}"; do
+        # PgBouncer 1.18 does not support named prepared statements in transaction mode.
+        [ "$t" = pgbouncer ] && [ "$1" = prepared ] && continue
+        list+=("$t")
+    done
+    n=${#list[@]}
+    for ((i = 0; i < n; i++)); do echo "${list[$(((i + $2 - 1) % n))]}"; done
+}
+
+cells=0
+for s in $SCRIPTS; do for m in $MODES; do for c in $CLIENTS; do cells=$((cells + $(cell_targets "$m" 1 | wc -l))); done; done; done
+for m in $LATENCY_MODES; do cells=$((cells + $(cell_targets "$m" 1 | wc -l))); done
+echo "$cells pgbench runs of ${DURATION}s per round, $ROUNDS rounds: about $((cells * ROUNDS * (DURATION + 1) / 60 + 1)) minutes" >&2
+
+started=$(date -u '+%F %H:%M UTC')
+for round in $(seq "$ROUNDS"); do
+    for s in $SCRIPTS; do
+        for m in $MODES; do
+            for c in $CLIENTS; do
+                echo "round $round/$ROUNDS: $s, $m, $c clients" >&2
+                for t in $(cell_targets "$m" "$round"); do run load "$s" "$m" "$c" "$round" "$t"; done
+            done
+        done
+    done
+    for m in $LATENCY_MODES; do
+        echo "round $round/$ROUNDS: SELECT 1 latency, $m, 1 client" >&2
+        for t in $(cell_targets "$m" "$round"); do run latency select1 "$m" 1 "$round" "$t"; done
+    done
+done
+
+# ---------------------------------------------------------------- report
+cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+bouncer_version="not installed"
+[ -n "$bouncer_bin" ] && bouncer_version=$("$bouncer_bin" --version 2>/dev/null | head -1)
+pgmux_rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || pgmux_rev+=" + uncommitted changes"
+
+report="$work/report.md"
+{
+    echo "Generated by \`$command_line\` on $started."
+    echo
+    if [ "$ROUNDS" -lt 3 ] || [ "$DURATION" -lt 5 ]; then
+        echo "> **Short run** (DURATION=$DURATION, ROUNDS=$ROUNDS): it shows the benchmark works, it measures little."
+        echo
+    fi
+    echo "- Settings: SCRIPTS=\"$SCRIPTS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION ROUNDS=$ROUNDS LATENCY_MODES=\"$LATENCY_MODES\" POOL_SIZE=$POOL_SIZE SCALE=$SCALE"
+    echo "- Machine: $(nproc) cores, ${cpu_model:-unknown CPU}, $(uname -sr)"
+    echo "- PostgreSQL $pg_version (fsync off, max_connections $((max_clients + 2 * POOL_SIZE + 20))); $(pgbench --version)"
+    echo "- pgmux $pgmux_rev (release build); ${bouncer_version}"
+    echo "- pgbench -n -j min(2, clients) -T $DURATION, per-transaction logs (-l) for latencies; the proxy and Postgres share the machine with pgbench."
+    echo
+    echo "#### Throughput and latency"
+    echo
+    echo "| script | mode | clients | target | TPS median | TPS min–max | avg ms | p99 ms | × direct | × PgBouncer | proxy CPU s / 1000 xacts |"
+    echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    # Medians of per-round values; CPU is total proxy ticks over all rounds
+    # divided by total transactions.
+    awk -F'\t' -v hz="$hz" -v order="$SCRIPTS|$MODES|$CLIENTS|${targets[*]}" '
+        function median(list,    n, a, i, j, x) {
+            n = split(list, a, " ")
+            for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j + 1] = a[j]; a[j + 1] = x }
+            return n == 0 ? "nan" : (n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2)
+        }
+        function minmax(list,    n, a, i, lo, hi) {
+            n = split(list, a, " "); lo = hi = a[1]
+            for (i = 2; i <= n; i++) { if (a[i] + 0 < lo + 0) lo = a[i]; if (a[i] + 0 > hi + 0) hi = a[i] }
+            return sprintf("%.0f–%.0f", lo, hi)
+        }
+        $1 == "load" {
+            k = $2 SUBSEP $3 SUBSEP $4 SUBSEP $6
+            if ($7 != "nan") { tps[k] = tps[k] " " $7; avg[k] = avg[k] " " $10; p99[k] = p99[k] " " $11 }
+            else fails[k]++
+            xacts[k] += $8; ticks[k] += $12; failed[k] += $9; seen[k] = 1
+        }
+        END {
+            split(order, o, "|")
+            ns = split(o[1], S, " "); nm = split(o[2], M, " "); nc = split(o[3], C, " "); nt = split(o[4], T, " ")
+            for (a = 1; a <= ns; a++) for (b = 1; b <= nm; b++) for (c = 1; c <= nc; c++) {
+                base = S[a] SUBSEP M[b] SUBSEP C[c]
+                d = median(tps[base SUBSEP "direct"]); pb = median(tps[base SUBSEP "pgbouncer"])
+                for (t = 1; t <= nt; t++) {
+                    k = base SUBSEP T[t]
+                    if (!(k in seen)) continue
+                    m = median(tps[k])
+                    note = ""
+                    if (fails[k]) note = note " (failed runs: " fails[k] ")"
+                    if (failed[k]) note = note " (failed xacts: " failed[k] ")"
+                    vd = (T[t] == "direct" || d == "nan" || m == "nan") ? "–" : sprintf("%.2f", m / d)
+                    vb = (T[t] == "pgbouncer" || pb == "nan" || m == "nan") ? "–" : sprintf("%.2f", m / pb)
+                    cpu = (T[t] == "direct" || xacts[k] == 0) ? "–" : sprintf("%.4f", ticks[k] / hz / xacts[k] * 1000)
+                    ok = m != "nan"
+                    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", S[a], M[b], C[c], T[t] note,
+                        ok ? sprintf("%.0f", m) : "–", ok ? minmax(tps[k]) : "–",
+                        ok ? sprintf("%.3f", median(avg[k]) / 1000) : "–", ok ? sprintf("%.3f", median(p99[k]) / 1000) : "–", vd, vb, cpu
+                }
+            }
+        }' "$results"
+    if [ -n "$LATENCY_MODES" ]; then
+        echo
+        echo "#### Added latency per \`SELECT 1\` round trip (1 client)"
+        echo
+        echo "| mode | target | avg µs (median) | added µs vs direct (median of per-round differences) | p99 µs |"
+        echo "|---|---|---:|---:|---:|"
+        awk -F'\t' -v order="$LATENCY_MODES|${targets[*]}" '
+            function median(list,    n, a, i, j, x) {
+                n = split(list, a, " ")
+                for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j + 1] = a[j]; a[j + 1] = x }
+                return n == 0 ? "nan" : (n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2)
+            }
+            $1 == "latency" && $7 != "nan" { avg[$3, $5, $6] = $10; p99[$3, $6] = p99[$3, $6] " " $11; rounds[$5] = 1; seen[$3, $6] = 1 }
+            END {
+                split(order, o, "|"); nm = split(o[1], M, " "); nt = split(o[2], T, " ")
+                for (b = 1; b <= nm; b++) for (t = 1; t <= nt; t++) {
+                    if (!((M[b], T[t]) in seen)) continue
+                    all = ""; diff = ""
+                    for (r in rounds) {
+                        if ((M[b], r, T[t]) in avg) all = all " " avg[M[b], r, T[t]]
+                        if (((M[b], r, T[t]) in avg) && ((M[b], r, "direct") in avg)) diff = diff " " (avg[M[b], r, T[t]] - avg[M[b], r, "direct"])
+                    }
+                    printf "| %s | %s | %.1f | %s | %.0f |\n", M[b], T[t], median(all),
+                        T[t] == "direct" ? "–" : (diff == "" ? "–" : sprintf("%+.1f", median(diff))), median(p99[M[b], T[t]])
+                }
+            }' "$results"
+    fi
+} >"$report"
+
+echo >&2
+cat "$report"
+
+# Replace the marked block in $DOC (appended when the markers are missing).
+if [ -n "$DOC" ]; then
+    mkdir -p "$(dirname "$DOC")"
+    touch "$DOC"
+    if grep -q '^<!-- results:begin -->' "$DOC" && grep -q '^<!-- results:end -->' "$DOC"; then
+        awk -v report="$report" '
+            /^<!-- results:begin -->/ { print; while ((getline line < report) > 0) print line; skip = 1; next }
+            /^<!-- results:end -->/ { skip = 0 }
+            !skip' "$DOC" >"$work/doc.new"
+    else
+        { cat "$DOC"; echo; echo '<!-- results:begin -->'; cat "$report"; echo '<!-- results:end -->'; } >"$work/doc.new"
+    fi
+    cat "$work/doc.new" >"$DOC"
+    echo "results written to $DOC" >&2
+fi
