@@ -133,6 +133,57 @@ async fn unnamed_statement_bound_after_a_sync_on_another_backend() {
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
+/// libpq's PQprepare (Parse + Sync) of a text the pool already knows is
+/// answered without a backend: a client preparing while every backend is
+/// held in a transaction does not wait (pgbench -M prepared deadlocked on
+/// exactly this). A text never parsed before still goes to a server, so its
+/// errors come at prepare time as directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preparing_a_known_statement_needs_no_backend() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::standard(cluster, 1, "query_wait_timeout = \"30s\"").await;
+    let prepare = |name: &str, sql: &str| {
+        let mut out = BytesMut::new();
+        frontend::parse(name, sql, [23u32], &mut out).unwrap();
+        frontend::sync(&mut out);
+        out
+    };
+    let sql = "SELECT $1::int * 3";
+    let mut first = Raw::login(proxy.addr, TRUST, DB).await;
+    first.send(&prepare("s1", sql)).await;
+    assert_eq!(tags(&first.until_ready().await), "1Z");
+    // The only backend is now held inside a transaction.
+    let holder = proxy.connect(TRUST, None, DB).await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let mut second = Raw::login(proxy.addr, TRUST, DB).await;
+    second.send(&prepare("mine", sql)).await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), second.until_ready()).await;
+    assert_eq!(tags(&answer.expect("answered while the pool is exhausted")), "1Z");
+    // An unknown text waits for a backend like any request.
+    second.send(&prepare("other", "SELECT $1::int + 1")).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), second.until_ready()).await.is_err(),
+        "an unvalidated statement must be parsed by a server"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(tags(&second.until_ready().await), "1Z");
+    // The locally prepared statement runs, created on the backend at first use.
+    let mut out = BytesMut::new();
+    // Bind "" "mine" with one text parameter "14".
+    out.extend_from_slice(&[b'B', 0, 0, 0, 22, 0, b'm', b'i', b'n', b'e', 0, 0, 0, 0, 1, 0, 0, 0, 2, b'1', b'4', 0, 0]);
+    frontend::execute("", 0, &mut out).unwrap();
+    frontend::sync(&mut out);
+    second.send(&out).await;
+    let msgs = second.until_ready().await;
+    assert_eq!(tags(&msgs), "2DCZ");
+    assert!(msgs[1].body.ends_with(b"42"), "{:?}", msgs[1]);
+    // A bad text is refused at prepare time, as directly.
+    second.send(&prepare("bad", "SELEC 1")).await;
+    let msgs = second.until_ready().await;
+    assert_eq!(tags(&msgs), "EZ");
+    assert_eq!(msgs[0].error().code, "42601");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_and_discard_all_act_on_the_clients_own_statements() {
     let cluster = support::cluster_async().await;

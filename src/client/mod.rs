@@ -615,6 +615,12 @@ async fn serve_request(
             *route = Route::primary(RouteReason::MisrouteRetry);
         }
     }
+    if session.mode == PoolMode::Transaction
+        && let Some(answer) = prepare_locally(pending, session)
+    {
+        stream.write_all(&answer).await?;
+        return Ok(Step::Next);
+    }
     // Never send a write to a node in recovery (a demoted or not yet promoted primary).
     if let (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, _)), Some(routing)) =
         (&decided, &session.routing)
@@ -760,6 +766,50 @@ async fn serve_request(
         }
     }
     Ok(Step::Next)
+}
+
+/// Answers, without a backend, a request that only prepares statements a
+/// server of this pool has already parsed: named Parse messages and a Sync
+/// (libpq's `PQprepare`), each naming a known-good text. The server copy is
+/// created on whichever backend first binds it, as for any statement that
+/// backend lacks. Returns the answer (ParseComplete per Parse, then
+/// ReadyForQuery) after consuming the request, or `None` to take the usual
+/// path.
+///
+/// Why: a client that prepares synchronously while the pool is exhausted
+/// would wait for a backend; if the same client thread holds the open
+/// transactions that exhaust it (pgbench `-M prepared` with more clients
+/// than `pool_size`), nothing ever moves. Statements that pin or change
+/// settings take the usual path, where those are noticed.
+fn prepare_locally(pending: &mut BytesMut, session: &mut Session) -> Option<BytesMut> {
+    let mut found = Vec::new();
+    let mut pos = 0;
+    loop {
+        let h = Header::parse(&pending[pos..], MAX_MESSAGE_LEN).ok()??;
+        let body = pending.get(pos + crate::protocol::frame::HEADER_LEN..pos + h.frame_len())?;
+        pos += h.frame_len();
+        match h.tag {
+            tag::PARSE => {
+                let (name, rest) = statements::cstr(body)?;
+                let sql = &rest[..memchr::memchr(0, rest)?];
+                if name.is_empty() || relay::touches_settings(sql) || pinning::session_state(sql).is_some() {
+                    return None;
+                }
+                let st = session.pool.statements.find(rest).filter(|st| st.is_validated())?;
+                found.push((name, st));
+            }
+            tag::SYNC if !found.is_empty() && pos == pending.len() => break,
+            _ => return None,
+        }
+    }
+    let mut answer = BytesMut::new();
+    for (name, st) in found {
+        session.statements.insert(name.into(), st);
+        msg::parse_complete(&mut answer);
+    }
+    msg::ready_for_query(&mut answer, msg::IDLE);
+    pending.clear();
+    Some(answer)
 }
 
 /// How a transaction on a backend ended, and what becomes of the backend.

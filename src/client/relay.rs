@@ -549,7 +549,10 @@ impl Link {
                 }
                 match f.tag {
                     tag::PARSE_COMPLETE => match expect.pop_front() {
-                        Some(Expect::Parse { forward, .. }) => {
+                        Some(Expect::Parse { forward, statement, .. }) => {
+                            if let Some(st) = statement {
+                                st.mark_validated();
+                            }
                             if !forward {
                                 drops.extend(f.start.map(|s| (s, f.end)));
                             }
@@ -654,7 +657,7 @@ const SYNC: &[u8] = b"S\0\0\0\x04";
 /// A cheap, conservative test for statements that may change a setting the
 /// server does not report: a statement starting with SET or RESET, or a
 /// `set_config(` call anywhere. False positives only cost a read-back.
-fn touches_settings(sql: &[u8]) -> bool {
+pub(super) fn touches_settings(sql: &[u8]) -> bool {
     // Built once: constructing a searcher per call cost more than the search.
     static SET_CONFIG: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"set_config"));

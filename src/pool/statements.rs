@@ -6,7 +6,7 @@
 //! statement per backend. Each backend keeps a bounded LRU of what it holds.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -25,9 +25,20 @@ pub struct Statement {
     users: AtomicUsize,
     /// The registry's count of statements that lost their last user.
     deaths: Arc<AtomicU64>,
+    /// A server has parsed it successfully: a client preparing the same
+    /// text can be answered without a backend (see `client::prepare_locally`).
+    validated: AtomicBool,
 }
 
 impl Statement {
+    pub fn mark_validated(&self) {
+        self.validated.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_validated(&self) -> bool {
+        self.validated.load(Ordering::Relaxed)
+    }
+
     /// A client bound a name to it.
     pub fn acquire(&self) {
         self.users.fetch_add(1, Ordering::Relaxed);
@@ -68,9 +79,15 @@ impl Registry {
             body: body.clone(),
             users: AtomicUsize::new(0),
             deaths: self.deaths.clone(),
+            validated: AtomicBool::new(false),
         });
         map.insert(body, st.clone());
         st
+    }
+
+    /// The statement for this Parse body, if one exists.
+    pub fn find(&self, body: &[u8]) -> Option<Arc<Statement>> {
+        self.by_body.lock().unwrap_or_else(|e| e.into_inner()).get(body).cloned()
     }
 
     /// Retires a statement whose server copies went stale (e.g. "cached plan

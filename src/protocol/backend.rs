@@ -106,6 +106,10 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
     });
 }
 
+pub fn parse_complete(buf: &mut BytesMut) {
+    write_message(buf, tag::PARSE_COMPLETE, |_| {});
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     write_message(buf, tag::READY_FOR_QUERY, |b| b.put_u8(status));
 }
