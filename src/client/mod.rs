@@ -782,6 +782,10 @@ async fn serve_request(
 /// than `pool_size`), nothing ever moves. Statements that pin or change
 /// settings take the usual path, where those are noticed.
 fn prepare_locally(pending: &mut BytesMut, session: &mut Session) -> Option<BytesMut> {
+    // Cheap refusal first, on every request: it must start with a named Parse.
+    if pending.first() != Some(&tag::PARSE) || pending.get(crate::protocol::frame::HEADER_LEN).is_none_or(|&b| b == 0) {
+        return None;
+    }
     let mut found = Vec::new();
     let mut pos = 0;
     loop {

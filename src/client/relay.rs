@@ -299,6 +299,13 @@ impl Link {
                     self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
                     return end;
                 };
+                if name.is_empty() && scope.client.is_plain_unnamed(rest) {
+                    // The text of the client's last unnamed Parse, inspected then
+                    // (drivers re-send it for every execution): forward as is.
+                    self.unnamed_here = true;
+                    self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
+                    return end;
+                }
                 if touches_settings(rest) {
                     super::params::settings_named_in(rest, &mut self.touched_settings);
                 }
@@ -309,7 +316,8 @@ impl Link {
                 });
                 let rest = refused.as_deref().unwrap_or(rest);
                 if name.is_empty() {
-                    scope.client.remember_unnamed(rest);
+                    let plain = refused.is_none() && !touches_settings(rest) && pinning::session_state(rest).is_none();
+                    scope.client.remember_unnamed(rest, plain);
                     self.unnamed_here = true;
                     self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
                     if refused.is_none() {
@@ -1010,7 +1018,40 @@ pub async fn cancel_backend(addr: std::net::SocketAddr, pid: i32, secret: i32) {
 
 #[cfg(test)]
 mod tests {
-    use super::touches_settings;
+    use super::*;
+
+    /// Parse (unnamed) + Sync of `sql`, scanned as a new transaction's request.
+    fn scan_unnamed(client: &mut ClientStatements, sql: &str) -> Link {
+        let registry = Registry::default();
+        let mut prepared = PreparedSet::default();
+        let mut scope =
+            StatementScope { client, registry: &registry, max_prepared: 10, on_session_state: OnSessionState::Pin };
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::parse("", sql, [], &mut buf).unwrap();
+        postgres_protocol::message::frontend::sync(&mut buf);
+        let mut link = Link::new();
+        link.scan_client(&mut buf, &mut scope, &mut prepared).unwrap();
+        link
+    }
+
+    #[test]
+    fn a_repeated_unnamed_parse_is_inspected_unless_plain() {
+        let mut client = ClientStatements::default();
+        for _ in 0..2 {
+            let link = scan_unnamed(&mut client, "SET statement_timeout = 5");
+            assert_eq!(link.touched_settings, ["statement_timeout"], "every time: it is read back after each");
+        }
+        for _ in 0..2 {
+            let link = scan_unnamed(&mut client, "LISTEN x");
+            assert!(link.pin.is_some(), "every time: each transaction's link must pin");
+        }
+        for _ in 0..2 {
+            let link = scan_unnamed(&mut client, "SELECT 1");
+            assert!(link.touched_settings.is_empty() && link.pin.is_none());
+            assert_eq!((link.expect.len(), link.pending_ready), (2, 1));
+        }
+        assert!(client.is_plain_unnamed(b"SELECT 1\0\0\0"));
+    }
 
     #[test]
     fn settings_changes_are_spotted() {

@@ -21,6 +21,9 @@ pub struct ClientStatements {
     /// The client's unnamed statement (Parse body after the name), re-created
     /// on a new backend when the client binds it across a Sync.
     pub unnamed: Option<Vec<u8>>,
+    /// The remembered unnamed text neither changes settings nor creates
+    /// session state: the same text again needs no inspection.
+    pub unnamed_plain: bool,
 }
 
 impl Drop for ClientStatements {
@@ -53,7 +56,13 @@ impl ClientStatements {
         }
     }
 
-    pub fn remember_unnamed(&mut self, body: &[u8]) {
+    /// True if `body` is the remembered unnamed text and it is plain.
+    pub fn is_plain_unnamed(&self, body: &[u8]) -> bool {
+        self.unnamed_plain && self.unnamed.as_deref() == Some(body)
+    }
+
+    pub fn remember_unnamed(&mut self, body: &[u8], plain: bool) {
+        self.unnamed_plain = plain;
         // Reuse the allocation: unnamed Parse is on the hot path of every
         // extended-protocol query.
         match &mut self.unnamed {
