@@ -317,14 +317,10 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         match ClientSlots::try_take(shared, shared.config.load().proxy.max_client_conn) {
             Some(slot) => {
                 let shared = shared.clone();
-                let fut = async move {
+                tokio::spawn(async move {
                     crate::client::serve(stream, shared, id).await;
                     drop(slot);
-                };
-                if std::env::var_os("PGMUX_PROBE").is_some() {
-                    eprintln!("PROBE client future {} bytes", std::mem::size_of_val(&fut));
-                }
-                tokio::spawn(fut);
+                });
             }
             None => {
                 tracing::warn!("max_client_conn reached; refusing a client");
