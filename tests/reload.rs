@@ -499,3 +499,62 @@ async fn reload_retires_the_pools_of_a_removed_replica() {
 async fn server_port(c: &tokio_postgres::Client) -> String {
     support::scalar(c, "SELECT inet_server_port()").await
 }
+
+/// The maintenance pattern: PAUSE, change the config, RELOAD, RESUME. Every
+/// client connected across it, including those held by PAUSE with a request
+/// waiting, carries on; none is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_reload_resume_loses_no_client() {
+    support::cluster_async().await;
+    let pg = superuser().await;
+    pg.batch_execute("CREATE DATABASE reload_pause OWNER app").await.expect("create database");
+    let file = ConfigFile::new(&config("", &[("paused", "reload_pause", 4)], &app_user()));
+    let proxy = start(&file).await;
+    let (admin, mut notices) = admin(&proxy).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(std::sync::Arc::new(proxy.connect(APP.0, Some(APP.1), "paused").await.expect("connect")));
+    }
+    clients[0].simple_query("BEGIN").await.unwrap();
+    select_one(&clients[0]).await;
+
+    let (pauser, _pauser_notices) = self::admin(&proxy).await;
+    let pause = tokio::spawn(async move { pauser.simple_query("PAUSE paused").await.map(|_| ()) });
+    clients[0].simple_query("COMMIT").await.unwrap();
+    tokio::time::timeout(SOON, pause).await.expect("PAUSE returns once the transaction ended").unwrap().unwrap();
+
+    // Every client asks for something while paused: all of them are held.
+    let held: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let c = c.clone();
+            tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|rows| rows.len()) })
+        })
+        .collect();
+    eventually(SOON, "all eight clients to wait at the PAUSE gate", || async {
+        pool_stat(&admin, "paused", APP.0, "cl_waiting").await == 8
+    })
+    .await;
+    assert!(held.iter().all(|h| !h.is_finished()), "a request ran while paused");
+
+    file.write(&config("", &[("paused", "reload_pause", 2)], &app_user()));
+    let changed = reload(&admin, &mut notices).await;
+    assert!(changed.iter().any(|n| n.contains("databases.paused.pool_size: 4 -> 2")), "{changed:?}");
+    admin.simple_query("RESUME paused").await.expect("RESUME");
+
+    for h in held {
+        let rows = tokio::time::timeout(SOON, h).await.expect("released by RESUME").unwrap();
+        assert!(rows.expect("the held request succeeds") >= 2, "a row and CommandComplete");
+    }
+    for c in &clients {
+        select_one(c).await;
+    }
+    eventually(SOON, "at most 2 backends under the reloaded pool_size", || async {
+        backends(&pg, APP.0, "reload_pause").await <= 2
+    })
+    .await;
+    let connected = show(&admin, "CLIENTS").await.iter().filter(|r| r["database"] == "paused").count();
+    assert_eq!(connected, 8, "no client was disconnected");
+    drop(clients);
+    proxy.shutdown().await;
+}
