@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::admin::pause::Pause;
 use crate::admin::registry::ClientRegistry;
@@ -34,10 +34,6 @@ pub struct Shared {
     reload_lock: std::sync::Mutex<()>,
     pub pools: Arc<Pools>,
     pub cancels: CancelRegistry,
-    /// Becomes true on shutdown: finish the current transaction, take no new one.
-    pub draining: watch::Receiver<bool>,
-    /// Becomes true when `shutdown_timeout` runs out: close everything now.
-    pub force_close: watch::Receiver<bool>,
     /// Connected clients and their states (SHOW CLIENTS, PAUSE, KILL_CLIENT).
     pub clients: ClientRegistry,
     /// Process-wide counters for `/metrics`.
@@ -170,8 +166,6 @@ async fn serve(
     config_path: Option<PathBuf>,
 ) -> std::io::Result<()> {
     let config = with_tls(config)?;
-    let (draining_tx, draining) = watch::channel(false);
-    let (force_tx, force_close) = watch::channel(false);
     let pools = Arc::new(Pools::default());
     pools.prewarm(&config);
     let janitor = tokio::spawn(pools.clone().janitor());
@@ -181,8 +175,6 @@ async fn serve(
         reload_lock: std::sync::Mutex::new(()),
         pools: pools.clone(),
         cancels: CancelRegistry::default(),
-        draining,
-        force_close,
         clients: ClientRegistry::default(),
         stats: Stats::default(),
         pause: Pause::default(),
@@ -201,7 +193,8 @@ async fn serve(
         _ = shared.shutdown_request.notified() => tracing::info!("SHUTDOWN from the admin console"),
     }
     drop(listener);
-    let _ = draining_tx.send(true);
+    // Clients (admin sessions included) learn it through their Signal:
+    // idle ones leave now, busy ones at their transaction's end.
     shared.clients.raise_all(crate::admin::registry::Signal::DRAIN);
     if let Some(h) = sighup {
         h.abort();
@@ -211,7 +204,6 @@ async fn serve(
     tokio::pin!(all_gone);
     if tokio::time::timeout(grace, &mut all_gone).await.is_err() {
         tracing::info!(remaining = shared.slots.count(), "shutdown_timeout reached; closing");
-        let _ = force_tx.send(true);
         shared.clients.raise_all(crate::admin::registry::Signal::FORCE_CLOSE);
         // Clients close at once on force; this bound only guards against a stuck socket write.
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut all_gone).await;

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use crate::net::Stream;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
-use super::registry::ClientInfo;
+use super::registry::{ClientInfo, Signal};
 use super::show::{self, ResultSet};
+use crate::client::fatal;
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::frame::split_frame;
 use crate::protocol::sqlstate::SqlState;
@@ -260,7 +261,6 @@ fn write_reply(out: &mut BytesMut, reply: Reply) {
 
 /// Serves an authenticated admin user until it disconnects, is killed, or pgmux shuts down.
 pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info: &ClientInfo) -> std::io::Result<()> {
-    let mut draining = shared.draining.clone();
     let mut out = BytesMut::new();
     msg::authentication_ok(&mut out);
     msg::parameter_status(&mut out, "server_version", "15.0 (pgmux)");
@@ -279,11 +279,8 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
             // read_buf is cancel-safe: a losing branch has read nothing.
             tokio::select! {
                 n = stream.read_buf(&mut buf) => if n? == 0 { return Ok(()) },
-                _ = info.killed() => {
-                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, super::registry::TERMINATED_BY_ADMIN).await;
-                }
-                _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
-                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, super::registry::SHUTTING_DOWN).await;
+                flags = info.signal().wait(Signal::ANY) => {
+                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, Signal::reason(flags)).await;
                 }
             }
             continue;
@@ -300,7 +297,7 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
                         tracing::info!(command = cmd.name, arg = arg.unwrap_or(""), "admin command");
                         match (cmd.run)(shared, arg) {
                             Reply::AfterDrain(db) => {
-                                if let Some(reply) = drain(shared, db.as_deref(), &mut draining).await {
+                                if let Some(reply) = drain(shared, db.as_deref(), info.signal()).await {
                                     write_reply(&mut out, reply);
                                 } else {
                                     return fatal(stream, SqlState::ADMIN_SHUTDOWN, super::registry::SHUTTING_DOWN)
@@ -329,7 +326,7 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
 
 /// PAUSE's wait: until no client of `db` holds or is taking a backend.
 /// `None` if pgmux starts shutting down meanwhile.
-async fn drain(shared: &Shared, db: Option<&str>, draining: &mut tokio::sync::watch::Receiver<bool>) -> Option<Reply> {
+async fn drain(shared: &Shared, db: Option<&str>, signal: &Signal) -> Option<Reply> {
     loop {
         if shared.clients.in_flight(db) == 0 {
             return Some(Reply::Done("PAUSE"));
@@ -343,16 +340,9 @@ async fn drain(shared: &Shared, db: Option<&str>, draining: &mut tokio::sync::wa
         }
         tokio::select! {
             _ = tokio::time::sleep(PAUSE_POLL) => {}
-            _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => return None,
+            _ = signal.wait(Signal::DRAIN | Signal::FORCE_CLOSE) => return None,
         }
     }
-}
-
-async fn fatal(stream: &mut Stream, code: SqlState, text: &str) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    msg::error_response(&mut out, Severity::Fatal, code, text);
-    stream.write_all(&out).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! the console only reads. Nothing here is held across an `.await`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -95,7 +95,6 @@ pub struct ClientInfo {
     /// Microseconds since [`base`] of the last state change (request_time, wait start).
     since_us: AtomicU64,
     link: Mutex<Option<LinkInfo>>,
-    close_needed: AtomicBool,
     /// KILL_CLIENT and shutdown, as seen by this client's task.
     signal: Signal,
     /// The TLS protocol and cipher suite, once the client's handshake is done.
@@ -132,7 +131,6 @@ impl ClientInfo {
             state: AtomicU8::new(ClientState::Login as u8),
             since_us: AtomicU64::new(now_us()),
             link: Mutex::new(None),
-            close_needed: AtomicBool::new(false),
             signal: Signal::default(),
             tls: OnceLock::new(),
         }
@@ -155,8 +153,9 @@ impl ClientInfo {
         *self.link.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// KILL_CLIENT named this client (SHOW CLIENTS' `close_needed`).
     pub fn close_needed(&self) -> bool {
-        self.close_needed.load(Ordering::Relaxed)
+        self.signal.raised(Signal::KILL) != 0
     }
 
     fn set_state(&self, s: ClientState) {
@@ -211,9 +210,7 @@ impl ClientInfo {
             let paused = Box::pin(async {
                 tokio::select! {
                     _ = pause.wait_resumed(database) => None,
-                    flags = std::future::poll_fn(|cx| self.signal.poll(cx, Signal::KILL | Signal::DRAIN | Signal::FORCE_CLOSE)) => {
-                        Some(if flags & Signal::KILL != 0 { TERMINATED_BY_ADMIN } else { SHUTTING_DOWN })
-                    }
+                    flags = self.signal.wait(Signal::ANY) => Some(Signal::reason(flags)),
                 }
             });
             if let Some(why) = paused.await {
@@ -243,11 +240,6 @@ impl ClientInfo {
         self.set_state_at(ClientState::Idle, now);
     }
 
-    /// Resolves once KILL_CLIENT targets this client: for the idle wait and the relay.
-    pub async fn killed(&self) {
-        std::future::poll_fn(|cx| self.signal.poll(cx, Signal::KILL)).await;
-    }
-
     /// What the client task watches for KILL_CLIENT and shutdown.
     pub fn signal(&self) -> &Signal {
         &self.signal
@@ -256,7 +248,6 @@ impl ClientInfo {
     /// KILL_CLIENT: the client closes with 57P01 at once; a transaction it
     /// is in is cancelled and rolled back in the background.
     pub fn kill(&self) {
-        self.close_needed.store(true, Ordering::Relaxed);
         self.signal.raise(Signal::KILL);
     }
 }
@@ -278,6 +269,18 @@ impl Signal {
     pub const DRAIN: u8 = 2;
     /// Shutdown's grace period is over: leave now, even mid-transaction.
     pub const FORCE_CLOSE: u8 = 4;
+    /// Every event: what a client waiting idle watches for.
+    pub const ANY: u8 = Self::KILL | Self::DRAIN | Self::FORCE_CLOSE;
+
+    /// The FATAL message for a client closed by `flags`.
+    pub fn reason(flags: u8) -> &'static str {
+        if flags & Self::KILL != 0 { TERMINATED_BY_ADMIN } else { SHUTTING_DOWN }
+    }
+
+    /// Resolves with the raised flags among `mask`.
+    pub async fn wait(&self, mask: u8) -> u8 {
+        std::future::poll_fn(|cx| self.poll(cx, mask)).await
+    }
 
     pub fn raise(&self, flag: u8) {
         self.flags.fetch_or(flag, Ordering::SeqCst);

@@ -483,7 +483,7 @@ async fn login(
 ///
 /// Boxed, like the other rare paths below: a client's task is sized for its
 /// largest await, and an idle client should not pay for its last words.
-fn fatal<'a>(stream: &'a mut Stream, code: SqlState, text: &'a str) -> RarePath<'a, std::io::Result<()>> {
+pub(crate) fn fatal<'a>(stream: &'a mut Stream, code: SqlState, text: &'a str) -> RarePath<'a, std::io::Result<()>> {
     Box::pin(async move {
         let mut out = BytesMut::new();
         msg::error_response(&mut out, Severity::Fatal, code, text);
@@ -517,11 +517,8 @@ async fn run_session(
             // made only once they are there, then into the backend's buffer; a
             // lone Terminate (or EOF) needs no backend.
             match std::future::poll_fn(|cx| poll_idle(stream, cx, &mut pending, info.signal())).await {
-                Idle::Signal(flags) => {
-                    // admin hook: KILL_CLIENT.
-                    let why = if flags & Signal::KILL != 0 { TERMINATED_BY_ADMIN } else { SHUTTING_DOWN };
-                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await;
-                }
+                // admin hook: KILL_CLIENT.
+                Idle::Signal(flags) => return fatal(stream, SqlState::ADMIN_SHUTDOWN, Signal::reason(flags)).await,
                 Idle::Read(read) => {
                     if read? == 0 {
                         return Ok(());
@@ -569,7 +566,7 @@ fn poll_idle(
     signal: &Signal,
 ) -> std::task::Poll<Idle> {
     use std::task::Poll;
-    if let Poll::Ready(flags) = signal.poll(cx, Signal::KILL | Signal::DRAIN | Signal::FORCE_CLOSE) {
+    if let Poll::Ready(flags) = signal.poll(cx, Signal::ANY) {
         return Poll::Ready(Idle::Signal(flags));
     }
     match std::pin::Pin::new(&mut *stream).poll_flush(cx) {
@@ -938,7 +935,7 @@ async fn transaction(
                 "terminating connection due to idle-in-transaction timeout".to_owned(),
             )),
         ),
-        Outcome::Shutdown => Ended::Discard(Some((SqlState::ADMIN_SHUTDOWN, "pgmux is shutting down".into()))),
+        Outcome::Shutdown => Ended::Discard(Some((SqlState::ADMIN_SHUTDOWN, SHUTTING_DOWN.into()))),
         // The backend goes through the same cleanup as an abandoned one
         // (cancel, roll back) in the background; the client is told at once.
         Outcome::Killed => Ended::Recover(Box::new(link), Some((SqlState::ADMIN_SHUTDOWN, TERMINATED_BY_ADMIN.into()))),
