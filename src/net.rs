@@ -1,13 +1,13 @@
 //! A connection that is either plain TCP or TLS over TCP, with the
-//! readiness + non-blocking interface the relay uses on `TcpStream`.
+//! poll-based reads and non-blocking writes the relay uses on `TcpStream`.
 //!
 //! TLS uses rustls' sans-I/O connection directly over the socket, so the
-//! relay keeps its shape: wait for readiness, then `try_read_buf` /
-//! `try_write` on the same buffers. The differences that matter:
+//! relay keeps its shape: [`Stream::poll_read_buf`] and `try_write` on the
+//! same buffers. The differences that matter:
 //! - "socket readable" is not "plaintext available": a read may consume a
-//!   partial record and return `WouldBlock`; and decrypted plaintext may be
-//!   buffered while the socket is not readable, so [`Stream::readable`]
-//!   returns at once then.
+//!   partial record and find nothing yet; and decrypted plaintext may be
+//!   buffered while the socket is not readable, so
+//!   [`Stream::poll_read_ready`] is ready at once then.
 //! - `try_write` accepts plaintext once earlier TLS output is flushed; what
 //!   the socket did not take stays in the TLS connection
 //!   ([`Stream::wants_write`]) and goes out with the next write or
@@ -57,7 +57,7 @@ impl std::fmt::Debug for TlsStream {
 }
 
 /// `std::io` over a tokio socket's non-blocking calls (which clear readiness
-/// on `WouldBlock`, so the next `readable()`/`writable()` really waits).
+/// on `WouldBlock`, so the next readiness poll really waits).
 struct SyncIo<'a>(&'a TcpStream);
 
 impl Read for SyncIo<'_> {
@@ -170,19 +170,6 @@ impl TlsStream {
         Ok(n)
     }
 
-    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        self.fill()?;
-        if self.plain == 0 {
-            return Ok(0);
-        }
-        let start = buf.len();
-        let want = self.plain.min(64 * 1024);
-        buf.resize(start + want, 0);
-        let r = self.read_plain(&mut buf[start..]);
-        buf.truncate(start + *r.as_ref().unwrap_or(&0));
-        r
-    }
-
     fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.write_pending()?;
         let n = self.conn.writer().write(data)?;
@@ -197,33 +184,6 @@ impl TlsStream {
 }
 
 impl Stream {
-    /// Waits until a read may make progress (for TLS: plaintext is buffered, or the socket is readable).
-    #[inline]
-    pub async fn readable(&self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.readable().await,
-            Stream::Tls(t) if t.plain > 0 || t.eof => Ok(()),
-            Stream::Tls(t) => t.io.readable().await,
-        }
-    }
-
-    #[inline]
-    pub async fn writable(&self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.writable().await,
-            Stream::Tls(t) => t.io.writable().await,
-        }
-    }
-
-    /// Like `TcpStream::try_read_buf`: `Ok(0)` at EOF, `WouldBlock` when nothing is there yet.
-    #[inline]
-    pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.try_read_buf(buf),
-            Stream::Tls(t) => t.try_read_buf(buf),
-        }
-    }
-
     /// Like `TcpStream::try_write`. For TLS, accepted bytes may still sit in
     /// the TLS connection: see [`Stream::wants_write`].
     #[inline]
@@ -452,8 +412,8 @@ mod tests {
         tokio::join!(accept, connect)
     }
 
-    /// The relay's pattern: readiness, then non-blocking calls; a full
-    /// socket leaves TLS output pending, flushed on the next writable.
+    /// The relay's pattern: write readiness then non-blocking writes, poll-based
+    /// reads; a full socket leaves TLS output pending, flushed on the next writable.
     #[tokio::test]
     async fn relay_style_io_moves_megabytes_through_a_slow_reader() {
         let (mut server, mut client) = pair().await;
@@ -462,7 +422,7 @@ mod tests {
         let writer = async {
             let mut pos = 0;
             while pos < data.len() || client.wants_write() {
-                client.writable().await.unwrap();
+                std::future::poll_fn(|cx| client.poll_write_ready(cx)).await.unwrap();
                 while pos < data.len() {
                     match client.try_write(&data[pos..]) {
                         Ok(n) => {
@@ -481,13 +441,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let mut got = BytesMut::new();
             while got.len() < data.len() {
-                server.readable().await.unwrap();
-                match server.try_read_buf(&mut got) {
-                    Ok(0) => panic!("early EOF"),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => panic!("{e}"),
-                }
+                let n = std::future::poll_fn(|cx| server.poll_read_buf(cx, &mut got)).await.unwrap();
+                assert!(n > 0, "early EOF");
             }
             got
         };
@@ -507,7 +462,10 @@ mod tests {
         let mut first = [0u8; 1];
         assert_eq!(tokio::io::AsyncReadExt::read(&mut server, &mut first).await.unwrap(), 1);
         assert_eq!(first[0], b'Q');
-        tokio::time::timeout(Duration::from_millis(500), server.readable()).await.expect("ready at once").unwrap();
+        tokio::time::timeout(Duration::from_millis(500), std::future::poll_fn(|cx| server.poll_read_ready(cx)))
+            .await
+            .expect("ready at once")
+            .unwrap();
         let mut buf = BytesMut::new();
         let n = tokio::time::timeout(
             Duration::from_millis(500),
@@ -520,13 +478,7 @@ mod tests {
         assert_eq!(&buf[..], b"hello");
         // A clean close: close_notify, then EOF.
         tokio::io::AsyncWriteExt::shutdown(&mut client).await.unwrap();
-        server.readable().await.unwrap();
-        let n = loop {
-            match server.try_read_buf(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => server.readable().await.unwrap(),
-                r => break r.unwrap(),
-            }
-        };
+        let n = std::future::poll_fn(|cx| server.poll_read_buf(cx, &mut buf)).await.unwrap();
         assert_eq!(n, 0);
         assert!(!server.is_quiet(), "a closed peer is not quiet");
     }
