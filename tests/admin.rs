@@ -110,6 +110,23 @@ async fn app_named(proxy: &Proxy, name: &str) -> tokio_postgres::Client {
     client
 }
 
+/// `admin_config` whose database also has the cluster's first replica;
+/// `db_extra` adds lines to that database's table.
+fn admin_config_with_replica(
+    cluster: &pgmux::cluster::Cluster,
+    pool_size: usize,
+    proxy_extra: &str,
+    db_extra: &str,
+) -> String {
+    let primary = cluster.primary().host_port();
+    let replica = cluster.replicas()[0].host_port();
+    admin_config(cluster, pool_size, proxy_extra).replacen(
+        &format!("primary = \"{primary}\"\n"),
+        &format!("primary = \"{primary}\"\nreplicas = [\"{replica}\"]\n{db_extra}"),
+        1,
+    )
+}
+
 async fn admin_proxy(pool_size: usize) -> Proxy {
     let cluster = support::cluster_async().await;
     Proxy::start(&admin_config(cluster, pool_size, "")).await
@@ -293,13 +310,7 @@ async fn show_stats_counts_transactions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_databases_config_replicas_version_and_help() {
     let cluster = support::cluster_async().await;
-    let primary = cluster.primary().host_port();
-    let replica = cluster.replicas()[0].host_port();
-    let toml = admin_config(cluster, 3, "query_wait_timeout = \"7s\"").replacen(
-        &format!("primary = \"{primary}\"\n"),
-        &format!("primary = \"{primary}\"\nreplicas = [\"{replica}\"]\nmin_pool_size = 1\n"),
-        1,
-    );
+    let toml = admin_config_with_replica(cluster, 3, "query_wait_timeout = \"7s\"", "min_pool_size = 1\n");
     let proxy = Proxy::start(&toml).await;
 
     let dbs = show(&proxy, "DATABASES").await;
@@ -767,11 +778,7 @@ async fn replica_pools_show_up_in_metrics_and_show_commands() {
     let cluster = support::cluster_async().await;
     let primary = cluster.primary().host_port();
     let replica = cluster.replicas()[0].host_port();
-    let toml = admin_config(cluster, 2, "").replacen(
-        &format!("primary = \"{primary}\"\n"),
-        &format!("primary = \"{primary}\"\nreplicas = [\"{replica}\"]\n"),
-        1,
-    ) + "\n[routing]\nmonitor_interval = \"10ms\"\n";
+    let toml = admin_config_with_replica(cluster, 2, "", "") + "\n[routing]\nmonitor_interval = \"10ms\"\n";
     let proxy = Proxy::start_with_metrics(&toml).await;
     let c = proxy.app().await;
     // The replica takes reads once its monitor has reported it healthy.

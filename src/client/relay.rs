@@ -306,7 +306,8 @@ impl Link {
                     self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
                     return end;
                 }
-                if touches_settings(rest) {
+                let touches = touches_settings(rest);
+                if touches {
                     super::params::settings_named_in(rest, &mut self.touched_settings);
                 }
                 let refused = self.session_state(rest, scope.on_session_state).map(|reason| {
@@ -316,7 +317,8 @@ impl Link {
                 });
                 let rest = refused.as_deref().unwrap_or(rest);
                 if name.is_empty() {
-                    let plain = refused.is_none() && !touches_settings(rest) && pinning::session_state(rest).is_none();
+                    // Judged on the text itself, whatever on_session_state did with it.
+                    let plain = refused.is_none() && !touches && pinning::session_state(rest).is_none();
                     scope.client.remember_unnamed(rest, plain);
                     self.unnamed_here = true;
                     self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
