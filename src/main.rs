@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 use pgmux::config::Config;
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "pgmux", version, about = "PostgreSQL connection pooler with replica routing")]
 struct Cli {
