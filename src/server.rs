@@ -228,8 +228,15 @@ struct ClientSlots {
     empty: Notify,
 }
 
-/// One connected client; frees its slot when dropped.
-struct ClientSlot(Arc<Shared>);
+/// One connected client; frees its slot when dropped. It is also the
+/// client task's handle on [`Shared`].
+pub struct ClientSlot(Arc<Shared>);
+
+impl ClientSlot {
+    pub fn shared(&self) -> &Shared {
+        &self.0
+    }
+}
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
@@ -308,11 +315,7 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         match ClientSlots::try_take(shared, shared.config.load().proxy.max_client_conn) {
             Some(slot) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    crate::client::serve(stream, shared, id).await;
-                    drop(slot);
-                });
+                tokio::spawn(crate::client::serve(stream, slot, id));
             }
             None => {
                 tracing::warn!("max_client_conn reached; refusing a client");

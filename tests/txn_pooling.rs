@@ -366,6 +366,22 @@ async fn idle_in_transaction_timeout_disconnects_and_frees_the_backend() {
     su.simple_query("SELECT * FROM idle_timeout WHERE id = 1 FOR UPDATE NOWAIT").await.expect("lock released");
 }
 
+/// The idle-in-transaction clock starts when the server has answered, not
+/// when the client asked: a query running longer than the timeout must not
+/// get its client closed the moment it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_longer_than_idle_transaction_timeout_is_not_idleness() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::standard(cluster, 1, "idle_transaction_timeout = \"400ms\"").await;
+    let c = proxy.app().await;
+    c.batch_execute("BEGIN; SELECT pg_sleep(0.8)").await.unwrap();
+    assert_eq!(scalar(&c, "SELECT 41 + 1").await, "42", "the transaction goes on after the long query");
+    c.batch_execute("COMMIT").await.unwrap();
+    // Real idleness still ends it.
+    c.batch_execute("BEGIN").await.unwrap();
+    eventually(Duration::from_secs(5), "idle client disconnected", || async { c.is_closed() }).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_refuses_the_extra_client() {
     let cluster = support::cluster_async().await;

@@ -71,6 +71,8 @@ pub struct LoginInfo {
 #[derive(Debug, Clone, Copy)]
 pub struct LinkInfo {
     pub pid: i32,
+    /// The backend's cancel secret: a CancelRequest for this client goes there.
+    pub secret: i32,
     pub addr: SocketAddr,
     pub connected: Instant,
     /// Which pool the backend came from (the primary's or a replica's), as
@@ -108,7 +110,11 @@ fn base() -> Instant {
 }
 
 fn now_us() -> u64 {
-    base().elapsed().as_micros() as u64
+    micros_since_base(Instant::now())
+}
+
+fn micros_since_base(at: Instant) -> u64 {
+    at.saturating_duration_since(base()).as_micros() as u64
 }
 
 /// Wall-clock time of a monotonic instant (for display only).
@@ -190,19 +196,20 @@ impl ClientInfo {
         self.set_state(if admin { ClientState::Admin } else { ClientState::Idle });
     }
 
-    /// The PAUSE gate, just before checkout. Returns `None` when the client
-    /// may take a backend, or why it must close instead.
+    /// The PAUSE gate, just before checkout, for a request that arrived
+    /// `at`. Returns when the client may take a backend (`at`, or the time
+    /// the pause ended), or why it must close instead.
     ///
     /// Ordering: the client publishes `Waiting` and then reads the pause flag;
     /// PAUSE publishes its flag and then reads client states (both with a
     /// SeqCst fence between). So either PAUSE sees this client as in flight
     /// and waits for it, or the client sees the pause and stops here.
-    pub async fn wait_turn(&self, pause: &Pause, database: &str) -> Option<&'static str> {
+    pub async fn wait_turn(&self, pause: &Pause, database: &str, mut at: Instant) -> Result<Instant, &'static str> {
         loop {
-            self.set_state(ClientState::Waiting);
+            self.set_state_at(ClientState::Waiting, micros_since_base(at));
             std::sync::atomic::fence(Ordering::SeqCst);
             if !pause.is_paused(database) {
-                return None;
+                return Ok(at);
             }
             self.set_state(ClientState::Paused);
             // Boxed: a rare wait whose futures would otherwise enlarge every
@@ -214,24 +221,31 @@ impl ClientInfo {
                 }
             });
             if let Some(why) = paused.await {
-                return Some(why);
+                return Err(why);
             }
+            at = Instant::now();
         }
     }
 
-    /// The client got `backend` from `pool`.
-    pub fn linked(&self, backend: &Backend, pool: &Arc<Pool>) {
+    /// The client got `backend` from `pool` at `at`. From here a
+    /// CancelRequest with the client's key goes to this backend.
+    pub fn linked(&self, backend: &Backend, pool: &Arc<Pool>, at: Instant) {
         use crate::pool::inner::Aged;
-        *self.link.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(LinkInfo { pid: backend.pid, addr: backend.addr, connected: backend.created(), pool: pool_id(pool) });
-        self.set_state(ClientState::Active);
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(LinkInfo {
+            pid: backend.pid,
+            secret: backend.secret,
+            addr: backend.addr,
+            connected: backend.created(),
+            pool: pool_id(pool),
+        });
+        self.set_state_at(ClientState::Active, micros_since_base(at));
     }
 
-    /// The client gave its backend up (checked in, discarded or handed to
-    /// cleanup), or its checkout from `pool` failed; counts the time a
-    /// backend was held toward `pool`'s SHOW STATS and `/metrics`.
-    pub fn released(&self, pool: &Pool) {
-        let now = now_us();
+    /// The client gave its backend up at `at` (checked in, discarded or
+    /// handed to cleanup), or its checkout from `pool` failed; counts the
+    /// time a backend was held toward `pool`'s SHOW STATS and `/metrics`.
+    pub fn released(&self, pool: &Pool, at: Instant) {
+        let now = micros_since_base(at);
         if self.state() == ClientState::Active {
             let held = now.saturating_sub(self.since_us.load(Ordering::Relaxed));
             pool.record_xact_time(Duration::from_micros(held));

@@ -8,11 +8,11 @@ pub mod relay;
 pub mod statements;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::Instrument;
 
 use crate::admin::registry::{ClientInfo, SHUTTING_DOWN, Signal, TERMINATED_BY_ADMIN};
 use crate::config::{Config, PoolMode, TlsMode};
@@ -27,8 +27,8 @@ use crate::protocol::tag;
 use crate::routing::WriteFunctions;
 use crate::routing::monitor::{MonitorLogin, NodeState};
 use crate::routing::route::{Candidate, Intent, Policy, Route, RouteReason, Sticky, Target};
-use crate::server::Shared;
-use cancel::{CancelKey, CancelTarget};
+use crate::server::{ClientSlot, Shared};
+use cancel::CancelKey;
 use params::SessionParams;
 use relay::{Link, Outcome, RelayOptions, StatementScope};
 use statements::ClientStatements;
@@ -38,19 +38,38 @@ const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Serves one accepted connection until it ends. Never panics on client input:
 /// every failure becomes an ErrorResponse or a close.
-pub async fn serve(stream: TcpStream, shared: Arc<Shared>, client_id: u64) {
-    let peer = stream.peer_addr().ok();
-    let span = tracing::info_span!("client", id = client_id, peer = ?peer);
-    let connection = async move {
+///
+/// A plain function returning an `async move` block rather than an `async
+/// fn`: an `async fn` keeps each argument twice (as argument and as local)
+/// for the life of the task, and this future is most of what an idle client
+/// costs. Log lines carry `client = id` instead of a per-client span, which
+/// would cost an allocation per client and an enter/exit per poll.
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+pub fn serve(tcp: TcpStream, slot: ClientSlot, client_id: u64) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let shared = slot.shared();
         // admin hook: listed for SHOW CLIENTS while the connection lives.
-        let info = shared.clients.register(&shared.stats, client_id, peer, stream.local_addr().ok());
-        if let Err(e) = serve_inner(stream, &shared, &info).await {
-            tracing::debug!(error = %e, "client connection ended with an I/O error");
+        let info = shared.clients.register(&shared.stats, client_id, tcp.peer_addr().ok(), tcp.local_addr().ok());
+        // Boxed: startup, TLS and authentication state is large and short-lived;
+        // it is freed before the session starts instead of sizing the task.
+        let (mut stream, pending, session, config) = match Box::pin(establish(tcp, shared, &info)).await {
+            Ok(Some(established)) => established,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(client = client_id, error = %e, "client connection ended with an I/O error");
+                return;
+            }
+        };
+        let key = shared.cancels.issue(&info);
+        let mut result = Box::pin(greet(&mut stream, &session, &key)).await;
+        if result.is_ok() {
+            result = run_session(&mut stream, pending, shared, &config, session, &info).await;
         }
-    };
-    // A disabled span (log level above info) still costs an enter and an
-    // exit on every poll of the task: skip it then.
-    if span.is_disabled() { connection.await } else { connection.instrument(span).await }
+        if let Err(e) = result {
+            tracing::debug!(client = client_id, error = %e, "client connection ended with an I/O error");
+        }
+        tracing::info!(client = client_id, "client disconnected");
+    }
 }
 
 /// A session's view of its database's replicas.
@@ -110,7 +129,7 @@ impl SessionRouting {
     }
 
     /// Where the request unit at the front of `pending` goes.
-    fn route(&self, shared: &Shared, pending: &[u8], statements: &ClientStatements) -> (Intent, Route) {
+    fn route(&self, shared: &Shared, pending: &[u8], statements: &ClientStatements, now: Instant) -> (Intent, Route) {
         let intent = crate::routing::intent_of(unit_sql(pending, statements), &self.write_functions);
         let candidates: Vec<Candidate> = self
             .replicas
@@ -131,7 +150,7 @@ impl SessionRouting {
             &mut sticky,
             &primary,
             &candidates,
-            std::time::Instant::now(),
+            now,
             shared.routing.spin(),
         );
         (intent, route)
@@ -257,19 +276,6 @@ struct Session {
     mode: PoolMode,
 }
 
-async fn serve_inner(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::io::Result<()> {
-    // Boxed: startup, TLS and authentication state is large and short-lived;
-    // it is freed before the session starts instead of sizing the task.
-    let Some((mut stream, buf, session, config)) = Box::pin(establish(tcp, shared, info)).await? else {
-        return Ok(());
-    };
-    let key = shared.cancels.issue();
-    Box::pin(greet(&mut stream, &session, &key)).await?;
-    let result = run_session(&mut stream, buf, shared, &config, session, &key, info).await;
-    tracing::info!("client disconnected");
-    result
-}
-
 /// A logged-in pooled client, ready for its session.
 type Established = (Stream, BytesMut, Box<Session>, Arc<Config>);
 
@@ -282,7 +288,7 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
     let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
     let mut stream = Stream::Plain(tcp);
     let login = loop {
-        let login = tokio::time::timeout_at(deadline, login(&mut stream, &mut buf, shared, &config)).await;
+        let login = tokio::time::timeout_at(deadline, login(&mut stream, &mut buf, shared, &config, info)).await;
         if !matches!(login, Ok(Ok(Some(Login::StartTls)))) {
             break login;
         }
@@ -292,17 +298,17 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
         stream = match tokio::time::timeout_at(deadline, crate::tls::accept(tcp, tls)).await {
             Ok(Ok(s)) => {
                 if let Some(d) = s.tls_description() {
-                    tracing::debug!(tls = %d, "client TLS handshake done");
+                    tracing::debug!(client = info.id, tls = %d, "client TLS handshake done");
                     info.tls_established(d); // admin hook
                 }
                 s
             }
             Ok(Err(e)) => {
-                tracing::info!(error = %e, "client TLS handshake failed");
+                tracing::info!(client = info.id, peer = ?info.peer, error = %e, "client TLS handshake failed");
                 return Ok(None);
             }
             Err(_) => {
-                tracing::info!("client did not finish the TLS handshake in time");
+                tracing::info!(client = info.id, peer = ?info.peer, "client did not finish the TLS handshake in time");
                 return Ok(None);
             }
         };
@@ -310,7 +316,7 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
     let (session, user, database) = match login {
         Ok(Ok(Some(Login::Pooled { session, user, database }))) => (session, user, database),
         Ok(Ok(Some(Login::Admin { user }))) => {
-            tracing::info!(user = %user, "admin console login");
+            tracing::info!(client = info.id, peer = ?info.peer, user = %user, "admin console login");
             info.logged_in(&user, crate::admin::DATABASE, "", None); // admin hook
             crate::admin::serve(&mut stream, buf, shared, info).await?;
             return Ok(None);
@@ -319,15 +325,18 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
         Ok(Ok(Some(Login::StartTls))) => unreachable!("handled above"),
         Ok(Err(e)) => return Err(e),
         Err(_) => {
-            tracing::info!("client did not finish login in time");
+            tracing::info!(client = info.id, peer = ?info.peer, "client did not finish login in time");
             fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, "login timed out").await?;
             return Ok(None);
         }
     };
-    tracing::info!(user = %user, database = %database, "client logged in");
+    tracing::info!(client = info.id, peer = ?info.peer, user = %user, database = %database, "client logged in");
     let app = session.params.get("application_name").unwrap_or_default();
     // The names live here only (not in the session as well): SHOW CLIENTS and the PAUSE gate read them.
     info.logged_in(&user, &database, app, Some(session.pool.clone())); // admin hook
+    // The login buffer shares its allocation with the startup packet's
+    // pieces: an idle client keeps neither unless a request already follows.
+    let buf = if buf.is_empty() { BytesMut::new() } else { buf };
     Ok(Some((stream, buf, session, config)))
 }
 
@@ -350,7 +359,9 @@ async fn login(
     buf: &mut BytesMut,
     shared: &Shared,
     config: &Config,
+    info: &ClientInfo,
 ) -> std::io::Result<Option<Login>> {
+    let (client, peer) = (info.id, info.peer);
     let startup = loop {
         let packet = match startup::split_startup(buf) {
             Ok(Some(p)) => p,
@@ -361,7 +372,7 @@ async fn login(
                 continue;
             }
             Err(e) => {
-                tracing::info!(error = %e, "malformed startup packet");
+                tracing::info!(client, ?peer, error = %e, "malformed startup packet");
                 fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await?;
                 return Ok(None);
             }
@@ -391,7 +402,7 @@ async fn login(
             }
             StartupPacket::Cancel { pid, secret } => {
                 if let Some(t) = shared.cancels.target(pid, secret) {
-                    tracing::debug!(backend_pid = t.pid, "forwarding cancel request");
+                    tracing::debug!(client, backend_pid = t.pid, "forwarding cancel request");
                     relay::cancel_backend(t.addr, t.pid, t.secret).await;
                 }
                 return Ok(None);
@@ -401,7 +412,7 @@ async fn login(
     };
     if config.proxy.tls_mode == TlsMode::Require && !stream.is_tls() {
         // Like a `hostssl`-only pg_hba.conf: plaintext logins are refused.
-        tracing::info!("login refused: TLS required");
+        tracing::info!(client, ?peer, "login refused: TLS required");
         fatal(stream, SqlState::INVALID_AUTHORIZATION, "TLS required").await?;
         return Ok(None);
     }
@@ -416,7 +427,7 @@ async fn login(
     };
     let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(user_name).to_owned();
     let Some(user) = config.user(user_name) else {
-        tracing::info!(user = %user_name, "login refused: unknown user");
+        tracing::info!(client, ?peer, user = %user_name, "login refused: unknown user");
         shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed); // admin hook
         let text = format!("no such user: \"{user_name}\"");
         fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
@@ -426,14 +437,14 @@ async fn login(
         if e.is_client_gone() {
             return Ok(None);
         }
-        tracing::info!(user = %user.name, error = %e, "authentication failed");
+        tracing::info!(client, ?peer, user = %user.name, error = %e, "authentication failed");
         shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed); // admin hook
         fatal(stream, e.sqlstate(), &e.message()).await?;
         return Ok(None);
     }
     if database == crate::admin::DATABASE && config.database(&database).is_none() {
         if !config.admin.users.iter().any(|u| u == &user.name) {
-            tracing::info!(user = %user.name, "admin console refused: not an [admin] user");
+            tracing::info!(client, ?peer, user = %user.name, "admin console refused: not an [admin] user");
             let text = format!("user \"{}\" is not allowed on the admin console", user.name);
             fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
             return Ok(None);
@@ -441,7 +452,7 @@ async fn login(
         return Ok(Some(Login::Admin { user: user.name.clone() }));
     }
     let Some(db) = config.database(&database) else {
-        tracing::info!(database = %database, "login refused: unknown database");
+        tracing::info!(client, ?peer, database = %database, "login refused: unknown database");
         let text = format!("database \"{database}\" does not exist");
         fatal(stream, SqlState::INVALID_CATALOG_NAME, &text).await?;
         return Ok(None);
@@ -452,7 +463,7 @@ async fn login(
     let server_params = match pool.server_params().await {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot reach the server for a new client");
+            tracing::warn!(client, error = %e, "cannot reach the server for a new client");
             fatal(stream, e.sqlstate(), &e.to_string()).await?;
             return Ok(None);
         }
@@ -501,51 +512,54 @@ type RarePath<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + S
 /// Only the idle wait lives in this future; everything a request does is
 /// in [`serve_request`], boxed per request. A task is sized for its largest
 /// await, and an idle client should cost its task header and this loop.
-async fn run_session(
+#[allow(clippy::manual_async_fn)] // deliberate: see `serve`
+fn run_session(
     stream: &mut Stream,
     mut pending: BytesMut,
     shared: &Shared,
     config: &Config,
     mut session: Box<Session>,
-    key: &CancelKey<'_>,
     info: &ClientInfo,
-) -> std::io::Result<()> {
-    loop {
-        if pending.is_empty() {
-            // Idle: no backend and no buffer; wait for the client (or shutdown,
-            // or KILL_CLIENT). The request's first bytes go into a small buffer
-            // made only once they are there, then into the backend's buffer; a
-            // lone Terminate (or EOF) needs no backend.
-            match std::future::poll_fn(|cx| poll_idle(stream, cx, &mut pending, info.signal())).await {
-                // admin hook: KILL_CLIENT.
-                Idle::Signal(flags) => return fatal(stream, SqlState::ADMIN_SHUTDOWN, Signal::reason(flags)).await,
-                Idle::Read(read) => {
-                    if read? == 0 {
+) -> impl Future<Output = std::io::Result<()>> + Send {
+    // An `async move` block, not an `async fn`: see `serve`.
+    async move {
+        loop {
+            if pending.is_empty() {
+                // Idle: no backend and no buffer; wait for the client (or shutdown,
+                // or KILL_CLIENT). The request's first bytes go into a small buffer
+                // made only once they are there, then into the backend's buffer; a
+                // lone Terminate (or EOF) needs no backend.
+                match std::future::poll_fn(|cx| poll_idle(stream, cx, &mut pending, info.signal())).await {
+                    // admin hook: KILL_CLIENT.
+                    Idle::Signal(flags) => return fatal(stream, SqlState::ADMIN_SHUTDOWN, Signal::reason(flags)).await,
+                    Idle::Read(read) => {
+                        if read? == 0 {
+                            return Ok(());
+                        }
+                        // The header checks below decide on what arrived.
+                        continue;
+                    }
+                }
+            }
+            // Leftover bytes of the next request: decide on a whole header.
+            match Header::parse(&pending, MAX_MESSAGE_LEN) {
+                Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    if stream.read_buf(&mut pending).await? == 0 {
                         return Ok(());
                     }
-                    // The header checks below decide on what arrived.
                     continue;
                 }
+                Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
             }
-        }
-        // Leftover bytes of the next request: decide on a whole header.
-        match Header::parse(&pending, MAX_MESSAGE_LEN) {
-            Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                if stream.read_buf(&mut pending).await? == 0 {
-                    return Ok(());
-                }
-                continue;
+            let step = Box::pin(serve_request(stream, &mut pending, shared, config, &mut session, info)).await?;
+            if step == Step::Done {
+                return Ok(());
             }
-            Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
-        }
-        let step = Box::pin(serve_request(stream, &mut pending, shared, config, &mut session, key, info)).await?;
-        if step == Step::Done {
-            return Ok(());
-        }
-        if info.signal().raised(Signal::DRAIN | Signal::FORCE_CLOSE) != 0 {
-            return fatal(stream, SqlState::ADMIN_SHUTDOWN, SHUTTING_DOWN).await;
+            if info.signal().raised(Signal::DRAIN | Signal::FORCE_CLOSE) != 0 {
+                return fatal(stream, SqlState::ADMIN_SHUTDOWN, SHUTTING_DOWN).await;
+            }
         }
     }
 }
@@ -593,18 +607,23 @@ async fn serve_request(
     shared: &Shared,
     config: &Config,
     session: &mut Session,
-    key: &CancelKey<'_>,
     info: &ClientInfo,
 ) -> std::io::Result<Step> {
     // Routing needs the whole request unit to classify it.
     let mut decided: Option<(Intent, Route)> = None;
-    if let Some(routing) = &session.routing {
+    if session.routing.is_some() {
         match Box::pin(read_unit(stream, pending)).await? {
             Ok(true) => {}
             Ok(false) => return Ok(Step::Done),
             Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await.map(|()| Step::Done),
         }
-        decided = Some(routing.route(shared, pending, &session.statements));
+    }
+    // The request's one clock reading: routing, the PAUSE gate, the pool
+    // wait, the link and, when the backend comes back, the relay's last
+    // reading serve every timestamp of the request.
+    let arrived = Instant::now();
+    if let Some(routing) = &session.routing {
+        decided = Some(routing.route(shared, pending, &session.statements, arrived));
         if std::mem::take(&mut session.force_primary)
             && let Some((intent, route)) = &mut decided
         {
@@ -624,7 +643,7 @@ async fn serve_request(
     {
         let primary = routing.primary_node.view();
         if primary.healthy && primary.in_recovery {
-            tracing::warn!(addr = %routing.primary_node.addr, "the configured primary is in recovery; refusing a write");
+            tracing::warn!(client = info.id, addr = %routing.primary_node.addr, "the configured primary is in recovery; refusing a write");
             let text =
                 format!("the primary {} is in recovery: pgmux does not send writes to it", routing.primary_node.addr);
             if !reject_request(stream, pending, SqlState::READ_ONLY_TRANSACTION, &text).await? {
@@ -635,9 +654,10 @@ async fn serve_request(
     }
     // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
     let database = info.login().map_or("", |l| l.database.as_str());
-    if let Some(why) = info.wait_turn(&shared.pause, database).await {
-        return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await.map(|()| Step::Done);
-    }
+    let arrived = match info.wait_turn(&shared.pause, database, arrived).await {
+        Ok(at) => at,
+        Err(why) => return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await.map(|()| Step::Done),
+    };
     let mut pool = session.pool.clone();
     if let (Some((_, route)), Some(routing)) = (&mut decided, &session.routing) {
         if let Target::Replica(i) = route.target {
@@ -651,43 +671,43 @@ async fn serve_request(
         (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, route)), Some(routing))
             if route.target == Target::Primary =>
         {
-            routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).begin_write(std::time::Instant::now());
+            routing.sticky.lock().unwrap_or_else(|e| e.into_inner()).begin_write(arrived);
             Some(routing.sticky.clone())
         }
         _ => None,
     };
     let settle = |lsn: Option<u64>| {
         if let Some(sticky) = &write_scope {
-            sticky.lock().unwrap_or_else(|e| e.into_inner()).end_write(std::time::Instant::now(), lsn);
+            sticky.lock().unwrap_or_else(|e| e.into_inner()).end_write(Instant::now(), lsn);
         }
     };
-    let checked_out = match pool.checkout().await {
+    let checked_out = match pool.checkout_at(arrived).await {
         Err(e) if !Arc::ptr_eq(&pool, &session.pool) => {
             // A replica that cannot give a connection: the read goes to the primary.
-            tracing::info!(error = %e, addr = %pool.settings().addr, "replica unavailable; reading from the primary");
+            tracing::info!(client = info.id, error = %e, addr = %pool.settings().addr, "replica unavailable; reading from the primary");
             shared.routing.count(RouteReason::ReplicaFailed);
             if let Some((_, route)) = &mut decided {
                 *route = Route::primary(RouteReason::ReplicaFailed);
             }
             pool = session.pool.clone();
-            pool.checkout().await
+            pool.checkout_at(Instant::now()).await
         }
         other => other,
     };
-    let mut backend = match checked_out {
-        Ok(b) => b,
+    let (mut backend, mut clock) = match checked_out {
+        Ok(granted) => granted,
         Err(e) => {
             settle(None);
-            info.released(&pool); // admin hook: back to idle
-            tracing::info!(error = %e, "no server connection for a client request");
+            info.released(&pool, Instant::now()); // admin hook: back to idle
+            tracing::info!(client = info.id, error = %e, "no server connection for a client request");
             if !reject_request(stream, pending, e.sqlstate(), &e.to_string()).await? {
                 return Ok(Step::Done);
             }
             return Ok(Step::Next);
         }
     };
-    key.slot.set(Some(CancelTarget { addr: backend.addr, pid: backend.pid, secret: backend.secret }));
-    info.linked(&backend, &pool); // admin hook
+    // admin hook; cancel requests with the client's key go to this backend from here.
+    info.linked(&backend, &pool, clock);
     // A read sent to a replica may still turn out to be a write (a function
     // that writes): keep the request so it can be re-run on the primary.
     let retry_copy = match (&decided, &session.routing) {
@@ -697,6 +717,7 @@ async fn serve_request(
         _ => None,
     };
     let opts = RelayOptions {
+        client: info.id,
         release_at_boundary: session.mode == PoolMode::Transaction,
         idle_transaction_timeout: config.proxy.idle_transaction_timeout,
         on_session_state: config.proxy.on_session_state,
@@ -704,10 +725,18 @@ async fn serve_request(
         counters: pool.counters(),
         route: decided.map(|(_, route)| route.reason),
     };
-    let outcome =
-        Box::pin(transaction(stream, &mut backend, pending, retry_copy.is_some(), session, &opts, info.signal())).await;
-    key.slot.set(None);
-    info.released(&pool); // admin hook
+    let outcome = Box::pin(transaction(
+        stream,
+        &mut backend,
+        pending,
+        retry_copy.is_some(),
+        session,
+        &opts,
+        info.signal(),
+        &mut clock,
+    ))
+    .await;
+    info.released(&pool, clock); // admin hook
     match outcome {
         Ended::Clean if write_scope.is_some() => {
             // The primary's insert position, read on the same session right
@@ -726,12 +755,12 @@ async fn serve_request(
         }
         Ended::Clean => {
             settle(None);
-            pool.checkin(backend);
+            pool.checkin_at(backend, clock);
         }
         Ended::Misrouted => {
             pool.checkin(backend);
             shared.routing.count(RouteReason::MisrouteRetry);
-            tracing::info!("a replica refused a write (25006); re-running it on the primary");
+            tracing::info!(client = info.id, "a replica refused a write (25006); re-running it on the primary");
             // The retry is routed as a write: it opens (and settles) the scope's write.
             *pending = BytesMut::from(&retry_copy.expect("held only with a copy")[..]);
             session.force_primary = true;
@@ -828,6 +857,9 @@ enum Ended {
 }
 
 /// Runs one transaction (transaction mode) or the rest of the session (session mode).
+/// `clock` is when the backend was granted; it is left at the relay's last
+/// clock reading.
+#[allow(clippy::too_many_arguments)]
 async fn transaction(
     stream: &mut Stream,
     backend: &mut Backend,
@@ -836,6 +868,7 @@ async fn transaction(
     session: &mut Session,
     opts: &RelayOptions<'_>,
     signal: &Signal,
+    clock: &mut Instant,
 ) -> Ended {
     if let Some(sql) = session.params.sync_sql(backend) {
         let reset: Vec<String> =
@@ -854,7 +887,7 @@ async fn transaction(
                 backend.mark_synced(session.params.profile());
             }
             Ok((Some(err), _)) => {
-                tracing::info!(code = %err.code, message = %err.message, "could not apply session parameters");
+                tracing::info!(client = opts.client, code = %err.code, message = %err.message, "could not apply session parameters");
                 return Ended::Discard(Some((
                     SqlState::FEATURE_NOT_SUPPORTED,
                     format!("could not apply session parameters: {}", err.message),
@@ -890,8 +923,14 @@ async fn transaction(
     }
     // The request that opened the transaction was read before the relay.
     link.traffic.bytes_in = backend.to_server.len() as u64;
-    let outcome = relay::relay(stream, backend, &mut link, &mut scope, opts, signal).await;
-    tracing::trace!(?outcome, pending_ready = link.pending_ready, status = link.status, "relay returned");
+    let outcome = relay::relay(stream, backend, &mut link, &mut scope, opts, signal, clock).await;
+    tracing::trace!(
+        client = opts.client,
+        ?outcome,
+        pending_ready = link.pending_ready,
+        status = link.status,
+        "relay returned"
+    );
     if !matches!(outcome, Outcome::Boundary) {
         // Cut short: what it did so far counts (cleanup traffic does not).
         relay::record_traffic(&mut link, opts);
@@ -949,7 +988,7 @@ async fn transaction(
             }
         }
         Outcome::ServerGone(why) => {
-            tracing::info!(pid = backend.pid, reason = %why, "server connection lost");
+            tracing::info!(client = opts.client, pid = backend.pid, reason = %why, "server connection lost");
             Ended::Discard(Some((SqlState::CONNECTION_FAILURE, format!("server connection lost: {why}"))))
         }
     }

@@ -14,9 +14,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements, StatementCommand};
@@ -423,14 +423,14 @@ impl Link {
     }
 
     /// Counts a new pin or refusal (once each) for metrics and logs it.
-    pub fn report_session_state(&mut self, stats: &Stats) {
+    pub fn report_session_state(&mut self, stats: &Stats, client: u64) {
         if let Some(reason) = self.refused.take() {
-            tracing::info!(%reason, "statement refused: on_session_state = \"error\"");
+            tracing::info!(client, %reason, "statement refused: on_session_state = \"error\"");
             stats.session_state_refused[reason as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if let (Some(reason), false) = (self.pin, self.pin_reported) {
             self.pin_reported = true;
-            tracing::info!(%reason, "client pinned to its server connection for the rest of its session");
+            tracing::info!(client, %reason, "client pinned to its server connection for the rest of its session");
             stats.pinned[reason as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
@@ -721,6 +721,8 @@ pub enum Outcome {
 
 #[derive(Clone, Copy)]
 pub struct RelayOptions<'a> {
+    /// The client's id, for log lines.
+    pub client: u64,
     /// Release the backend at transaction boundaries (transaction pooling).
     pub release_at_boundary: bool,
     pub idle_transaction_timeout: Duration,
@@ -750,6 +752,11 @@ pub fn record_traffic(link: &mut Link, opts: &RelayOptions<'_>) {
 
 /// Relays until the transaction ends (or anything else stops it). `link`
 /// must already account for the bytes waiting in `backend.to_server`.
+///
+/// `clock` is the caller's latest clock reading (when the request now in
+/// `to_server` was taken on); the relay moves it on at every answered
+/// request and leaves it at the last one, so the caller can release the
+/// backend without reading the clock again.
 pub async fn relay(
     client: &mut Stream,
     backend: &mut Backend,
@@ -757,16 +764,18 @@ pub async fn relay(
     scope: &mut StatementScope<'_>,
     opts: &RelayOptions<'_>,
     signal: &Signal,
+    clock: &mut Instant,
 ) -> Outcome {
     let Backend { stream: server, to_server, from_server, prepared, .. } = backend;
-    let mut idle_since = Instant::now();
+    // Since when the client owes the next move (idle in a transaction).
+    let mut idle_since = *clock;
     // Armed at the first idle-in-transaction wait; on firing it re-checks the
     // real deadline, so client activity never has to re-arm the timer.
     let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // When the server got the request it is now answering (for query durations).
-    let mut query_started = idle_since;
+    let mut query_started = *clock;
     loop {
-        link.report_session_state(opts.stats);
+        link.report_session_state(opts.stats, opts.client);
         if link.terminated && link.client_ready == 0 {
             return Outcome::Terminated;
         }
@@ -804,10 +813,10 @@ pub async fn relay(
                 return Poll::Ready(Event::ClientRead(r));
             }
             if idle_in_txn {
-                let deadline = idle_since + opts.idle_transaction_timeout;
+                let deadline = tokio::time::Instant::from_std(idle_since + opts.idle_transaction_timeout);
                 let timer = idle_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if timer.as_mut().poll(cx).is_ready() {
-                    if Instant::now() >= deadline {
+                    if tokio::time::Instant::now() >= deadline {
                         return Poll::Ready(Event::IdleTimeout);
                     }
                     timer.as_mut().reset(deadline);
@@ -850,8 +859,10 @@ pub async fn relay(
                 if link.pending_ready < owed {
                     // One clock read per answered request, none per message.
                     let now = Instant::now();
-                    link.count_queries(owed - link.pending_ready, now - query_started);
+                    link.count_queries(owed - link.pending_ready, now.saturating_duration_since(query_started));
                     query_started = now;
+                    idle_since = now;
+                    *clock = now;
                     // Session mode (or a pinned client): the relay outlives
                     // transactions, so it records each as the server ends it.
                     let outlives = !opts.release_at_boundary || link.pin.is_some();
@@ -864,17 +875,22 @@ pub async fn relay(
             Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) => return Outcome::ClientGone,
             Event::ClientRead(Ok(n)) => {
                 link.traffic.bytes_in += n as u64;
-                if link.pending_ready == 0 || !opts.idle_transaction_timeout.is_zero() {
-                    idle_since = Instant::now();
-                    if link.pending_ready == 0 {
-                        query_started = idle_since;
-                    }
-                }
+                let was_answered = link.pending_ready == 0;
                 // More requests on the link: the held answer can no longer be retried alone.
                 link.hold = false;
                 link.misrouted = false;
                 if let Err(e) = link.scan_client(to_server, scope, prepared) {
                     return Outcome::ClientProtocol(e);
+                }
+                // A new request starts its queries' clock; bytes that complete
+                // no request (a message in pieces, Parse/Bind before their
+                // Sync) only show the client is not idle.
+                if was_answered || (link.pending_ready == 0 && !opts.idle_transaction_timeout.is_zero()) {
+                    let now = Instant::now();
+                    if was_answered {
+                        query_started = now;
+                    }
+                    idle_since = now;
                 }
                 if let Err(e) = flush(server, to_server, &mut link.client_ready) {
                     return Outcome::ServerGone(format!("write to server failed: {e}"));

@@ -234,16 +234,27 @@ impl Pool {
 
     /// Waits up to `query_wait_timeout` for a live backend, FIFO among waiters.
     pub async fn checkout(&self) -> Result<Box<Backend>, PoolError> {
-        let started = Instant::now();
+        self.checkout_at(Instant::now()).await.map(|(b, _)| b)
+    }
+
+    /// [`Pool::checkout`] for a request that asked at `started` (a clock
+    /// reading the caller already has). Also returns when the backend was
+    /// granted: `started` itself when an idle one was there, so the common
+    /// case reads no clock at all.
+    pub async fn checkout_at(&self, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
         let result = self.checkout_inner(started).await;
-        self.counters.wait.observe(started.elapsed());
+        let granted = match &result {
+            Ok((_, granted)) => *granted,
+            Err(_) => Instant::now(),
+        };
+        self.counters.wait.observe(granted.saturating_duration_since(started));
         if let Err(PoolError::Timeout(_)) = result {
             self.counters.wait_timeouts.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
 
-    async fn checkout_inner(&self, started: Instant) -> Result<Box<Backend>, PoolError> {
+    async fn checkout_inner(&self, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
         let wait = self.settings.load().query_wait_timeout;
         let deadline = tokio::time::Instant::from_std(started + wait);
         let mut now = started;
@@ -258,7 +269,10 @@ impl Pool {
                 Take::Idle(b) => Grant::Backend(b),
                 Take::Create => Grant::Slot,
                 Take::Wait(mut rx) => match tokio::time::timeout_at(deadline, &mut rx).await {
-                    Ok(Ok(grant)) => grant,
+                    Ok(Ok(grant)) => {
+                        now = Instant::now();
+                        grant
+                    }
                     // The sender lives in `inner`, which outlives us: a dropped
                     // sender can only mean the pool is being torn down.
                     Ok(Err(_)) => return Err(PoolError::Timeout(wait)),
@@ -278,7 +292,7 @@ impl Pool {
             match grant {
                 Grant::Backend(b) if b.is_alive() => {
                     self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
-                    return Ok(b);
+                    return Ok((b, now));
                 }
                 Grant::Backend(b) => {
                     tracing::info!(pid = b.pid, "server connection closed while idle; replacing it");
@@ -290,7 +304,7 @@ impl Pool {
                 Grant::Slot => match Box::pin(self.open_backend()).await {
                     Ok(b) => {
                         self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
-                        return Ok(b);
+                        return Ok((b, Instant::now()));
                     }
                     Err(e) => {
                         self.lock().forget();
@@ -336,9 +350,13 @@ impl Pool {
     }
 
     /// Returns a clean backend: idle on the server, nothing unread, nothing unsent.
-    pub fn checkin(&self, mut b: Box<Backend>) {
+    pub fn checkin(&self, b: Box<Backend>) {
+        self.checkin_at(b, Instant::now());
+    }
+
+    /// [`Pool::checkin`] with the caller's clock reading of when it was last used.
+    pub fn checkin_at(&self, mut b: Box<Backend>, now: Instant) {
         debug_assert!(b.from_server.is_empty() && b.to_server.is_empty());
-        let now = Instant::now();
         b.last_used = now;
         let closed = self.lock().put(b, now);
         if let Some((b, reason)) = closed {
