@@ -774,6 +774,12 @@ pub async fn relay(
     let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // When the server got the request it is now answering (for query durations).
     let mut query_started = *clock;
+    // The request that opened the transaction goes out at once: a fresh
+    // backend's socket has room, so waiting for write readiness first would
+    // only cost a poll.
+    if let Err(e) = flush(server, to_server, &mut link.client_ready) {
+        return Outcome::ServerGone(format!("write to server failed: {e}"));
+    }
     loop {
         link.report_session_state(opts.stats, opts.client);
         if link.terminated && link.client_ready == 0 {
