@@ -40,12 +40,8 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pgmux: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let runtime = |workers: usize| {
+        pgmux::server::runtime(workers).inspect_err(|e| eprintln!("pgmux: cannot start the runtime: {e}")).ok()
     };
     match cli.command {
         Some(Command::Check) => match Config::load(&cli.config) {
@@ -68,13 +64,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Demo) => match runtime.block_on(pgmux::demo::run()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pgmux demo: {e}");
-                ExitCode::FAILURE
+        Some(Command::Demo) => {
+            let Some(runtime) = runtime(pgmux::config::ProxyConfig::default().workers) else {
+                return ExitCode::FAILURE;
+            };
+            match runtime.block_on(pgmux::demo::run()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pgmux demo: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         None => {
             let config = match Config::load(&cli.config) {
                 Ok(c) => Arc::new(c),
@@ -82,6 +83,9 @@ fn main() -> ExitCode {
                     eprintln!("{e}");
                     return ExitCode::FAILURE;
                 }
+            };
+            let Some(runtime) = runtime(config.proxy.workers) else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(serve(config, cli.config)) {
                 Ok(()) => ExitCode::SUCCESS,

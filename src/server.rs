@@ -228,6 +228,22 @@ struct ClientSlots {
     empty: Notify,
 }
 
+/// The runtime `[proxy] workers` asks for. One worker is a current-thread
+/// runtime: no work stealing, no cross-thread wakeups, every client's state
+/// in one core's cache. On a machine shared with Postgres, as poolers usually
+/// are, that costs the least CPU per transaction (see docs/benchmarks.md).
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    }
+}
+
 /// One connected client; frees its slot when dropped. It is also the
 /// client task's handle on [`Shared`].
 pub struct ClientSlot(Arc<Shared>);

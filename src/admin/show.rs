@@ -505,7 +505,8 @@ pub fn config(shared: &Shared) -> ResultSet {
     let current = config_values(&shared.config());
     let defaults = config_values(&Config::parse("", "defaults").expect("an empty config is valid"));
     for ((key, value), (_, default)) in current.into_iter().zip(defaults) {
-        let changeable = if matches!(key, "proxy.listen" | "proxy.metrics_listen") { "no" } else { "yes" };
+        let changeable =
+            if matches!(key, "proxy.listen" | "proxy.metrics_listen" | "proxy.workers") { "no" } else { "yes" };
         rs.push(vec![key.into(), value, default, changeable.into()]);
     }
     rs
@@ -521,6 +522,7 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
     vec![
         ("proxy.listen", p.listen.to_string()),
         ("proxy.metrics_listen", p.metrics_listen.map(|a| a.to_string()).unwrap_or_default()),
+        ("proxy.workers", p.workers.to_string()),
         ("proxy.pool_mode", mode_str(p.pool_mode).into()),
         ("proxy.max_client_conn", p.max_client_conn.to_string()),
         ("proxy.query_wait_timeout", format_duration(p.query_wait_timeout)),

@@ -77,6 +77,10 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     #[serde(deserialize_with = "addr::opt_socket_addr")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Threads serving connections: 1 runs everything on one thread (a
+    /// current-thread runtime, like PgBouncer's single process), N > 1 a
+    /// work-stealing runtime of N threads, 0 one thread per CPU core.
+    pub workers: usize,
     pub pool_mode: PoolMode,
     pub max_client_conn: usize,
     #[serde(with = "duration::serde_duration")]
@@ -106,6 +110,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             listen: "127.0.0.1:6432".parse().expect("literal address"),
             metrics_listen: None,
+            workers: 1,
             pool_mode: PoolMode::Transaction,
             max_client_conn: 10_000,
             query_wait_timeout: Duration::from_secs(5),
@@ -329,6 +334,9 @@ pub fn diff_requires_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.proxy.metrics_listen != new.proxy.metrics_listen {
         changed.push("proxy.metrics_listen");
+    }
+    if old.proxy.workers != new.proxy.workers {
+        changed.push("proxy.workers");
     }
     changed
 }

@@ -498,6 +498,8 @@ fn restart_diff() {
     assert_eq!(diff_requires_restart(&old, &new), ["proxy.listen"]);
     new.proxy.metrics_listen = Some("127.0.0.1:9930".parse().unwrap());
     assert_eq!(diff_requires_restart(&old, &new), ["proxy.listen", "proxy.metrics_listen"]);
+    new.proxy.workers = 4;
+    assert_eq!(diff_requires_restart(&old, &new), ["proxy.listen", "proxy.metrics_listen", "proxy.workers"]);
 }
 
 #[test]
