@@ -906,7 +906,7 @@ async fn transaction(
     if !unused.is_empty() && backend.close_statements(&unused).await.is_err() {
         return Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "server connection lost".into())));
     }
-    let mut link = Link::new();
+    let mut link = Link::reusing(std::mem::take(&mut backend.spare_queue));
     link.hold = hold_for_retry;
     // Copied, not swapped in: the backend keeps its grown buffer, and the
     // client's small one is freed while it idles.
@@ -953,6 +953,7 @@ async fn transaction(
             {
                 return Ended::Discard(None);
             }
+            backend.spare_queue = link.into_spare();
             Ended::Clean
         }
         Outcome::Terminated | Outcome::ClientGone => {

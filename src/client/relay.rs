@@ -116,8 +116,20 @@ pub struct Link {
     pub traffic: Traffic,
 }
 
+/// A transaction's expected-response queue, emptied and kept by the backend
+/// for its next transaction so that the queue is not allocated again for each.
+#[derive(Debug, Default)]
+pub struct SpareQueue(VecDeque<Expect>);
+
 impl Link {
     pub fn new() -> Link {
+        Link::reusing(SpareQueue::default())
+    }
+
+    /// A fresh link whose expected-response queue reuses `spare`'s allocation.
+    pub fn reusing(spare: SpareQueue) -> Link {
+        let SpareQueue(mut expect) = spare;
+        expect.clear();
         Link {
             pending_ready: 0,
             unsynced: false,
@@ -131,7 +143,7 @@ impl Link {
             terminated: false,
             unpoolable: false,
             unnamed_here: false,
-            expect: VecDeque::new(),
+            expect,
             drops: Vec::new(),
             param_changes: Vec::new(),
             touched_settings: Vec::new(),
@@ -164,6 +176,11 @@ impl Link {
             && self.server_scan.at_boundary()
             && self.client_ready == 0
             && self.expect.is_empty()
+    }
+
+    /// The queue's allocation, for the session's next link.
+    pub fn into_spare(self) -> SpareQueue {
+        SpareQueue(self.expect)
     }
 
     pub fn take_param_changes(&mut self) -> Vec<(String, String)> {

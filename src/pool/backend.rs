@@ -54,6 +54,10 @@ pub struct Backend {
     /// with; `None` once anything changed them since. Lets a transaction skip
     /// the settings check when the backend last served equal settings.
     synced: Option<crate::client::params::Profile>,
+    /// The relay's expected-response queue, empty, kept between checkouts so
+    /// a transaction does not allocate one (here rather than with the
+    /// client: an idle client holds no buffers).
+    pub spare_queue: crate::client::relay::SpareQueue,
 }
 
 impl Aged for Backend {
@@ -104,6 +108,7 @@ impl Backend {
                 generation: 0,
                 login_params: hello.params.len(),
                 synced: None,
+                spare_queue: Default::default(),
                 params: hello.params,
             })
         };
