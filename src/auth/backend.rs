@@ -285,7 +285,13 @@ mod tests {
             (AuthMethod::Md5, md5::stored_hash("pw", "bob")),
             (AuthMethod::Trust, String::new()),
         ] {
-            let user = UserConfig { name: "bob".into(), password: Some(stored), server_password: None, auth };
+            let user = UserConfig {
+                name: "bob".into(),
+                password: Some(stored),
+                server_password: None,
+                auth,
+                scram_verifier: Default::default(),
+            };
             let (mut client, mut server) = tokio::io::duplex(4096);
             let server_side = async {
                 let (params, mut buf) = read_startup(&mut server).await;
