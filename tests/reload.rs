@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use support::proxy::Proxy;
+use support::raw::Raw;
 use support::{APP, CLEAR, DB, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -341,6 +342,53 @@ async fn users_and_passwords_apply_to_new_logins() {
     for _ in 0..3 {
         select_one(&added).await;
     }
+    proxy.shutdown().await;
+}
+
+/// The salt (`s=`) of the SCRAM server-first message pgmux sends `user`,
+/// which is random per derived verifier. Hangs up after reading it.
+async fn scram_salt(proxy: &Proxy, user: &str) -> String {
+    use postgres_protocol::message::frontend;
+    async fn auth_request(raw: &mut Raw) -> (i32, bytes::BytesMut) {
+        let mut m = raw.recv().await.expect("an Authentication request");
+        assert_eq!(m.tag, b'R');
+        (bytes::Buf::get_i32(&mut m.body), m.body)
+    }
+    let mut raw = Raw::connect(proxy.addr).await;
+    let mut out = bytes::BytesMut::new();
+    frontend::startup_message([("user", user), ("database", DB)], &mut out).unwrap();
+    raw.send(&out).await;
+    assert_eq!(auth_request(&mut raw).await.0, 10, "AuthenticationSASL");
+    out.clear();
+    frontend::sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=0123456789abcdef", &mut out).unwrap();
+    raw.send(&out).await;
+    let (code, server_first) = auth_request(&mut raw).await;
+    assert_eq!(code, 11, "AuthenticationSASLContinue");
+    let server_first = String::from_utf8(server_first.to_vec()).unwrap();
+    server_first.split(',').find_map(|a| a.strip_prefix("s=")).expect("a salt").to_owned()
+}
+
+/// A plaintext password's SCRAM verifier is derived once per loaded config
+/// (not per login): logins see one salt until a reload changes the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_verifier_of_a_plaintext_password_is_derived_once_per_load() {
+    let trust = |pw: &str| format!("\n[[users]]\nname = \"trustuser\"\npassword = \"{pw}\"\n");
+    let file = ConfigFile::new(&config("", &[(DB, DB, 2)], &trust("first_pw")));
+    let proxy = start(&file).await;
+    let (admin, mut notices) = admin(&proxy).await;
+
+    let salt = scram_salt(&proxy, "trustuser").await;
+    select_one(&proxy.connect("trustuser", Some("first_pw"), DB).await.expect("first password")).await;
+    assert_eq!(scram_salt(&proxy, "trustuser").await, salt);
+
+    file.write(&config("", &[(DB, DB, 2)], &trust("second_pw")));
+    reload(&admin, &mut notices).await;
+    let new_salt = scram_salt(&proxy, "trustuser").await;
+    assert_ne!(new_salt, salt, "the reloaded password got the old verifier");
+    select_one(&proxy.connect("trustuser", Some("second_pw"), DB).await.expect("new password")).await;
+    let e = proxy.connect("trustuser", Some("first_pw"), DB).await.expect_err("old password");
+    assert_eq!(code(&e), "28P01");
+    assert_eq!(scram_salt(&proxy, "trustuser").await, new_salt);
     proxy.shutdown().await;
 }
 

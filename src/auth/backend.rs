@@ -116,7 +116,7 @@ pub async fn login_backend<S: AsyncRead + AsyncWrite + Unpin>(
                     return Err(protocol("short Authentication message"));
                 }
                 let code = body.get_i32();
-                auth = authenticate(auth, code, body, user, password, &mut out)?;
+                auth = authenticate(auth, code, body, user, password, &mut out).await?;
                 if !out.is_empty() {
                     send(stream, &mut out).await?;
                 }
@@ -154,7 +154,7 @@ pub async fn login_backend<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Handles one Authentication message, appending any reply to `out`.
-fn authenticate(
+async fn authenticate(
     state: Auth,
     code: i32,
     data: BytesMut,
@@ -193,7 +193,13 @@ fn authenticate(
             Ok(Auth::Scram(Box::new(scram)))
         }
         (11, Auth::Scram(mut scram)) => {
-            scram.update(&data).map_err(|e| BackendLoginError::Scram(e.to_string()))?;
+            // `update` runs PBKDF2 with the server's salt and iteration count
+            // (4096 by default, up to 100 000: milliseconds of CPU), so on the
+            // blocking pool, not on the runtime thread every client shares.
+            let scram = tokio::task::spawn_blocking(move || scram.update(&data).map(|()| scram))
+                .await
+                .map_err(|e| BackendLoginError::Io(io::Error::other(e)))?
+                .map_err(|e| BackendLoginError::Scram(e.to_string()))?;
             frontend::sasl_response(scram.message(), out).map_err(nul)?;
             Ok(Auth::Scram(scram))
         }
@@ -285,7 +291,13 @@ mod tests {
             (AuthMethod::Md5, md5::stored_hash("pw", "bob")),
             (AuthMethod::Trust, String::new()),
         ] {
-            let user = UserConfig { name: "bob".into(), password: Some(stored), server_password: None, auth };
+            let user = UserConfig {
+                name: "bob".into(),
+                password: Some(stored),
+                server_password: None,
+                auth,
+                scram_verifier: Default::default(),
+            };
             let (mut client, mut server) = tokio::io::duplex(4096);
             let server_side = async {
                 let (params, mut buf) = read_startup(&mut server).await;
@@ -306,6 +318,57 @@ mod tests {
                 ServerHello { pid: 42, secret: 7, params: vec![("server_version".into(), "15.0".into())] }
             );
         }
+    }
+
+    /// The SCRAM key derivation runs on the blocking pool. On a current-thread
+    /// runtime the only threads tokio starts are blocking-pool threads, and
+    /// the server side here (a stored verifier) needs none.
+    #[test]
+    fn scram_derivation_leaves_the_runtime_thread() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let started = Arc::new(AtomicUsize::new(0));
+        let counter = started.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .on_thread_start(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            })
+            .build()
+            .unwrap();
+        let stored = postgres_protocol::password::scram_sha_256(b"pw");
+        let user = UserConfig {
+            name: "bob".into(),
+            password: Some(stored),
+            server_password: None,
+            auth: AuthMethod::ScramSha256,
+            scram_verifier: Default::default(),
+        };
+        rt.block_on(async {
+            let (mut client, mut server) = tokio::io::duplex(4096);
+            let server_side = async {
+                let (_, mut buf) = read_startup(&mut server).await;
+                authenticate_client(&mut server, &mut buf, &user).await.unwrap();
+                let mut out = BytesMut::new();
+                hello_messages(&mut out);
+                server.write_all(&out).await.unwrap();
+            };
+            let (_, hello) = tokio::join!(server_side, login_backend(&mut client, "bob", "db", Some("pw"), &[]));
+            hello.unwrap();
+        });
+        assert!(started.load(Ordering::SeqCst) >= 1, "no blocking-pool thread: derived on the runtime thread");
+    }
+
+    /// A server-first the SCRAM client rejects (here: a nonce that does not
+    /// extend ours) is a SCRAM error, also now that it is checked off-thread.
+    #[tokio::test]
+    async fn bad_server_first_is_a_scram_error() {
+        let r = against_script(Some("pw"), |out| {
+            msg::authentication_sasl(out, &["SCRAM-SHA-256"]);
+            msg::authentication_sasl_continue(out, b"r=not-our-nonce,s=c2FsdA==,i=4096");
+        })
+        .await;
+        assert!(matches!(&r, Err(BackendLoginError::Scram(m)) if m.contains("nonce")), "{r:?}");
     }
 
     /// Runs `login_backend` against a server that answers the startup packet

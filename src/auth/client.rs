@@ -9,6 +9,7 @@
 //! `authentication_timeout` does.
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -79,6 +80,45 @@ impl From<io::Error> for AuthError {
     }
 }
 
+/// The SCRAM verifier of a user's plaintext password, derived on the first
+/// SCRAM login and kept by that user's [`UserConfig`] (clones share it).
+///
+/// Deriving costs 4096 PBKDF2 rounds, a few ms of CPU: per login that would
+/// be a cost on every connection, and on the runtime thread it would stall
+/// every other client of a single-threaded runtime. So it runs once, on the
+/// blocking pool. A reload builds new `UserConfig`s with empty cells, so a
+/// changed password is derived anew. This relies on `password` never changing
+/// after load, which holds: only parsing sets it.
+#[derive(Clone, Default)]
+pub(crate) struct DerivedVerifier(Arc<tokio::sync::OnceCell<ScramVerifier>>);
+
+impl DerivedVerifier {
+    async fn get_or_derive(&self, password: &str) -> Result<&ScramVerifier, AuthError> {
+        self.get_or_derive_with(password, ScramVerifier::from_password).await
+    }
+
+    /// `derive` injected so tests can count and place the derivations.
+    async fn get_or_derive_with(
+        &self,
+        password: &str,
+        derive: impl FnOnce(&str) -> ScramVerifier + Send + 'static,
+    ) -> Result<&ScramVerifier, AuthError> {
+        // Concurrent first logins wait for one derivation rather than each
+        // running their own. If the deriving login is dropped (timeout), the
+        // next one starts over.
+        self.0
+            .get_or_try_init(|| {
+                let password = password.to_owned();
+                async move {
+                    tokio::task::spawn_blocking(move || derive(&password))
+                        .await
+                        .map_err(|e| AuthError::Io(io::Error::other(e)))
+                }
+            })
+            .await
+    }
+}
+
 /// How the configured password can be used.
 enum Secret<'a> {
     Plain(&'a str),
@@ -113,10 +153,8 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     const MISMATCH: &str = "password does not match";
     let (plan, reason) = match (user.auth, secret(user)) {
         (AuthMethod::Trust, _) => return Ok(()),
-        // Derived per connection: 4096 PBKDF2 rounds, a few ms of CPU.
-        // Configure a verifier instead of plaintext to avoid that cost.
         (AuthMethod::ScramSha256, Secret::Plain(p)) => {
-            (Plan::Scram(ScramServer::new(ScramVerifier::from_password(p))), MISMATCH)
+            (Plan::Scram(ScramServer::new(user.scram_verifier.get_or_derive(p).await?.clone())), MISMATCH)
         }
         // Like Postgres: method md5 with a SCRAM secret runs SCRAM instead.
         (AuthMethod::ScramSha256 | AuthMethod::Md5, Secret::Scram(v)) => (Plan::Scram(ScramServer::new(v)), MISMATCH),
@@ -271,7 +309,13 @@ mod tests {
     use tokio::io::DuplexStream;
 
     fn user(auth: AuthMethod, password: Option<&str>) -> UserConfig {
-        UserConfig { name: "alice".into(), password: password.map(Into::into), server_password: None, auth }
+        UserConfig {
+            name: "alice".into(),
+            password: password.map(Into::into),
+            server_password: None,
+            auth,
+            scram_verifier: Default::default(),
+        }
     }
 
     /// The test's side of the connection: a hand-driven client.
@@ -301,12 +345,24 @@ mod tests {
         /// Runs a SCRAM exchange; returns whether the server sent SASLFinal
         /// (and the client verified it).
         async fn scram(&mut self, password: &str) -> bool {
+            self.scram_salt(password).await.0
+        }
+
+        /// [`scram`](Self::scram), also returning the salt (`s=`) of the
+        /// server-first message: equal salts mean one derived verifier.
+        async fn scram_salt(&mut self, password: &str) -> (bool, String) {
             let (code, mechanisms) = self.auth_request().await;
             assert_eq!((code, &mechanisms[..]), (10, &b"SCRAM-SHA-256\0\0"[..]));
             let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
             self.send(|b| frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), b)).await;
             let (code, server_first) = self.auth_request().await;
             assert_eq!(code, 11);
+            let salt = std::str::from_utf8(&server_first)
+                .unwrap()
+                .split(',')
+                .find_map(|a| a.strip_prefix("s="))
+                .expect("server-first has a salt")
+                .to_owned();
             scram.update(&server_first).unwrap();
             self.send(|b| frontend::sasl_response(scram.message(), b)).await;
             // On failure the server writes nothing more and the caller closes.
@@ -314,12 +370,12 @@ mod tests {
             if split_frame(&mut probe, 1 << 16).unwrap().is_none()
                 && self.stream.read_buf(&mut self.buf).await.unwrap() == 0
             {
-                return false;
+                return (false, salt);
             }
             let (code, server_final) = self.auth_request().await;
             assert_eq!(code, 12);
             scram.finish(&server_final).expect("server signature verifies");
-            true
+            (true, salt)
         }
 
         async fn md5(&mut self, password: &str) {
@@ -343,10 +399,10 @@ mod tests {
     /// Runs `authenticate_client` against `client_side`, returning the result
     /// once both finish. The server end is dropped when auth returns, so the
     /// client sees EOF.
-    async fn run<F: Future<Output = Client>>(
+    async fn run<T, F: Future<Output = T>>(
         user: UserConfig,
         client_side: impl FnOnce(Client) -> F,
-    ) -> (Result<(), AuthError>, Client) {
+    ) -> (Result<(), AuthError>, T) {
         let (mut server, client) = tokio::io::duplex(64 * 1024);
         let server_task = async move {
             let r = authenticate_client(&mut server, &mut BytesMut::new(), &user).await;
@@ -373,6 +429,77 @@ mod tests {
         client.assert_no_more().await;
     }
 
+    /// Logs in to `user` with `password` by SCRAM; returns (success, salt).
+    async fn scram_login(user: &UserConfig, password: &'static str) -> (bool, String) {
+        let (r, (ok, salt)) = run(user.clone(), |mut c| async move { c.scram_salt(password).await }).await;
+        assert_eq!(r.is_ok(), ok);
+        (ok, salt)
+    }
+
+    #[tokio::test]
+    async fn plaintext_verifier_is_derived_once_per_config() {
+        let alice = user(AuthMethod::ScramSha256, Some("pw"));
+        let (ok, first) = scram_login(&alice, "pw").await;
+        assert!(ok);
+        // Later logins, a wrong password and concurrent logins all use the
+        // verifier of the first: its salt (random per derivation) comes back.
+        assert_eq!(scram_login(&alice, "pw").await, (true, first.clone()));
+        assert_eq!(scram_login(&alice, "nope").await, (false, first.clone()));
+        let dbg = format!("{alice:?}");
+        assert!(!dbg.contains("ScramVerifier") && !dbg.contains(&first), "{dbg}");
+        let (a, b) = tokio::join!(scram_login(&alice, "pw"), scram_login(&alice, "pw"));
+        assert_eq!((a, b), ((true, first.clone()), (true, first.clone())));
+        // A freshly loaded config (what a reload builds) derives its own.
+        let reloaded = user(AuthMethod::ScramSha256, Some("pw"));
+        let (ok, second) = scram_login(&reloaded, "pw").await;
+        assert!(ok);
+        assert_ne!(second, first);
+    }
+
+    /// Many first logins at once: one derivation, on the blocking pool. The
+    /// test runtime is single-threaded, so its thread is the runtime thread.
+    #[tokio::test]
+    async fn concurrent_first_logins_derive_once_off_the_runtime_thread() {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let cell = DerivedVerifier::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let logins = (0..8).map(|_| {
+            let (calls, threads) = (calls.clone(), threads.clone());
+            cell.get_or_derive_with("pw", move |p| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                threads.lock().unwrap().push(std::thread::current().id());
+                ScramVerifier::from_password(p)
+            })
+        });
+        let verifiers = futures_util::future::join_all(logins).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_ne!(threads.lock().unwrap()[0], std::thread::current().id(), "derived on the runtime thread");
+        let first = verifiers[0].as_ref().unwrap();
+        assert!(verifiers.iter().all(|v| std::ptr::eq(*v.as_ref().unwrap(), *first)));
+    }
+
+    /// A reload parses a new config; its new password works at once, the old
+    /// one no longer does, and the old config (still held by logins that
+    /// started before the reload) keeps its own.
+    #[tokio::test]
+    async fn reloaded_password_is_honoured() {
+        let load = |pw: &str| {
+            let text = format!("[[users]]\nname = \"alice\"\npassword = \"{pw}\"\n");
+            let config = crate::config::Config::parse(&text, "proxy.toml").unwrap();
+            config.user("alice").unwrap().clone()
+        };
+        let old = load("old-pw");
+        assert!(scram_login(&old, "old-pw").await.0);
+        let new = load("new-pw");
+        assert!(scram_login(&new, "new-pw").await.0);
+        assert!(!scram_login(&new, "old-pw").await.0);
+        assert!(scram_login(&old, "old-pw").await.0);
+        assert!(!scram_login(&old, "new-pw").await.0);
+    }
+
     #[tokio::test]
     async fn scram_with_stored_verifier_and_wrong_password() {
         let stored = postgres_protocol::password::scram_sha_256(b"pw");
@@ -393,7 +520,8 @@ mod tests {
     #[tokio::test]
     async fn scram_user_without_usable_secret_fails_like_a_wrong_password() {
         for password in [None, Some("md54a0a68b43b6cd5cf266fa02f196e2371"), Some("SCRAM-SHA-256$broken")] {
-            let (r, _) = run(user(AuthMethod::ScramSha256, password), |mut c| async {
+            let u = user(AuthMethod::ScramSha256, password);
+            let (r, _) = run(u.clone(), |mut c| async {
                 assert!(!c.scram("secret").await);
                 c
             })
@@ -402,6 +530,8 @@ mod tests {
             assert!(matches!(e, AuthError::Failed { .. }), "{e}");
             // The log text says why; the client text does not.
             assert!(!e.message().contains('('));
+            // The fake exchange derives nothing (no PBKDF2 for such users).
+            assert!(!u.scram_verifier.0.initialized());
         }
     }
 

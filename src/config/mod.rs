@@ -270,6 +270,10 @@ pub struct UserConfig {
     pub server_password: Option<String>,
     #[serde(default = "default_auth")]
     pub auth: AuthMethod,
+    /// Derived from a plaintext `password` on the first SCRAM login of this
+    /// loaded configuration, then reused. Not configuration: never shown.
+    #[serde(skip)]
+    pub(crate) scram_verifier: crate::auth::client::DerivedVerifier,
 }
 
 fn default_auth() -> AuthMethod {
