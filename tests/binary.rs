@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::proxy::standard_config;
-use support::{APP, DB, eventually, scalar};
+use support::{DB, TRUST, eventually, scalar};
 
 /// A loopback port below 32768 nobody listens on right now.
 fn free_port() -> u16 {
@@ -33,8 +33,7 @@ async fn serve_with_workers(workers: usize) -> usize {
     let su = support::superuser(DB).await;
     su.batch_execute(&format!(
         "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int PRIMARY KEY, n int NOT NULL); \
-         INSERT INTO {table} SELECT g, 0 FROM generate_series(0, 7) g; GRANT ALL ON {table} TO {}",
-        APP.0
+         INSERT INTO {table} SELECT g, 0 FROM generate_series(0, 7) g; GRANT ALL ON {table} TO {TRUST}"
     ))
     .await
     .unwrap();
@@ -66,11 +65,13 @@ async fn serve_with_workers(workers: usize) -> usize {
             Ok::<_, tokio_postgres::Error>(client)
         }
     };
-    eventually(Duration::from_secs(10), "pgmux accepting", || async { connect(APP.0, APP.1, DB).await.is_ok() }).await;
+    // A trust user: SCRAM logins would start a blocking-pool thread for the
+    // key derivation, and the thread count is the point here.
+    eventually(Duration::from_secs(10), "pgmux accepting", || async { connect(TRUST, "", DB).await.is_ok() }).await;
 
     let mut clients = Vec::new();
     for id in 0..8 {
-        let client = connect(APP.0, APP.1, DB).await.expect("client");
+        let client = connect(TRUST, "", DB).await.expect("client");
         let table = table.clone();
         clients.push(tokio::spawn(async move {
             for _ in 0..25 {
