@@ -725,17 +725,10 @@ async fn serve_request(
         counters: pool.counters(),
         route: decided.map(|(_, route)| route.reason),
     };
-    let outcome = Box::pin(transaction(
-        stream,
-        &mut backend,
-        pending,
-        retry_copy.is_some(),
-        session,
-        &opts,
-        info.signal(),
-        &mut clock,
-    ))
-    .await;
+    // Not boxed apart: this future is already the boxed per-request one.
+    let outcome =
+        transaction(stream, &mut backend, pending, retry_copy.is_some(), session, &opts, info.signal(), &mut clock)
+            .await;
     info.released(&pool, clock); // admin hook
     match outcome {
         Ended::Clean if write_scope.is_some() => {
