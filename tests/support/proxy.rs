@@ -9,7 +9,6 @@ use pgmux::cluster::Cluster;
 use pgmux::config::Config;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use super::{APP, CLEAR, DB, MD5, TRUST};
 
@@ -19,7 +18,8 @@ pub struct Proxy {
     /// Where `/metrics` answers, when started with [`Proxy::start_with_metrics`].
     pub metrics: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    /// The proxy thread's result, once `server::run_with` returns.
+    finished: Option<oneshot::Receiver<std::io::Result<()>>>,
 }
 
 /// A proxy.toml for the standard cluster: database `app` on the primary with
@@ -99,32 +99,46 @@ impl Proxy {
         Proxy::launch(&toml, true, Some(path)).await
     }
 
+    /// Runs the proxy on a runtime of its own, on its own thread, built as
+    /// the binary builds it (`[proxy] workers`, one thread by default): the
+    /// suite exercises the runtime pgmux ships with, not the test's.
     async fn launch(toml: &str, with_metrics: bool, path: Option<&Path>) -> Proxy {
         let origin = path.map_or("test.toml".to_owned(), |p| p.display().to_string());
         let config = Config::parse(toml, &origin).unwrap_or_else(|e| panic!("test config is invalid: {e}"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
-        let addr = listener.local_addr().expect("bound address");
-        let metrics_listener = if with_metrics {
-            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port"))
-        } else {
-            None
+        let bind = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+            l.set_nonblocking(true).expect("non-blocking listener");
+            l
         };
+        let listener = bind();
+        let addr = listener.local_addr().expect("bound address");
+        let metrics_listener = with_metrics.then(bind);
         let metrics = metrics_listener.as_ref().map(|l| l.local_addr().expect("bound address"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let stopped = async {
-            let _ = stopped.await;
-        };
-        let task = match path {
-            None => {
-                tokio::spawn(pgmux::server::run_with_metrics(Arc::new(config), listener, metrics_listener, stopped))
-            }
-            Some(p) => {
-                let options =
-                    pgmux::server::ServerOptions { config_path: Some(p.to_owned()), metrics: metrics_listener };
-                tokio::spawn(pgmux::server::run_with(Arc::new(config), listener, stopped, options))
-            }
-        };
-        Proxy { addr, metrics, stop: Some(stop), task: Some(task) }
+        let (done, finished) = oneshot::channel::<std::io::Result<()>>();
+        let config_path = path.map(Path::to_owned);
+        let runtime = pgmux::server::runtime(config.proxy.workers).expect("proxy runtime");
+        std::thread::spawn(move || {
+            let result = runtime.block_on(async move {
+                // Registered with this runtime's reactor, not the test's.
+                let listener = TcpListener::from_std(listener)?;
+                let metrics_listener = metrics_listener.map(TcpListener::from_std).transpose()?;
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                match config_path {
+                    None => {
+                        pgmux::server::run_with_metrics(Arc::new(config), listener, metrics_listener, stopped).await
+                    }
+                    Some(p) => {
+                        let options = pgmux::server::ServerOptions { config_path: Some(p), metrics: metrics_listener };
+                        pgmux::server::run_with(Arc::new(config), listener, stopped, options).await
+                    }
+                }
+            });
+            let _ = done.send(result);
+        });
+        Proxy { addr, metrics, stop: Some(stop), finished: Some(finished) }
     }
 
     /// The standard config with the given pool size and extra `[proxy]` lines.
@@ -174,15 +188,13 @@ impl Proxy {
     /// Shuts down and waits for the server task to finish.
     pub async fn shutdown(mut self) {
         self.begin_shutdown();
-        if let Some(task) = self.task.take() {
-            task.await.expect("server task panicked").expect("server::run failed");
-        }
+        self.wait_stopped().await;
     }
 
     /// Waits for a shutdown begun with [`Proxy::begin_shutdown`].
     pub async fn wait_stopped(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.await.expect("server task panicked").expect("server::run failed");
+        if let Some(finished) = self.finished.take() {
+            finished.await.expect("proxy thread panicked").expect("server::run failed");
         }
     }
 }
