@@ -43,7 +43,7 @@ fn main() {
     let mut table = String::from("| proxy | RSS before | RSS with clients | per idle client |\n|---|---:|---:|---:|\n");
     print!("{table}");
 
-    let port = free_port();
+    let port = pgmux::cluster::pick_port().expect("a free loopback port");
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,
@@ -71,7 +71,7 @@ fn main() {
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .and_then(|v| v.lines().next().map(str::to_owned))
             .unwrap_or_else(|| "PgBouncer (version unknown)".into());
-        let port = free_port();
+        let port = pgmux::cluster::pick_port().expect("a free loopback port");
         let ini = dir.path().join("pgbouncer.ini");
         let users = dir.path().join("users.txt");
         std::fs::write(&users, "\"postgres\" \"\"\n").expect("users");
@@ -207,10 +207,6 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 fn which(name: &str) -> Result<std::path::PathBuf, ()> {

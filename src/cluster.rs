@@ -649,8 +649,10 @@ pub fn quote_literal(text: &str) -> String {
 /// clusters started concurrently never pick the same one.
 static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
-/// A loopback port below the ephemeral range that is free right now.
-fn pick_port() -> Result<u16, ClusterError> {
+/// A loopback port below the ephemeral range that is free right now and
+/// not handed out before by this process. Also for tests and benchmarks
+/// that start a server of their own next to the cluster.
+pub fn pick_port() -> Result<u16, ClusterError> {
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
     for _ in 0..1000 {
         let port = rand::random_range(PORT_RANGE);

@@ -6,7 +6,6 @@
 //! else `/usr/lib/postgresql/15/bin`, else `PATH`. As root, the server runs
 //! as the `postgres` OS user (Postgres refuses to run as root).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,7 +42,8 @@ impl Postgres {
     fn start() -> Postgres {
         let bin = pg_bin();
         let dir = tempfile::Builder::new().prefix("pgmux-backend-login-").tempdir().expect("temp dir");
-        let mut pg = Postgres { bin, dir, port: free_port(), started: false };
+        let mut pg =
+            Postgres { bin, dir, port: pgmux::cluster::pick_port().expect("a free loopback port"), started: false };
         if is_root() {
             run(Command::new("chown").arg("postgres:").arg(pg.dir.path()));
         }
@@ -133,16 +133,6 @@ fn pg_bin() -> PathBuf {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// A loopback port below 32768 (outside Linux's ephemeral range, so no
-/// outgoing connection grabs it meanwhile) that is free right now.
-fn free_port() -> u16 {
-    let start = 20_000 + (std::process::id() % 10_000) as u16;
-    (start..32_768)
-        .chain(20_000..start)
-        .find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-        .expect("a free loopback port")
 }
 
 fn run(cmd: &mut Command) {

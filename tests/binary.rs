@@ -9,16 +9,6 @@ use std::time::Duration;
 use support::proxy::standard_config;
 use support::{DB, TRUST, eventually, scalar};
 
-/// A loopback port below 32768 nobody listens on right now.
-fn free_port() -> u16 {
-    loop {
-        let port = 20_000 + rand::random::<u16>() % 12_000;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 fn thread_count(pid: u32) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()).expect("Threads line")
@@ -38,7 +28,7 @@ async fn serve_with_workers(workers: usize) -> usize {
     .await
     .unwrap();
 
-    let port = free_port();
+    let port = pgmux::cluster::pick_port().expect("a free loopback port");
     let config = standard_config(cluster, 2, &format!("workers = {workers}"))
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
         + "\n[admin]\nusers = [\"postgres\"]\n";
