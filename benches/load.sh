@@ -10,7 +10,7 @@
 #   CLIENTS="1 64 512"                    pgbench -c; -j is min(2, clients)
 #   DURATION=8                            seconds per pgbench run (SECONDS=8 works too)
 #   ROUNDS=3                              rounds; each round runs every cell on every target
-#   TARGETS="direct pgmux pgbouncer"      pgbouncer is skipped when not installed
+#   TARGETS="direct pgmux pgbouncer floor"  pgbouncer is skipped when not installed; floor: see below
 #   LATENCY_MODES="simple extended"       1-client `SELECT 1` added-latency runs ("" skips them)
 #   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
 #   SCALE=10                              pgbench -i scale factor
@@ -30,6 +30,14 @@
 #
 # PgBouncer 1.18 cannot serve `-M prepared` in transaction mode: prepared
 # cells compare pgmux with direct only.
+#
+# `floor` is a yardstick, not a pooler: examples/floor_relay.rs, one epoll
+# thread relaying each client's bytes to a server connection of its own with
+# one recv and one send per readiness and nothing else. Its CPU per
+# transaction is what the kernel charges any proxy for the round trips
+# (socket calls, loopback TCP, waking the peer); a proxy's excess over it is
+# its own code. Its TPS at many clients is not comparable: Postgres runs one
+# backend per client behind it.
 set -euo pipefail
 self=$(realpath "$0")
 cd "$(dirname "$self")/.."
@@ -43,7 +51,7 @@ MODES=${MODES:-simple extended prepared}
 CLIENTS=${CLIENTS:-1 64 512}
 DURATION=${DURATION:-${env_seconds:-8}}
 ROUNDS=${ROUNDS:-3}
-TARGETS=${TARGETS:-direct pgmux pgbouncer}
+TARGETS=${TARGETS:-direct pgmux pgbouncer floor}
 LATENCY_MODES=${LATENCY_MODES-simple extended}
 POOL_SIZE=${POOL_SIZE:-20}
 SCALE=${SCALE:-10}
@@ -67,9 +75,9 @@ bouncer_bin=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true
 targets=""
 for t in $TARGETS; do
     case $t in
-        direct | pgmux) targets+=" $t" ;;
+        direct | pgmux | floor) targets+=" $t" ;;
         pgbouncer) if [ -n "$bouncer_bin" ]; then targets+=" $t"; else echo "PgBouncer not installed (apt-get install pgbouncer): skipped" >&2; fi ;;
-        *) echo "TARGETS: direct, pgmux or pgbouncer, not $t" >&2; exit 2 ;;
+        *) echo "TARGETS: direct, pgmux, pgbouncer or floor, not $t" >&2; exit 2 ;;
     esac
 done
 read -r -a targets <<<"$targets"
@@ -80,6 +88,7 @@ has_target direct || { echo "TARGETS must include direct (the baseline)" >&2; ex
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo build --release --quiet
+has_target floor && cargo build --release --quiet --example floor_relay
 work=$(mktemp -d /tmp/pgmux-load.XXXXXX)
 chmod 755 "$work"
 as_pg=()
@@ -87,12 +96,13 @@ if [ "$(id -u)" = 0 ]; then
     chown postgres "$work"
     as_pg=(runuser -u postgres --)
 fi
-pg_started="" mux_pid="" bouncer_pid="" bench_pid=""
+pg_started="" mux_pid="" bouncer_pid="" floor_pid="" bench_pid=""
 cleanup() {
     set +e
     [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
     [ -n "$mux_pid" ] && kill "$mux_pid" 2>/dev/null
     [ -n "$bouncer_pid" ] && kill "$bouncer_pid" 2>/dev/null
+    [ -n "$floor_pid" ] && kill "$floor_pid" 2>/dev/null
     [ -n "$pg_started" ] && "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" stop -m immediate >/dev/null 2>&1
     wait 2>/dev/null
     rm -rf "$work"
@@ -113,7 +123,7 @@ free_port() {
         return
     done
 }
-pg_port=$(free_port) mux_port=$(free_port) bouncer_port=$(free_port)
+pg_port=$(free_port) mux_port=$(free_port) bouncer_port=$(free_port) floor_port=$(free_port)
 max_clients=$(printf '%s\n' $CLIENTS 1 | sort -n | tail -1)
 
 wait_port() { # port name
@@ -195,9 +205,16 @@ CONF
     [ "$(cat "/proc/$bouncer_pid/comm" 2>/dev/null)" = pgbouncer ] || { echo "PgBouncer exited: $(tail -3 "$work/pgbouncer.log")" >&2; exit 1; }
 fi
 
+# ---------------------------------------------------------------- floor relay
+if has_target floor; then
+    "${CARGO_TARGET_DIR:-target}/release/examples/floor_relay" "127.0.0.1:$floor_port" "127.0.0.1:$pg_port" 2>"$work/floor.log" &
+    floor_pid=$!
+    wait_port "$floor_port" floor_relay
+fi
+
 # ---------------------------------------------------------------- runs
-port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgbouncer) echo "$bouncer_port" ;; esac; }
-pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgbouncer) echo "$bouncer_pid" ;; *) echo "" ;; esac; }
+port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; esac; }
+pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; *) echo "" ;; esac; }
 # utime + stime of the whole process (all its threads), in clock ticks.
 cpu_ticks() { [ -n "$1" ] && sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}' || echo 0; }
 hz=$(getconf CLK_TCK)
@@ -314,8 +331,8 @@ report="$work/report.md"
     echo
     echo "#### Throughput and latency"
     echo
-    echo "| script | mode | clients | target | TPS median | TPS min–max | avg ms | p99 ms | × direct | × PgBouncer | proxy CPU s / 1000 xacts |"
-    echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| script | mode | clients | target | TPS median | TPS min–max | avg ms | p99 ms | × direct | × PgBouncer | proxy CPU s / 1000 xacts | CPU × PgBouncer |"
+    echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     # Medians of per-round values; CPU is total proxy ticks over all rounds
     # divided by total transactions.
     awk -F'\t' -v hz="$hz" -v order="$SCRIPTS|$MODES|$CLIENTS|${targets[*]}" '
@@ -341,6 +358,8 @@ report="$work/report.md"
             for (a = 1; a <= ns; a++) for (b = 1; b <= nm; b++) for (c = 1; c <= nc; c++) {
                 base = S[a] SUBSEP M[b] SUBSEP C[c]
                 d = median(tps[base SUBSEP "direct"]); pb = median(tps[base SUBSEP "pgbouncer"])
+                kb = base SUBSEP "pgbouncer"
+                pbcpu = (xacts[kb] > 0) ? ticks[kb] / xacts[kb] : 0
                 for (t = 1; t <= nt; t++) {
                     k = base SUBSEP T[t]
                     if (!(k in seen)) continue
@@ -351,10 +370,11 @@ report="$work/report.md"
                     vd = (T[t] == "direct" || d == "nan" || m == "nan") ? "–" : sprintf("%.2f", m / d)
                     vb = (T[t] == "pgbouncer" || pb == "nan" || m == "nan") ? "–" : sprintf("%.2f", m / pb)
                     cpu = (T[t] == "direct" || xacts[k] == 0) ? "–" : sprintf("%.4f", ticks[k] / hz / xacts[k] * 1000)
+                    vcpu = (T[t] == "direct" || T[t] == "pgbouncer" || xacts[k] == 0 || pbcpu == 0) ? "–" : sprintf("%.2f", ticks[k] / xacts[k] / pbcpu)
                     ok = m != "nan"
-                    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", S[a], M[b], C[c], T[t] note,
+                    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", S[a], M[b], C[c], T[t] note,
                         ok ? sprintf("%.0f", m) : "–", ok ? minmax(tps[k]) : "–",
-                        ok ? sprintf("%.3f", median(avg[k]) / 1000) : "–", ok ? sprintf("%.3f", median(p99[k]) / 1000) : "–", vd, vb, cpu
+                        ok ? sprintf("%.3f", median(avg[k]) / 1000) : "–", ok ? sprintf("%.3f", median(p99[k]) / 1000) : "–", vd, vb, cpu, vcpu
                 }
             }
         }' "$results"
