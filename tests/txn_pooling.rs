@@ -107,8 +107,13 @@ async fn query_wait_timeout_answers_53300_and_the_client_survives() {
     let proxy = Proxy::standard(cluster, 1, r#"query_wait_timeout = "200ms""#).await;
     let (holder, waiter) = (proxy.app().await, proxy.app().await);
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let asked = std::time::Instant::now();
     let err = waiter.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(code(&err), "53300", "{err}");
+    // Never before the timeout; late by at most the waiter sweep's period
+    // (100 ms) plus scheduling.
+    let waited = asked.elapsed();
+    assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2), "{waited:?}");
     // The same for the extended protocol.
     let err = waiter.query_typed("SELECT 1", &[]).await.unwrap_err();
     assert_eq!(code(&err), "53300", "{err}");

@@ -18,13 +18,21 @@ pub enum Grant<B> {
     Slot,
 }
 
+/// A client queued for a backend, since its request arrived.
+#[derive(Debug)]
+struct Waiter<B> {
+    since: Instant,
+    tx: oneshot::Sender<Grant<B>>,
+}
+
 /// The outcome of asking for a backend.
 #[derive(Debug)]
 pub enum Take<B> {
     Idle(B),
     /// Under `pool_size`: the caller opens a new backend (the slot is counted).
     Create,
-    /// At `pool_size`: wait in FIFO order.
+    /// At `pool_size`: wait in FIFO order. The sender is dropped, failing
+    /// the receive, when [`Inner::sweep_waiters`] finds the wait too long.
     Wait(oneshot::Receiver<Grant<B>>),
 }
 
@@ -100,7 +108,9 @@ pub struct Inner<B> {
     idle: VecDeque<B>,
     /// Backends that exist or are being opened, idle ones included.
     open: usize,
-    waiters: VecDeque<oneshot::Sender<Grant<B>>>,
+    waiters: VecDeque<Waiter<B>>,
+    /// A task is sweeping `waiters` for timeouts (see `Pool::checkout`).
+    sweeping: bool,
 }
 
 impl<B: Aged> Inner<B> {
@@ -114,6 +124,7 @@ impl<B: Aged> Inner<B> {
             idle: VecDeque::new(),
             open: 0,
             waiters: VecDeque::new(),
+            sweeping: false,
         }
     }
 
@@ -176,14 +187,14 @@ impl<B: Aged> Inner<B> {
     }
 
     pub fn waiting(&self) -> usize {
-        self.waiters.iter().filter(|w| !w.is_closed()).count()
+        self.waiters.iter().filter(|w| !w.tx.is_closed()).count()
     }
 
     /// Asks for a backend. Expired idle backends met on the way are returned
     /// in `expired` for the caller to close outside the lock.
     pub fn take(&mut self, now: Instant, expired: &mut Vec<(B, CloseReason)>) -> Take<B> {
         // Waiters first: a newcomer must not overtake the queue.
-        if self.waiters.iter().all(|w| w.is_closed()) {
+        if self.waiters.iter().all(|w| w.tx.is_closed()) {
             self.waiters.clear();
             while let Some(b) = self.idle.pop_back() {
                 match self.expiry(&b, now) {
@@ -200,8 +211,23 @@ impl<B: Aged> Inner<B> {
             }
         }
         let (tx, rx) = oneshot::channel();
-        self.waiters.push_back(tx);
+        self.waiters.push_back(Waiter { since: now, tx });
         Take::Wait(rx)
+    }
+
+    /// True once per stretch of waiting: the caller then starts the task
+    /// that calls [`Inner::sweep_waiters`] until the queue is empty.
+    pub fn claim_sweeper(&mut self) -> bool {
+        !std::mem::replace(&mut self.sweeping, true)
+    }
+
+    /// Times out waiters queued for `wait` or longer (dropping their sender
+    /// fails their receive) and forgets those that gave up. Returns whether
+    /// anyone is still waiting, i.e. whether the sweeper must go on.
+    pub fn sweep_waiters(&mut self, now: Instant, wait: Duration) -> bool {
+        self.waiters.retain(|w| !w.tx.is_closed() && now.saturating_duration_since(w.since) < wait);
+        self.sweeping = !self.waiters.is_empty();
+        self.sweeping
     }
 
     fn expiry(&self, b: &B, now: Instant) -> Option<CloseReason> {
@@ -239,7 +265,7 @@ impl<B: Aged> Inner<B> {
             return Some((b, CloseReason::LifetimeOver));
         }
         while let Some(w) = self.waiters.pop_front() {
-            match w.send(Grant::Backend(b)) {
+            match w.tx.send(Grant::Backend(b)) {
                 Ok(()) => return None,
                 // That waiter gave up (timeout, disconnect): try the next one.
                 Err(Grant::Backend(back)) => b = back,
@@ -261,7 +287,7 @@ impl<B: Aged> Inner<B> {
         while self.open < self.pool_size {
             let Some(w) = self.waiters.pop_front() else { return };
             self.open += 1;
-            if w.send(Grant::Slot).is_err() {
+            if w.tx.send(Grant::Slot).is_err() {
                 self.open -= 1;
             }
         }
@@ -353,6 +379,31 @@ mod tests {
         p.forget();
         assert!(matches!(second.try_recv(), Ok(Grant::Slot)));
         assert_eq!(p.open(), 2);
+    }
+
+    #[test]
+    fn sweep_times_out_long_waits_and_keeps_the_rest_in_order() {
+        let t = Instant::now();
+        let wait = Duration::from_secs(5);
+        let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
+        let mut ex = Vec::new();
+        assert!(matches!(p.take(t, &mut ex), Take::Create));
+        let Take::Wait(mut old) = p.take(t, &mut ex) else { panic!("should wait") };
+        assert!(p.claim_sweeper(), "the first waiter starts the sweeper");
+        let Take::Wait(gave_up) = p.take(t + Duration::from_secs(1), &mut ex) else { panic!("should wait") };
+        let Take::Wait(mut young) = p.take(t + Duration::from_secs(2), &mut ex) else { panic!("should wait") };
+        assert!(!p.claim_sweeper(), "one sweeper at a time");
+        drop(gave_up);
+        // At t+5s the first has waited 5s: timed out; the one that gave up is forgotten.
+        assert!(p.sweep_waiters(t + wait, wait), "someone still waits");
+        assert!(matches!(old.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
+        assert_eq!(p.waiting(), 1);
+        assert!(p.put(fake(1, t), t).is_none());
+        assert!(matches!(young.try_recv(), Ok(Grant::Backend(Fake { id: 1, .. }))));
+        // Nobody left: the sweeper stops, and the next waiter starts a new one.
+        assert!(!p.sweep_waiters(t + wait, wait));
+        let Take::Wait(_next) = p.take(t + wait, &mut ex) else { panic!("should wait") };
+        assert!(p.claim_sweeper());
     }
 
     #[test]

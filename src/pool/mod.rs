@@ -12,7 +12,7 @@ pub mod inner;
 pub mod statements;
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -132,12 +132,19 @@ pub struct Pool {
     created: Instant,
     /// Named statements of this pool's clients, interned by text.
     pub statements: statements::Registry,
+    /// For the waiter sweeper, which must not keep a dropped pool alive.
+    this: Weak<Pool>,
 }
+
+/// How often queued clients are checked against `query_wait_timeout`: a
+/// wait times out up to this late. (PgBouncer checks three times a second.)
+const WAIT_SWEEP_PERIOD: Duration = Duration::from_millis(100);
 
 impl Pool {
     pub fn new(settings: PoolSettings) -> Arc<Pool> {
         let inner = Inner::new(settings.pool_size, settings.lifetime, settings.idle_timeout);
-        Arc::new(Pool {
+        Arc::new_cyclic(|this| Pool {
+            this: this.clone(),
             settings: ArcSwap::from_pointee(settings),
             inner: Mutex::new(inner),
             server_params: Mutex::new(None),
@@ -255,38 +262,36 @@ impl Pool {
     }
 
     async fn checkout_inner(&self, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
-        let wait = self.settings.load().query_wait_timeout;
-        let deadline = tokio::time::Instant::from_std(started + wait);
         let mut now = started;
         loop {
             let mut expired = Vec::new();
-            let take = self.lock().take(now, &mut expired);
+            let (take, start_sweeper) = {
+                let mut inner = self.lock();
+                let take = inner.take(now, &mut expired);
+                let start_sweeper = matches!(take, Take::Wait(_)) && inner.claim_sweeper();
+                (take, start_sweeper)
+            };
             for (b, reason) in expired {
                 tracing::debug!(pid = b.pid, %reason, "closing server connection");
                 b.close();
             }
+            if start_sweeper {
+                tokio::spawn(sweep_waiters(self.this.clone()));
+            }
             let grant = match take {
                 Take::Idle(b) => Grant::Backend(b),
                 Take::Create => Grant::Slot,
-                Take::Wait(mut rx) => match tokio::time::timeout_at(deadline, &mut rx).await {
-                    Ok(Ok(grant)) => {
+                // No timer per wait (registering one in tokio's wheel and
+                // removing it cost more than the rest of the hand-off): the
+                // pool's sweeper times the queue out, by dropping the sender.
+                // Grants and the sweep both happen under the pool lock, so a
+                // timed-out waiter was granted nothing.
+                Take::Wait(rx) => match rx.await {
+                    Ok(grant) => {
                         now = Instant::now();
                         grant
                     }
-                    // The sender lives in `inner`, which outlives us: a dropped
-                    // sender can only mean the pool is being torn down.
-                    Ok(Err(_)) => return Err(PoolError::Timeout(wait)),
-                    Err(_) => {
-                        // Something may have been granted between the timer
-                        // firing and now: give it back rather than leak it.
-                        rx.close();
-                        match rx.try_recv() {
-                            Ok(Grant::Backend(b)) => self.checkin(b),
-                            Ok(Grant::Slot) => self.lock().forget(),
-                            Err(_) => {}
-                        }
-                        return Err(PoolError::Timeout(wait));
-                    }
+                    Err(_) => return Err(PoolError::Timeout(self.settings.load().query_wait_timeout)),
                 },
             };
             match grant {
@@ -373,6 +378,7 @@ impl Pool {
     }
 
     /// Periodic upkeep: close expired idle backends, keep `min_pool_size` open.
+    /// (Waiters are swept by their own task: see `sweep_waiters`.)
     pub async fn maintain(self: &Arc<Self>) {
         let min = self.settings.load().min_pool_size;
         let (expired, to_open) = {
@@ -545,6 +551,21 @@ impl Pools {
         let replicas = self.replicas().into_iter().map(|(_, p)| p);
         for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas) {
             pool.close_idle();
+        }
+    }
+}
+
+/// Times out a pool's waiting clients every [`WAIT_SWEEP_PERIOD`] while any
+/// wait, then ends (the next client to queue starts another).
+async fn sweep_waiters(pool: Weak<Pool>) {
+    let mut tick = tokio::time::interval(WAIT_SWEEP_PERIOD);
+    tick.tick().await; // the first tick is immediate
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let wait = pool.settings.load().query_wait_timeout;
+        if !pool.lock().sweep_waiters(Instant::now(), wait) {
+            return;
         }
     }
 }
