@@ -306,7 +306,7 @@ fn full_pool(pool_size: usize) -> Inner<Dummy> {
     let mut out = Vec::new();
     let held: Vec<Dummy> = (0..pool_size)
         .map(|_| {
-            assert!(matches!(inner.take(now, &mut out), Take::Create));
+            assert!(matches!(inner.take(now, now, &mut out), Take::Create));
             Dummy { created: now, last_used: now }
         })
         .collect();
@@ -325,7 +325,7 @@ fn pool(c: &mut Criterion) {
     let mut expired = Vec::new();
     g.bench_function("take_put_idle", |b| {
         b.iter(|| {
-            let Take::Idle(backend) = inner.take(black_box(now), &mut expired) else { unreachable!() };
+            let Take::Idle(backend) = inner.take(black_box(now), now, &mut expired) else { unreachable!() };
             inner.put(backend, now)
         })
     });
@@ -335,7 +335,8 @@ fn pool(c: &mut Criterion) {
     g.bench_function("take_put_idle_locked_with_clock", |b| {
         b.iter(|| {
             let mut expired = Vec::new();
-            let take = pool.lock().expect("lock").take(Instant::now(), &mut expired);
+            let asked = Instant::now();
+            let take = pool.lock().expect("lock").take(asked, asked, &mut expired);
             let Take::Idle(mut backend) = take else { unreachable!() };
             backend.last_used = Instant::now();
             pool.lock().expect("lock").put(backend, Instant::now())
@@ -346,11 +347,11 @@ fn pool(c: &mut Criterion) {
     // is handed to it directly.
     let mut inner = full_pool(1);
     let mut expired = Vec::new();
-    let Take::Idle(first) = inner.take(now, &mut expired) else { unreachable!() };
+    let Take::Idle(first) = inner.take(now, now, &mut expired) else { unreachable!() };
     let mut held = Some(first);
     g.bench_function("wait_then_handoff", |b| {
         b.iter(|| {
-            let Take::Wait(mut rx) = inner.take(now, &mut expired) else { unreachable!() };
+            let Take::Wait(mut rx) = inner.take(now, now, &mut expired) else { unreachable!() };
             assert!(inner.put(held.take().expect("held"), now).is_none());
             let Ok(Grant::Backend(backend)) = rx.try_recv() else { unreachable!() };
             held = Some(backend);

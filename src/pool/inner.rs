@@ -191,8 +191,9 @@ impl<B: Aged> Inner<B> {
     }
 
     /// Asks for a backend. Expired idle backends met on the way are returned
-    /// in `expired` for the caller to close outside the lock.
-    pub fn take(&mut self, now: Instant, expired: &mut Vec<(B, CloseReason)>) -> Take<B> {
+    /// in `expired` for the caller to close outside the lock. A wait is timed
+    /// from `asked` (the request's arrival, even when this is a retry).
+    pub fn take(&mut self, now: Instant, asked: Instant, expired: &mut Vec<(B, CloseReason)>) -> Take<B> {
         // Waiters first: a newcomer must not overtake the queue.
         if self.waiters.iter().all(|w| w.tx.is_closed()) {
             self.waiters.clear();
@@ -211,7 +212,7 @@ impl<B: Aged> Inner<B> {
             }
         }
         let (tx, rx) = oneshot::channel();
-        self.waiters.push_back(Waiter { since: now, tx });
+        self.waiters.push_back(Waiter { since: asked, tx });
         Take::Wait(rx)
     }
 
@@ -368,10 +369,10 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(2, HOUR, HOUR);
         let mut ex = Vec::new();
-        assert!(matches!(p.take(t, &mut ex), Take::Create));
-        assert!(matches!(p.take(t, &mut ex), Take::Create));
-        let Take::Wait(mut first) = p.take(t, &mut ex) else { panic!("should wait") };
-        let Take::Wait(mut second) = p.take(t, &mut ex) else { panic!("should wait") };
+        assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        let Take::Wait(mut first) = p.take(t, t, &mut ex) else { panic!("should wait") };
+        let Take::Wait(mut second) = p.take(t, t, &mut ex) else { panic!("should wait") };
         assert_eq!(p.waiting(), 2);
         assert!(p.put(fake(1, t), t).is_none());
         assert!(matches!(first.try_recv(), Ok(Grant::Backend(Fake { id: 1, .. }))));
@@ -387,11 +388,15 @@ mod tests {
         let wait = Duration::from_secs(5);
         let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
         let mut ex = Vec::new();
-        assert!(matches!(p.take(t, &mut ex), Take::Create));
-        let Take::Wait(mut old) = p.take(t, &mut ex) else { panic!("should wait") };
+        assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        let Take::Wait(mut old) = p.take(t, t, &mut ex) else { panic!("should wait") };
         assert!(p.claim_sweeper(), "the first waiter starts the sweeper");
-        let Take::Wait(gave_up) = p.take(t + Duration::from_secs(1), &mut ex) else { panic!("should wait") };
-        let Take::Wait(mut young) = p.take(t + Duration::from_secs(2), &mut ex) else { panic!("should wait") };
+        let Take::Wait(gave_up) = p.take(t + Duration::from_secs(1), t + Duration::from_secs(1), &mut ex) else {
+            panic!("should wait")
+        };
+        let Take::Wait(mut young) = p.take(t + Duration::from_secs(2), t + Duration::from_secs(2), &mut ex) else {
+            panic!("should wait")
+        };
         assert!(!p.claim_sweeper(), "one sweeper at a time");
         drop(gave_up);
         // At t+5s the first has waited 5s: timed out; the one that gave up is forgotten.
@@ -402,8 +407,21 @@ mod tests {
         assert!(matches!(young.try_recv(), Ok(Grant::Backend(Fake { id: 1, .. }))));
         // Nobody left: the sweeper stops, and the next waiter starts a new one.
         assert!(!p.sweep_waiters(t + wait, wait));
-        let Take::Wait(_next) = p.take(t + wait, &mut ex) else { panic!("should wait") };
+        let Take::Wait(_next) = p.take(t + wait, t + wait, &mut ex) else { panic!("should wait") };
         assert!(p.claim_sweeper());
+    }
+
+    #[test]
+    fn a_retried_wait_is_timed_from_the_request_not_the_retry() {
+        let t = Instant::now();
+        let wait = Duration::from_secs(5);
+        let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
+        let mut ex = Vec::new();
+        assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        // Asked at t, queued again at t+4s (its granted backend was dead).
+        let Take::Wait(mut retry) = p.take(t + Duration::from_secs(4), t, &mut ex) else { panic!("should wait") };
+        assert!(!p.sweep_waiters(t + wait, wait));
+        assert!(matches!(retry.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
     }
 
     #[test]
@@ -411,11 +429,11 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
         let mut ex = Vec::new();
-        assert!(matches!(p.take(t, &mut ex), Take::Create));
-        let Take::Wait(_w) = p.take(t, &mut ex) else { panic!() };
+        assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        let Take::Wait(_w) = p.take(t, t, &mut ex) else { panic!() };
         // The slot frees and goes to the waiter; a newcomer must queue.
         p.forget();
-        assert!(matches!(p.take(t, &mut ex), Take::Wait(_)));
+        assert!(matches!(p.take(t, t, &mut ex), Take::Wait(_)));
     }
 
     #[test]
@@ -423,10 +441,10 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
         let mut ex = Vec::new();
-        p.take(t, &mut ex);
-        let Take::Wait(gone) = p.take(t, &mut ex) else { panic!() };
+        p.take(t, t, &mut ex);
+        let Take::Wait(gone) = p.take(t, t, &mut ex) else { panic!() };
         drop(gone);
-        let Take::Wait(mut live) = p.take(t, &mut ex) else { panic!() };
+        let Take::Wait(mut live) = p.take(t, t, &mut ex) else { panic!() };
         assert!(p.put(fake(7, t), t).is_none());
         assert!(matches!(live.try_recv(), Ok(Grant::Backend(Fake { id: 7, .. }))));
     }
@@ -436,10 +454,10 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(2, Duration::from_secs(10), HOUR);
         let mut ex = Vec::new();
-        p.take(t, &mut ex);
+        p.take(t, t, &mut ex);
         assert!(p.put(fake(1, t), t).is_none());
         let later = t + Duration::from_secs(11);
-        assert!(matches!(p.take(later, &mut ex), Take::Create));
+        assert!(matches!(p.take(later, later, &mut ex), Take::Create));
         assert_eq!(ex.len(), 1);
         assert_eq!(ex[0].1, CloseReason::LifetimeOver);
         assert_eq!(p.open(), 1);
@@ -449,7 +467,7 @@ mod tests {
     fn lifetime_over_on_return_closes() {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(1, Duration::from_secs(10), HOUR);
-        p.take(t, &mut Vec::new());
+        p.take(t, t, &mut Vec::new());
         let (_, why) = p.put(fake(1, t), t + Duration::from_secs(10)).expect("closed");
         assert_eq!(why, CloseReason::LifetimeOver);
         assert_eq!(p.open(), 0);
@@ -460,7 +478,7 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(3, HOUR, HOUR);
         for _ in 0..3 {
-            p.take(t, &mut Vec::new());
+            p.take(t, t, &mut Vec::new());
         }
         p.pool_size = 1;
         assert_eq!(p.put(fake(1, t), t).map(|x| x.1), Some(CloseReason::PoolShrunk));
@@ -474,7 +492,7 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(4, HOUR, Duration::from_secs(60));
         for _ in 0..3 {
-            assert!(matches!(p.take(t, &mut Vec::new()), Take::Create));
+            assert!(matches!(p.take(t, t, &mut Vec::new()), Take::Create));
         }
         for i in 0..3 {
             assert!(p.put(fake(i, t), t).is_none());
@@ -491,9 +509,9 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
         let mut ex = Vec::new();
-        assert!(matches!(p.take(t, &mut ex), Take::Create));
-        let Take::Wait(mut a) = p.take(t, &mut ex) else { panic!() };
-        let Take::Wait(mut b) = p.take(t, &mut ex) else { panic!() };
+        assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        let Take::Wait(mut a) = p.take(t, t, &mut ex) else { panic!() };
+        let Take::Wait(mut b) = p.take(t, t, &mut ex) else { panic!() };
         assert!(p.reconfigure(3, HOUR, HOUR).is_empty());
         assert!(matches!(a.try_recv(), Ok(Grant::Slot)));
         assert!(matches!(b.try_recv(), Ok(Grant::Slot)));
@@ -505,7 +523,7 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(4, HOUR, HOUR);
         for _ in 0..4 {
-            p.take(t, &mut Vec::new());
+            p.take(t, t, &mut Vec::new());
         }
         for i in 0..3 {
             assert!(p.put(fake(i, t), t).is_none());
@@ -518,7 +536,7 @@ mod tests {
         // Shrink below what is busy: the idle survivor stays until it is over size.
         let mut p = Inner::<Fake>::new(3, HOUR, HOUR);
         for _ in 0..3 {
-            p.take(t, &mut Vec::new());
+            p.take(t, t, &mut Vec::new());
         }
         assert!(p.reconfigure(1, HOUR, HOUR).is_empty());
         assert_eq!(p.put(fake(1, t), t).map(|x| x.1), Some(CloseReason::PoolShrunk));
@@ -531,7 +549,7 @@ mod tests {
         let t = Instant::now();
         let mut p = Inner::<Fake>::new(3, HOUR, HOUR);
         for _ in 0..3 {
-            p.take(t, &mut Vec::new());
+            p.take(t, t, &mut Vec::new());
         }
         assert!(p.put(fake(1, t), t).is_none());
         let closed = p.retarget();
@@ -543,7 +561,7 @@ mod tests {
         let closed = p.retire();
         assert_eq!((closed.len(), closed[0].1), (1, CloseReason::Retired));
         assert_eq!(p.open(), 0);
-        assert!(matches!(p.take(t, &mut Vec::new()), Take::Create));
+        assert!(matches!(p.take(t, t, &mut Vec::new()), Take::Create));
         let fresh = Fake { generation: p.generation(), ..fake(4, t) };
         assert_eq!(p.put(fresh, t).map(|x| x.1), Some(CloseReason::Retired));
     }

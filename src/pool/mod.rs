@@ -267,7 +267,7 @@ impl Pool {
             let mut expired = Vec::new();
             let (take, start_sweeper) = {
                 let mut inner = self.lock();
-                let take = inner.take(now, &mut expired);
+                let take = inner.take(now, started, &mut expired);
                 let start_sweeper = matches!(take, Take::Wait(_)) && inner.claim_sweeper();
                 (take, start_sweeper)
             };
