@@ -132,8 +132,6 @@ pub struct Pool {
     created: Instant,
     /// Named statements of this pool's clients, interned by text.
     pub statements: statements::Registry,
-    /// For the waiter sweeper, which must not keep a dropped pool alive.
-    this: Weak<Pool>,
 }
 
 /// How often queued clients are checked against `query_wait_timeout`: a
@@ -143,8 +141,7 @@ const WAIT_SWEEP_PERIOD: Duration = Duration::from_millis(100);
 impl Pool {
     pub fn new(settings: PoolSettings) -> Arc<Pool> {
         let inner = Inner::new(settings.pool_size, settings.lifetime, settings.idle_timeout);
-        Arc::new_cyclic(|this| Pool {
-            this: this.clone(),
+        Arc::new(Pool {
             settings: ArcSwap::from_pointee(settings),
             inner: Mutex::new(inner),
             server_params: Mutex::new(None),
@@ -240,7 +237,7 @@ impl Pool {
     }
 
     /// Waits up to `query_wait_timeout` for a live backend, FIFO among waiters.
-    pub async fn checkout(&self) -> Result<Box<Backend>, PoolError> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Box<Backend>, PoolError> {
         self.checkout_at(Instant::now()).await.map(|(b, _)| b)
     }
 
@@ -248,7 +245,7 @@ impl Pool {
     /// reading the caller already has). Also returns when the backend was
     /// granted: `started` itself when an idle one was there, so the common
     /// case reads no clock at all.
-    pub async fn checkout_at(&self, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
+    pub async fn checkout_at(self: &Arc<Self>, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
         let result = self.checkout_inner(started).await;
         let granted = match &result {
             Ok((_, granted)) => *granted,
@@ -261,7 +258,7 @@ impl Pool {
         result
     }
 
-    async fn checkout_inner(&self, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
+    async fn checkout_inner(self: &Arc<Self>, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
         let mut now = started;
         loop {
             let mut expired = Vec::new();
@@ -276,7 +273,8 @@ impl Pool {
                 b.close();
             }
             if start_sweeper {
-                tokio::spawn(sweep_waiters(self.this.clone()));
+                // Weak: the sweeper must not keep a dropped pool alive.
+                tokio::spawn(sweep_waiters(Arc::downgrade(self)));
             }
             let grant = match take {
                 Take::Idle(b) => Grant::Backend(b),
@@ -344,7 +342,7 @@ impl Pool {
     }
 
     /// The server's ParameterStatus set, opening a backend the first time.
-    pub async fn server_params(&self) -> Result<ServerParams, PoolError> {
+    pub async fn server_params(self: &Arc<Self>) -> Result<ServerParams, PoolError> {
         if let Some(p) = self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(p);
         }
