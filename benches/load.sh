@@ -217,16 +217,28 @@ port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgb
 pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; *) echo "" ;; esac; }
 # utime + stime of the whole process (all its threads), in clock ticks.
 cpu_ticks() { [ -n "$1" ] && sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}' || echo 0; }
+# Postgres as a whole: the postmaster, its live children (backends, walwriter,
+# ...) and the children it has already reaped (a direct run's backends).
+postmaster=$(head -1 "$work/data/postmaster.pid")
+pg_ticks() {
+    {
+        sed 's/.*) //' "/proc/$postmaster/stat" | awk '{print $12 + $13 + $14 + $15}'
+        for c in $(pgrep -P "$postmaster"); do sed 's/.*) //' "/proc/$c/stat" 2>/dev/null | awk '{print $12 + $13}'; done
+    } | awk '{s += $1} END {print s + 0}'
+}
+# pgbench (and the `timeout` around it): the CPU of this shell's reaped children.
+# Takes the shell's own PID: inside $(...) $BASHPID is the subshell's.
+children_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $14 + $15}'; }
 hz=$(getconf CLK_TCK)
 echo 'SELECT 1;' >"$work/select1.sql"
 
-results="$work/results.tsv" # kind script mode clients round target tps xacts failed avg_us p99_us cpu_ticks
+results="$work/results.tsv" # kind script mode clients round target tps xacts failed avg_us p99_us cpu_ticks pg_ticks bench_ticks
 : >"$results"
 
 # Runs pgbench once and appends one line to $results.
 run() { # kind script mode clients round target
     local kind=$1 script=$2 mode=$3 clients=$4 round=$5 target=$6
-    local pid logs out c0 c1 rc=0 script_args=()
+    local pid logs out c0 c1 g0 g1 b0 b1 n0 rc=0 script_args=() shell=$BASHPID
     case $script in
         select) script_args=(-S) ;;
         tpcb) script_args=() ;;
@@ -240,7 +252,8 @@ run() { # kind script mode clients round target
     logs="$work/logs" out="$work/pgbench.out"
     rm -rf "$logs" && mkdir "$logs"
     pid=$(pid_of "$target")
-    c0=$(cpu_ticks "$pid")
+    n0=$(pgrep -c -P "$postmaster" || true)
+    c0=$(cpu_ticks "$pid") g0=$(pg_ticks) b0=$(children_ticks "$shell")
     # A proxy that stalls fails its run instead of hanging the benchmark.
     timeout -k 5 $((2 * DURATION + 90)) pgbench -n -h 127.0.0.1 -p "$(port_of "$target")" -U postgres -c "$clients" -j $((clients < 2 ? clients : 2)) \
         -T "$DURATION" -M "$mode" -l --log-prefix="$logs/tx" "${script_args[@]}" postgres >"$out" 2>&1 &
@@ -248,7 +261,16 @@ run() { # kind script mode clients round target
     bench_pid=$!
     wait "$bench_pid" || rc=$?
     bench_pid=""
-    c1=$(cpu_ticks "$pid")
+    c1=$(cpu_ticks "$pid") b1=$(children_ticks "$shell")
+    # Backends of clients that connected straight to Postgres (direct, floor)
+    # exit with pgbench: their CPU counts once the postmaster has reaped them.
+    if [ "$target" = direct ] || [ "$target" = floor ]; then
+        for _ in $(seq 100); do
+            [ "$(pgrep -c -P "$postmaster" || true)" -le "$n0" ] && break
+            sleep 0.02
+        done
+    fi
+    g1=$(pg_ticks)
     local tps xacts failed
     tps=$(awk '/^tps = / {print $3; exit}' "$out")
     xacts=$(awk -F': ' '/^number of transactions actually processed/ {print $2 + 0; exit}' "$out")
@@ -267,8 +289,8 @@ run() { # kind script mode clients round target
     local lat
     lat=$({ cat "$logs"/tx.* 2>/dev/null || true; } | awk '$3 ~ /^[0-9]+$/ {print $3}' | sort -n |
         awk '{v[NR] = $1; s += $1} END {if (NR) {i = int(NR * 0.99); if (i < NR * 0.99) i++; printf "%.1f %d", s / NR, v[i]} else print "nan nan"}')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$script" "$mode" "$clients" "$round" "$target" \
-        "$tps" "$xacts" "${failed:-0}" "${lat% *}" "${lat#* }" $((c1 - c0)) >>"$results"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$script" "$mode" "$clients" "$round" "$target" \
+        "$tps" "$xacts" "${failed:-0}" "${lat% *}" "${lat#* }" $((c1 - c0)) $((g1 - g0)) $((b1 - b0)) >>"$results"
     printf '  %-9s %9.0f tps  avg %7.3f ms  p99 %7.3f ms%s\n' "$target" "$tps" \
         "$(awk -v a="${lat% *}" 'BEGIN {print a / 1000}')" "$(awk -v a="${lat#* }" 'BEGIN {print a / 1000}')" \
         "$([ "${failed:-0}" != 0 ] && echo "  ($failed failed)")" >&2
@@ -378,6 +400,50 @@ report="$work/report.md"
                 }
             }
         }' "$results"
+    if printf '%s\n' $CLIENTS | grep -qvx 1; then
+        echo
+        echo "#### Where the CPU goes"
+        echo
+        echo "CPU µs per transaction (user + system ticks summed over rounds, divided by the transactions): the proxy process; Postgres (postmaster, every backend and background process, backends that exited included); pgbench. With more clients than cores the three saturate the machine, so a target's TPS follows their sum. The second table asks what that allows: with PgBouncer's Postgres and pgbench cost held fixed, the TPS × PgBouncer of a proxy that cost nothing, and the proxy CPU a proxy could spend to reach 1.15× (0 when not even that is enough), next to what the floor relay and pgmux spent."
+        echo
+        echo "| script | mode | clients | target | proxy | Postgres | pgbench | sum |"
+        echo "|---|---|---:|---|---:|---:|---:|---:|"
+        awk -F'\t' -v hz="$hz" -v order="$SCRIPTS|$MODES|$CLIENTS|${targets[*]}" -v ceiling="$work/ceiling.md" '
+            $1 == "load" && $4 > 1 && $8 > 0 {
+                k = $2 SUBSEP $3 SUBSEP $4 SUBSEP $6
+                xacts[k] += $8; px[k] += $12; pg[k] += $13; bn[k] += $14; seen[k] = 1
+            }
+            function us(t, k) { return t / hz * 1e6 / xacts[k] }
+            END {
+                split(order, o, "|")
+                ns = split(o[1], S, " "); nm = split(o[2], M, " "); nc = split(o[3], C, " "); nt = split(o[4], T, " ")
+                for (a = 1; a <= ns; a++) for (b = 1; b <= nm; b++) for (c = 1; c <= nc; c++) {
+                    base = S[a] SUBSEP M[b] SUBSEP C[c]
+                    for (t = 1; t <= nt; t++) {
+                        k = base SUBSEP T[t]
+                        if (!(k in seen)) continue
+                        proxy = T[t] == "direct" ? 0 : us(px[k], k)
+                        printf "| %s | %s | %s | %s | %s | %.1f | %.1f | %.1f |\n", S[a], M[b], C[c], T[t],
+                            T[t] == "direct" ? "–" : sprintf("%.1f", proxy), us(pg[k], k), us(bn[k], k), proxy + us(pg[k], k) + us(bn[k], k)
+                    }
+                    kb = base SUBSEP "pgbouncer"
+                    if (!(kb in seen)) continue
+                    bp = us(px[kb], kb); rest = us(pg[kb], kb) + us(bn[kb], kb)
+                    need = (bp + rest) / 1.15 - rest
+                    kf = base SUBSEP "floor"; km = base SUBSEP "pgmux"
+                    if (need < 0) need = 0
+                    printf("| %s | %s | %s | %.0f%% | %.2f | %.1f | %s | %s |\n", S[a], M[b], C[c], 100 * bp / (bp + rest),
+                        (bp + rest) / rest, need, (kf in seen) ? sprintf("%.1f", us(px[kf], kf)) : "–",
+                        (km in seen) ? sprintf("%.1f", us(px[km], km)) : "–") >> ceiling
+                }
+            }' "$results"
+        if [ -s "$work/ceiling.md" ]; then
+            echo
+            echo "| script | mode | clients | PgBouncer's share of the CPU | TPS × PgBouncer of a proxy costing nothing | proxy µs per xact for 1.15× | floor relay µs per xact | pgmux µs per xact |"
+            echo "|---|---|---:|---:|---:|---:|---:|---:|"
+            cat "$work/ceiling.md"
+        fi
+    fi
     if [ -n "$LATENCY_MODES" ]; then
         echo
         echo "#### Added latency per \`SELECT 1\` round trip (1 client)"
