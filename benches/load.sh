@@ -223,7 +223,8 @@ postmaster=$(head -1 "$work/data/postmaster.pid")
 pg_ticks() {
     {
         sed 's/.*) //' "/proc/$postmaster/stat" | awk '{print $12 + $13 + $14 + $15}'
-        for c in $(pgrep -P "$postmaster"); do sed 's/.*) //' "/proc/$c/stat" 2>/dev/null | awk '{print $12 + $13}'; done
+        # A child may exit between pgrep and the read: no line for it, no failure.
+        for c in $(pgrep -P "$postmaster"); do sed 's/.*) //' "/proc/$c/stat" 2>/dev/null | awk '{print $12 + $13}' || true; done
     } | awk '{s += $1} END {print s + 0}'
 }
 # pgbench (and the `timeout` around it): the CPU of this shell's reaped children.
@@ -263,11 +264,12 @@ run() { # kind script mode clients round target
     bench_pid=""
     c1=$(cpu_ticks "$pid") b1=$(children_ticks "$shell")
     # Backends of clients that connected straight to Postgres (direct, floor)
-    # exit with pgbench: their CPU counts once the postmaster has reaped them.
+    # exit with pgbench: their CPU counts once the postmaster has reaped them
+    # (and must not spill into the next run). 512 of them can take seconds.
     if [ "$target" = direct ] || [ "$target" = floor ]; then
-        for _ in $(seq 100); do
+        for _ in $(seq 300); do
             [ "$(pgrep -c -P "$postmaster" || true)" -le "$n0" ] && break
-            sleep 0.02
+            sleep 0.05
         done
     fi
     g1=$(pg_ticks)
