@@ -121,6 +121,26 @@ async fn query_wait_timeout_answers_53300_and_the_client_survives() {
     assert_eq!(scalar(&waiter, "SELECT 2").await, "2");
 }
 
+/// `query_wait_timeout = 0` disables the limit, as in PgBouncer (and as 0
+/// does for pgmux's other timeouts): a request waits as long as it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_query_wait_timeout_waits_without_limit() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::standard(cluster, 1, "query_wait_timeout = 0").await;
+    let (holder, waiter) = (proxy.app().await, proxy.app().await);
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let asked = std::time::Instant::now();
+    let query = tokio::spawn(async move { waiter.simple_query("SELECT 2").await.map(|_| waiter) });
+    // Held well past several waiter sweeps (100 ms apart): a zero timeout
+    // that meant "at once" would have failed the wait by now.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!query.is_finished(), "the waiting request was answered while no backend was free");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let waiter = query.await.unwrap().expect("the request waits for the backend, then runs");
+    assert!(asked.elapsed() >= Duration::from_millis(600));
+    assert_eq!(scalar(&waiter, "SELECT 3").await, "3");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_failures_carry_the_right_sqlstate() {
     let cluster = support::cluster_async().await;

@@ -223,10 +223,12 @@ impl<B: Aged> Inner<B> {
     }
 
     /// Times out waiters queued for `wait` or longer (dropping their sender
-    /// fails their receive) and forgets those that gave up. Returns whether
-    /// anyone is still waiting, i.e. whether the sweeper must go on.
+    /// fails their receive; a zero `wait` never times out, as in PgBouncer)
+    /// and forgets those that gave up. Returns whether anyone is still
+    /// waiting, i.e. whether the sweeper must go on.
     pub fn sweep_waiters(&mut self, now: Instant, wait: Duration) -> bool {
-        self.waiters.retain(|w| !w.tx.is_closed() && now.saturating_duration_since(w.since) < wait);
+        let unlimited = wait.is_zero();
+        self.waiters.retain(|w| !w.tx.is_closed() && (unlimited || now.saturating_duration_since(w.since) < wait));
         self.sweeping = !self.waiters.is_empty();
         self.sweeping
     }
@@ -424,6 +426,24 @@ mod tests {
         assert!(matches!(retry.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
     }
 
+    /// `query_wait_timeout = 0` means no limit (PgBouncer's meaning), not "fail
+    /// at once"; a waiter that gave up is still forgotten.
+    #[test]
+    fn a_zero_wait_never_times_out() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
+        let mut ex = Vec::new();
+        assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        let Take::Wait(mut patient) = p.take(t, t, &mut ex) else { panic!("should wait") };
+        let Take::Wait(gone) = p.take(t, t, &mut ex) else { panic!("should wait") };
+        drop(gone);
+        assert!(p.sweep_waiters(t + HOUR, Duration::ZERO), "the patient waiter is still queued");
+        assert!(matches!(patient.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        assert!(p.put(fake(3, t), t).is_none());
+        assert!(matches!(patient.try_recv(), Ok(Grant::Backend(Fake { id: 3, .. }))));
+        assert!(!p.sweep_waiters(t + HOUR, Duration::ZERO), "nobody left to sweep");
+    }
+
     #[test]
     fn newcomer_does_not_overtake_waiters() {
         let t = Instant::now();
@@ -461,6 +481,20 @@ mod tests {
         assert_eq!(ex.len(), 1);
         assert_eq!(ex[0].1, CloseReason::LifetimeOver);
         assert_eq!(p.open(), 1);
+    }
+
+    /// `server_lifetime = 0` and `server_idle_timeout = 0` disable them (as in PgBouncer).
+    #[test]
+    fn zero_lifetime_and_idle_timeout_never_expire() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(1, Duration::ZERO, Duration::ZERO);
+        let mut ex = Vec::new();
+        p.take(t, t, &mut ex);
+        let much_later = t + 1000 * HOUR;
+        assert!(p.put(fake(1, t), much_later).is_none(), "kept on return");
+        assert!(p.expire_idle(much_later, 0).is_empty(), "kept by the janitor");
+        assert!(matches!(p.take(much_later, much_later, &mut ex), Take::Idle(Fake { id: 1, .. })));
+        assert!(ex.is_empty());
     }
 
     #[test]
