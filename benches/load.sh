@@ -215,21 +215,33 @@ fi
 # ---------------------------------------------------------------- runs
 port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; esac; }
 pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; *) echo "" ;; esac; }
-# utime + stime of the whole process (all its threads), in clock ticks.
-cpu_ticks() { [ -n "$1" ] && sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}' || echo 0; }
+# The sum of fields of /proc/PID/stat, numbered after "pid (comm) " (12 utime,
+# 13 stime, 14 cutime, 15 cstime: clock ticks); prints nothing, and does not
+# fail, when the process is gone.
+stat_ticks() { # pid field...
+    local pid=$1
+    shift
+    sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk -v f="$*" '{n = split(f, i, " "); s = 0; for (j = 1; j <= n; j++) s += $(i[j]); print s}' || true
+}
+# utime + stime of the whole process (all its threads); 0 without a process.
+cpu_ticks() {
+    local t=""
+    [ -n "$1" ] && t=$(stat_ticks "$1" 12 13)
+    echo "${t:-0}"
+}
 # Postgres as a whole: the postmaster, its live children (backends, walwriter,
-# ...) and the children it has already reaped (a direct run's backends).
+# ...) and the children it has already reaped (a direct run's backends). A
+# child that exits between pgrep and the read counts nothing.
 postmaster=$(head -1 "$work/data/postmaster.pid")
 pg_ticks() {
     {
-        sed 's/.*) //' "/proc/$postmaster/stat" | awk '{print $12 + $13 + $14 + $15}'
-        # A child may exit between pgrep and the read: no line for it, no failure.
-        for c in $(pgrep -P "$postmaster"); do sed 's/.*) //' "/proc/$c/stat" 2>/dev/null | awk '{print $12 + $13}' || true; done
+        stat_ticks "$postmaster" 12 13 14 15
+        for c in $(pgrep -P "$postmaster"); do stat_ticks "$c" 12 13; done
     } | awk '{s += $1} END {print s + 0}'
 }
 # pgbench (and the `timeout` around it): the CPU of this shell's reaped children.
 # Takes the shell's own PID: inside $(...) $BASHPID is the subshell's.
-children_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $14 + $15}'; }
+children_ticks() { stat_ticks "$1" 14 15; }
 hz=$(getconf CLK_TCK)
 echo 'SELECT 1;' >"$work/select1.sql"
 
