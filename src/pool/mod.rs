@@ -261,6 +261,12 @@ impl Pool {
     async fn checkout_inner(self: &Arc<Self>, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
         let mut now = started;
         loop {
+            // From here to the end of this round the slot the pool counted for
+            // us (a new backend, or a grant in the queue) is ours: if this
+            // future is dropped meanwhile (the login timeout while a slow
+            // server accepts, a client gone while it waits), the guard gives
+            // it back.
+            let mut slot = SlotGuard { pool: self, held: false };
             let mut expired = Vec::new();
             let (take, start_sweeper) = {
                 let mut inner = self.lock();
@@ -278,19 +284,26 @@ impl Pool {
             }
             let grant = match take {
                 Take::Idle(b) => Grant::Backend(b),
-                Take::Create => Grant::Slot,
+                Take::Create => {
+                    slot.held = true;
+                    Grant::Slot
+                }
                 // No timer per wait (registering one in tokio's wheel and
                 // removing it cost more than the rest of the hand-off): the
                 // pool's sweeper times the queue out, by dropping the sender.
                 // Grants and the sweep both happen under the pool lock, so a
                 // timed-out waiter was granted nothing.
-                Take::Wait(rx) => match rx.await {
-                    Ok(grant) => {
-                        now = Instant::now();
-                        grant
+                Take::Wait(rx) => {
+                    let mut waiting = Waiting { pool: self, rx };
+                    match (&mut waiting.rx).await {
+                        Ok(grant) => {
+                            now = Instant::now();
+                            slot.held = matches!(grant, Grant::Slot);
+                            grant
+                        }
+                        Err(_) => return Err(PoolError::Timeout(self.settings.load().query_wait_timeout)),
                     }
-                    Err(_) => return Err(PoolError::Timeout(self.settings.load().query_wait_timeout)),
-                },
+                }
             };
             match grant {
                 Grant::Backend(b) if b.is_alive() => {
@@ -306,13 +319,12 @@ impl Pool {
                 // inline it would size every client's task for this rare path.
                 Grant::Slot => match Box::pin(self.open_backend()).await {
                     Ok(b) => {
+                        slot.held = false;
                         self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
                         return Ok((b, Instant::now()));
                     }
-                    Err(e) => {
-                        self.lock().forget();
-                        return Err(e);
-                    }
+                    // The guard frees the slot.
+                    Err(e) => return Err(e),
                 },
             }
         }
@@ -405,6 +417,41 @@ impl Pool {
         let idle = self.lock().drain_idle();
         for b in idle {
             b.close();
+        }
+    }
+}
+
+/// A slot counted for a backend not opened yet: freed on drop unless the
+/// backend was opened (`held` cleared).
+struct SlotGuard<'a> {
+    pool: &'a Pool,
+    held: bool,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.pool.lock().forget();
+        }
+    }
+}
+
+/// A place in the wait queue. Dropped before its grant was taken (the
+/// waiting future cancelled), it hands the grant back: a backend to the
+/// pool, a slot to the next waiter.
+struct Waiting<'a> {
+    pool: &'a Pool,
+    rx: tokio::sync::oneshot::Receiver<Grant<Box<Backend>>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // Closed first, so no grant can arrive after the look.
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Grant::Backend(b)) => self.pool.checkin(b),
+            Ok(Grant::Slot) => self.pool.lock().forget(),
+            Err(_) => {}
         }
     }
 }
