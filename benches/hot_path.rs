@@ -237,6 +237,7 @@ impl Session {
             registry: &self.registry,
             max_prepared: 200,
             on_session_state: OnSessionState::Pin,
+            max_query_size: 64 << 20,
         };
         link.scan_client(req, &mut scope, &mut self.prepared).expect("valid request");
     }

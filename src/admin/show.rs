@@ -527,6 +527,8 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ("proxy.max_client_conn", p.max_client_conn.to_string()),
         ("proxy.query_wait_timeout", format_duration(p.query_wait_timeout)),
         ("proxy.idle_transaction_timeout", format_duration(p.idle_transaction_timeout)),
+        ("proxy.query_timeout", format_duration(p.query_timeout)),
+        ("proxy.max_query_size", p.max_query_size.to_string()),
         ("proxy.server_idle_timeout", format_duration(p.server_idle_timeout)),
         ("proxy.server_lifetime", format_duration(p.server_lifetime)),
         ("proxy.shutdown_timeout", format_duration(p.shutdown_timeout)),

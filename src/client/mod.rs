@@ -206,28 +206,48 @@ fn unit_sql<'a>(pending: &'a [u8], statements: &'a ClientStatements) -> Vec<&'a 
     parts
 }
 
-/// Reads until `pending` holds a whole request unit: a Query or
-/// FunctionCall, or extended messages up to Sync (or Flush). `Ok(false)`
-/// if the client left or terminated first.
-async fn read_unit(stream: &mut Stream, pending: &mut BytesMut) -> std::io::Result<Result<bool, FrameError>> {
+/// How a request unit read for routing ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// With this message: Query, FunctionCall or Sync (ReadyForQuery will
+    /// answer it), or Flush (no ReadyForQuery until the client sends more).
+    Ends(u8),
+    /// Not whole within [`UNIT_LIMIT`] bytes (or ended by a message the
+    /// server will refuse): routed to the primary unread; the rest streams.
+    Open,
+}
+
+/// How much of one request pgmux buffers to classify it before it gives up
+/// and routes it as a write: a client streaming Bind/Execute without Sync
+/// costs no more than this.
+const UNIT_LIMIT: usize = 64 * 1024;
+
+/// Reads until `pending` holds a whole request unit. `None` if the client
+/// left or terminated first.
+async fn read_unit(stream: &mut Stream, pending: &mut BytesMut) -> std::io::Result<Result<Option<Unit>, FrameError>> {
     loop {
         let mut pos = 0;
         loop {
             match Header::parse(&pending[pos..], MAX_MESSAGE_LEN) {
-                Ok(Some(h)) if h.tag == tag::TERMINATE && pos == 0 => return Ok(Ok(false)),
+                Ok(Some(h)) if h.tag == tag::TERMINATE && pos == 0 => return Ok(Ok(None)),
+                // The relay answers it as Postgres would, after what came before.
+                Ok(Some(h)) if !tag::is_frontend(h.tag) => return Ok(Ok(Some(Unit::Open))),
                 Ok(Some(h)) if pending.len() >= pos + h.frame_len() => {
                     pos += h.frame_len();
                     if matches!(h.tag, tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH) {
-                        return Ok(Ok(true));
+                        return Ok(Ok(Some(Unit::Ends(h.tag))));
                     }
                 }
                 Ok(_) => break,
                 Err(e) => return Ok(Err(e)),
             }
         }
+        if pending.len() >= UNIT_LIMIT {
+            return Ok(Ok(Some(Unit::Open)));
+        }
         pending.reserve(4096);
         if stream.read_buf(pending).await? == 0 {
-            return Ok(Ok(false));
+            return Ok(Ok(None));
         }
     }
 }
@@ -611,12 +631,13 @@ async fn serve_request(
 ) -> std::io::Result<Step> {
     // Routing needs the whole request unit to classify it.
     let mut decided: Option<(Intent, Route)> = None;
+    let mut unit = Unit::Open;
     if session.routing.is_some() {
-        match Box::pin(read_unit(stream, pending)).await? {
-            Ok(true) => {}
-            Ok(false) => return Ok(Step::Done),
+        unit = match Box::pin(read_unit(stream, pending)).await? {
+            Ok(Some(unit)) => unit,
+            Ok(None) => return Ok(Step::Done),
             Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await.map(|()| Step::Done),
-        }
+        };
     }
     // The request's one clock reading: routing, the PAUSE gate, the pool
     // wait, the link and, when the backend comes back, the relay's last
@@ -629,6 +650,12 @@ async fn serve_request(
         {
             *intent = Intent::Write;
             *route = Route::primary(RouteReason::MisrouteRetry);
+        } else if unit == Unit::Open
+            && let Some((intent, route)) = &mut decided
+        {
+            // What was not read may write: the primary, as for any write.
+            *intent = Intent::Write;
+            *route = Route::primary(RouteReason::Write);
         }
     }
     if session.mode == PoolMode::Transaction
@@ -710,8 +737,12 @@ async fn serve_request(
     info.linked(&backend, &pool, clock);
     // A read sent to a replica may still turn out to be a write (a function
     // that writes): keep the request so it can be re-run on the primary.
+    // Only a unit that a ReadyForQuery will answer: after a Flush the client
+    // waits for the answer before it sends more, so holding it would hang.
     let retry_copy = match (&decided, &session.routing) {
-        (Some((Intent::Read | Intent::HintReplica, route)), Some(_)) if route.target != Target::Primary => {
+        (Some((Intent::Read | Intent::HintReplica, route)), Some(_))
+            if route.target != Target::Primary && unit != Unit::Ends(tag::FLUSH) =>
+        {
             Some(bytes::Bytes::copy_from_slice(pending))
         }
         _ => None,
@@ -720,6 +751,8 @@ async fn serve_request(
         client: info.id,
         release_at_boundary: session.mode == PoolMode::Transaction,
         idle_transaction_timeout: config.proxy.idle_transaction_timeout,
+        query_timeout: config.proxy.query_timeout,
+        max_query_size: config.proxy.max_query_size,
         on_session_state: config.proxy.on_session_state,
         stats: &shared.stats,
         counters: pool.counters(),
@@ -815,7 +848,12 @@ fn prepare_locally(pending: &mut BytesMut, session: &mut Session) -> Option<Byte
             tag::PARSE => {
                 let (name, rest) = statements::cstr(body)?;
                 let sql = &rest[..memchr::memchr(0, rest)?];
-                if name.is_empty() || relay::touches_settings(sql) || pinning::session_state(sql).is_some() {
+                // A name in use is refused by the server (42P05), in order.
+                if name.is_empty()
+                    || session.statements.get(name).is_some()
+                    || relay::touches_settings(sql)
+                    || pinning::session_state(sql).is_some()
+                {
                     return None;
                 }
                 let st = session.pool.statements.find(rest).filter(|st| st.is_validated())?;
@@ -910,9 +948,10 @@ async fn transaction(
         registry: &session.pool.statements,
         max_prepared: session.pool.settings().max_prepared,
         on_session_state: opts.on_session_state,
+        max_query_size: opts.max_query_size,
     };
     if let Err(e) = link.scan_client(&mut backend.to_server, &mut scope, &mut backend.prepared) {
-        return Ended::Recover(Box::new(link), Some((SqlState::PROTOCOL_VIOLATION, e.to_string())));
+        return Ended::Recover(Box::new(link), Some((e.sqlstate(), e.to_string())));
     }
     // The request that opened the transaction was read before the relay.
     link.traffic.bytes_in = backend.to_server.len() as u64;
@@ -958,8 +997,16 @@ async fn transaction(
                 Ended::Recover(Box::new(link), None)
             }
         }
-        Outcome::ClientProtocol(e) => {
-            Ended::Recover(Box::new(link), Some((SqlState::PROTOCOL_VIOLATION, e.to_string())))
+        Outcome::ClientProtocol(e) => Ended::Recover(Box::new(link), Some((e.sqlstate(), e.to_string()))),
+        Outcome::QueryTimeout => {
+            tracing::warn!(client = opts.client, pid = backend.pid, timeout = ?opts.query_timeout, "query_timeout: closing the server connection");
+            // Cancelled, so the server stops working for nobody; closed, since
+            // what it will still send is unknown.
+            tokio::spawn(relay::cancel_backend(backend.addr, backend.pid, backend.secret));
+            Ended::Discard(Some((
+                SqlState::QUERY_CANCELED,
+                format!("canceling statement due to query_timeout ({:?})", opts.query_timeout),
+            )))
         }
         Outcome::IdleInTransaction => Ended::Recover(
             Box::new(link),
@@ -981,6 +1028,8 @@ async fn transaction(
                 Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "replica answer could not be retried".into())))
             }
         }
+        // The server said why it closed (a FATAL, relayed): as from Postgres, nothing follows it.
+        Outcome::ServerGone(_) if link.server_fatal => Ended::Discard(None),
         Outcome::ServerGone(why) => {
             tracing::info!(client = opts.client, pid = backend.pid, reason = %why, "server connection lost");
             Ended::Discard(Some((SqlState::CONNECTION_FAILURE, format!("server connection lost: {why}"))))

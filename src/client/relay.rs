@@ -28,6 +28,7 @@ use crate::pool::statements::{PreparedSet, Registry, Statement};
 use crate::pool::{Backend, PoolCounters, Traffic};
 use crate::protocol::backend::{self as msg};
 use crate::protocol::frame::{FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, Scanner};
+use crate::protocol::sqlstate::SqlState;
 use crate::protocol::{frontend, tag};
 use crate::routing::route::RouteReason;
 
@@ -40,19 +41,38 @@ const HIGH_WATER: usize = 256 * 1024;
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A response pgmux is waiting for, in the order the server will send it.
-/// Only the messages whose responses pgmux may drop or must attribute are
-/// tracked; every Query/Sync/FunctionCall ends a group with `Ready`.
+/// Every message that gets an answer is tracked, so that an ErrorResponse is
+/// attributed to the message that caused it: after an error in an
+/// extended-protocol message the server skips everything up to the next
+/// Sync (Queries included), after a simple Query's error it does not.
 #[derive(Debug)]
 enum Expect {
     /// ParseComplete. `forward: false` for a Parse pgmux injected. `statement`
     /// is the server copy it creates; `client_name` the client's name for it.
     Parse { forward: bool, statement: Option<Arc<Statement>>, client_name: Option<Box<[u8]>> },
+    /// A Parse of a name the client already uses, sent under that statement's
+    /// server name so the server refuses it (42P05) in order; the error is
+    /// reworded to name the client's statement.
+    DuplicateParse { client_name: Box<[u8]> },
     /// BindComplete; `statement` lets a stale-plan error retire the right statement.
     Bind { statement: Option<Arc<Statement>> },
+    /// Describe: ends with RowDescription or NoData.
+    Describe,
+    /// Execute: ends with CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// A Flush with a body: the server answers it with an error only.
+    BadFlush,
     /// CloseComplete. `forward: false` for a Close pgmux injected.
     Close { forward: bool },
-    /// ReadyForQuery. `forward: false` for a Sync pgmux injected.
-    Ready { forward: bool },
+    /// ReadyForQuery. `forward: false` for a Sync pgmux injected; `sync`
+    /// when a Sync asked for it (not a Query or FunctionCall): the server
+    /// stops skipping there.
+    Ready { forward: bool, sync: bool },
+}
+
+impl Expect {
+    const QUERY: Expect = Expect::Ready { forward: true, sync: false };
+    const SYNC: Expect = Expect::Ready { forward: true, sync: true };
 }
 
 /// Where the statements a client refers to live: its own names, the pool's
@@ -63,6 +83,8 @@ pub struct StatementScope<'a> {
     pub max_prepared: usize,
     /// What to do with statements that create session state.
     pub on_session_state: OnSessionState,
+    /// The largest Query/Parse/Describe/Close pgmux holds whole to inspect.
+    pub max_query_size: usize,
 }
 
 /// What the relay knows about the backend's protocol state while linked.
@@ -87,13 +109,24 @@ pub struct Link {
     server_ready: usize,
     /// The client sent Terminate; it has been cut out of the stream.
     pub terminated: bool,
+    /// The client sent a message of this invalid type; it and what follows
+    /// were cut out. The session ends (FATAL, as from Postgres) once what
+    /// came before is answered.
+    pub invalid: Option<u8>,
+    /// After an error in an extended-protocol message the server discards
+    /// everything up to the next Sync; no Sync was on its way.
+    skipping: bool,
+    /// The server sent a FATAL (or PANIC) error: it closes next, and the
+    /// client must get nothing after it.
+    pub server_fatal: bool,
     /// The server sent something pgmux cannot pool (CopyBoth, or a stray ReadyForQuery).
     pub unpoolable: bool,
     /// The backend holds the client's unnamed statement.
     unnamed_here: bool,
     expect: VecDeque<Expect>,
-    /// Server frames to cut out of the current chunk (responses to injected messages).
-    drops: Vec<(usize, usize)>,
+    /// Server frames to cut out of the current chunk (responses to injected
+    /// messages), or to replace (a reworded error).
+    drops: Vec<(usize, usize, Option<BytesMut>)>,
     /// Session parameter changes reported by the server since the last call to `take_param_changes`.
     param_changes: Vec<(String, String)>,
     /// Settings the client's SQL may have changed for the session (`SET`,
@@ -141,6 +174,9 @@ impl Link {
             client_ready: 0,
             server_ready: 0,
             terminated: false,
+            invalid: None,
+            skipping: false,
+            server_fatal: false,
             unpoolable: false,
             unnamed_here: false,
             expect,
@@ -207,37 +243,81 @@ impl Link {
                 continue;
             }
             let Some(header) = Header::parse(&buf[pos..], MAX_MESSAGE_LEN)? else { break };
+            if !tag::is_frontend(header.tag) {
+                // Never forwarded: Postgres would end the session when it read
+                // it, after answering what came before; so does pgmux. A Flush
+                // brings those answers without a Sync, as the server's exit would.
+                self.invalid = Some(header.tag);
+                buf.truncate(pos);
+                if self.unsynced && !self.skipping {
+                    buf.extend_from_slice(FLUSH);
+                    pos += FLUSH.len();
+                }
+                break;
+            }
             let end = pos + header.frame_len();
             let whole = buf.len() >= end;
-            match header.tag {
-                tag::QUERY | tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE => {
-                    if !whole {
-                        self.need_whole_frame = true;
+            if self.skipping && !matches!(header.tag, tag::SYNC | tag::TERMINATE) {
+                // The server discards it unread (an error came before, no Sync
+                // since): no answer to expect, nothing to rewrite.
+            } else {
+                match header.tag {
+                    tag::QUERY | tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE => {
+                        if !whole {
+                            if header.tag == tag::BIND && bind_prefix_len(&buf[pos + HEADER_LEN..]).is_some() {
+                                // Only the statement name is rewritten: the
+                                // parameters (a large bytea, say) stream through.
+                                self.need_whole_frame = false;
+                                let new_end = self.inspect(buf, pos, end, header.tag, scope, prepared);
+                                self.client_body_remaining = new_end - buf.len();
+                                pos = buf.len();
+                                continue;
+                            }
+                            let held = if header.tag == tag::BIND { buf.len() - pos } else { header.frame_len() };
+                            if held > scope.max_query_size {
+                                return Err(FrameError::TooLargeToInspect {
+                                    tag: header.tag,
+                                    len: header.frame_len(),
+                                    limit: scope.max_query_size,
+                                });
+                            }
+                            self.need_whole_frame = true;
+                            break;
+                        }
+                        self.need_whole_frame = false;
+                        pos = self.inspect(buf, pos, end, header.tag, scope, prepared);
+                        continue;
+                    }
+                    tag::TERMINATE => {
+                        // Terminate is for pgmux, not for the pooled server: drop it and anything after.
+                        self.terminated = true;
+                        buf.truncate(pos);
                         break;
                     }
-                    self.need_whole_frame = false;
-                    pos = self.inspect(buf, pos, end, header.tag, scope, prepared);
-                    continue;
+                    tag::FUNCTION_CALL => {
+                        self.pending_ready += 1;
+                        self.expect.push_back(Expect::QUERY);
+                    }
+                    // During COPY FROM STDIN the server ignores Sync: no ReadyForQuery for it.
+                    tag::SYNC if !self.copy_in => {
+                        self.pending_ready += 1;
+                        self.unsynced = false;
+                        self.skipping = false;
+                        self.expect.push_back(Expect::SYNC);
+                    }
+                    tag::EXECUTE => {
+                        self.unsynced = true;
+                        self.expect.push_back(Expect::Execute);
+                    }
+                    // A Flush with a body gets an error, and the server then
+                    // waits for a Sync: the backend must stay until it comes.
+                    tag::FLUSH if header.len != 4 => {
+                        self.unsynced = true;
+                        self.expect.push_back(Expect::BadFlush);
+                    }
+                    tag::COPY_DONE | tag::COPY_FAIL => self.copy_in = false,
+                    _ => {}
                 }
-                tag::TERMINATE => {
-                    // Terminate is for pgmux, not for the pooled server: drop it and anything after.
-                    self.terminated = true;
-                    buf.truncate(pos);
-                    break;
-                }
-                tag::FUNCTION_CALL => {
-                    self.pending_ready += 1;
-                    self.expect.push_back(Expect::Ready { forward: true });
-                }
-                // During COPY FROM STDIN the server ignores Sync: no ReadyForQuery for it.
-                tag::SYNC if !self.copy_in => {
-                    self.pending_ready += 1;
-                    self.unsynced = false;
-                    self.expect.push_back(Expect::Ready { forward: true });
-                }
-                tag::EXECUTE => self.unsynced = true,
-                tag::COPY_DONE | tag::COPY_FAIL => self.copy_in = false,
-                _ => {}
             }
             if whole {
                 pos = end;
@@ -261,12 +341,13 @@ impl Link {
         scope: &mut StatementScope<'_>,
         prepared: &mut PreparedSet,
     ) -> usize {
-        let body = &buf[start + HEADER_LEN..end];
+        // A streamed Bind is inspected on its first bytes only: `end` lies past the buffer.
+        let body = &buf[start + HEADER_LEN..end.min(buf.len())];
         let mut out = BytesMut::new();
         match tag {
             tag::QUERY => {
                 self.pending_ready += 1;
-                self.expect.push_back(Expect::Ready { forward: true });
+                self.expect.push_back(Expect::QUERY);
                 // A simple Query destroys the unnamed statement.
                 scope.client.unnamed = None;
                 self.unnamed_here = false;
@@ -296,7 +377,7 @@ impl Link {
                                     client_name: None,
                                 });
                                 out.extend_from_slice(SYNC);
-                                self.insert_before_last(Expect::Ready { forward: false });
+                                self.insert_before_last(Expect::Ready { forward: false, sync: true });
                                 self.pending_ready += 1;
                             }
                             prepared.remove(st.id, false);
@@ -322,6 +403,26 @@ impl Link {
                     self.unnamed_here = true;
                     self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
                     return end;
+                }
+                if !name.is_empty()
+                    && let Some(existing) = scope.client.get(name).cloned()
+                {
+                    // Postgres refuses a name in use (42P05), after checking the
+                    // text, and keeps the first statement. The server does the
+                    // refusing, in order: the Parse goes out under the existing
+                    // statement's server name (made present on this backend).
+                    self.ensure_prepared(&existing, scope, prepared, &mut out);
+                    self.expect.push_back(Expect::DuplicateParse { client_name: name.into() });
+                    let name_start = start + HEADER_LEN;
+                    let new_end = statements::rename(
+                        buf,
+                        start,
+                        end,
+                        name_start,
+                        name_start + name.len(),
+                        existing.server_name.as_bytes(),
+                    );
+                    return self.insert_in_front(buf, start, new_end, &out);
                 }
                 let touches = touches_settings(rest);
                 if touches {
@@ -406,15 +507,23 @@ impl Link {
             }
             tag::DESCRIBE => {
                 self.unsynced = true;
-                let Some(name) = statements::statement_target(body) else { return end };
+                let Some(name) = statements::statement_target(body) else {
+                    self.expect.push_back(Expect::Describe);
+                    return end;
+                };
                 if name.is_empty() {
                     self.ensure_unnamed(scope, &mut out);
+                    self.expect.push_back(Expect::Describe);
                     return self.insert_in_front(buf, start, end, &out);
                 }
-                let Some(st) = scope.client.get(name).cloned() else { return end };
+                let Some(st) = scope.client.get(name).cloned() else {
+                    self.expect.push_back(Expect::Describe);
+                    return end;
+                };
                 let name_start = start + HEADER_LEN + 1;
                 let name_end = name_start + name.len();
                 self.ensure_prepared(&st, scope, prepared, &mut out);
+                self.expect.push_back(Expect::Describe);
                 let new_end = statements::rename(buf, start, end, name_start, name_end, st.server_name.as_bytes());
                 self.insert_in_front(buf, start, new_end, &out)
             }
@@ -552,6 +661,8 @@ impl Link {
             hold,
             misrouted,
             traffic,
+            skipping,
+            server_fatal,
             ..
         } = self;
         drops.clear();
@@ -581,7 +692,7 @@ impl Link {
                                 st.mark_validated();
                             }
                             if !forward {
-                                drops.extend(f.start.map(|s| (s, f.end)));
+                                drops.extend(f.start.map(|s| (s, f.end, None)));
                             }
                         }
                         _ => *unpoolable = true,
@@ -589,10 +700,20 @@ impl Link {
                     tag::BIND_COMPLETE if !matches!(expect.pop_front(), Some(Expect::Bind { .. })) => {
                         *unpoolable = true;
                     }
+                    // Inside a simple Query's answer these come unasked: only
+                    // an awaited Describe or Execute ends with them.
+                    tag::ROW_DESCRIPTION | tag::NO_DATA if matches!(expect.front(), Some(Expect::Describe)) => {
+                        expect.pop_front();
+                    }
+                    tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE | tag::PORTAL_SUSPENDED
+                        if matches!(expect.front(), Some(Expect::Execute)) =>
+                    {
+                        expect.pop_front();
+                    }
                     tag::CLOSE_COMPLETE => match expect.pop_front() {
                         Some(Expect::Close { forward }) => {
                             if !forward {
-                                drops.extend(f.start.map(|s| (s, f.end)));
+                                drops.extend(f.start.map(|s| (s, f.end, None)));
                             }
                         }
                         _ => *unpoolable = true,
@@ -603,6 +724,29 @@ impl Link {
                             // A misrouted write's 25006 never reaches the client: not counted.
                             traffic.errors.push(sqlstate_class(&err.code));
                         }
+                        if matches!(err.severity.as_str(), "FATAL" | "PANIC") {
+                            *server_fatal = true;
+                        }
+                        if let Some(Expect::DuplicateParse { client_name }) = expect.front()
+                            && err.code == SqlState::DUPLICATE_PREPARED_STATEMENT.code()
+                        {
+                            // The server named its own statement: name the client's, as directly.
+                            let mut reworded = BytesMut::new();
+                            let text = format!(
+                                "prepared statement \"{}\" already exists",
+                                String::from_utf8_lossy(client_name)
+                            );
+                            msg::error_response(
+                                &mut reworded,
+                                msg::Severity::Error,
+                                SqlState::DUPLICATE_PREPARED_STATEMENT,
+                                &text,
+                            );
+                            // A frame begun in an earlier read was partly sent: it stays as the server wrote it.
+                            if let Some(s) = f.start {
+                                drops.push((s, f.end, Some(reworded)));
+                            }
+                        }
                         if let Some(Expect::Bind { statement: Some(st) }) = expect.front()
                             && err.code == "0A000"
                             && err.message.contains("cached plan must not change result type")
@@ -612,25 +756,23 @@ impl Link {
                             registry.invalidate(st);
                             prepared.remove(st.id, true);
                         }
-                        // The server skips everything up to the next Sync.
-                        while let Some(e) = expect.front() {
-                            if matches!(e, Expect::Ready { forward: true }) {
-                                break;
-                            }
-                            if let Some(Expect::Parse { statement: Some(st), client_name, .. }) = expect.pop_front() {
-                                prepared.remove(st.id, false);
-                                if let (Some(name), Some(client)) = (client_name, client.as_deref_mut())
-                                    && client.get(&name).is_some_and(|cur| Arc::ptr_eq(cur, &st))
-                                {
-                                    client.remove(&name);
-                                }
-                            }
+                        // An error of a simple Query or FunctionCall (or of a
+                        // malformed Sync) is followed by its ReadyForQuery; one of
+                        // an extended-protocol message makes the server skip
+                        // everything up to the next Sync, Queries included.
+                        if !matches!(expect.front(), Some(Expect::Ready { .. }) | None) {
+                            *skipping = skip_to_sync(expect, pending_ready, prepared, client.as_deref_mut());
                         }
                     }
                     tag::READY_FOR_QUERY => {
-                        if *pending_ready == 0 || !matches!(expect.pop_front(), Some(Expect::Ready { forward: true })) {
+                        match expect.pop_front() {
+                            Some(Expect::Ready { forward, .. }) if *pending_ready > 0 => {
+                                if !forward {
+                                    drops.extend(f.start.map(|s| (s, f.end, None)));
+                                }
+                            }
                             // A ReadyForQuery nobody asked for: our count is off, never pool this backend.
-                            *unpoolable = true;
+                            _ => *unpoolable = true,
                         }
                         *pending_ready = pending_ready.saturating_sub(1);
                         *status = f.body.and_then(|b| b.first().copied()).unwrap_or(msg::FAILED_TRANSACTION);
@@ -650,11 +792,15 @@ impl Link {
         )?;
         let mut used = used;
         let base = self.server_ready;
-        for &(s, e) in self.drops.iter().rev() {
+        for (s, e, with) in self.drops.drain(..).rev() {
             let tail = from_server.split_off(base + e);
             from_server.truncate(base + s);
-            from_server.unsplit(tail);
             used -= e - s;
+            if let Some(with) = with {
+                from_server.extend_from_slice(&with);
+                used += with.len();
+            }
+            from_server.unsplit(tail);
         }
         self.server_ready += used;
         self.traffic.bytes_out += used as u64;
@@ -673,13 +819,65 @@ impl Link {
     /// More client bytes may be read: under the high-water mark, or the frame
     /// at the front must be whole before pgmux can inspect it.
     fn may_read_client(&self, buffered: usize) -> bool {
-        !self.terminated && (buffered < HIGH_WATER || self.need_whole_frame)
+        !self.terminated && self.invalid.is_none() && (buffered < HIGH_WATER || self.need_whole_frame)
+    }
+
+    /// The client sent an invalid message type and everything before it has
+    /// been answered: time for the FATAL.
+    fn invalid_message_due(&self, from_server: &BytesMut) -> Option<u8> {
+        let answered = self.client_ready == 0
+            && self.expect.is_empty()
+            && self.server_ready == 0
+            && from_server.is_empty()
+            && self.server_scan.at_boundary();
+        self.invalid.filter(|_| answered)
     }
 }
 
 /// Server names pgmux never creates: targets for no-op Close and DEALLOCATE.
 const CLOSE_NOOP_NAME: &[u8] = b"pgmux_noop";
 const SYNC: &[u8] = b"S\0\0\0\x04";
+const FLUSH: &[u8] = b"H\0\0\0\x04";
+
+/// After an error in an extended-protocol message: drops the expectations of
+/// everything the server will skip, up to the next Sync's ReadyForQuery
+/// (Queries included, so `pending_ready` shrinks too). A Parse that failed
+/// creates nothing, on the server or for the client. Returns `true` when no
+/// Sync is on its way: what the client sends before one is discarded too.
+fn skip_to_sync(
+    expect: &mut VecDeque<Expect>,
+    pending_ready: &mut usize,
+    prepared: &mut PreparedSet,
+    mut client: Option<&mut ClientStatements>,
+) -> bool {
+    loop {
+        match expect.front() {
+            Some(Expect::Ready { sync: true, .. }) => return false,
+            None => return true,
+            _ => {}
+        }
+        match expect.pop_front() {
+            Some(Expect::Parse { statement: Some(st), client_name, .. }) => {
+                prepared.remove(st.id, false);
+                if let (Some(name), Some(client)) = (client_name, client.as_deref_mut())
+                    && client.get(&name).is_some_and(|cur| Arc::ptr_eq(cur, &st))
+                {
+                    client.remove(&name);
+                }
+            }
+            Some(Expect::Ready { sync: false, .. }) => *pending_ready = pending_ready.saturating_sub(1),
+            _ => {}
+        }
+    }
+}
+
+/// How many bytes of a Bind body hold its portal and statement names (what
+/// pgmux rewrites), once both are there.
+fn bind_prefix_len(body: &[u8]) -> Option<usize> {
+    let portal = memchr::memchr(0, body)?;
+    let statement = memchr::memchr(0, &body[portal + 1..])?;
+    Some(portal + 1 + statement + 1)
+}
 
 /// A cheap, conservative test for statements that may change a setting the
 /// server does not report: a statement starting with SET or RESET, or a
@@ -734,6 +932,8 @@ pub enum Outcome {
     Killed,
     /// A replica refused the request as a write (25006); nothing reached the client.
     Misrouted,
+    /// The server did not finish answering within `query_timeout`.
+    QueryTimeout,
 }
 
 #[derive(Clone, Copy)]
@@ -743,6 +943,10 @@ pub struct RelayOptions<'a> {
     /// Release the backend at transaction boundaries (transaction pooling).
     pub release_at_boundary: bool,
     pub idle_transaction_timeout: Duration,
+    /// A request unanswered this long is given up on (0: never).
+    pub query_timeout: Duration,
+    /// See [`StatementScope::max_query_size`].
+    pub max_query_size: usize,
     pub on_session_state: OnSessionState,
     /// Where pins, refusals and errors are counted.
     pub stats: &'a Stats,
@@ -789,6 +993,8 @@ pub async fn relay(
     // Armed at the first idle-in-transaction wait; on firing it re-checks the
     // real deadline, so client activity never has to re-arm the timer.
     let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // Likewise for query_timeout: armed at the first wait for the server.
+    let mut query_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // When the server got the request it is now answering (for query durations).
     let mut query_started = *clock;
     // The request that opened the transaction goes out at once: a fresh
@@ -802,6 +1008,9 @@ pub async fn relay(
         if link.terminated && link.client_ready == 0 {
             return Outcome::Terminated;
         }
+        if let Some(t) = link.invalid_message_due(from_server) {
+            return Outcome::ClientProtocol(FrameError::InvalidType(t));
+        }
         if opts.release_at_boundary && link.pin.is_none() && link.at_transaction_boundary(from_server) {
             return Outcome::Boundary;
         }
@@ -810,6 +1019,7 @@ pub async fn relay(
             && link.client_ready == 0
             && link.server_ready == 0
             && !opts.idle_transaction_timeout.is_zero();
+        let awaiting_server = !link.expect.is_empty() && !opts.query_timeout.is_zero();
         // One poll over every source, in priority order (writes first: they
         // free buffer space). Reads happen inside the poll so that a short
         // read clears the socket's readiness (see `Stream::poll_read_buf`).
@@ -847,6 +1057,17 @@ pub async fn relay(
                     let _ = timer.as_mut().poll(cx);
                 }
             }
+            if awaiting_server {
+                let deadline = tokio::time::Instant::from_std(query_started + opts.query_timeout);
+                let timer = query_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Poll::Ready(Event::QueryTimeout);
+                    }
+                    timer.as_mut().reset(deadline);
+                    let _ = timer.as_mut().poll(cx);
+                }
+            }
             if let Poll::Ready(flags) = signal.poll(cx, Signal::FORCE_CLOSE | Signal::KILL) {
                 // KILL_CLIENT acts at once, even mid-transaction.
                 return Poll::Ready(if flags & Signal::KILL != 0 { Event::Killed } else { Event::Shutdown });
@@ -867,7 +1088,11 @@ pub async fn relay(
                     return Outcome::ClientGone;
                 }
             }
-            Event::ServerRead(Ok(0)) => return Outcome::ServerGone("server closed the connection".into()),
+            Event::ServerRead(Ok(0)) => {
+                // The server's last words (a FATAL) reach the client before the close.
+                deliver_rest(client, from_server, &mut link.server_ready).await;
+                return Outcome::ServerGone("server closed the connection".into());
+            }
             Event::ServerRead(Ok(_)) => {
                 let owed = link.pending_ready;
                 if let Err(e) = link.scan_server(from_server, Some(scope.client), scope.registry, prepared) {
@@ -894,7 +1119,10 @@ pub async fn relay(
                     }
                 }
             }
-            Event::ServerRead(Err(e)) => return Outcome::ServerGone(format!("read from server failed: {e}")),
+            Event::ServerRead(Err(e)) => {
+                deliver_rest(client, from_server, &mut link.server_ready).await;
+                return Outcome::ServerGone(format!("read from server failed: {e}"));
+            }
             Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) => return Outcome::ClientGone,
             Event::ClientRead(Ok(n)) => {
                 link.traffic.bytes_in += n as u64;
@@ -920,6 +1148,7 @@ pub async fn relay(
                 }
             }
             Event::IdleTimeout => return Outcome::IdleInTransaction,
+            Event::QueryTimeout => return Outcome::QueryTimeout,
             Event::Shutdown => return Outcome::Shutdown,
             Event::Killed => return Outcome::Killed,
         }
@@ -933,8 +1162,24 @@ enum Event {
     ServerRead(std::io::Result<usize>),
     ClientRead(std::io::Result<usize>),
     IdleTimeout,
+    QueryTimeout,
     Shutdown,
     Killed,
+}
+
+/// Writes what was scanned for the client but not yet written, waiting a
+/// little for a slow client: a server that closes leaves no later chance.
+async fn deliver_rest(client: &mut Stream, from_server: &BytesMut, ready: &mut usize) {
+    if *ready == 0 {
+        return;
+    }
+    let rest = &from_server[..*ready];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        client.write_all(rest).await?;
+        client.flush().await
+    })
+    .await;
+    *ready = 0;
 }
 
 /// Writes as much of the first `*ready` bytes of `buf` as the socket takes
@@ -983,11 +1228,24 @@ async fn recover_inner(backend: &mut Backend, link: &mut Link, registry: &Regist
         frontend::copy_fail(&mut extra, "client disconnected");
         link.copy_in = false;
     }
-    let was_running = link.pending_ready > 0;
+    let was_running = !link.expect.is_empty();
     if link.unsynced {
+        if !link.skipping {
+            // A Sync would commit the implicit transaction the client's
+            // Executes opened, which the client never did. ROLLBACK, run
+            // as an extended-protocol statement, aborts it first (and ends an
+            // explicit block too). After an error the server skips it, and
+            // the Sync ends the failed transaction anyway.
+            statements::write_parse(&mut extra, b"", b"ROLLBACK\0\0\0");
+            frontend::bind_unnamed(&mut extra);
+            frontend::execute_unnamed(&mut extra);
+            link.expect.push_back(Expect::Parse { forward: false, statement: None, client_name: None });
+            link.expect.push_back(Expect::Bind { statement: None });
+            link.expect.push_back(Expect::Execute);
+        }
         frontend::sync(&mut extra);
         link.pending_ready += 1;
-        link.expect.push_back(Expect::Ready { forward: true });
+        link.expect.push_back(Expect::SYNC);
         link.unsynced = false;
     }
     backend.to_server.extend_from_slice(&extra);
@@ -1065,8 +1323,13 @@ mod tests {
     fn scan_unnamed(client: &mut ClientStatements, sql: &str) -> Link {
         let registry = Registry::default();
         let mut prepared = PreparedSet::default();
-        let mut scope =
-            StatementScope { client, registry: &registry, max_prepared: 10, on_session_state: OnSessionState::Pin };
+        let mut scope = StatementScope {
+            client,
+            registry: &registry,
+            max_prepared: 10,
+            on_session_state: OnSessionState::Pin,
+            max_query_size: 1 << 20,
+        };
         let mut buf = BytesMut::new();
         postgres_protocol::message::frontend::parse("", sql, [], &mut buf).unwrap();
         postgres_protocol::message::frontend::sync(&mut buf);

@@ -88,6 +88,14 @@ pub struct ProxyConfig {
     /// Zero disables.
     #[serde(with = "duration::serde_duration")]
     pub idle_transaction_timeout: Duration,
+    /// A request the server has not finished answering after this long is
+    /// cancelled and its server connection closed (PgBouncer's
+    /// `query_timeout`). Zero disables.
+    #[serde(with = "duration::serde_duration")]
+    pub query_timeout: Duration,
+    /// The largest Query, Parse, Describe or Close message pgmux holds whole
+    /// to inspect, in bytes; a larger one ends the session with `54000`.
+    pub max_query_size: usize,
     #[serde(with = "duration::serde_duration")]
     pub server_idle_timeout: Duration,
     #[serde(with = "duration::serde_duration")]
@@ -115,6 +123,8 @@ impl Default for ProxyConfig {
             max_client_conn: 10_000,
             query_wait_timeout: Duration::from_secs(5),
             idle_transaction_timeout: Duration::from_secs(60),
+            query_timeout: Duration::ZERO,
+            max_query_size: 64 * 1024 * 1024,
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             shutdown_timeout: Duration::from_secs(30),

@@ -57,6 +57,23 @@ pub enum FrameError {
     BadLength { tag: u8, len: u32 },
     #[error("message type '{}' of length {len} exceeds the limit of {max} bytes", char::from(*tag))]
     TooLong { tag: u8, len: u32, max: u32 },
+    /// Postgres's own words for a message type it does not know.
+    #[error("invalid frontend message type {0}")]
+    InvalidType(u8),
+    /// A message pgmux must hold whole to inspect (a Query's or Parse's SQL)
+    /// is larger than `max_query_size`.
+    #[error("message type '{}' of length {len} exceeds max_query_size ({limit} bytes)", char::from(*tag))]
+    TooLargeToInspect { tag: u8, len: usize, limit: usize },
+}
+
+impl FrameError {
+    pub fn sqlstate(&self) -> crate::protocol::sqlstate::SqlState {
+        use crate::protocol::sqlstate::SqlState;
+        match self {
+            FrameError::TooLargeToInspect { .. } => SqlState::PROGRAM_LIMIT_EXCEEDED,
+            _ => SqlState::PROTOCOL_VIOLATION,
+        }
+    }
 }
 
 /// Splits one whole frame off the front of `buf`: `(tag, body)`.

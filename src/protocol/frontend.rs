@@ -29,3 +29,14 @@ pub fn cancel_request(buf: &mut BytesMut, pid: i32, secret: i32) {
     buf.put_i32(pid);
     buf.put_i32(secret);
 }
+
+/// Bind of the unnamed statement to the unnamed portal, without parameters.
+pub fn bind_unnamed(buf: &mut BytesMut) {
+    // Portal, statement, no parameter formats, no parameters, no result formats.
+    write_message(buf, tag::BIND, |b| b.put_slice(&[0, 0, 0, 0, 0, 0, 0, 0]));
+}
+
+/// Execute of the unnamed portal, all rows.
+pub fn execute_unnamed(buf: &mut BytesMut) {
+    write_message(buf, tag::EXECUTE, |b| b.put_slice(&[0, 0, 0, 0, 0]));
+}

@@ -29,6 +29,28 @@ pub mod tag {
     pub const COPY_DONE: u8 = b'c';
     pub const COPY_FAIL: u8 = b'f';
 
+    /// A message type Postgres accepts from a logged-in client. Anything else
+    /// ends the session with FATAL `08P01` "invalid frontend message type",
+    /// right when the server reads it (after answering what came before).
+    pub fn is_frontend(tag: u8) -> bool {
+        matches!(
+            tag,
+            QUERY
+                | PARSE
+                | BIND
+                | DESCRIBE
+                | EXECUTE
+                | CLOSE
+                | SYNC
+                | FLUSH
+                | FUNCTION_CALL
+                | TERMINATE
+                | COPY_DATA
+                | COPY_DONE
+                | COPY_FAIL
+        )
+    }
+
     // Backend (server -> client).
     pub const AUTHENTICATION: u8 = b'R';
     pub const BACKEND_KEY_DATA: u8 = b'K';
@@ -41,6 +63,8 @@ pub mod tag {
     pub const ROW_DESCRIPTION: u8 = b'T';
     pub const DATA_ROW: u8 = b'D';
     pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    pub const NO_DATA: u8 = b'n';
+    pub const PORTAL_SUSPENDED: u8 = b's';
     pub const PARSE_COMPLETE: u8 = b'1';
     pub const BIND_COMPLETE: u8 = b'2';
     pub const CLOSE_COMPLETE: u8 = b'3';

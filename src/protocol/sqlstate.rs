@@ -34,6 +34,8 @@ impl SqlState {
     pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
     /// Unknown admin console command.
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
 
     /// Every code above, for [`SqlState::from_code`].
     const KNOWN: &'static [SqlState] = &[
@@ -63,6 +65,8 @@ impl SqlState {
         Self::OBJECT_NOT_IN_PREREQUISITE_STATE,
         Self::CONFIG_FILE_ERROR,
         Self::SYNTAX_ERROR,
+        Self::DUPLICATE_PREPARED_STATEMENT,
+        Self::PROGRAM_LIMIT_EXCEEDED,
     ];
 
     /// Maps a code received from Postgres onto this typed set: the exact code
