@@ -232,6 +232,8 @@ async fn read_unit(stream: &mut Stream, pending: &mut BytesMut) -> std::io::Resu
                 Ok(Some(h)) if h.tag == tag::TERMINATE && pos == 0 => return Ok(Ok(None)),
                 // The relay answers it as Postgres would, after what came before.
                 Ok(Some(h)) if !tag::is_frontend(h.tag) => return Ok(Ok(Some(Unit::Open))),
+                // Never buffered whole here: the relay streams it or refuses it.
+                Ok(Some(h)) if pos + h.frame_len() > UNIT_LIMIT => return Ok(Ok(Some(Unit::Open))),
                 Ok(Some(h)) if pending.len() >= pos + h.frame_len() => {
                     pos += h.frame_len();
                     if matches!(h.tag, tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH) {
