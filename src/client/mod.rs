@@ -564,6 +564,10 @@ fn run_session(
                 }
             }
             // Leftover bytes of the next request: decide on a whole header.
+            // An invalid type needs no backend to be refused (as Postgres: by type first).
+            if let Some(&t) = pending.first().filter(|t| !tag::is_frontend(**t)) {
+                return fatal(stream, SqlState::PROTOCOL_VIOLATION, &FrameError::InvalidType(t).to_string()).await;
+            }
             match Header::parse(&pending, MAX_MESSAGE_LEN) {
                 Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
                 Ok(Some(_)) => {}

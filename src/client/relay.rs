@@ -109,10 +109,11 @@ pub struct Link {
     server_ready: usize,
     /// The client sent Terminate; it has been cut out of the stream.
     pub terminated: bool,
-    /// The client sent a message of this invalid type; it and what follows
-    /// were cut out. The session ends (FATAL, as from Postgres) once what
+    /// The client's stream broke here (a message of an invalid type or
+    /// length, or too large to inspect); it and what follows were cut out.
+    /// The session ends with this error (FATAL, as from Postgres) once what
     /// came before is answered.
-    pub invalid: Option<u8>,
+    pub broken: Option<FrameError>,
     /// After an error in an extended-protocol message the server discards
     /// everything up to the next Sync; no Sync was on its way.
     skipping: bool,
@@ -174,7 +175,7 @@ impl Link {
             client_ready: 0,
             server_ready: 0,
             terminated: false,
-            invalid: None,
+            broken: None,
             skipping: false,
             server_fatal: false,
             unpoolable: false,
@@ -242,19 +243,22 @@ impl Link {
                 }
                 continue;
             }
-            let Some(header) = Header::parse(&buf[pos..], MAX_MESSAGE_LEN)? else { break };
-            if !tag::is_frontend(header.tag) {
-                // Never forwarded: Postgres would end the session when it read
-                // it, after answering what came before; so does pgmux. A Flush
-                // brings those answers without a Sync, as the server's exit would.
-                self.invalid = Some(header.tag);
-                buf.truncate(pos);
-                if self.unsynced && !self.skipping {
-                    buf.extend_from_slice(FLUSH);
-                    pos += FLUSH.len();
+            // The type first, as Postgres reads it: an invalid one ends the
+            // session whatever length follows. (During COPY FROM STDIN the
+            // server reads it whole and fails the COPY instead: forwarded.)
+            let header = match buf.get(pos) {
+                None => break,
+                Some(&t) if !tag::is_frontend(t) && !self.copy_in => Err(FrameError::InvalidType(t)),
+                Some(_) => Header::parse(&buf[pos..], MAX_MESSAGE_LEN),
+            };
+            let header = match header {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    pos = self.break_at(buf, pos, e);
+                    break;
                 }
-                break;
-            }
+            };
             let end = pos + header.frame_len();
             let whole = buf.len() >= end;
             if self.skipping && !matches!(header.tag, tag::SYNC | tag::TERMINATE) {
@@ -275,11 +279,13 @@ impl Link {
                             }
                             let held = if header.tag == tag::BIND { buf.len() - pos } else { header.frame_len() };
                             if held > scope.max_query_size {
-                                return Err(FrameError::TooLargeToInspect {
+                                let e = FrameError::TooLargeToInspect {
                                     tag: header.tag,
                                     len: header.frame_len(),
                                     limit: scope.max_query_size,
-                                });
+                                };
+                                pos = self.break_at(buf, pos, e);
+                                break;
                             }
                             self.need_whole_frame = true;
                             break;
@@ -819,18 +825,31 @@ impl Link {
     /// More client bytes may be read: under the high-water mark, or the frame
     /// at the front must be whole before pgmux can inspect it.
     fn may_read_client(&self, buffered: usize) -> bool {
-        !self.terminated && self.invalid.is_none() && (buffered < HIGH_WATER || self.need_whole_frame)
+        !self.terminated && self.broken.is_none() && (buffered < HIGH_WATER || self.need_whole_frame)
     }
 
-    /// The client sent an invalid message type and everything before it has
-    /// been answered: time for the FATAL.
-    fn invalid_message_due(&self, from_server: &BytesMut) -> Option<u8> {
+    /// Cuts the client's stream at `pos` (see [`Link::broken`]); returns the
+    /// end of what still goes to the server. A Flush brings the answers to
+    /// what came before without a Sync, as the server's own exit would.
+    fn break_at(&mut self, buf: &mut BytesMut, mut pos: usize, e: FrameError) -> usize {
+        self.broken = Some(e);
+        buf.truncate(pos);
+        if self.unsynced && !self.skipping {
+            buf.extend_from_slice(FLUSH);
+            pos += FLUSH.len();
+        }
+        pos
+    }
+
+    /// The client's stream broke and everything before it has been
+    /// answered: time for the FATAL.
+    fn broken_due(&self, from_server: &BytesMut) -> Option<FrameError> {
         let answered = self.client_ready == 0
             && self.expect.is_empty()
             && self.server_ready == 0
             && from_server.is_empty()
             && self.server_scan.at_boundary();
-        self.invalid.filter(|_| answered)
+        self.broken.clone().filter(|_| answered)
     }
 }
 
@@ -1008,8 +1027,17 @@ pub async fn relay(
         if link.terminated && link.client_ready == 0 {
             return Outcome::Terminated;
         }
-        if let Some(t) = link.invalid_message_due(from_server) {
-            return Outcome::ClientProtocol(FrameError::InvalidType(t));
+        if let Some(e) = link.broken_due(from_server) {
+            return Outcome::ClientProtocol(e);
+        }
+        if link.broken.is_some() && link.copy_in {
+            // The stream broke while the server waits for COPY data (the
+            // COPY began after the break was read): end it, so what came
+            // before gets its answer.
+            let before = to_server.len();
+            frontend::copy_fail(to_server, "client sent a malformed message");
+            link.client_ready += to_server.len() - before;
+            link.copy_in = false;
         }
         if opts.release_at_boundary && link.pin.is_none() && link.at_transaction_boundary(from_server) {
             return Outcome::Boundary;
@@ -1213,7 +1241,7 @@ pub async fn recover(backend: &mut Backend, link: &mut Link, registry: &Registry
             false
         }
         Err(_) => {
-            tracing::info!(pid = backend.pid, "cleanup of an abandoned server connection timed out");
+            tracing::info!(pid = backend.pid, pending = link.pending_ready, expect = ?link.expect, copy_in = link.copy_in, unsynced = link.unsynced, skipping = link.skipping, status = link.status, "cleanup of an abandoned server connection timed out");
             false
         }
     }
@@ -1252,14 +1280,29 @@ async fn recover_inner(backend: &mut Backend, link: &mut Link, registry: &Regist
     backend.stream.write_all(&backend.to_server).await?;
     backend.to_server.clear();
     link.client_ready = 0;
-    if was_running {
-        cancel_backend(backend.addr, backend.pid, backend.secret).await;
-    }
     // Whatever was scanned but not delivered is for nobody now.
     backend.from_server.advance(link.server_ready);
     link.server_ready = 0;
+    // Postgres drops a cancel that arrives while it is between statements, so
+    // one sent before the server started the client's last statement (just
+    // written) is lost: cancel again, less and less often, while answers are owed.
+    let mut next_cancel = was_running.then(tokio::time::Instant::now);
+    let mut backoff = Duration::from_millis(20);
     while link.pending_ready > 0 || !link.server_scan.at_boundary() {
-        if backend.stream.read_buf(&mut backend.from_server).await? == 0 {
+        let read = match next_cancel {
+            Some(at) => tokio::select! {
+                r = backend.stream.read_buf(&mut backend.from_server) => Some(r?),
+                () = tokio::time::sleep_until(at) => None,
+            },
+            None => Some(backend.stream.read_buf(&mut backend.from_server).await?),
+        };
+        let Some(read) = read else {
+            cancel_backend(backend.addr, backend.pid, backend.secret).await;
+            next_cancel = Some(tokio::time::Instant::now() + backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            continue;
+        };
+        if read == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         link.scan_server(&mut backend.from_server, None, registry, &mut backend.prepared)

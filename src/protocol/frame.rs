@@ -51,7 +51,7 @@ impl Header {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("invalid message length {len} for message type '{}'", char::from(*tag))]
     BadLength { tag: u8, len: u32 },
