@@ -38,7 +38,9 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" };
     let level = cli.log_level.as_deref().unwrap_or(default_level);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour codes only for a terminal: in a log file or journal they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 
     let runtime = |workers: usize| {
         pgmux::server::runtime(workers).inspect_err(|e| eprintln!("pgmux: cannot start the runtime: {e}")).ok()

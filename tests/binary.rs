@@ -35,10 +35,11 @@ async fn serve_with_workers(workers: usize) -> usize {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgmux"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgmux"))
         .arg("--config")
         .arg(&path)
-        .args(["--log-level", "warn"])
+        .args(["--log-level", "info"])
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("start pgmux");
@@ -88,8 +89,12 @@ async fn serve_with_workers(workers: usize) -> usize {
 
     // SAFETY: signalling our own child by its pid.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits").unwrap();
-    assert!(status.success(), "pgmux exited with {status}");
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output()).await.expect("exits").unwrap();
+    assert!(out.status.success(), "pgmux exited with {}", out.status);
+    // stderr is a pipe here, not a terminal: plain text, no colour codes.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("client logged in"), "the log reached stderr: {log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escape codes in a non-terminal log: {log}");
     threads
 }
 

@@ -1037,7 +1037,7 @@ async fn transaction(
         // The server said why it closed (a FATAL, relayed): as from Postgres, nothing follows it.
         Outcome::ServerGone(_) if link.server_fatal => Ended::Discard(None),
         Outcome::ServerGone(why) => {
-            tracing::info!(client = opts.client, pid = backend.pid, reason = %why, "server connection lost");
+            tracing::warn!(client = opts.client, pid = backend.pid, reason = %why, "server connection lost");
             Ended::Discard(Some((SqlState::CONNECTION_FAILURE, format!("server connection lost: {why}"))))
         }
     }
