@@ -371,7 +371,19 @@ impl Pool {
 
     /// [`Pool::checkin`] with the caller's clock reading of when it was last used.
     pub fn checkin_at(&self, mut b: Box<Backend>, now: Instant) {
-        debug_assert!(b.from_server.is_empty() && b.to_server.is_empty());
+        if !b.from_server.is_empty() || !b.to_server.is_empty() {
+            // Bytes the server sent after its last ReadyForQuery (a FATAL
+            // from a shutdown or a crash, say) would reach the next client:
+            // whatever they are, the protocol state is no longer certain.
+            tracing::warn!(
+                pid = b.pid,
+                unread = b.from_server.len(),
+                first = ?b.from_server.first().map(|&t| t as char),
+                unsent = b.to_server.len(),
+                "server connection returned with bytes in flight; closing it"
+            );
+            return self.discard(b, CloseReason::Dirty);
+        }
         b.last_used = now;
         let closed = self.lock().put(b, now);
         if let Some((b, reason)) = closed {
