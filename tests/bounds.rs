@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,28 +10,16 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use pgmux::cluster::Cluster;
 use postgres_protocol::message::frontend;
+use support::faults::freezing_relay;
 use support::proxy::{Proxy, standard_config};
 use support::raw::{Raw, tags};
-use support::{DB, TRUST};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use support::{DB, TRUST, rss};
 
 /// The standard config with the shared cluster's replica added to `app`.
 fn routed_config(cluster: &Cluster, pool_size: usize, extra: &str) -> String {
     let primary = format!("primary = \"{}\"", cluster.primary().host_port());
     let with_replica = format!("{primary}\nreplicas = [\"{}\"]", cluster.replicas()[0].host_port());
     standard_config(cluster, pool_size, extra).replacen(&primary, &with_replica, 1)
-}
-
-/// This process's resident memory (pgmux runs in-process), in bytes.
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -126,44 +113,6 @@ async fn one_client_cannot_make_pgmux_hold_much_memory() {
     assert!(msgs[1].body.ends_with(param.to_string().as_bytes()), "the server got the whole parameter");
     eprintln!("a 100 MiB Bind parameter: pgmux grew by at most {} MiB", peak / MIB);
     assert!(peak < 48 * MIB, "a streamed Bind grew pgmux by {} MiB", peak / MIB);
-}
-
-/// A TCP relay to `target` that can freeze: while frozen, no byte moves in
-/// either direction (a server that stopped answering, as under SIGSTOP).
-async fn freezing_relay(target: SocketAddr, frozen: Arc<AtomicBool>) -> SocketAddr {
-    async fn pipe(
-        mut from: tokio::net::tcp::OwnedReadHalf,
-        mut to: tokio::net::tcp::OwnedWriteHalf,
-        frozen: Arc<AtomicBool>,
-    ) {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            while frozen.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if to.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let frozen = frozen.clone();
-            tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(target).await else { return };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::join!(pipe(cr, sw, frozen.clone()), pipe(sr, cw, frozen));
-            });
-        }
-    });
-    addr
 }
 
 /// `query_timeout` bounds a request already on a server that stopped

@@ -4,37 +4,14 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use support::faults::stalling_relay;
 use support::proxy::Proxy;
 use support::raw::{Raw, tags};
 use support::{DB, TRUST};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A TCP relay to `target` that, while `stalled`, accepts connections and
-/// holds them without forwarding a byte: a server slow to accept logins.
-async fn stalling_relay(target: SocketAddr, stalled: Arc<AtomicBool>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut client, _)) = listener.accept().await {
-            if stalled.load(Ordering::SeqCst) {
-                held.push(client);
-                continue;
-            }
-            tokio::spawn(async move {
-                if let Ok(mut server) = TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                }
-            });
-        }
-    });
-    addr
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_timed_out_on_a_slow_server_gives_its_slot_back() {

@@ -288,8 +288,9 @@ enum Login {
 struct Session {
     /// The primary's pool.
     pool: Arc<Pool>,
-    /// The next request goes to the primary (a replica refused it as a write).
-    force_primary: bool,
+    /// The next request goes to the primary, and why: a replica refused it
+    /// as a write, or stopped answering before anything reached the client.
+    force_primary: Option<RouteReason>,
     /// Read/write splitting, when the database has replicas (boxed: most sessions have none).
     routing: Option<Box<SessionRouting>>,
     statements: ClientStatements,
@@ -499,7 +500,7 @@ async fn login(
     };
     Ok(Some(Login::Pooled {
         session: Box::new(Session {
-            force_primary: false,
+            force_primary: None,
             routing: SessionRouting::new(shared, config, db, user).map(Box::new),
             statements: ClientStatements::default(),
             mode: config.pool_mode(db),
@@ -651,11 +652,11 @@ async fn serve_request(
     let arrived = Instant::now();
     if let Some(routing) = &session.routing {
         decided = Some(routing.route(shared, pending, &session.statements, arrived));
-        if std::mem::take(&mut session.force_primary)
+        if let Some(reason) = session.force_primary.take()
             && let Some((intent, route)) = &mut decided
         {
             *intent = Intent::Write;
-            *route = Route::primary(RouteReason::MisrouteRetry);
+            *route = Route::primary(reason);
         } else if unit == Unit::Open
             && let Some((intent, route)) = &mut decided
         {
@@ -692,9 +693,11 @@ async fn serve_request(
         Err(why) => return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await.map(|()| Step::Done),
     };
     let mut pool = session.pool.clone();
+    let mut replica_node = None;
     if let (Some((_, route)), Some(routing)) = (&mut decided, &session.routing) {
         if let Target::Replica(i) = route.target {
             pool = routing.replicas[i].pool.clone();
+            replica_node = Some(routing.replicas[i].node.clone());
         }
         shared.routing.count(route.reason);
     }
@@ -723,6 +726,7 @@ async fn serve_request(
                 *route = Route::primary(RouteReason::ReplicaFailed);
             }
             pool = session.pool.clone();
+            replica_node = None;
             pool.checkout_at(Instant::now()).await
         }
         other => other,
@@ -763,6 +767,7 @@ async fn serve_request(
         stats: &shared.stats,
         counters: pool.counters(),
         route: decided.map(|(_, route)| route.reason),
+        node: replica_node.as_deref(),
     };
     // Not boxed apart: this future is already the boxed per-request one.
     let outcome =
@@ -795,7 +800,16 @@ async fn serve_request(
             tracing::info!(client = info.id, "a replica refused a write (25006); re-running it on the primary");
             // The retry is routed as a write: it opens (and settles) the scope's write.
             *pending = BytesMut::from(&retry_copy.expect("held only with a copy")[..]);
-            session.force_primary = true;
+            session.force_primary = Some(RouteReason::MisrouteRetry);
+            return Ok(Step::Next);
+        }
+        Ended::ReplicaDown => {
+            // Hung, not refused: its state is unknown, so it is closed.
+            pool.discard(backend, CloseReason::Dead);
+            shared.routing.count(RouteReason::ReplicaFailed);
+            tracing::warn!(client = info.id, addr = %pool.settings().addr, "replica marked down while a read waited on it; re-running it on the primary");
+            *pending = BytesMut::from(&retry_copy.expect("held only with a copy")[..]);
+            session.force_primary = Some(RouteReason::ReplicaFailed);
             return Ok(Step::Next);
         }
         Ended::Recover(link, why) => {
@@ -891,6 +905,9 @@ enum Ended {
     /// The replica refused a write before anything reached the client: the
     /// backend is clean; re-run the request on the primary.
     Misrouted,
+    /// The replica was marked down while the request waited on it and
+    /// nothing reached the client: close the backend, re-run on the primary.
+    ReplicaDown,
 }
 
 /// Runs one transaction (transaction mode) or the rest of the session (session mode).
@@ -1004,6 +1021,14 @@ async fn transaction(
             }
         }
         Outcome::ClientProtocol(e) => Ended::Recover(Box::new(link), Some((e.sqlstate(), e.to_string()))),
+        Outcome::NodeDown if hold_for_retry && link.hold && !link.misrouted => Ended::ReplicaDown,
+        Outcome::NodeDown => {
+            tracing::warn!(client = opts.client, pid = backend.pid, "replica marked down mid-answer");
+            Ended::Discard(Some((
+                SqlState::CONNECTION_FAILURE,
+                "server connection lost: the replica stopped answering".into(),
+            )))
+        }
         Outcome::QueryTimeout => {
             tracing::warn!(client = opts.client, pid = backend.pid, timeout = ?opts.query_timeout, "query_timeout: closing the server connection");
             // Cancelled, so the server stops working for nobody; closed, since

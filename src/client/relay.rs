@@ -953,6 +953,8 @@ pub enum Outcome {
     Misrouted,
     /// The server did not finish answering within `query_timeout`.
     QueryTimeout,
+    /// The replica's monitor marked it down while answers were owed.
+    NodeDown,
 }
 
 #[derive(Clone, Copy)]
@@ -973,6 +975,9 @@ pub struct RelayOptions<'a> {
     pub counters: &'a PoolCounters,
     /// Why the transaction went to that pool (`None`: the database is not routed).
     pub route: Option<RouteReason>,
+    /// The replica's health, when the transaction runs on one: a request
+    /// waiting on it gives up when its monitor marks it down.
+    pub node: Option<&'a crate::routing::monitor::NodeState>,
 }
 
 /// Adds the tally of the transaction that just ended to its pool (and its
@@ -1014,6 +1019,13 @@ pub async fn relay(
     let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // Likewise for query_timeout: armed at the first wait for the server.
     let mut query_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // Polled only while answers are owed; never resolves on a primary.
+    let mut node_down = std::pin::pin!(async {
+        match opts.node {
+            Some(node) => node.went_down().await,
+            None => std::future::pending().await,
+        }
+    });
     // When the server got the request it is now answering (for query durations).
     let mut query_started = *clock;
     // The request that opened the transaction goes out at once: a fresh
@@ -1047,7 +1059,8 @@ pub async fn relay(
             && link.client_ready == 0
             && link.server_ready == 0
             && !opts.idle_transaction_timeout.is_zero();
-        let awaiting_server = !link.expect.is_empty() && !opts.query_timeout.is_zero();
+        let owed = !link.expect.is_empty();
+        let awaiting_server = owed && !opts.query_timeout.is_zero();
         // One poll over every source, in priority order (writes first: they
         // free buffer space). Reads happen inside the poll so that a short
         // read clears the socket's readiness (see `Stream::poll_read_buf`).
@@ -1084,6 +1097,9 @@ pub async fn relay(
                     // Registers the re-armed timer (it cannot be due yet).
                     let _ = timer.as_mut().poll(cx);
                 }
+            }
+            if owed && node_down.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::NodeDown);
             }
             if awaiting_server {
                 let deadline = tokio::time::Instant::from_std(query_started + opts.query_timeout);
@@ -1177,6 +1193,7 @@ pub async fn relay(
             }
             Event::IdleTimeout => return Outcome::IdleInTransaction,
             Event::QueryTimeout => return Outcome::QueryTimeout,
+            Event::NodeDown => return Outcome::NodeDown,
             Event::Shutdown => return Outcome::Shutdown,
             Event::Killed => return Outcome::Killed,
         }
@@ -1191,6 +1208,7 @@ enum Event {
     ClientRead(std::io::Result<usize>),
     IdleTimeout,
     QueryTimeout,
+    NodeDown,
     Shutdown,
     Killed,
 }

@@ -37,6 +37,8 @@ pub struct NodeState {
     view: Mutex<NodeView>,
     /// Set when the monitor gives up (database removed, shutdown).
     stopped: AtomicBool,
+    /// Woken when a sample fails: requests waiting on this node give up on it.
+    down: tokio::sync::Notify,
 }
 
 impl NodeState {
@@ -45,6 +47,7 @@ impl NodeState {
             addr: addr.to_owned(),
             view: Mutex::new(NodeView::UNKNOWN),
             stopped: AtomicBool::new(false),
+            down: tokio::sync::Notify::new(),
         })
     }
 
@@ -57,8 +60,18 @@ impl NodeState {
     }
 
     fn mark_unhealthy(&self) {
-        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        v.healthy = false;
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).healthy = false;
+        self.down.notify_waiters();
+    }
+
+    /// Resolves once the node is (or is marked) unhealthy.
+    pub async fn went_down(&self) {
+        // Created before the check: a failure marked in between still wakes it.
+        let down = self.down.notified();
+        if !self.view().healthy {
+            return;
+        }
+        down.await;
     }
 
     pub fn stop(&self) {

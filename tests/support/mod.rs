@@ -8,6 +8,7 @@
 // Each test binary compiles its own copy and uses only part of it.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod proxy;
 pub mod raw;
 
@@ -138,4 +139,15 @@ pub async fn scalar(c: &tokio_postgres::Client, sql: &str) -> String {
 /// The trust superuser straight to the shared cluster's primary, on `db`.
 pub async fn superuser(db: &str) -> tokio_postgres::Client {
     connect(cluster_async().await.primary(), "postgres", None, db).await.expect("direct superuser connection")
+}
+
+/// This process's resident memory (pgmux runs in-process), in bytes.
+pub fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
 }

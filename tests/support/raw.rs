@@ -89,6 +89,24 @@ impl Raw {
         out
     }
 
+    /// Reads up to ReadyForQuery (`true`, unless an error came first) or EOF (`false`).
+    pub async fn until_closed_or_ready(&mut self) -> bool {
+        self.until_ready_or_closed().await.is_some_and(|msgs| msgs.iter().all(|m| m.tag != b'E'))
+    }
+
+    /// Reads messages up to the next ReadyForQuery; `None` if the connection closed first.
+    pub async fn until_ready_or_closed(&mut self) -> Option<Vec<Msg>> {
+        let mut out = Vec::new();
+        loop {
+            let m = self.recv().await?;
+            let done = m.tag == b'Z';
+            out.push(m);
+            if done {
+                return Some(out);
+            }
+        }
+    }
+
     pub async fn simple_query(&mut self, sql: &str) -> Vec<Msg> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).expect("query message");
