@@ -93,9 +93,17 @@ impl TlsContext {
     }
 }
 
+/// Certificate chains and keys are a few kilobytes.
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    crate::config::read_bounded(path, MAX_PEM_FILE).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    let pem = read_pem(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", path.display()));
@@ -105,7 +113,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     let certs = read_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&read_pem(key)?).map_err(|e| format!("{}: {e}", key.display()))?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -230,5 +238,27 @@ mod tests {
         assert_eq!(super::host_of("127.0.0.1:5432"), "127.0.0.1");
         assert_eq!(super::host_of("db.example:5432"), "db.example");
         assert_eq!(super::host_of("[::1]:5432"), "::1");
+    }
+
+    /// An endless file named as a certificate, key or CA fails the load at
+    /// once (and so `pgmux check`, and a reload, which keeps the old config).
+    #[test]
+    fn endless_files_are_refused_not_read() {
+        let zero = std::path::PathBuf::from("/dev/zero");
+        for proxy in [
+            crate::config::ProxyConfig {
+                tls_cert: Some(zero.clone()),
+                tls_key: Some(zero.clone()),
+                ..Default::default()
+            },
+            crate::config::ProxyConfig {
+                server_tls: crate::config::ServerTlsMode::VerifyFull,
+                server_tls_ca: Some(zero.clone()),
+                ..Default::default()
+            },
+        ] {
+            let e = super::TlsContext::load(&proxy).unwrap_err();
+            assert!(e.starts_with("/dev/zero: larger than"), "{e}");
+        }
     }
 }

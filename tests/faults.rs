@@ -21,6 +21,10 @@ use support::proxy::{Proxy, standard_config};
 use support::raw::{Raw, tags};
 use support::{DB, TRUST, eventually, rss};
 
+/// Held by every test here: they measure this process's memory and latency,
+/// which a storm of 2,000 logins in a neighbouring test would distort.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A primary of its own (no replica), for faults that take it down.
 async fn private_primary() -> Cluster {
     tokio::task::spawn_blocking(|| Cluster::start(&support::standard_spec().replicas(0)))
@@ -66,6 +70,7 @@ async fn backend_running(cluster: &Cluster, marker: &str) -> i32 {
 /// of waiting on it for as long as the replica stays hung.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_on_a_hung_replica_is_rerun_on_the_primary() {
+    let _serial = SERIAL.lock().await;
     let cluster = support::cluster_async().await;
     let frozen = Arc::new(AtomicBool::new(false));
     let relay = freezing_relay(cluster.replicas()[0].addr(), frozen.clone()).await;
@@ -106,6 +111,7 @@ async fn a_read_on_a_hung_replica_is_rerun_on_the_primary() {
 /// afterwards, every client gets going again, and no slot is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_restart_under_load_loses_no_acknowledged_commit() {
+    let _serial = SERIAL.lock().await;
     let cluster = private_primary().await;
     cluster.primary().psql_db(DB, "CREATE TABLE acked (worker int, n int); GRANT ALL ON acked TO trustuser").unwrap();
     let proxy = Proxy::start(&standard_config(&cluster, 4, "query_wait_timeout = \"20s\"")).await;
@@ -186,6 +192,7 @@ async fn a_primary_restart_under_load_loses_no_acknowledged_commit() {
 /// pool gets all its slots back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_with_sigkill_costs_only_the_transactions_in_flight() {
+    let _serial = SERIAL.lock().await;
     let cluster = private_primary().await;
     let proxy = Proxy::start(&standard_config(&cluster, 3, "")).await;
     let mut victim = Raw::login(proxy.addr, TRUST, DB).await;
@@ -219,6 +226,7 @@ async fn a_backend_killed_with_sigkill_costs_only_the_transactions_in_flight() {
 /// the other clients never notice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_backend_is_bounded_by_query_timeout() {
+    let _serial = SERIAL.lock().await;
     let cluster = private_primary().await;
     let proxy = Proxy::start(&standard_config(&cluster, 2, "query_timeout = \"1s\"")).await;
     let mut victim = Raw::login(proxy.addr, TRUST, DB).await;
@@ -248,6 +256,7 @@ async fn a_stopped_backend_is_bounded_by_query_timeout() {
 /// when it leaves, its backend comes back clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_holds_bounded_memory() {
+    let _serial = SERIAL.lock().await;
     let cluster = support::cluster_async().await;
     let proxy = Proxy::start(&standard_config(cluster, 1, "")).await;
     let mut slow = Raw::login(proxy.addr, TRUST, DB).await;
@@ -276,6 +285,7 @@ async fn a_client_that_does_not_read_holds_bounded_memory() {
 /// every login succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_storm_does_not_stall_a_connected_client() {
+    let _serial = SERIAL.lock().await;
     let cluster = support::cluster_async().await;
     let proxy = Proxy::start(&standard_config(cluster, 4, "max_client_conn = 5000")).await;
     let mut canary = Raw::login(proxy.addr, TRUST, DB).await;

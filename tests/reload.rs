@@ -296,6 +296,20 @@ async fn broken_file_keeps_the_old_config() {
     assert_eq!(metric(&proxy, "pgmux_config_reloads_total{result=\"failed\"}").await, 2);
     std::fs::rename(&moved, &file.path).unwrap();
 
+    // An empty (say, truncated) file would remove every database and user.
+    file.write("");
+    let e = admin.simple_query("RELOAD").await.expect_err("RELOAD of an empty file fails");
+    assert!(e.as_db_error().unwrap().message().contains("no [[databases]] entry"), "{e}");
+    // A certificate path naming an endless file fails at once, without reading it all.
+    file.write(
+        &good.replace("query_wait_timeout", "tls_cert = \"/dev/zero\"\ntls_key = \"/dev/zero\"\nquery_wait_timeout"),
+    );
+    let e = admin.simple_query("RELOAD").await.expect_err("RELOAD with tls_cert = /dev/zero fails");
+    assert!(e.as_db_error().unwrap().message().contains("/dev/zero: larger than"), "{e}");
+    assert_eq!(metric(&proxy, "pgmux_config_reloads_total{result=\"failed\"}").await, 4);
+    select_one(&client).await;
+    select_one(&proxy.app().await).await;
+
     // Fixed, it applies.
     file.write(&good.replace("\"7s\"", "\"9s\""));
     let changed = reload(&admin, &mut notices).await;

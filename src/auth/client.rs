@@ -487,7 +487,9 @@ mod tests {
     #[tokio::test]
     async fn reloaded_password_is_honoured() {
         let load = |pw: &str| {
-            let text = format!("[[users]]\nname = \"alice\"\npassword = \"{pw}\"\n");
+            let text = format!(
+                "[[databases]]\nname = \"d\"\nprimary = \"127.0.0.1:5432\"\n[[users]]\nname = \"alice\"\npassword = \"{pw}\"\n"
+            );
             let config = crate::config::Config::parse(&text, "proxy.toml").unwrap();
             config.user("alice").unwrap().clone()
         };

@@ -19,7 +19,9 @@ pub use addr::check_host_port;
 pub use duration::parse_duration;
 use locate::Locator;
 
-#[derive(Debug, Clone, Deserialize)]
+/// Every key at its default and nothing to serve: what `SHOW CONFIG` compares
+/// against. Not a valid configuration (see [`Config::parse`]).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -367,7 +369,9 @@ pub enum ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+        let io = |source| ConfigError::Io { path: path.to_owned(), source };
+        let bytes = read_bounded(path, MAX_CONFIG_FILE).map_err(io)?;
+        let text = String::from_utf8(bytes).map_err(|_| io(std::io::Error::other("not valid UTF-8")))?;
         Config::parse(&text, &path.display().to_string())
     }
 
@@ -410,6 +414,23 @@ impl Config {
     pub fn pool_mode(&self, db: &DatabaseConfig) -> PoolMode {
         db.pool_mode.unwrap_or(self.proxy.pool_mode)
     }
+}
+
+/// A proxy.toml is a few kilobytes; a file this large was named by mistake.
+const MAX_CONFIG_FILE: u64 = 4 << 20;
+
+/// Reads a file the configuration names, refusing one larger than `limit`
+/// bytes instead of allocating for it: `/dev/zero` or a log file named by
+/// mistake must fail the load (and a reload keeps the running config),
+/// not exhaust memory.
+pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::other(format!("larger than {} KiB; is this the right file?", limit >> 10)));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -512,3 +512,25 @@ fn columns_count_characters_not_bytes() {
     );
     assert!(msg.starts_with("proxy.toml:12:31: "), "{msg}");
 }
+
+#[test]
+fn a_config_without_databases_or_users_is_an_error() {
+    parse_err("", 1, "databases", "no [[databases]] entry");
+    parse_err("", 1, "users", "no [[users]] entry");
+    parse_err("[proxy]\nlisten = \"127.0.0.1:6432\"\n", 1, "databases", "nothing to serve");
+    let users_only = &BASE[BASE.find("[[users]]").unwrap()..];
+    parse_err(users_only, 1, "databases", "nothing to serve");
+}
+
+#[test]
+fn files_the_config_names_are_read_only_up_to_a_bound() {
+    let e = read_bounded(std::path::Path::new("/dev/zero"), 1 << 20).unwrap_err();
+    assert!(e.to_string().contains("larger than 1024 KiB"), "{e}");
+    let e = Config::load(std::path::Path::new("/dev/zero")).unwrap_err();
+    assert!(e.to_string().starts_with("/dev/zero: larger than"), "{e}");
+    let small = std::env::temp_dir().join(format!("pgmux-bounded-{}", std::process::id()));
+    std::fs::write(&small, b"abc").unwrap();
+    assert_eq!(read_bounded(&small, 3).unwrap(), b"abc");
+    assert!(read_bounded(&small, 2).is_err());
+    std::fs::remove_file(&small).unwrap();
+}

@@ -37,6 +37,15 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
         err(KeyPath::new("routing").key("monitor_interval"), "must be greater than 0".into());
     }
 
+    // An empty or truncated file must not start a proxy that serves nothing,
+    // nor (through a reload) turn a running one into it.
+    if config.databases.is_empty() {
+        err(KeyPath::new("databases"), "no [[databases]] entry: there is nothing to serve".into());
+    }
+    if config.users.is_empty() {
+        err(KeyPath::new("users"), "no [[users]] entry: no client could log in".into());
+    }
+
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, db) in config.databases.iter().enumerate() {
         let path = KeyPath::new("databases").index(i);
