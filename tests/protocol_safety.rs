@@ -14,6 +14,7 @@ use postgres_protocol::message::frontend;
 use support::proxy::{Proxy, standard_config};
 use support::raw::{Msg, Raw, tags};
 use support::{DB, TRUST, eventually, scalar};
+use tokio::io::AsyncReadExt;
 
 /// A table only this test touches.
 async fn fresh_table(name: &str) {
@@ -431,4 +432,65 @@ async fn a_client_gone_mid_copy_frees_its_backend_at_once() {
     let took = left.elapsed();
     assert!(took < Duration::from_secs(1), "the backend came back after {took:?}");
     assert_eq!(rows("copy_gone").await, "0");
+}
+
+/// Startup-phase input Postgres refuses: what it sends (nothing at all, for
+/// a packet whose length is impossible, as node-postgres' `connect(); end()`
+/// produces with a Terminate first; a FATAL with its SQLSTATE otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_startup_packets_are_answered_as_postgres_does() {
+    let t = Targets::start(1).await;
+    let cases: [(&str, Vec<u8>); 6] = [
+        ("Terminate first", vec![b'X', 0, 0, 0, 4]),
+        ("length 4", vec![0, 0, 0, 4, 0, 3, 0, 0]),
+        ("length 1 GiB", vec![0x40, 0, 0, 0, 0, 3, 0, 0]),
+        ("protocol 2.0", {
+            let mut p = vec![0, 0, 0, 0, 0, 2, 0, 0];
+            p.extend_from_slice(b"user\0trustuser\0\0");
+            let len = p.len() as u32;
+            p[..4].copy_from_slice(&len.to_be_bytes());
+            p
+        }),
+        ("protocol 4.0", {
+            let mut p = vec![0, 0, 0, 0, 0, 4, 0, 0];
+            p.extend_from_slice(b"user\0trustuser\0\0");
+            let len = p.len() as u32;
+            p[..4].copy_from_slice(&len.to_be_bytes());
+            p
+        }),
+        ("unterminated parameters", {
+            let mut p = vec![0, 0, 0, 0, 0, 3, 0, 0];
+            p.extend_from_slice(b"user\0trustuser");
+            let len = p.len() as u32;
+            p[..4].copy_from_slice(&len.to_be_bytes());
+            p
+        }),
+    ];
+    for (case, bytes) in cases {
+        let mut answers = Vec::new();
+        for (target, addr) in t.all() {
+            let mut raw = Raw::connect(addr).await;
+            raw.send(&bytes).await;
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), raw.stream.read_to_end(&mut answer))
+                .await
+                .unwrap_or_else(|_| panic!("{case}: {target} did not close"))
+                .unwrap();
+            // A protocol-3 ErrorResponse: its fields up to the source file
+            // and line Postgres adds (the length differs by those).
+            if answer.starts_with(b"E\0") {
+                answer.drain(..5);
+                if let Some(at) = answer.windows(2).position(|w| w == b"\0F") {
+                    answer.truncate(at + 1);
+                }
+                while answer.ends_with(b"\0\0") {
+                    answer.pop();
+                }
+            }
+            let answer = String::from_utf8_lossy(&answer).into_owned();
+            answers.push((target, answer));
+        }
+        eprintln!("{case}: {answers:?}");
+        assert!(answers.iter().all(|(_, a)| *a == answers[0].1), "{case}: answers differ from Postgres's: {answers:?}");
+    }
 }

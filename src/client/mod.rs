@@ -22,7 +22,7 @@ use crate::pool::{Backend, Pool};
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::frame::{FrameError, Header, MAX_MESSAGE_LEN, Scanner};
 use crate::protocol::sqlstate::SqlState;
-use crate::protocol::startup::{self, StartupPacket};
+use crate::protocol::startup::{self, StartupError, StartupPacket};
 use crate::protocol::tag;
 use crate::routing::WriteFunctions;
 use crate::routing::monitor::{MonitorLogin, NodeState};
@@ -396,7 +396,16 @@ async fn login(
             }
             Err(e) => {
                 tracing::info!(client, ?peer, error = %e, "malformed startup packet");
-                fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await?;
+                // As Postgres: an impossible length is not worth an answer
+                // (it logs it as COMMERROR and closes); the rest get a FATAL.
+                if let StartupError::UnsupportedProtocol { major: ..3, .. } = e {
+                    // A protocol-2 client reads errors in that protocol's
+                    // format (one string), which Postgres uses for it.
+                    stream.write_all(format!("EFATAL:  {e}\n\0").as_bytes()).await?;
+                    stream.shutdown().await?;
+                } else if let Some(code) = e.sqlstate() {
+                    fatal(stream, code, &e.to_string()).await?;
+                }
                 return Ok(None);
             }
         };

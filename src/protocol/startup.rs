@@ -40,10 +40,22 @@ impl Startup {
 pub enum StartupError {
     #[error("invalid length of startup packet: {0}")]
     BadLength(usize),
-    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0")]
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")]
     UnsupportedProtocol { major: u16, minor: u16 },
-    #[error("malformed startup packet: {0}")]
+    #[error("invalid startup packet layout: {0}")]
     Malformed(&'static str),
+}
+
+impl StartupError {
+    /// What Postgres answers with; `None`: it closes without a word.
+    pub fn sqlstate(&self) -> Option<crate::protocol::sqlstate::SqlState> {
+        use crate::protocol::sqlstate::SqlState;
+        match self {
+            StartupError::BadLength(_) => None,
+            StartupError::UnsupportedProtocol { .. } => Some(SqlState::FEATURE_NOT_SUPPORTED),
+            StartupError::Malformed(_) => Some(SqlState::PROTOCOL_VIOLATION),
+        }
+    }
 }
 
 /// Splits one startup-phase packet off `buf`; `Ok(None)` means more bytes are needed.
@@ -103,7 +115,7 @@ fn parse_params(minor: u16, mut body: &[u8]) -> Result<Startup, StartupError> {
 }
 
 fn take_cstr(body: &mut &[u8]) -> Result<String, StartupError> {
-    let end = memchr::memchr(0, body).ok_or(StartupError::Malformed("unterminated string"))?;
+    let end = memchr::memchr(0, body).ok_or(StartupError::Malformed("expected terminator as last byte"))?;
     let s = std::str::from_utf8(&body[..end]).map_err(|_| StartupError::Malformed("invalid UTF-8"))?;
     *body = &body[end + 1..];
     Ok(s.to_owned())
