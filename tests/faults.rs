@@ -326,3 +326,41 @@ async fn a_login_storm_does_not_stall_a_connected_client() {
     assert!(failed.is_empty(), "{} logins failed, first: {}", failed.len(), failed[0]);
     assert!(p(0.99) < Duration::from_millis(500), "canary p99 {:?}", p(0.99));
 }
+
+/// Server connections carry TCP keepalives as configured (a dead server
+/// host or a dropped network is found by the kernel, not after hours), as
+/// the kernel reports them for the real socket; off means none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connections_carry_the_configured_keepalive() {
+    let _serial = SERIAL.lock().await;
+    let cluster = support::cluster_async().await;
+    for (extra, want) in [
+        ("server_tcp_keepalive_idle = \"75s\"\nserver_tcp_keepalive_interval = \"2s\"", Some(75)),
+        ("server_tcp_keepalive = false", None),
+    ] {
+        let proxy = Proxy::start(&standard_config(cluster, 1, extra)).await;
+        let mut c = Raw::login(proxy.addr, TRUST, DB).await;
+        let msgs = c.simple_query("SELECT client_port FROM pg_stat_activity WHERE pid = pg_backend_pid()").await;
+        assert_eq!(tags(&msgs), "TDCZ");
+        let body = &msgs[1].body;
+        let port = String::from_utf8_lossy(&body[6..]).into_owned();
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", &format!("( sport = :{port} )")])
+            .output()
+            .expect("ss (iproute2)");
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(line.contains(&format!(":{port}")), "no socket on port {port}: {line:?}");
+        eprintln!("{extra}: {}", line.trim());
+        match want {
+            Some(idle) => {
+                // timer:(keepalive,1min14sec,0): the first probe within `idle`.
+                let timer = line.split("timer:(keepalive,").nth(1).unwrap_or_else(|| panic!("no keepalive: {line}"));
+                let (min, rest) = timer.split_once("min").unwrap_or_else(|| panic!("{line}"));
+                let sec = rest.split("sec").next().unwrap();
+                let secs: u64 = min.parse::<u64>().unwrap() * 60 + sec.parse::<u64>().unwrap();
+                assert!(secs <= idle && secs + 5 > idle, "{line}");
+            }
+            None => assert!(!line.contains("keepalive"), "{line}"),
+        }
+    }
+}

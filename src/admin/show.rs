@@ -533,6 +533,10 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ("proxy.server_lifetime", format_duration(p.server_lifetime)),
         ("proxy.shutdown_timeout", format_duration(p.shutdown_timeout)),
         ("proxy.server_connect_timeout", format_duration(p.server_connect_timeout)),
+        ("proxy.server_tcp_keepalive", p.server_tcp_keepalive.to_string()),
+        ("proxy.server_tcp_keepalive_idle", format_duration(p.server_tcp_keepalive_idle)),
+        ("proxy.server_tcp_keepalive_interval", format_duration(p.server_tcp_keepalive_interval)),
+        ("proxy.server_tcp_keepalive_count", p.server_tcp_keepalive_count.to_string()),
         ("proxy.max_prepared_statements", p.max_prepared_statements.to_string()),
         (
             "proxy.on_session_state",

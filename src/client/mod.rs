@@ -102,6 +102,7 @@ impl SessionRouting {
             password: user.backend_password().map(str::to_owned),
             dbname: db.server_dbname().to_owned(),
             tls: config.tls.client.clone(),
+            keepalive: config.proxy.server_keepalive(),
         };
         let interval = config.routing.monitor_interval;
         let r = &config.routing;

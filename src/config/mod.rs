@@ -106,6 +106,14 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     #[serde(with = "duration::serde_duration")]
     pub server_connect_timeout: Duration,
+    /// TCP keepalives on server connections (pooled and monitors): a server
+    /// whose host died or whose network dropped is found and closed.
+    pub server_tcp_keepalive: bool,
+    #[serde(with = "duration::serde_duration")]
+    pub server_tcp_keepalive_idle: Duration,
+    #[serde(with = "duration::serde_duration")]
+    pub server_tcp_keepalive_interval: Duration,
+    pub server_tcp_keepalive_count: u32,
     pub max_prepared_statements: usize,
     pub on_session_state: OnSessionState,
     pub tls_cert: Option<PathBuf>,
@@ -113,6 +121,25 @@ pub struct ProxyConfig {
     pub tls_mode: TlsMode,
     pub server_tls: ServerTlsMode,
     pub server_tls_ca: Option<PathBuf>,
+}
+
+/// TCP keepalive settings for a socket; see `server_tcp_keepalive`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+impl ProxyConfig {
+    /// The keepalive for server connections, `None` when turned off.
+    pub fn server_keepalive(&self) -> Option<TcpKeepalive> {
+        self.server_tcp_keepalive.then_some(TcpKeepalive {
+            idle: self.server_tcp_keepalive_idle,
+            interval: self.server_tcp_keepalive_interval,
+            count: self.server_tcp_keepalive_count,
+        })
+    }
 }
 
 impl Default for ProxyConfig {
@@ -131,6 +158,12 @@ impl Default for ProxyConfig {
             server_lifetime: Duration::from_secs(3600),
             shutdown_timeout: Duration::from_secs(30),
             server_connect_timeout: Duration::from_secs(5),
+            // A dead peer is found in idle + interval * count = 90 s rather
+            // than the kernel's default two hours and more.
+            server_tcp_keepalive: true,
+            server_tcp_keepalive_idle: Duration::from_secs(60),
+            server_tcp_keepalive_interval: Duration::from_secs(10),
+            server_tcp_keepalive_count: 3,
             max_prepared_statements: 200,
             on_session_state: OnSessionState::Pin,
             tls_cert: None,

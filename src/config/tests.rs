@@ -534,3 +534,14 @@ fn files_the_config_names_are_read_only_up_to_a_bound() {
     assert!(read_bounded(&small, 2).is_err());
     std::fs::remove_file(&small).unwrap();
 }
+
+#[test]
+fn keepalive_settings_are_whole_seconds_within_the_kernels_range() {
+    let with = |extra: &str| base_with("[proxy]", &format!("[proxy]\n{extra}"));
+    let c = parse_ok(&with("server_tcp_keepalive_idle = \"5s\""));
+    assert_eq!(c.proxy.server_keepalive().unwrap().idle, Duration::from_secs(5));
+    assert_eq!(parse_ok(&with("server_tcp_keepalive = false")).proxy.server_keepalive(), None);
+    parse_err(&with("server_tcp_keepalive_idle = \"500ms\""), 2, "proxy.server_tcp_keepalive_idle", "whole number");
+    parse_err(&with("server_tcp_keepalive_interval = 0"), 2, "proxy.server_tcp_keepalive_interval", "whole number");
+    parse_err(&with("server_tcp_keepalive_count = 0"), 2, "proxy.server_tcp_keepalive_count", "from 1 to 127");
+}

@@ -32,6 +32,20 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
             "server_tls = \"verify-full\" needs server_tls_ca (the CA that signed the servers' certificates)".into(),
         );
     }
+    if proxy.server_tcp_keepalive {
+        // The kernel takes whole seconds, at least one, and at most 127 probes.
+        for (key, d) in [
+            ("server_tcp_keepalive_idle", proxy.server_tcp_keepalive_idle),
+            ("server_tcp_keepalive_interval", proxy.server_tcp_keepalive_interval),
+        ] {
+            if d < std::time::Duration::from_secs(1) || d.subsec_nanos() != 0 || d.as_secs() > 32767 {
+                err(KeyPath::new("proxy").key(key), "must be a whole number of seconds from 1s to 32767s".into());
+            }
+        }
+        if !(1..=127).contains(&proxy.server_tcp_keepalive_count) {
+            err(KeyPath::new("proxy").key("server_tcp_keepalive_count"), "must be from 1 to 127".into());
+        }
+    }
     // tokio's interval() panics on a zero period, and polling in a busy loop is never intended.
     if config.routing.monitor_interval.is_zero() {
         err(KeyPath::new("routing").key("monitor_interval"), "must be greater than 0".into());

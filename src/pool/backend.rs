@@ -78,6 +78,7 @@ pub struct LoginParams<'a> {
     pub dbname: &'a str,
     pub password: Option<&'a str>,
     pub connect_timeout: std::time::Duration,
+    pub keepalive: Option<crate::config::TcpKeepalive>,
     /// Startup parameters beyond user and database (e.g. the monitors' application_name).
     pub params: &'a [(&'a str, &'a str)],
     pub tls: &'a crate::tls::BackendTls,
@@ -89,6 +90,11 @@ impl Backend {
             let tcp = TcpStream::connect(login.addr).await.map_err(PoolError::Connect)?;
             // Small request/response messages: never wait for Nagle.
             tcp.set_nodelay(true).map_err(PoolError::Connect)?;
+            if let Some(k) = login.keepalive {
+                let keepalive =
+                    socket2::TcpKeepalive::new().with_time(k.idle).with_interval(k.interval).with_retries(k.count);
+                socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive).map_err(PoolError::Connect)?;
+            }
             let addr = tcp.peer_addr().map_err(PoolError::Connect)?;
             let mut stream = crate::tls::connect(tcp, login.tls, login.addr).await.map_err(PoolError::Connect)?;
             let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.password, login.params)

@@ -61,6 +61,7 @@ pub struct PoolSettings {
     pub min_pool_size: usize,
     pub query_wait_timeout: Duration,
     pub connect_timeout: Duration,
+    pub keepalive: Option<crate::config::TcpKeepalive>,
     pub lifetime: Duration,
     pub idle_timeout: Duration,
     /// Server-side prepared statements kept per backend.
@@ -80,6 +81,7 @@ impl PoolSettings {
             min_pool_size: db.min_pool_size,
             query_wait_timeout: config.proxy.query_wait_timeout,
             connect_timeout: config.proxy.server_connect_timeout,
+            keepalive: config.proxy.server_keepalive(),
             lifetime: config.proxy.server_lifetime,
             idle_timeout: config.proxy.server_idle_timeout,
             max_prepared: config.proxy.max_prepared_statements,
@@ -340,6 +342,7 @@ impl Pool {
             dbname: &s.dbname,
             password: s.password.as_deref(),
             connect_timeout: s.connect_timeout,
+            keepalive: s.keepalive,
             params: &[],
             tls: &s.tls,
         };

@@ -89,6 +89,7 @@ pub struct MonitorLogin {
     pub password: Option<String>,
     pub dbname: String,
     pub tls: crate::tls::BackendTls,
+    pub keepalive: Option<crate::config::TcpKeepalive>,
 }
 
 const SAMPLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
@@ -148,6 +149,7 @@ async fn connect(addr: &str, login: &MonitorLogin) -> std::io::Result<crate::poo
         dbname: &login.dbname,
         password: login.password.as_deref(),
         connect_timeout: Duration::from_secs(2),
+        keepalive: login.keepalive,
         // Named, so operators (and pg_stat_activity queries) can tell it from pooled sessions.
         params: &[("application_name", MONITOR_APPLICATION_NAME)],
         tls: &login.tls,
