@@ -165,6 +165,12 @@ async fn a_primary_restart_under_load_loses_no_acknowledged_commit() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::block_in_place(|| cluster.primary().restart()).expect("restart");
     restarted.store(true, Ordering::SeqCst);
+    let back = Instant::now();
+    let mut probe = Raw::login(proxy.addr, TRUST, DB).await;
+    while tags(&probe.simple_query("SELECT 1").await) != "TDCZ" {
+        assert!(back.elapsed() < Duration::from_secs(10), "no success 10 s after the restart");
+    }
+    eprintln!("primary restart: first success {:?} after Postgres accepted connections again", back.elapsed());
     eventually(Duration::from_secs(20), "commits after the restart", || async {
         after_restart.load(Ordering::SeqCst) >= 200
     })
@@ -363,4 +369,71 @@ async fn server_connections_carry_the_configured_keepalive() {
             None => assert!(!line.contains("keepalive"), "{line}"),
         }
     }
+}
+
+/// Every process of a server (postmaster and backends) stopped with
+/// SIGSTOP, as a hung host: a request already on it ends at
+/// `query_timeout` (57014), a new one waits at most `server_connect_timeout`
+/// for a connection that cannot log in, and nothing hangs; after SIGCONT,
+/// transactions succeed again and every slot is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_costs_bounded_waits_and_recovers_after_sigcont() {
+    let _serial = SERIAL.lock().await;
+    let cluster = private_primary().await;
+    let extra = "query_timeout = \"1s\"\nquery_wait_timeout = \"2s\"\nserver_connect_timeout = \"1s\"";
+    let proxy = Proxy::start(&standard_config(&cluster, 2, extra)).await;
+    let mut busy = Raw::login(proxy.addr, TRUST, DB).await;
+    assert_eq!(tags(&busy.simple_query("SELECT 1").await), "TDCZ");
+    let mut fresh = Raw::login(proxy.addr, TRUST, DB).await;
+
+    let postmaster: i32 = std::fs::read_to_string(cluster.primary().data_dir().join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let children = std::process::Command::new("pgrep").args(["-P", &postmaster.to_string()]).output().unwrap();
+    let mut pids: Vec<i32> = String::from_utf8_lossy(&children.stdout).lines().map(|l| l.parse().unwrap()).collect();
+    pids.push(postmaster);
+    let signal_all = |sig| {
+        for &pid in &pids {
+            // SAFETY: kill(2) on pids of the private server's processes.
+            unsafe { libc::kill(pid, sig) };
+        }
+    };
+    signal_all(libc::SIGSTOP);
+
+    // The request on a backend: bounded by query_timeout.
+    let mut out = BytesMut::new();
+    frontend::query("SELECT 2", &mut out).unwrap();
+    let started = Instant::now();
+    busy.send(&out).await;
+    let msgs = tokio::time::timeout(Duration::from_secs(10), busy.until_closed()).await.expect("busy answered");
+    assert_eq!(msgs.last().expect("an answer").error().code, "57014");
+    eprintln!("hung server: the request on a backend got 57014 after {:?}", started.elapsed());
+    // A request needing a new server connection: its login cannot finish.
+    let started = Instant::now();
+    fresh.send(&out).await;
+    let msgs = tokio::time::timeout(Duration::from_secs(10), fresh.until_ready_or_closed())
+        .await
+        .expect("a request waiting on a hung server hangs");
+    let took = started.elapsed();
+    let err = msgs.as_deref().and_then(|m| m.iter().find(|m| m.tag == b'E')).map(|m| m.error());
+    eprintln!("hung server: a request needing a new connection got {err:?} after {took:?}");
+    assert!(err.is_some() && took < Duration::from_secs(5), "{msgs:?} after {took:?}");
+
+    signal_all(libc::SIGCONT);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(15);
+    loop {
+        let mut c = Raw::login(proxy.addr, TRUST, DB).await;
+        if tags(&c.simple_query("SELECT 3").await) == "TDCZ" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery 15 s after SIGCONT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("hung server: first success {:?} after SIGCONT", started.elapsed());
+    all_slots_usable(&proxy, 2).await;
 }
