@@ -823,3 +823,74 @@ async fn replica_pools_show_up_in_metrics_and_show_commands() {
     assert!(stats.get(r, "total_query_count").parse::<u64>().unwrap() >= 1, "{stats:?}");
     proxy.shutdown().await;
 }
+
+/// Server connections of `db` open on the primary (all users).
+async fn server_connections(su: &tokio_postgres::Client, db: &str) -> String {
+    scalar(su, &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid()"))
+        .await
+}
+
+/// `RECONNECT db` closes idle server connections now and busy ones when
+/// their transaction ends; `KILL db` closes the database's clients and
+/// server connections at once, so `DROP DATABASE` succeeds, and holds its
+/// new transactions until `RESUME` (PgBouncer's semantics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_and_kill_free_a_database() {
+    let cluster = support::cluster_async().await;
+    let su = support::superuser("postgres").await;
+    su.batch_execute("DROP DATABASE IF EXISTS killme").await.unwrap();
+    su.batch_execute("CREATE DATABASE killme OWNER app").await.unwrap();
+    let toml = format!(
+        "{}\n[[databases]]\nname = \"killme\"\nprimary = \"{}\"\npool_size = 3\n",
+        admin_config(cluster, 2, ""),
+        cluster.primary().host_port()
+    );
+    let proxy = Proxy::start(&toml).await;
+    let admin = admin_client(&proxy).await;
+    let c1 = proxy.connect(APP.0, Some(APP.1), "killme").await.unwrap();
+    let c2 = proxy.connect(APP.0, Some(APP.1), "killme").await.unwrap();
+    c2.batch_execute("BEGIN").await.unwrap();
+    c2.simple_query("SELECT 1").await.unwrap();
+    c1.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(server_connections(&su, "killme").await, "2");
+
+    admin.simple_query("RECONNECT killme").await.unwrap();
+    eventually(SOON, "the idle server connection to close", || async {
+        server_connections(&su, "killme").await == "1"
+    })
+    .await;
+    c2.batch_execute("COMMIT").await.unwrap();
+    eventually(SOON, "the busy one to close after its transaction", || async {
+        server_connections(&su, "killme").await == "0"
+    })
+    .await;
+    assert_eq!(scalar(&c1, "SELECT 2").await, "2");
+    assert_eq!(code(&admin.simple_query("RECONNECT nosuchdb").await.unwrap_err()), "3D000");
+
+    c2.batch_execute("BEGIN").await.unwrap();
+    admin.simple_query("KILL killme").await.unwrap();
+    eventually(SOON, "killme's clients to be closed", || async { c1.is_closed() && c2.is_closed() }).await;
+    eventually(SOON, "killme's server connections to close", || async {
+        server_connections(&su, "killme").await == "0"
+    })
+    .await;
+    su.batch_execute("DROP DATABASE killme").await.expect("DROP DATABASE right after KILL");
+    // The app database's clients never noticed.
+    assert_eq!(scalar(&proxy.app().await, "SELECT 3").await, "3");
+
+    su.batch_execute("CREATE DATABASE killme OWNER app").await.unwrap();
+    let c3 = proxy.connect(APP.0, Some(APP.1), "killme").await.unwrap();
+    let mut held = tokio::spawn(async move { c3.simple_query("SELECT 4").await.map(|_| c3) });
+    assert!(tokio::time::timeout(HELD, &mut held).await.is_err(), "a transaction ran on a killed database");
+    admin.simple_query("RESUME killme").await.unwrap();
+    let c3 = tokio::time::timeout(SOON, held).await.expect("RESUME releases it").unwrap().unwrap();
+    assert_eq!(scalar(&c3, "SELECT 5").await, "5");
+    drop(c3);
+    admin.simple_query("KILL killme").await.unwrap();
+    eventually(SOON, "killme's server connections to close", || async {
+        server_connections(&su, "killme").await == "0"
+    })
+    .await;
+    su.batch_execute("DROP DATABASE killme").await.unwrap();
+    proxy.shutdown().await;
+}

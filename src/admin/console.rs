@@ -117,6 +117,18 @@ const COMMANDS: &[Command] = &[
         run: kill_client,
     },
     Command {
+        name: "RECONNECT",
+        arg: Arg::Optional("db"),
+        help: "close the server connections (of db, or all): idle ones now, busy ones when their transaction ends",
+        run: reconnect,
+    },
+    Command {
+        name: "KILL",
+        arg: Arg::Required("db"),
+        help: "close db's clients (57P01) and server connections at once; its new transactions wait for RESUME",
+        run: kill_database,
+    },
+    Command {
         name: "SHUTDOWN",
         arg: Arg::None,
         help: "graceful shutdown, as on SIGTERM",
@@ -191,6 +203,48 @@ fn reload(s: &Shared, _: Option<&str>) -> Reply {
             Reply::Error(SqlState::CONFIG_FILE_ERROR, e.to_string())
         }
     }
+}
+
+/// `db` as a configured database name, or the error reply.
+fn known_database<'a>(s: &Shared, db: &'a str) -> Result<&'a str, Reply> {
+    let db = identifier(db);
+    match s.config().database(db) {
+        Some(_) => Ok(db),
+        None => Err(Reply::Error(SqlState::INVALID_CATALOG_NAME, format!("database \"{db}\" does not exist"))),
+    }
+}
+
+fn reconnect(s: &Shared, db: Option<&str>) -> Reply {
+    let db = match db.map(|d| known_database(s, d)).transpose() {
+        Ok(db) => db,
+        Err(reply) => return reply,
+    };
+    for pool in s.pools.of_database(db) {
+        pool.reconnect();
+    }
+    Reply::Done("RECONNECT")
+}
+
+/// PgBouncer's `KILL db`: what frees a database for `DROP DATABASE` or a
+/// restore without waiting for `server_idle_timeout`.
+fn kill_database(s: &Shared, db: Option<&str>) -> Reply {
+    let db = match known_database(s, db.unwrap_or_default()) {
+        Ok(db) => db,
+        Err(reply) => return reply,
+    };
+    // Paused first, so no client of db starts a transaction on a new
+    // connection between the kills and the closes. Already paused is fine.
+    let _ = s.pause.pause(Some(db));
+    for client in s.clients.snapshot() {
+        if client.login().is_some_and(|l| l.database == db) {
+            client.kill();
+        }
+    }
+    // Killed clients' backends are cleaned up and come back to be closed.
+    for pool in s.pools.of_database(Some(db)) {
+        pool.reconnect();
+    }
+    Reply::Done("KILL")
 }
 
 fn kill_client(s: &Shared, id: Option<&str>) -> Reply {

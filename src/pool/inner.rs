@@ -56,6 +56,8 @@ pub enum CloseReason {
     Retired,
     Dirty,
     Dead,
+    /// `RECONNECT` or `KILL` from the admin console.
+    Reconnect,
 }
 
 impl std::fmt::Display for CloseReason {
@@ -68,6 +70,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Retired => "database or user removed by a reload",
             CloseReason::Dirty => "connection left in an unknown state",
             CloseReason::Dead => "connection closed by the server",
+            CloseReason::Reconnect => "RECONNECT or KILL from the admin console",
         })
     }
 }
@@ -97,9 +100,11 @@ pub struct Inner<B> {
     pub pool_size: usize,
     pub lifetime: Duration,
     pub idle_timeout: Duration,
-    /// Bumped when a reload changes the pool's target (server, database):
-    /// backends of an older generation are closed when they come back.
+    /// Bumped when a reload changes the pool's target (server, database) or
+    /// the admin console asks to reconnect: backends of an older generation
+    /// are closed when they come back, for `stale_reason`.
     generation: u64,
+    stale_reason: CloseReason,
     /// Set when a reload removes the pool's database or user: every backend
     /// is closed when it comes back; no new client reaches this pool.
     retired: bool,
@@ -120,6 +125,7 @@ impl<B: Aged> Inner<B> {
             lifetime,
             idle_timeout,
             generation: 0,
+            stale_reason: CloseReason::Retargeted,
             retired: false,
             idle: VecDeque::new(),
             open: 0,
@@ -158,8 +164,17 @@ impl<B: Aged> Inner<B> {
     /// A reload changed the target: idle backends (returned) and busy ones
     /// (when they come back) belong to the old one and are closed.
     pub fn retarget(&mut self) -> Vec<(B, CloseReason)> {
+        self.renew(CloseReason::Retargeted)
+    }
+
+    /// Every current backend is closed: idle ones now (returned), busy ones
+    /// when they come back. New ones open as needed.
+    pub fn renew(&mut self, reason: CloseReason) -> Vec<(B, CloseReason)> {
         self.generation += 1;
-        self.drain_idle().into_iter().map(|b| (b, CloseReason::Retargeted)).collect()
+        self.stale_reason = reason;
+        let idle = self.drain_idle();
+        self.grant_slots();
+        idle.into_iter().map(|b| (b, reason)).collect()
     }
 
     /// A reload removed the pool's database or user: close the idle backends
@@ -248,7 +263,7 @@ impl<B: Aged> Inner<B> {
         let stale = if self.retired {
             Some(CloseReason::Retired)
         } else if b.generation() != self.generation {
-            Some(CloseReason::Retargeted)
+            Some(self.stale_reason)
         } else {
             None
         };

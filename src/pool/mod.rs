@@ -200,6 +200,16 @@ impl Pool {
         }
     }
 
+    /// Admin `RECONNECT`/`KILL`: closes idle backends now and busy ones when
+    /// their transaction ends; new ones open as needed.
+    pub fn reconnect(&self) {
+        let closed = self.lock().renew(CloseReason::Reconnect);
+        for (b, reason) in closed {
+            tracing::debug!(pid = b.pid, %reason, "closing server connection");
+            b.close();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner<Box<Backend>>> {
         // A panic while holding this lock would be a bug in `inner`'s small,
         // non-panicking methods; recover the data rather than poison every client.
@@ -579,6 +589,14 @@ impl Pools {
 
     pub fn get(&self, db: &str, user: &str) -> Option<Arc<Pool>> {
         self.pools.get(&(db.to_owned(), user.to_owned())).map(|p| p.clone())
+    }
+
+    /// Every pool of `db` (all of them for `None`), primaries' and replicas'.
+    pub fn of_database(&self, db: Option<&str>) -> Vec<Arc<Pool>> {
+        let mut out: Vec<Arc<Pool>> =
+            self.pools.iter().filter(|e| db.is_none_or(|d| e.key().0 == d)).map(|e| e.value().clone()).collect();
+        out.extend(self.replica_pools.iter().filter(|e| db.is_none_or(|d| e.key().0 == d)).map(|e| e.value().clone()));
+        out
     }
 
     pub fn all(&self) -> Vec<((String, String), Arc<Pool>)> {
