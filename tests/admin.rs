@@ -824,6 +824,32 @@ async fn replica_pools_show_up_in_metrics_and_show_commands() {
     proxy.shutdown().await;
 }
 
+/// A replica with `weight = 0` takes no reads, and the admin views say so
+/// (they ask routing's own rule; they once reported it in rotation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_weight_zero_is_reported_out_of_rotation() {
+    let cluster = support::cluster_async().await;
+    let replica = cluster.replicas()[0].host_port();
+    let toml = admin_config_with_replica(cluster, 2, "", "").replace(
+        &format!("replicas = [\"{replica}\"]"),
+        &format!("replicas = [{{ addr = \"{replica}\", weight = 0 }}]"),
+    );
+    let proxy = Proxy::start_with_metrics(&toml).await;
+    let c = proxy.app().await;
+    let node = [("database", DB), ("node", replica.as_str())];
+    eventually(SOON, "the replica's monitor to see it up", || async {
+        c.simple_query("SELECT 1").await.unwrap();
+        Scraped::take(&proxy).await.get("pgmux_node_up", &node) == Some(1.0)
+    })
+    .await;
+    assert_eq!(Scraped::take(&proxy).await.value("pgmux_replica_in_rotation", &node), 0.0);
+    let replicas = show(&proxy, "REPLICAS").await;
+    let r = replicas.one("role", "replica");
+    assert_eq!(replicas.get(r, "in_rotation"), "no (weight 0)");
+    assert_ne!(scalar(&c, "SELECT inet_server_port()").await, cluster.replicas()[0].port().to_string());
+    proxy.shutdown().await;
+}
+
 /// Server connections of `db` open on the primary (all users).
 async fn server_connections(su: &tokio_postgres::Client, db: &str) -> String {
     scalar(su, &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid()"))

@@ -19,9 +19,11 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::show::{PoolView, out_of_rotation, pool_views};
+use super::show::{PoolView, pool_views};
 use super::stats::{HistogramSnapshot, LATENCY_BOUNDS_US};
 use crate::pool::counters::{REASON_SLOTS, reason_label};
+use crate::routing::monitor::NodeView;
+use crate::routing::route::{Candidate, Policy, out_of_rotation};
 use crate::server::Shared;
 
 /// Request heads are small; anything bigger is not a scrape.
@@ -334,7 +336,11 @@ impl Collector for PgmuxCollector {
             if v.healthy && v.in_recovery {
                 lag_seconds.push((labels.clone(), v.replay_delay.as_secs_f64()));
             }
-            in_rotation.push((labels, u64::from(out_of_rotation(&config.routing, &v, lag).is_none())));
+            let weight = dbc.replicas.iter().find(|r| r.addr() == addr).map_or(1, |r| r.weight());
+            let primary = primary.map_or(NodeView::UNKNOWN, |(_, p)| p);
+            let candidate = Candidate { view: v, active: 0, weight };
+            let rotating = out_of_rotation(&Policy::new(&config.routing), &candidate, &primary).is_none();
+            in_rotation.push((labels, u64::from(rotating)));
         }
         gauges(
             &mut enc,

@@ -13,6 +13,7 @@ use crate::config::{
 };
 use crate::pool::Pool;
 use crate::routing::monitor::NodeView;
+use crate::routing::route::{Candidate, Policy, out_of_rotation};
 use crate::server::Shared;
 
 /// Columns and text rows; sent as RowDescription, DataRows, `SHOW`.
@@ -428,7 +429,11 @@ pub fn replicas(shared: &Shared) -> ResultSet {
                 Some(v) => {
                     let lag = primary.filter(|p| p.healthy && role == "replica").map(|p| p.lsn.saturating_sub(v.lsn));
                     let why_not = match role {
-                        "replica" => out_of_rotation(&config.routing, &v, lag),
+                        "replica" => out_of_rotation(
+                            &Policy::new(&config.routing),
+                            &Candidate { view: v, active: 0, weight },
+                            &primary.unwrap_or(NodeView::UNKNOWN),
+                        ),
                         _ if !v.healthy => Some("down"),
                         _ => None,
                     };
@@ -468,27 +473,6 @@ pub fn replicas(shared: &Shared) -> ResultSet {
         }
     }
     rs
-}
-
-/// Why a replica takes no reads right now (`None`: it is in the rotation).
-/// `lag_bytes` is how far its replay is behind the primary, when known. The
-/// same limits as routing's own choice ([`crate::routing::route::route`]).
-pub fn out_of_rotation(
-    routing: &crate::config::RoutingConfig,
-    v: &NodeView,
-    lag_bytes: Option<u64>,
-) -> Option<&'static str> {
-    if !v.healthy {
-        Some("down")
-    } else if !v.in_recovery {
-        Some("not in recovery")
-    } else if v.replay_delay > routing.max_replica_lag
-        || routing.max_replica_lag_bytes.zip(lag_bytes).is_some_and(|(max, l)| l > max)
-    {
-        Some("lagging")
-    } else {
-        None
-    }
 }
 
 pub fn version() -> ResultSet {

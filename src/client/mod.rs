@@ -118,13 +118,7 @@ impl SessionRouting {
                 .collect(),
             primary_node: shared.routing.node(&db.name, &db.primary, &login, interval),
             sticky: shared.routing.sticky(r.sticky_scope, &db.name, &user.name),
-            policy: Policy {
-                read_your_writes: r.read_your_writes,
-                sticky_window: r.sticky_window,
-                max_replica_lag: r.max_replica_lag,
-                max_replica_lag_bytes: r.max_replica_lag_bytes,
-                load_balance: r.load_balance,
-            },
+            policy: Policy::new(r),
             write_functions: WriteFunctions::new(&r.write_functions),
         })
     }

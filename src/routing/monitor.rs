@@ -26,7 +26,7 @@ pub struct NodeView {
 }
 
 impl NodeView {
-    const UNKNOWN: NodeView =
+    pub const UNKNOWN: NodeView =
         NodeView { healthy: false, in_recovery: false, lsn: 0, sampled_at: None, replay_delay: Duration::ZERO };
 }
 

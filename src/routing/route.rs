@@ -173,6 +173,37 @@ pub struct Candidate {
     pub weight: u32,
 }
 
+impl Policy {
+    pub fn new(r: &crate::config::RoutingConfig) -> Policy {
+        Policy {
+            read_your_writes: r.read_your_writes,
+            sticky_window: r.sticky_window,
+            max_replica_lag: r.max_replica_lag,
+            max_replica_lag_bytes: r.max_replica_lag_bytes,
+            load_balance: r.load_balance,
+        }
+    }
+}
+
+/// Why a replica takes no reads now (`None`: it is in the rotation). The one
+/// rule: [`route`] applies it, and SHOW REPLICAS and `/metrics` report it.
+pub fn out_of_rotation(policy: &Policy, replica: &Candidate, primary: &NodeView) -> Option<&'static str> {
+    let v = &replica.view;
+    if !v.healthy {
+        Some("down")
+    } else if !v.in_recovery {
+        Some("not in recovery")
+    } else if replica.weight == 0 {
+        Some("weight 0")
+    } else if v.replay_delay > policy.max_replica_lag
+        || policy.max_replica_lag_bytes.is_some_and(|max| primary.healthy && primary.lsn.saturating_sub(v.lsn) > max)
+    {
+        Some("lagging")
+    } else {
+        None
+    }
+}
+
 /// Decides where a request goes. `spin` is a caller-kept counter (round
 /// robin) or random value (random).
 pub fn route(
@@ -195,16 +226,7 @@ pub fn route(
             Requirement::ReplayedPast(lsn) => (Some(lsn), RouteReason::Read),
         },
     };
-    let healthy = |c: &Candidate| {
-        let v = &c.view;
-        v.healthy
-            && v.in_recovery
-            && c.weight > 0
-            && v.replay_delay <= policy.max_replica_lag
-            && policy
-                .max_replica_lag_bytes
-                .is_none_or(|max| !primary.healthy || primary.lsn.saturating_sub(v.lsn) <= max)
-    };
+    let healthy = |c: &Candidate| out_of_rotation(policy, c, primary).is_none();
     let eligible: Vec<usize> = (0..replicas.len())
         .filter(|&i| healthy(&replicas[i]) && lsn_ok.is_none_or(|need| replicas[i].view.lsn >= need))
         .collect();
