@@ -16,3 +16,4 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod vocab;

@@ -367,6 +367,26 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// A boxed future for a path taken rarely (errors, routing extras).
+pub type RarePath<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Writes a FATAL ErrorResponse and closes.
+///
+/// Boxed, like the other rare paths: a client's task is sized for its
+/// largest await, and an idle client should not pay for its last words.
+pub fn fatal<'a>(
+    stream: &'a mut Stream,
+    code: crate::protocol::sqlstate::SqlState,
+    text: &'a str,
+) -> RarePath<'a, io::Result<()>> {
+    Box::pin(async move {
+        let mut out = BytesMut::new();
+        crate::protocol::backend::error_response(&mut out, crate::protocol::backend::Severity::Fatal, code, text);
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -22,6 +22,10 @@ fn routed_config(cluster: &Cluster, pool_size: usize, extra: &str) -> String {
     standard_config(cluster, pool_size, extra).replacen(&primary, &with_replica, 1)
 }
 
+/// Held by every test here: they measure this process's memory, which a
+/// neighbouring test's proxy and cluster start would distort.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const MIB: u64 = 1024 * 1024;
 
 /// Bind of statement `name` with one binary parameter of `len` bytes, whose
@@ -42,6 +46,7 @@ fn bind_header(out: &mut BytesMut, name: &str, len: usize) {
 /// One test, so that no other test's allocations blur the figures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_make_pgmux_hold_much_memory() {
+    let _serial = SERIAL.lock().await;
     let cluster = support::cluster_async().await;
     let proxy = Proxy::start(&routed_config(cluster, 2, "max_query_size = 1048576")).await;
     let base = rss();
@@ -119,6 +124,7 @@ async fn one_client_cannot_make_pgmux_hold_much_memory() {
 /// answering; the client gets 57014 and other clients keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_timeout_bounds_a_request_on_a_hung_server() {
+    let _serial = SERIAL.lock().await;
     let cluster = support::cluster_async().await;
     let frozen = Arc::new(AtomicBool::new(false));
     let relay = freezing_relay(cluster.primary().addr(), frozen.clone()).await;

@@ -221,7 +221,12 @@ async fn a_backend_killed_with_sigkill_costs_only_the_transactions_in_flight() {
         if !c.until_closed_or_ready().await {
             return false;
         }
-        tags(&c.simple_query("SELECT 1").await) == "TDCZ"
+        // While Postgres recovers, a new server connection's login fails
+        // (57P03) and the client is closed, as PgBouncer closes it.
+        let mut out = BytesMut::new();
+        frontend::query("SELECT 1", &mut out).unwrap();
+        c.send(&out).await;
+        c.until_ready_or_closed().await.is_some_and(|m| tags(&m) == "TDCZ")
     })
     .await;
     all_slots_usable(&proxy, 3).await;

@@ -6,13 +6,12 @@
 
 use std::time::Duration;
 
-use crate::net::Stream;
+use crate::net::{Stream, fatal};
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
 use super::registry::{ClientInfo, Signal};
 use super::show::{self, ResultSet};
-use crate::client::fatal;
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::frame::split_frame;
 use crate::protocol::sqlstate::SqlState;

@@ -369,7 +369,7 @@ impl Collector for PgmuxCollector {
             }),
         )?;
 
-        let pins = crate::client::pinning::PinReason::ALL;
+        let pins = crate::vocab::reasons::PinReason::ALL;
         counters(
             &mut enc,
             "pgmux_pinned_clients",

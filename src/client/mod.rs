@@ -517,21 +517,10 @@ async fn login(
     }))
 }
 
-/// Writes a FATAL ErrorResponse and closes.
-///
-/// Boxed, like the other rare paths below: a client's task is sized for its
-/// largest await, and an idle client should not pay for its last words.
-pub(crate) fn fatal<'a>(stream: &'a mut Stream, code: SqlState, text: &'a str) -> RarePath<'a, std::io::Result<()>> {
-    Box::pin(async move {
-        let mut out = BytesMut::new();
-        msg::error_response(&mut out, Severity::Fatal, code, text);
-        stream.write_all(&out).await?;
-        stream.shutdown().await
-    })
-}
+pub(crate) use crate::net::fatal;
 
 /// A boxed future for a path taken rarely (errors, routing extras).
-type RarePath<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+use crate::net::RarePath;
 
 /// The transaction loop: wait idle without a backend, take one when the
 /// client speaks, relay, give it back at the transaction boundary.

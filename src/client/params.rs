@@ -27,15 +27,7 @@ pub const TRACKED: &[&str] = &[
 /// Startup keys that are not session parameters.
 const NOT_PARAMETERS: &[&str] = &["user", "database"];
 
-/// One set of session parameter values. Identical sets are interned (one
-/// shared allocation), so idle clients with the usual settings cost no
-/// memory of their own, and "is this backend already set up for this
-/// client?" is a pointer comparison rather than a string-by-string check on
-/// every transaction.
-pub type Profile = Arc<[Setting]>;
-
-/// A parameter name and its value.
-pub type Setting = (Box<str>, Box<str>);
+pub use crate::pool::backend::{Profile, Setting};
 
 #[derive(Debug, Clone)]
 pub struct SessionParams {

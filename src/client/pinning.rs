@@ -2,55 +2,7 @@
 //! the next, detected in the client's SQL so pgmux can pin the client to its
 //! backend, refuse the statement, or let it through (`on_session_state`).
 
-use std::fmt;
-
-/// Why a client needs its backend for the rest of its session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinReason {
-    Listen,
-    AdvisoryLock,
-    SqlPrepare,
-    TempTable,
-    HoldCursor,
-}
-
-impl PinReason {
-    pub const ALL: [PinReason; 5] = [
-        PinReason::Listen,
-        PinReason::AdvisoryLock,
-        PinReason::SqlPrepare,
-        PinReason::TempTable,
-        PinReason::HoldCursor,
-    ];
-
-    /// A label for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PinReason::Listen => "listen",
-            PinReason::AdvisoryLock => "advisory_lock",
-            PinReason::SqlPrepare => "sql_prepare",
-            PinReason::TempTable => "temp_table",
-            PinReason::HoldCursor => "with_hold_cursor",
-        }
-    }
-
-    /// What the client did, for its error message.
-    pub fn statement(self) -> &'static str {
-        match self {
-            PinReason::Listen => "LISTEN",
-            PinReason::AdvisoryLock => "a session-level advisory lock",
-            PinReason::SqlPrepare => "SQL PREPARE",
-            PinReason::TempTable => "CREATE TEMPORARY TABLE",
-            PinReason::HoldCursor => "DECLARE ... WITH HOLD",
-        }
-    }
-}
-
-impl fmt::Display for PinReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::vocab::reasons::PinReason;
 
 /// Finds the first statement in `sql` that creates session state. Lexical and
 /// conservative: a false positive only pins (or refuses) needlessly. Kept

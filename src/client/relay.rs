@@ -24,6 +24,7 @@ use crate::admin::registry::Signal;
 use crate::admin::stats::{Stats, sqlstate_class};
 use crate::config::OnSessionState;
 use crate::net::Stream;
+use crate::pool::expect::{Expect, SpareQueue};
 use crate::pool::statements::{PreparedSet, Registry, Statement};
 use crate::pool::{Backend, PoolCounters, Traffic};
 use crate::protocol::backend::{self as msg};
@@ -39,41 +40,6 @@ const HIGH_WATER: usize = 256 * 1024;
 /// How long pgmux spends cleaning a backend a client abandoned before it
 /// gives up and closes it instead.
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A response pgmux is waiting for, in the order the server will send it.
-/// Every message that gets an answer is tracked, so that an ErrorResponse is
-/// attributed to the message that caused it: after an error in an
-/// extended-protocol message the server skips everything up to the next
-/// Sync (Queries included), after a simple Query's error it does not.
-#[derive(Debug)]
-enum Expect {
-    /// ParseComplete. `forward: false` for a Parse pgmux injected. `statement`
-    /// is the server copy it creates; `client_name` the client's name for it.
-    Parse { forward: bool, statement: Option<Arc<Statement>>, client_name: Option<Box<[u8]>> },
-    /// A Parse of a name the client already uses, sent under that statement's
-    /// server name so the server refuses it (42P05) in order; the error is
-    /// reworded to name the client's statement.
-    DuplicateParse { client_name: Box<[u8]> },
-    /// BindComplete; `statement` lets a stale-plan error retire the right statement.
-    Bind { statement: Option<Arc<Statement>> },
-    /// Describe: ends with RowDescription or NoData.
-    Describe,
-    /// Execute: ends with CommandComplete, EmptyQueryResponse or PortalSuspended.
-    Execute,
-    /// A Flush with a body: the server answers it with an error only.
-    BadFlush,
-    /// CloseComplete. `forward: false` for a Close pgmux injected.
-    Close { forward: bool },
-    /// ReadyForQuery. `forward: false` for a Sync pgmux injected; `sync`
-    /// when a Sync asked for it (not a Query or FunctionCall): the server
-    /// stops skipping there.
-    Ready { forward: bool, sync: bool },
-}
-
-impl Expect {
-    const QUERY: Expect = Expect::Ready { forward: true, sync: false };
-    const SYNC: Expect = Expect::Ready { forward: true, sync: true };
-}
 
 /// Where the statements a client refers to live: its own names, the pool's
 /// interning table, and the per-backend cap.
@@ -149,11 +115,6 @@ pub struct Link {
     /// plain integers and added to the pool once ([`record_traffic`]).
     pub traffic: Traffic,
 }
-
-/// A transaction's expected-response queue, emptied and kept by the backend
-/// for its next transaction so that the queue is not allocated again for each.
-#[derive(Debug, Default)]
-pub struct SpareQueue(VecDeque<Expect>);
 
 impl Link {
     pub fn new() -> Link {
@@ -376,7 +337,7 @@ impl Link {
                         // Sync, both answers dropped) so DEALLOCATE answers as directly.
                         if let Some(st) = scope.client.remove(name) {
                             if !prepared.touch(st.id) {
-                                statements::write_parse(&mut out, st.server_name.as_bytes(), &st.body);
+                                frontend::parse_raw(&mut out, st.server_name.as_bytes(), &st.body);
                                 self.insert_before_last(Expect::Parse {
                                     forward: false,
                                     statement: None,
@@ -449,7 +410,7 @@ impl Link {
                     if refused.is_none() {
                         return end;
                     }
-                    statements::write_parse(&mut out, b"", rest);
+                    frontend::parse_raw(&mut out, b"", rest);
                     return statements::splice(buf, start, end, &out);
                 }
                 let st = scope.registry.intern(rest);
@@ -459,7 +420,7 @@ impl Link {
                 if prepared.touch(st.id) {
                     // Already on this backend: close and re-create it so the
                     // client gets its ParseComplete from the server, in order.
-                    statements::write_close_statement(&mut out, st.server_name.as_bytes());
+                    frontend::close_statement(&mut out, st.server_name.as_bytes());
                     self.expect.push_back(Expect::Close { forward: false });
                 } else {
                     prepared.insert(st.clone(), scope.max_prepared);
@@ -472,11 +433,7 @@ impl Link {
                     client_name: Some(name.clone()),
                 });
                 if refused.is_some() {
-                    statements::write_parse(
-                        &mut out,
-                        server_name.as_bytes(),
-                        rest_owned.as_deref().unwrap_or_default(),
-                    );
+                    frontend::parse_raw(&mut out, server_name.as_bytes(), rest_owned.as_deref().unwrap_or_default());
                     return statements::splice(buf, start, end, &out);
                 }
                 let name_start = start + HEADER_LEN;
@@ -621,7 +578,7 @@ impl Link {
         self.traffic.prepared_misses += 1;
         prepared.insert(st.clone(), scope.max_prepared);
         self.close_queued(prepared, out);
-        statements::write_parse(out, st.server_name.as_bytes(), &st.body);
+        frontend::parse_raw(out, st.server_name.as_bytes(), &st.body);
         self.expect.push_back(Expect::Parse { forward: false, statement: Some(st.clone()), client_name: None });
     }
 
@@ -632,7 +589,7 @@ impl Link {
             return;
         }
         if let Some(body) = &scope.client.unnamed {
-            statements::write_parse(out, b"", body);
+            frontend::parse_raw(out, b"", body);
             self.expect.push_back(Expect::Parse { forward: false, statement: None, client_name: None });
             self.unnamed_here = true;
         }
@@ -641,7 +598,7 @@ impl Link {
     /// Closes server statements evicted from (or retired in) this backend's set.
     fn close_queued(&mut self, prepared: &mut PreparedSet, out: &mut BytesMut) {
         for name in prepared.to_close.drain(..) {
-            statements::write_close_statement(out, name.as_bytes());
+            frontend::close_statement(out, name.as_bytes());
             self.expect.push_back(Expect::Close { forward: false });
         }
     }
@@ -1282,7 +1239,7 @@ async fn recover_inner(backend: &mut Backend, link: &mut Link, registry: &Regist
             // as an extended-protocol statement, aborts it first (and ends an
             // explicit block too). After an error the server skips it, and
             // the Sync ends the failed transaction anyway.
-            statements::write_parse(&mut extra, b"", b"ROLLBACK\0\0\0");
+            frontend::parse_raw(&mut extra, b"", b"ROLLBACK\0\0\0");
             frontend::bind_unnamed(&mut extra);
             frontend::execute_unnamed(&mut extra);
             link.expect.push_back(Expect::Parse { forward: false, statement: None, client_name: None });

@@ -7,10 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 
 use crate::pool::statements::Statement;
-use crate::protocol::tag;
 
 /// Owned by the client task; survives backend changes.
 #[derive(Debug, Default)]
@@ -88,50 +87,6 @@ pub fn statement_target(body: &[u8]) -> Option<&[u8]> {
         Some((b'S', rest)) => Some(cstr(rest).map(|(n, _)| n).unwrap_or_default()),
         _ => None,
     }
-}
-
-fn begin(out: &mut BytesMut, tag: u8) -> usize {
-    out.put_u8(tag);
-    let at = out.len();
-    out.put_u32(0);
-    at
-}
-
-fn finish(out: &mut BytesMut, at: usize) {
-    let len = (out.len() - at) as u32;
-    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-/// Parse `name` with a statement body (query, NUL, parameter types).
-pub fn write_parse(out: &mut BytesMut, name: &[u8], body: &[u8]) {
-    let at = begin(out, tag::PARSE);
-    out.put_slice(name);
-    out.put_u8(0);
-    out.put_slice(body);
-    finish(out, at);
-}
-
-/// Close of a prepared statement.
-pub fn write_close_statement(out: &mut BytesMut, name: &[u8]) {
-    let at = begin(out, tag::CLOSE);
-    out.put_u8(b'S');
-    out.put_slice(name);
-    out.put_u8(0);
-    finish(out, at);
-}
-
-/// Bind with the statement name replaced (the relay renames in place; this
-/// builds reference frames for the tests): `portal` and `rest` (everything
-/// after the client's statement name) are copied unchanged.
-#[cfg(test)]
-pub fn write_bind(out: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u8]) {
-    let at = begin(out, tag::BIND);
-    out.put_slice(portal);
-    out.put_u8(0);
-    out.put_slice(statement);
-    out.put_u8(0);
-    out.put_slice(rest);
-    finish(out, at);
 }
 
 /// Replaces `buf[start..end]` with `with`, returning the new end. Shifts the
@@ -235,11 +190,11 @@ mod tests {
     #[test]
     fn rename_fixes_the_length() {
         let mut b = BytesMut::new();
-        write_bind(&mut b, b"", b"s0", &[0, 0, 0, 0, 0, 0]);
+        crate::protocol::frontend::bind_raw(&mut b, b"", b"s0", &[0, 0, 0, 0, 0, 0]);
         b.extend_from_slice(b"S\0\0\0\x04");
         let end = rename(&mut b, 0, 15, 6, 8, b"pgmux_1");
         let mut want = BytesMut::new();
-        write_bind(&mut want, b"", b"pgmux_1", &[0, 0, 0, 0, 0, 0]);
+        crate::protocol::frontend::bind_raw(&mut want, b"", b"pgmux_1", &[0, 0, 0, 0, 0, 0]);
         assert_eq!(end, want.len());
         assert_eq!(&b[..end], &want[..]);
         assert_eq!(&b[end..], b"S\0\0\0\x04");
@@ -248,7 +203,7 @@ mod tests {
     #[test]
     fn bind_rewrite_keeps_everything_but_the_name() {
         let mut out = BytesMut::new();
-        write_bind(&mut out, b"", b"pgmux_1", &[0, 0, 0, 0, 0, 0]);
+        crate::protocol::frontend::bind_raw(&mut out, b"", b"pgmux_1", &[0, 0, 0, 0, 0, 0]);
         assert_eq!(&out[..], b"B\0\0\0\x13\0pgmux_1\0\0\0\0\0\0\0");
     }
 

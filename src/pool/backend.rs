@@ -53,11 +53,11 @@ pub struct Backend {
     /// The client profile this session's settings were last brought in line
     /// with; `None` once anything changed them since. Lets a transaction skip
     /// the settings check when the backend last served equal settings.
-    synced: Option<crate::client::params::Profile>,
+    synced: Option<Profile>,
     /// The relay's expected-response queue, empty, kept between checkouts so
     /// a transaction does not allocate one (here rather than with the
     /// client: an idle client holds no buffers).
-    pub spare_queue: crate::client::relay::SpareQueue,
+    pub spare_queue: super::expect::SpareQueue,
 }
 
 impl Aged for Backend {
@@ -71,6 +71,16 @@ impl Aged for Backend {
         self.generation
     }
 }
+
+/// One set of session parameter values. Identical sets are interned (one
+/// shared allocation, see `client::params`), so idle clients with the usual
+/// settings cost no memory of their own, and "is this backend already set
+/// up for this client?" is a pointer comparison rather than a
+/// string-by-string check on every transaction.
+pub type Profile = std::sync::Arc<[Setting]>;
+
+/// A parameter name and its value.
+pub type Setting = (Box<str>, Box<str>);
 
 pub struct LoginParams<'a> {
     pub addr: &'a str,
@@ -135,13 +145,13 @@ impl Backend {
 
     /// Settings changed on this session beyond what the server reported at login.
     /// The profile this backend's settings match, if known.
-    pub fn synced_profile(&self) -> Option<&crate::client::params::Profile> {
+    pub fn synced_profile(&self) -> Option<&Profile> {
         self.synced.as_ref()
     }
 
     /// The backend's settings now match `profile` exactly (after a sync or a
     /// check that found nothing to change).
-    pub fn mark_synced(&mut self, profile: &crate::client::params::Profile) {
+    pub fn mark_synced(&mut self, profile: &Profile) {
         self.synced = Some(profile.clone());
     }
 
@@ -223,7 +233,7 @@ impl Backend {
     pub async fn close_statements(&mut self, names: &[Box<str>]) -> std::io::Result<()> {
         let mut out = BytesMut::new();
         for name in names {
-            crate::client::statements::write_close_statement(&mut out, name.as_bytes());
+            crate::protocol::frontend::close_statement(&mut out, name.as_bytes());
         }
         frontend::sync(&mut out);
         self.stream.write_all(&out).await?;

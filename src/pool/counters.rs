@@ -6,8 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::admin::stats::{Histogram, LATENCY_BOUNDS_US, bucket_of};
-use crate::routing::route::RouteReason;
+use crate::vocab::histogram::{Histogram, LATENCY_BOUNDS_US, bucket_of};
+use crate::vocab::reasons::RouteReason;
 
 /// Slots of the per-reason counters: one per [`RouteReason`], and a last
 /// one for requests of databases that are not routed (no replicas, session

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod counters;
+pub mod expect;
 pub mod inner;
 pub mod statements;
 

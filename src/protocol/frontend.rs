@@ -30,6 +30,39 @@ pub fn cancel_request(buf: &mut BytesMut, pid: i32, secret: i32) {
     buf.put_i32(secret);
 }
 
+/// Parse `name` with a statement body (query, NUL, parameter types), as the
+/// client sent it: bytes, not text, since pgmux forwards them unread.
+pub fn parse_raw(buf: &mut BytesMut, name: &[u8], body: &[u8]) {
+    write_message(buf, tag::PARSE, |b| {
+        b.put_slice(name);
+        b.put_u8(0);
+        b.put_slice(body);
+    });
+}
+
+/// Close of a prepared statement.
+pub fn close_statement(buf: &mut BytesMut, name: &[u8]) {
+    write_message(buf, tag::CLOSE, |b| {
+        b.put_u8(b'S');
+        b.put_slice(name);
+        b.put_u8(0);
+    });
+}
+
+/// Bind with the statement name replaced (the relay renames in place; this
+/// builds reference frames for the tests): `portal` and `rest` (everything
+/// after the client's statement name) are copied unchanged.
+#[cfg(test)]
+pub fn bind_raw(buf: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u8]) {
+    write_message(buf, tag::BIND, |b| {
+        b.put_slice(portal);
+        b.put_u8(0);
+        b.put_slice(statement);
+        b.put_u8(0);
+        b.put_slice(rest);
+    });
+}
+
 /// Bind of the unnamed statement to the unnamed portal, without parameters.
 pub fn bind_unnamed(buf: &mut BytesMut) {
     // Portal, statement, no parameter formats, no parameters, no result formats.

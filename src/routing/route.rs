@@ -6,56 +6,7 @@ use std::time::{Duration, Instant};
 use super::monitor::NodeView;
 use crate::config::{LoadBalance, ReadYourWrites};
 
-/// Why a request went where it went; counted per reason in `/metrics`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteReason {
-    /// A read served by a replica.
-    Read,
-    /// Not a read (or not surely one).
-    Write,
-    /// An explicit read-write transaction.
-    Transaction,
-    /// Read-your-writes kept this scope on the primary.
-    Sticky,
-    /// A `/* pgmux:... */` hint decided.
-    Hint,
-    /// Replicas are up but none has replayed far enough (or lags too much).
-    ReplicaLagging,
-    /// No healthy replica.
-    NoReplica,
-    /// A replica refused a write (25006); re-run on the primary.
-    MisrouteRetry,
-    /// The chosen replica could not give a connection.
-    ReplicaFailed,
-}
-
-impl RouteReason {
-    pub const ALL: [RouteReason; 9] = [
-        RouteReason::Read,
-        RouteReason::Write,
-        RouteReason::Transaction,
-        RouteReason::Sticky,
-        RouteReason::Hint,
-        RouteReason::ReplicaLagging,
-        RouteReason::NoReplica,
-        RouteReason::MisrouteRetry,
-        RouteReason::ReplicaFailed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouteReason::Read => "read",
-            RouteReason::Write => "write",
-            RouteReason::Transaction => "transaction",
-            RouteReason::Sticky => "sticky",
-            RouteReason::Hint => "hint",
-            RouteReason::ReplicaLagging => "replica_lagging",
-            RouteReason::NoReplica => "no_replica",
-            RouteReason::MisrouteRetry => "misroute_retry",
-            RouteReason::ReplicaFailed => "replica_failed",
-        }
-    }
-}
+pub use crate::vocab::reasons::RouteReason;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {

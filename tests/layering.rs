@@ -1,0 +1,102 @@
+//! The dependency rule of `src/`, checked: which top-level module may name
+//! which (README, "Architecture"). Reads the source; no database.
+//!
+//! Leaves (`protocol`, `vocab`) name nothing else of pgmux but each other;
+//! `pool` never names `client`, `routing`, `admin` or `server`; `routing`
+//! never names `client` or `admin`; `admin` never names `client`. Import
+//! cycles between modules are listed below and may only shrink.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Cycles that remain (each pair names the other), to be taken apart by the
+/// layering work; a new one fails the test.
+const KNOWN_CYCLES: &[(&str, &str)] = &[
+    // Live connection state (shutdown, PAUSE, registry) lives in admin and server.
+    ("admin", "reload"),
+    ("admin", "server"),
+    ("client", "server"),
+    // Config carries what is built after parsing (TLS context, SCRAM verifiers).
+    ("auth", "config"),
+    ("config", "tls"),
+];
+
+/// `module -> modules it must not name`.
+const FORBIDDEN: &[(&str, &[&str])] = &[
+    ("protocol", &["admin", "auth", "client", "config", "pool", "reload", "routing", "server", "tls", "net"]),
+    ("vocab", &["admin", "auth", "client", "config", "pool", "protocol", "reload", "routing", "server", "tls", "net"]),
+    ("pool", &["admin", "client", "routing", "server", "reload", "demo"]),
+    ("routing", &["admin", "client", "server", "reload", "demo"]),
+    ("admin", &["client", "demo"]),
+];
+
+/// Every `crate::<module>` a module's non-test code names, by top-level module.
+fn imports() -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") || path.file_name().is_some_and(|n| n == "tests.rs") {
+                continue;
+            }
+            let rel = path.strip_prefix(&src).unwrap();
+            let top = rel.iter().next().unwrap().to_string_lossy().trim_end_matches(".rs").to_owned();
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Unit tests may reach anywhere; the rule is about the product.
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            let names = out.entry(top.clone()).or_default();
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (i, _) in line.match_indices("crate::") {
+                    let rest = &line[i + "crate::".len()..];
+                    let group = rest.strip_prefix('{').map(|g| g.split('}').next().unwrap_or(g));
+                    let firsts: Vec<&str> = match group {
+                        Some(g) => g.split(',').map(|p| p.trim().split("::").next().unwrap_or("")).collect(),
+                        None => vec![rest.split(|c: char| !c.is_alphanumeric() && c != '_').next().unwrap_or("")],
+                    };
+                    names.extend(firsts.into_iter().filter(|m| !m.is_empty() && *m != top).map(str::to_owned));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn modules_import_only_downwards() {
+    let imports = imports();
+    assert!(imports.contains_key("pool") && imports.contains_key("client"), "did not find src/: {imports:?}");
+    let mut broken = Vec::new();
+    for (module, forbidden) in FORBIDDEN {
+        for name in imports.get(*module).into_iter().flatten() {
+            if forbidden.contains(&name.as_str()) {
+                broken.push(format!("{module} names {name}"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "imports against the dependency rule: {broken:?}");
+}
+
+#[test]
+fn no_new_import_cycles() {
+    let imports = imports();
+    let names = |a: &str, b: &str| imports.get(a).is_some_and(|s| s.contains(b));
+    let mut cycles = BTreeSet::new();
+    for (a, targets) in &imports {
+        for b in targets {
+            if a < b && names(b, a) {
+                cycles.insert((a.clone(), b.clone()));
+            }
+        }
+    }
+    let known: BTreeSet<(String, String)> = KNOWN_CYCLES.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    let new: Vec<_> = cycles.difference(&known).collect();
+    assert!(new.is_empty(), "new import cycles: {new:?}");
+    let gone: Vec<_> = known.difference(&cycles).collect();
+    assert!(gone.is_empty(), "cycles gone (remove them from KNOWN_CYCLES): {gone:?}");
+}
