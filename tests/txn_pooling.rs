@@ -312,12 +312,12 @@ async fn copy_in_and_out_of_10_megabytes() {
 async fn malformed_input_gets_08p01_and_others_keep_working() {
     let cluster = support::cluster_async().await;
     let proxy = Proxy::standard(cluster, 2, "").await;
-    // A startup packet claiming 2 GiB.
+    // A startup packet claiming 2 GiB: closed without a word, as by Postgres
+    // (tests/protocol_safety.rs compares).
     let mut raw = Raw::connect(proxy.addr).await;
     raw.send(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).await;
     let msgs = raw.until_closed().await;
-    assert_eq!(tags(&msgs), "E");
-    assert_eq!(msgs[0].error().code, "08P01");
+    assert_eq!(tags(&msgs), "");
     // After login: a message with an absurd length, and one with a length below 4.
     for header in [bogus_header(b'Q', 0x7fff_ffff), bogus_header(b'Q', 2)] {
         let mut raw = Raw::login(proxy.addr, TRUST, DB).await;
