@@ -44,8 +44,9 @@ pub struct Shared {
     shutdown_request: Notify,
     /// Replica monitors, read-your-writes scopes, routing counters.
     pub routing: crate::routing::Routing,
-    /// Connected clients, against `max_client_conn`.
-    slots: ClientSlots,
+    /// Connected clients, against `max_client_conn`, and the cleanups of
+    /// clients that left: a shutdown waits for both.
+    slots: Arc<ClientSlots>,
 }
 
 impl Shared {
@@ -180,7 +181,7 @@ async fn serve(
         pause: Pause::default(),
         shutdown_request: Notify::new(),
         routing: crate::routing::Routing::default(),
-        slots: ClientSlots::default(),
+        slots: Arc::default(),
     });
     // Scrapes keep working during the drain; they stop when `run` returns.
     let metrics = metrics.map(|l| tokio::spawn(crate::admin::metrics::serve(l, shared.clone())));
@@ -259,6 +260,26 @@ impl Drop for ClientSlot {
         let slots = &self.0.slots;
         if slots.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             slots.empty.notify_waiters();
+        }
+    }
+}
+
+/// The cleanup of a backend its client left mid-transaction: counted with
+/// the clients, so that a shutdown waits for it (bounded by the cleanup's
+/// own timeout) instead of ending the process with the query still running.
+pub struct Lingering(Arc<ClientSlots>);
+
+impl Shared {
+    pub fn lingering(&self) -> Lingering {
+        self.slots.count.fetch_add(1, Ordering::AcqRel);
+        Lingering(self.slots.clone())
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.empty.notify_waiters();
         }
     }
 }

@@ -442,3 +442,48 @@ async fn a_hung_server_costs_bounded_waits_and_recovers_after_sigcont() {
     eprintln!("hung server: first success {:?} after SIGCONT", started.elapsed());
     all_slots_usable(&proxy, 2).await;
 }
+
+/// Whether a query containing `marker` still runs on the shared primary.
+async fn still_running(marker: &str) -> bool {
+    let su = support::superuser(DB).await;
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid() \
+         AND state = 'active'"
+    );
+    support::scalar(&su, &sql).await != "0"
+}
+
+/// A shutdown never leaves a query running on Postgres: not one a client
+/// left just before the shutdown (its cleanup finishes first), nor one still
+/// running at `shutdown_timeout` (cancelled, not just disconnected, which
+/// Postgres notices only when it next writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_leaves_no_query_running() {
+    let _serial = SERIAL.lock().await;
+    let cluster = support::cluster_async().await;
+    for (case, leave_first) in [("at-shutdown-timeout", false), ("left-before-shutdown", true)] {
+        let marker = format!("shutdown-{case}");
+        let mut proxy = Proxy::start(&standard_config(cluster, 2, "shutdown_timeout = \"300ms\"")).await;
+        let mut client = Raw::login(proxy.addr, TRUST, DB).await;
+        let mut out = BytesMut::new();
+        frontend::query(&format!("SELECT pg_sleep(60) /* {marker} */"), &mut out).unwrap();
+        client.send(&out).await;
+        eventually(Duration::from_secs(10), "the query to start", || still_running(&marker)).await;
+        if leave_first {
+            drop(client);
+            proxy.begin_shutdown();
+            proxy.wait_stopped().await;
+        } else {
+            proxy.begin_shutdown();
+            let msgs = tokio::time::timeout(Duration::from_secs(10), client.until_closed()).await.unwrap();
+            assert_eq!(msgs.last().expect("told").error().code, "57P01");
+            proxy.wait_stopped().await;
+        }
+        // Postgres acts on a cancel at once; give it a moment, not the query's minute.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while still_running(&marker).await {
+            assert!(Instant::now() < deadline, "{case}: the query still runs after pgmux stopped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -808,8 +808,10 @@ async fn serve_request(
         Ended::Recover(link, why) => {
             settle(None);
             let (registry_owner, mut link) = (session.pool.clone(), link);
+            let lingering = shared.lingering();
             // Cleanup may wait on a cancelled query; the client need not wait for it.
             tokio::spawn(async move {
+                let _lingering = lingering;
                 if relay::recover(&mut backend, &mut link, &registry_owner.statements).await {
                     pool.checkin(backend);
                 } else {
@@ -1039,7 +1041,10 @@ async fn transaction(
                 "terminating connection due to idle-in-transaction timeout".to_owned(),
             )),
         ),
-        Outcome::Shutdown => Ended::Discard(Some((SqlState::ADMIN_SHUTDOWN, SHUTTING_DOWN.into()))),
+        // shutdown_timeout is over: cancelled and rolled back like an
+        // abandoned backend, since a closed socket alone leaves Postgres
+        // running the query until it next writes to the client.
+        Outcome::Shutdown => Ended::Recover(Box::new(link), Some((SqlState::ADMIN_SHUTDOWN, SHUTTING_DOWN.into()))),
         // The backend goes through the same cleanup as an abandoned one
         // (cancel, roll back) in the background; the client is told at once.
         Outcome::Killed => Ended::Recover(Box::new(link), Some((SqlState::ADMIN_SHUTDOWN, TERMINATED_BY_ADMIN.into()))),
