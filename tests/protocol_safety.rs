@@ -494,3 +494,25 @@ async fn bad_startup_packets_are_answered_as_postgres_does() {
         assert!(answers.iter().all(|(_, a)| *a == answers[0].1), "{case}: answers differ from Postgres's: {answers:?}");
     }
 }
+
+/// Reads that ask about the node (a standby reports them `on`) answer as a
+/// direct connection does, with a replica in rotation too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_differ_on_a_standby_answer_as_postgres_does() {
+    let t = Targets::start(2).await;
+    for sql in [
+        "SHOW transaction_read_only",
+        "SELECT current_setting('transaction_read_only')",
+        "SHOW in_hot_standby",
+        "SELECT pg_is_in_recovery()",
+    ] {
+        let mut answers = Vec::new();
+        for (target, addr) in t.all() {
+            let mut raw = Raw::login(addr, TRUST, DB).await;
+            let msgs = raw.simple_query(sql).await;
+            assert_eq!(tags(&msgs), "TDCZ", "{target}: {sql}");
+            answers.push((target, String::from_utf8_lossy(&msgs[1].body).into_owned()));
+        }
+        assert!(answers.iter().all(|(_, a)| *a == answers[0].1), "{sql}: answers differ from Postgres's: {answers:?}");
+    }
+}

@@ -156,6 +156,14 @@ const BUILTIN_PREFIXES: &[&str] = &[
     "pg_xlog_replay_",
 ];
 
+/// Settings whose value is the node's, not the session's: a standby reports
+/// them `on` whatever the client set. A read of one goes to the primary, so
+/// the client sees what a direct connection to the primary shows (psycopg's
+/// suite checks `transaction_read_only` after `SET SESSION CHARACTERISTICS`).
+fn node_setting(name: &[u8]) -> bool {
+    [&b"transaction_read_only"[..], b"in_hot_standby"].iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
 /// PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes.
 const MAX_IDENT: usize = 63;
 
@@ -494,8 +502,9 @@ impl<'a> Cx<'a, '_> {
         let class = match k {
             kw::SELECT | kw::WITH | kw::VALUES | kw::TABLE => self.query(first, nested),
             kw::SHOW => {
+                let node = matches!(self.peek(), Tok::Word(w) if node_setting(w));
                 self.skip_rest(nested, false);
-                Class::Read
+                if node { Class::Write } else { Class::Read }
             }
             kw::EXPLAIN => self.explain(nested),
             kw::COPY => self.copy(nested),
@@ -720,6 +729,8 @@ impl<'a> Cx<'a, '_> {
                 }
                 Tok::QIdent { raw, unicode } => now = Prev::Name { raw, quoted: true, unicode },
                 Tok::Dot => now = Prev::Dot,
+                // current_setting('transaction_read_only'), pg_settings rows.
+                Tok::Str(s) if node_setting(s) => raise(&mut class, Class::Write),
                 _ => {}
             }
             prev = now;
