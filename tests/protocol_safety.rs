@@ -515,4 +515,18 @@ async fn settings_that_differ_on_a_standby_answer_as_postgres_does() {
         }
         assert!(answers.iter().all(|(_, a)| *a == answers[0].1), "{sql}: answers differ from Postgres's: {answers:?}");
     }
+    // The setting's name as a parameter (psycopg's own test does this).
+    let mut answers = Vec::new();
+    for (target, addr) in t.all() {
+        let client = tokio_postgres::connect(
+            &format!("host={} port={} user={TRUST} dbname={DB}", addr.ip(), addr.port()),
+            tokio_postgres::NoTls,
+        )
+        .await;
+        let (client, conn) = client.unwrap_or_else(|e| panic!("{target}: {e}"));
+        tokio::spawn(conn);
+        let row = client.query_one("SELECT current_setting($1)", &[&"transaction_read_only"]).await.unwrap();
+        answers.push((target, row.get::<_, String>(0)));
+    }
+    assert!(answers.iter().all(|(_, a)| *a == answers[0].1), "current_setting($1): {answers:?}");
 }

@@ -706,6 +706,14 @@ impl<'a> Cx<'a, '_> {
                     {
                         raise(&mut class, Class::Write);
                     }
+                    // current_setting($1): which setting is not in the text;
+                    // it may be one of the node's (see `node_setting`).
+                    if let Prev::Name { raw, quoted: false, .. } = prev
+                        && raw.eq_ignore_ascii_case(b"current_setting")
+                        && !matches!(self.peek(), Tok::Str(_))
+                    {
+                        raise(&mut class, Class::Write);
+                    }
                     depth += 1;
                 }
                 Tok::Word(w) => {
