@@ -66,8 +66,9 @@ async fn backend_running(cluster: &Cluster, marker: &str) -> i32 {
 }
 
 /// A read in flight on a replica that stops answering (hung, not refused)
-/// is re-run on the primary once the monitor marks the replica down, instead
-/// of waiting on it for as long as the replica stays hung.
+/// is re-run on the primary once the monitor marks the replica lost (a
+/// sample times out after 1 s, then a new connection's login after 2 s),
+/// instead of waiting on it for as long as the replica stays hung.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_on_a_hung_replica_is_rerun_on_the_primary() {
     let _serial = SERIAL.lock().await;
@@ -98,7 +99,7 @@ async fn a_read_on_a_hung_replica_is_rerun_on_the_primary() {
     eprintln!("a read on a hung replica was answered after {took:?}");
     assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
     assert!(msgs[1].body.ends_with(b"f"), "answered by the primary");
-    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
     // Later reads go to the primary at once while the replica is down.
     let started = Instant::now();
     assert_eq!(tags(&client.simple_query("SELECT 1").await), "TDCZ");

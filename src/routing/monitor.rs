@@ -59,19 +59,25 @@ impl NodeState {
         *self.view.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
 
+    /// Takes the node out of the rotation: new requests go elsewhere.
     fn mark_unhealthy(&self) {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).healthy = false;
+    }
+
+    /// The node is lost, not just slow: its connection broke, or a new one
+    /// could not be made after a sample timed out. Requests waiting on it
+    /// give up. A single slow sample (a loaded replica) only takes it out of
+    /// the rotation: under a soak on two cores that happened every minute,
+    /// and failing every read in flight each time would cost more than the
+    /// wait.
+    fn mark_lost(&self) {
+        self.mark_unhealthy();
         self.down.notify_waiters();
     }
 
-    /// Resolves once the node is (or is marked) unhealthy.
+    /// Resolves once the monitor marks the node lost.
     pub async fn went_down(&self) {
-        // Created before the check: a failure marked in between still wakes it.
-        let down = self.down.notified();
-        if !self.view().healthy {
-            return;
-        }
-        down.await;
+        self.down.notified().await;
     }
 
     pub fn stop(&self) {
@@ -100,7 +106,8 @@ const SAMPLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
           ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
 
 /// Polls `state`'s node until stopped. Reconnects after failures; a failed or
-/// slow sample marks the node unhealthy at once.
+/// slow sample takes the node out of the rotation at once, and a broken
+/// connection or a failed reconnect marks it lost.
 pub async fn run(state: Arc<NodeState>, login: MonitorLogin, interval: Duration) {
     let interval = interval.max(Duration::from_millis(1));
     while !state.stopped.load(Ordering::Relaxed) {
@@ -108,7 +115,7 @@ pub async fn run(state: Arc<NodeState>, login: MonitorLogin, interval: Duration)
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(addr = %state.addr, error = %e, "monitor cannot connect");
-                state.mark_unhealthy();
+                state.mark_lost();
                 tokio::time::sleep(interval.max(Duration::from_millis(100))).await;
                 continue;
             }
@@ -132,8 +139,15 @@ pub async fn run(state: Arc<NodeState>, login: MonitorLogin, interval: Duration)
                     }),
                     None => state.mark_unhealthy(),
                 },
-                _ => {
+                // The connection broke: the node is lost.
+                Ok(_) => {
                     tracing::debug!(addr = %state.addr, "monitor sample failed; reconnecting");
+                    state.mark_lost();
+                    break;
+                }
+                // Slow: out of the rotation; lost only if a new connection fails too.
+                Err(_) => {
+                    tracing::debug!(addr = %state.addr, "monitor sample timed out; reconnecting");
                     state.mark_unhealthy();
                     break;
                 }
