@@ -397,6 +397,21 @@ async fn console_refuses_non_admins_and_unknown_commands() {
     proxy.shutdown().await;
 }
 
+/// Tools written for PgBouncer connect to database `pgbouncer`: the same
+/// console, for the same users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_answers_on_database_pgbouncer_too() {
+    let proxy = admin_proxy(2).await;
+    let e = proxy.connect(APP.0, Some(APP.1), "pgbouncer").await.expect_err("app is not an admin");
+    assert_eq!(code(&e), "28000");
+    let console = proxy.connect("postgres", None, "pgbouncer").await.expect("console on database pgbouncer");
+    let rows = console.simple_query("SHOW VERSION").await.unwrap();
+    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
+    let clients = show(&proxy, "CLIENTS").await;
+    assert_eq!(clients.find("database", "pgbouncer").len(), 1, "{clients:?}");
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_waits_for_the_open_transaction_then_holds_new_ones_until_resume() {
     let proxy = admin_proxy(2).await;

@@ -12,3 +12,13 @@ pub use console::serve;
 
 /// The database name that selects the console.
 pub const DATABASE: &str = "pgmux";
+
+/// PgBouncer's name for it: monitoring tools and exporters written for
+/// PgBouncer connect to `pgbouncer`, most of them without a setting to change it.
+pub const PGBOUNCER_DATABASE: &str = "pgbouncer";
+
+/// Whether a client asking for `database` gets the console (unless proxy.toml
+/// lists a real database of that name, which wins).
+pub fn is_console(database: &str) -> bool {
+    database == DATABASE || database == PGBOUNCER_DATABASE
+}

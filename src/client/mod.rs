@@ -273,8 +273,8 @@ const FIRST_READ: usize = 1024;
 enum Login {
     /// A pooled session on a configured database.
     Pooled { session: Box<Session>, user: String, database: String },
-    /// The admin console (database `pgmux`, an `[admin] users` member).
-    Admin { user: String },
+    /// The admin console (database `pgmux` or `pgbouncer`, an `[admin] users` member).
+    Admin { user: String, database: String },
     /// The client asked for TLS and got `S`: handshake, then log in again over TLS.
     StartTls,
 }
@@ -333,9 +333,9 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
     };
     let (session, user, database) = match login {
         Ok(Ok(Some(Login::Pooled { session, user, database }))) => (session, user, database),
-        Ok(Ok(Some(Login::Admin { user }))) => {
+        Ok(Ok(Some(Login::Admin { user, database }))) => {
             tracing::info!(client = info.id, peer = ?info.peer, user = %user, "admin console login");
-            info.logged_in(&user, crate::admin::DATABASE, "", None); // admin hook
+            info.logged_in(&user, &database, "", None); // admin hook
             crate::admin::serve(&mut stream, buf, shared, info).await?;
             return Ok(None);
         }
@@ -469,14 +469,14 @@ async fn login(
         fatal(stream, e.sqlstate(), &e.message()).await?;
         return Ok(None);
     }
-    if database == crate::admin::DATABASE && config.database(&database).is_none() {
+    if crate::admin::is_console(&database) && config.database(&database).is_none() {
         if !config.admin.users.iter().any(|u| u == &user.name) {
             tracing::info!(client, ?peer, user = %user.name, "admin console refused: not an [admin] user");
             let text = format!("user \"{}\" is not allowed on the admin console", user.name);
             fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
             return Ok(None);
         }
-        return Ok(Some(Login::Admin { user: user.name.clone() }));
+        return Ok(Some(Login::Admin { user: user.name.clone(), database }));
     }
     let Some(db) = config.database(&database) else {
         tracing::info!(client, ?peer, database = %database, "login refused: unknown database");
