@@ -437,3 +437,209 @@ proptest! {
         prop_assert_eq!(&s.protocol_options, &options.into_iter().map(|(k, _)| k).collect::<Vec<_>>());
     }
 }
+
+// ---------------------------------------------------------------------------
+// SCRAM, server side (pgmux verifying a client)
+
+use pgmux::auth::scram::{ScramError, ScramServer, ScramVerifier};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+/// Byte strings that mean something to a SCRAM parser, for mutations.
+const SCRAM_BITS: &[&[u8]] = &[
+    b",",
+    b"=",
+    b",p=",
+    b",r=",
+    b"c=",
+    b"n,,",
+    b"y,,",
+    b"p=tls-server-end-point,,",
+    b"n,a=x,",
+    b"m=x,",
+    b",x=y",
+    b"==",
+    b"\0",
+    b"\xff",
+    b"\xc3\xa9",
+];
+
+fn scram_bits() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![proptest::sample::select(SCRAM_BITS).prop_map(<[u8]>::to_vec), vec(any::<u8>(), 0..4)]
+}
+
+/// One edit of a message: where (modulo its length), how much, and with what.
+#[derive(Debug, Clone)]
+enum Edit {
+    Replace {
+        at: usize,
+        len: usize,
+        with: Vec<u8>,
+    },
+    Truncate {
+        at: usize,
+    },
+    /// Repeats `msg[at..at + len]` right after itself.
+    Duplicate {
+        at: usize,
+        len: usize,
+    },
+}
+
+fn edits() -> impl Strategy<Value = Vec<Edit>> {
+    let edit = prop_oneof![
+        4 => (any::<usize>(), 0..4usize, scram_bits()).prop_map(|(at, len, with)| Edit::Replace { at, len, with }),
+        1 => any::<usize>().prop_map(|at| Edit::Truncate { at }),
+        1 => (any::<usize>(), 1..12usize).prop_map(|(at, len)| Edit::Duplicate { at, len }),
+    ];
+    vec(edit, 1..4)
+}
+
+fn apply(msg: &[u8], edits: &[Edit]) -> Vec<u8> {
+    let mut m = msg.to_vec();
+    for e in edits {
+        match e {
+            Edit::Replace { at, len, with } => {
+                let at = at % (m.len() + 1);
+                let end = (at + len).min(m.len());
+                m.splice(at..end, with.iter().copied());
+            }
+            Edit::Truncate { at } => m.truncate(at % (m.len() + 1)),
+            Edit::Duplicate { at, len } => {
+                let at = at % (m.len() + 1);
+                let end = (at + len).min(m.len());
+                let copy = m[at..end].to_vec();
+                m.splice(end..end, copy);
+            }
+        }
+    }
+    m
+}
+
+/// A verifier with few PBKDF2 rounds: the properties test parsing, not cost.
+fn cheap_verifier(password: &str, salt: &[u8], iterations: u32) -> ScramVerifier {
+    ScramVerifier::from_password_with_salt(password, salt.to_vec(), iterations)
+}
+
+/// A real client (postgres-protocol's, as libpq behaves) against `server`,
+/// with `tamper_first`/`tamper_final` applied to what the client sends.
+/// `Ok` only if the server accepted the proof and the client the signature.
+fn scram_exchange(
+    server: &mut ScramServer,
+    password: &str,
+    tamper_first: impl FnOnce(&[u8]) -> Vec<u8>,
+    tamper_final: impl FnOnce(&[u8]) -> Vec<u8>,
+) -> Result<(), String> {
+    let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+    let server_first = server.server_first(&tamper_first(client.message())).map_err(|e| format!("server: {e}"))?;
+    client.update(&server_first).map_err(|e| format!("client: {e}"))?;
+    let server_final = server.verify_final(&tamper_final(client.message())).map_err(|e| format!("server: {e}"))?;
+    client.finish(&server_final).map_err(|e| format!("client: {e}"))
+}
+
+fn salt() -> impl Strategy<Value = Vec<u8>> {
+    vec(any::<u8>(), 1..24)
+}
+
+proptest! {
+    #![proptest_config(cases(300))]
+
+    /// A valid exchange succeeds for any password (SASLprep'd or raw, as
+    /// clients do), salt and iteration count; another password fails with
+    /// InvalidProof unless both normalise to the same.
+    #[test]
+    fn scram_valid_exchange(password in any::<String>(), other in any::<String>(), salt in salt(), iterations in 1..32u32) {
+        let verifier = cheap_verifier(&password, &salt, iterations);
+        let keep = |m: &[u8]| m.to_vec();
+        prop_assert_eq!(scram_exchange(&mut ScramServer::new(verifier.clone()), &password, keep, keep), Ok(()));
+        let prep = |p: &str| stringprep::saslprep(p).map(|c| c.into_owned()).unwrap_or_else(|_| p.to_owned());
+        if prep(&password) != prep(&other) {
+            let mut server = ScramServer::new(verifier);
+            let mut client = ScramSha256::new(other.as_bytes(), ChannelBinding::unsupported());
+            let server_first = server.server_first(client.message()).unwrap();
+            client.update(&server_first).unwrap();
+            prop_assert_eq!(server.verify_final(client.message()), Err(ScramError::InvalidProof));
+        }
+    }
+
+    /// Any change to the client's messages makes the exchange fail (never
+    /// panic): every byte of them is bound by the proof or checked.
+    #[test]
+    fn scram_tampered_messages_fail(
+        salt in salt(),
+        iterations in 1..8u32,
+        first_edits in proptest::option::of(edits()),
+        final_edits in proptest::option::of(edits()),
+    ) {
+        let verifier = cheap_verifier("pw", &salt, iterations);
+        let changed = std::cell::Cell::new(false);
+        let r = scram_exchange(
+            &mut ScramServer::new(verifier),
+            "pw",
+            |m| {
+                let t = first_edits.as_deref().map_or_else(|| m.to_vec(), |e| apply(m, e));
+                changed.set(changed.get() | (t != m));
+                t
+            },
+            |m| {
+                let t = final_edits.as_deref().map_or_else(|| m.to_vec(), |e| apply(m, e));
+                changed.set(changed.get() | (t != m));
+                t
+            },
+        );
+        prop_assert_eq!(r.is_ok(), !changed.get(), "{:?}", r);
+    }
+
+    /// Arbitrary client-first bytes: an error, or a server-first that
+    /// extends the client's nonce; after an error the exchange is over.
+    #[test]
+    fn scram_server_first_any_bytes(
+        msg in prop_oneof![
+            vec(any::<u8>(), 0..64),
+            (vec(scram_bits(), 0..8)).prop_map(|v| v.concat()),
+            edits().prop_map(|e| apply(b"n,,n=,r=rOprNGfwEbeRWgbNEkqO", &e)),
+        ],
+    ) {
+        let mut server = ScramServer::new(cheap_verifier("pw", b"salt", 1));
+        match server.server_first(&msg) {
+            Ok(sf) => {
+                let text = std::str::from_utf8(&msg).unwrap();
+                let nonce = text.split(',').find_map(|a| a.strip_prefix("r=")).unwrap();
+                let sf = String::from_utf8(sf).unwrap();
+                prop_assert!(sf.starts_with(&format!("r={nonce}")), "{sf}");
+                prop_assert!(sf.ends_with(",s=c2FsdA==,i=1"), "{sf}");
+                // A nonsense client-final is refused, not accepted.
+                prop_assert!(server.verify_final(&msg).is_err());
+            }
+            Err(_) => {
+                prop_assert!(matches!(server.verify_final(b"c=biws,r=x,p=AAAA"), Err(ScramError::Protocol(_))));
+            }
+        }
+    }
+
+    /// Arbitrary client-final bytes after a valid client-first never pass.
+    #[test]
+    fn scram_verify_final_any_bytes(
+        msg in prop_oneof![
+            vec(any::<u8>(), 0..96),
+            (vec(scram_bits(), 0..10)).prop_map(|v| v.concat()),
+        ],
+    ) {
+        let mut server = ScramServer::new(cheap_verifier("pw", b"salt", 1));
+        server.server_first(b"n,,n=,r=abc").unwrap();
+        prop_assert!(server.verify_final(&msg).is_err());
+    }
+
+    /// Stored verifiers (from the config) parse or are refused, never panic;
+    /// Postgres' own form, as postgres-protocol writes it, always parses.
+    #[test]
+    fn scram_verifier_parse_total(
+        s in any::<String>(),
+        edits in edits(),
+        password in "[a-z]{0,8}",
+    ) {
+        let _ = ScramVerifier::parse(&s);
+        let stored = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        prop_assert!(ScramVerifier::parse(&stored).is_some());
+        let _ = ScramVerifier::parse(&String::from_utf8_lossy(&apply(stored.as_bytes(), &edits)));
+    }
+}
