@@ -249,7 +249,7 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
         transaction_open_after: None,
         ambiguous: false,
     };
-    let mut cx = Cx { lx: Lexer::new(sql), peeked: None, wf: write_functions };
+    let mut cx = Cx { lx: Lexer::new(sql), peeked: None, wf: write_functions, nesting: 0 };
     let (mut all_read, mut session) = (true, false);
     while let Some(st) = cx.statement(false) {
         if st.class == Class::Empty {
@@ -397,10 +397,18 @@ fn raise(class: &mut Class, to: Class) {
     }
 }
 
+/// How deep statements may nest in statements (`COPY (COPY (...`,
+/// `EXPLAIN ANALYZE EXPLAIN ANALYZE ...`). Each level recurses, so without a
+/// bound a crafted query overflows the stack and aborts the process.
+/// PostgreSQL accepts two levels at most; anything deeper is a write.
+const MAX_NESTING: u32 = 16;
+
 struct Cx<'a, 'w> {
     lx: Lexer<'a>,
     peeked: Option<Tok<'a>>,
     wf: &'w WriteFunctions,
+    /// Statements entered through [`Cx::inner_statement`] and not yet left.
+    nesting: u32,
 }
 
 impl<'a> Cx<'a, '_> {
@@ -554,6 +562,20 @@ impl<'a> Cx<'a, '_> {
             }
         };
         Some(class.into())
+    }
+
+    /// [`Cx::statement`] for a statement inside another (`COPY (...)`,
+    /// `EXPLAIN ANALYZE ...`): past [`MAX_NESTING`] levels the rest of it is
+    /// skipped as a write instead of recursing further.
+    fn inner_statement(&mut self, nested: bool) -> Option<Stmt> {
+        if self.nesting >= MAX_NESTING {
+            self.skip_rest(nested, false);
+            return Some(Class::Write.into());
+        }
+        self.nesting += 1;
+        let st = self.statement(nested);
+        self.nesting -= 1;
+        st
     }
 
     /// `[AND [NO] CHAIN]` → `Some(chain)`, `None` if malformed.
@@ -759,7 +781,7 @@ impl<'a> Cx<'a, '_> {
             }
         }
         if analyze {
-            return match self.statement(nested) {
+            return match self.inner_statement(nested) {
                 Some(Stmt { class: Class::Read, .. }) => Class::Read,
                 Some(Stmt { class: Class::Session, .. }) => Class::Session,
                 _ => Class::Write,
@@ -820,7 +842,7 @@ impl<'a> Cx<'a, '_> {
         self.eat_kw(kw::BINARY);
         let source = if self.peek() == Tok::LParen {
             self.next();
-            self.statement(true).map_or(Class::Write, |s| s.class)
+            self.inner_statement(true).map_or(Class::Write, |s| s.class)
         } else {
             while matches!(self.peek(), Tok::Word(w) if !matches!(pack(w), kw::FROM | kw::TO))
                 || matches!(self.peek(), Tok::QIdent { .. } | Tok::Dot)

@@ -227,6 +227,24 @@ fn spliced_bytes_never_panic() {
     }
 }
 
+/// Statements inside statements (COPY's query, what EXPLAIN ANALYZE runs)
+/// are classified recursively. 1 MiB of `COPY (` or `EXPLAIN (ANALYZE) `
+/// (a 60 KB query was enough in a debug build) overflowed the stack and
+/// aborted the whole process; past 16 levels the rest is now a write.
+#[test]
+fn deep_nesting_is_a_write_not_a_stack_overflow() {
+    for piece in ["COPY (", "EXPLAIN (ANALYZE) ", "EXPLAIN ANALYZE ", "COPY (EXPLAIN ANALYZE "] {
+        let sql = piece.repeat((1 << 20) / piece.len());
+        assert_eq!(class(&sql), Class::Write, "{piece:?}");
+    }
+    // Nesting PostgreSQL accepts keeps its class.
+    assert_eq!(class("COPY (SELECT 1) TO STDOUT"), Class::Read);
+    assert_eq!(class("EXPLAIN ANALYZE SELECT 1"), Class::Read);
+    assert_eq!(class("COPY (COPY (SELECT 1) TO STDOUT) TO STDOUT"), Class::Read);
+    assert_eq!(class(&format!("{}SELECT 1", "EXPLAIN ANALYZE ".repeat(16))), Class::Read);
+    assert_eq!(class(&format!("{}SELECT 1", "EXPLAIN ANALYZE ".repeat(17))), Class::Write);
+}
+
 #[test]
 fn class_helpers() {
     assert!(Class::Read.is_read());
