@@ -856,3 +856,278 @@ proptest! {
         prop_assert_eq!((fields.severity.as_str(), fields.code.as_str(), fields.message.as_str()), ("ERROR", "XX000", value.as_str()));
     }
 }
+
+// ---------------------------------------------------------------------------
+// SQL classification (read/write routing)
+
+use pgmux::routing::route::Intent;
+use pgmux::routing::{Class, Classified, Hint, WriteFunctions, classify, intent_of};
+
+/// Pieces of SQL that steer the lexer: quotes of every kind, comments,
+/// dollar quotes, parentheses, keywords the classifier acts on, non-UTF-8.
+const SQL_BITS: &[&str] = &[
+    "SELECT ",
+    "select 1",
+    "WITH x AS (",
+    "VALUES (1)",
+    "TABLE t",
+    "(",
+    ")",
+    ";",
+    ",",
+    ".",
+    " ",
+    "\n",
+    "'",
+    "''",
+    "'a\\'",
+    "e'",
+    "E'\\'",
+    "\\",
+    "\"",
+    "\"\"",
+    "U&\"",
+    "u&'",
+    "$",
+    "$$",
+    "$a$",
+    "$A$",
+    "$1",
+    "--",
+    "-- x\n",
+    "/*",
+    "*/",
+    "/* a /* b */ c */",
+    "/* pgmux:primary */",
+    "/* pgmux:replica */",
+    "1e",
+    "1.5e-3",
+    ".5",
+    "0x1F",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "MERGE",
+    "INTO",
+    "TEMP",
+    "FOR",
+    "SHARE",
+    "KEY",
+    "NO",
+    "nextval(",
+    "x.nextval(",
+    "\"NEXTVAL\"(",
+    "EXPLAIN ",
+    "ANALYZE ",
+    "EXPLAIN (ANALYZE) ",
+    "EXPLAIN (ANALYZE off) ",
+    "COPY ",
+    "COPY (",
+    " TO STDOUT",
+    "FROM",
+    "BEGIN",
+    "BEGIN ATOMIC ",
+    "END",
+    "CASE ",
+    "COMMIT",
+    "AND CHAIN",
+    "ROLLBACK",
+    "TO",
+    "SAVEPOINT",
+    "PREPARE",
+    "TRANSACTION",
+    "SET ",
+    "transaction_read_only = on",
+    "READ ONLY",
+    "READ WRITE",
+    "CREATE ",
+    "CREATE TEMP TABLE t",
+    "SHOW x",
+    "\u{e9}",
+    "\u{a0}",
+];
+
+/// SQL-shaped inputs: lexically awkward soup, plain bytes, and soup with invalid UTF-8.
+fn sql_soup() -> impl Strategy<Value = Vec<u8>> {
+    let soup = vec(proptest::sample::select(SQL_BITS), 0..24).prop_map(|v| v.concat().into_bytes());
+    prop_oneof![
+        4 => soup.clone(),
+        1 => vec(any::<u8>(), 0..64),
+        1 => (soup, vec((any::<usize>(), any::<u8>()), 1..4)).prop_map(|(mut s, noise)| {
+            for (at, b) in noise {
+                let at = at % (s.len() + 1);
+                s.insert(at, b);
+            }
+            s
+        }),
+    ]
+}
+
+/// `classify` with the built-in write functions plus a configured one.
+fn wf() -> WriteFunctions {
+    WriteFunctions::new(["audit_*", "billing.charge"])
+}
+
+/// Everything but the hint.
+fn unhinted(c: Classified) -> Classified {
+    Classified { hint: None, ..c }
+}
+
+/// Inputs a hostile client could send to make classification slow or deep:
+/// one piece repeated up to 1 MiB, after an ordinary start.
+fn pathological_sql() -> impl Strategy<Value = Vec<u8>> {
+    const MIB: usize = 1 << 20;
+    (
+        prop_oneof![Just(""), Just("SELECT "), Just("EXPLAIN ANALYZE "), Just("CREATE FUNCTION f() BEGIN ATOMIC ")],
+        proptest::sample::select(SQL_BITS),
+        1..=MIB,
+    )
+        .prop_map(|(head, piece, n)| {
+            let mut s = head.as_bytes().to_vec();
+            s.extend(piece.as_bytes().repeat(n.min(MIB / piece.len().max(1))));
+            s
+        })
+}
+
+proptest! {
+    #![proptest_config(cases(3000))]
+
+    /// Classification never panics, never allocates (the module promises a
+    /// pure function), is deterministic, and an ambiguous text is never a read.
+    #[test]
+    fn classify_total(sql in sql_soup()) {
+        let wf = wf();
+        let (c, _, allocations) = alloc_probe::measure(|| classify(&sql, &wf));
+        prop_assert_eq!(allocations, 0);
+        prop_assert_eq!(c, classify(&sql, &wf));
+        if c.ambiguous {
+            prop_assert_ne!(c.class, Class::Read);
+        }
+        prop_assert!(usize::from(c.statements) <= sql.len());
+    }
+
+    /// `/* pgmux:primary */` (or `-- pgmux:primary`) in front of any text
+    /// routes it to the primary, and changes nothing but the hint.
+    #[test]
+    fn primary_hint_prefix(sql in sql_soup(), line in any::<bool>()) {
+        let wf = wf();
+        let prefix: &[u8] = if line { b"-- pgmux:primary\n" } else { b"/* pgmux:primary */ " };
+        let hinted = [prefix, &sql].concat();
+        let c = classify(&hinted, &wf);
+        prop_assert_eq!(c.hint, Some(Hint::Primary));
+        prop_assert_eq!(unhinted(c), unhinted(classify(&sql, &wf)));
+        prop_assert_eq!(intent_of([&hinted[..]], &wf), Intent::HintPrimary);
+        let replica = [&b"/* pgmux:replica */ "[..], &sql].concat();
+        prop_assert_eq!(intent_of([&replica[..]], &wf), Intent::HintReplica);
+    }
+
+    /// Several statements are a read only when each one is: two reads joined
+    /// by `;` stay a read, and a text whose first statement is not a read
+    /// never becomes one by what follows it.
+    #[test]
+    fn reads_compose(a in statement_like(), b in statement_like()) {
+        let wf = wf();
+        let (ca, cb) = (classify(&a, &wf), classify(&b, &wf));
+        // Inputs that end inside a literal or comment would swallow the `;`.
+        if ca.ambiguous || cb.ambiguous || ca.class == Class::Empty || cb.class == Class::Empty {
+            return Ok(());
+        }
+        let joined = classify(&[&a[..], b"\n;\n", &b[..]].concat(), &wf);
+        if ca.class == Class::Read && cb.class == Class::Read {
+            prop_assert_eq!(joined.class, Class::Read);
+        }
+        if ca.class != Class::Read {
+            prop_assert_ne!(joined.class, Class::Read);
+        }
+    }
+}
+
+/// A word the lexer sees as code: something complete and self-delimiting.
+fn code_token() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z_][a-z0-9_$]{0,8}",
+        "[0-9]{1,4}(\\.[0-9]{1,3})?",
+        "'([^'\\\\]|'')*'".prop_map(|s| s),
+        "\"([^\"]|\"\"){1,6}\"",
+        "\\$q\\$[^$]{0,8}\\$q\\$",
+        "/\\*[^*/]{0,8}\\*/",
+        "--[^\n\r]{0,8}\n",
+        proptest::sample::select(vec![
+            "(", ")", ",", "+", "-", "*", "=", "<", ">", "::", "[", "]", "$1", "FOR", "SHARE"
+        ])
+        .prop_map(str::to_owned),
+    ]
+}
+
+/// A statement of some kind followed by code words, or soup.
+fn statement_like() -> impl Strategy<Value = Vec<u8>> {
+    let head = proptest::sample::select(vec![
+        "SELECT",
+        "VALUES",
+        "TABLE t",
+        "(SELECT",
+        "WITH x AS (SELECT 1)",
+        "SHOW",
+        "EXPLAIN",
+        "EXPLAIN ANALYZE",
+        "COPY t TO STDOUT",
+        "COPY (SELECT 1) TO STDOUT",
+        "UPDATE t SET",
+        "BEGIN",
+        "BEGIN READ ONLY",
+        "COMMIT",
+        "ROLLBACK",
+        "SET",
+        "SET TRANSACTION",
+        "CREATE TEMP TABLE",
+        "CREATE TABLE",
+        "DECLARE",
+        "PREPARE",
+    ]);
+    let structured =
+        (head, vec(code_token(), 0..6)).prop_map(|(h, t)| [vec![h.to_owned()], t].concat().join(" ").into_bytes());
+    prop_oneof![3 => structured, 1 => sql_soup()]
+}
+
+proptest! {
+    #![proptest_config(cases(2000))]
+
+    /// A query (SELECT, WITH, VALUES, TABLE or a parenthesised one) with
+    /// INSERT/UPDATE/DELETE/MERGE/INTO as a code word anywhere (not after a
+    /// `.`, where it names a column), or a call of a write function, is never
+    /// a read. (Outside queries the words are not promised to matter:
+    /// `EXPLAIN UPDATE ...` only plans, `SHOW x` reads.)
+    #[test]
+    fn write_word_in_query_is_never_read(
+        first in proptest::sample::select(vec!["SELECT", "select", "WITH", "VALUES", "TABLE", "(", "( SELECT"]),
+        before in vec(code_token(), 0..8),
+        after in vec(code_token(), 0..8),
+        write in proptest::sample::select(vec![
+            "INSERT", "update", "Delete", "MERGE", "into", "nextval (", "pg_catalog.NEXTVAL(", "\"setval\"(",
+            "pg_advisory_lock(", "audit_log(", "x.charge(", "FOR UPDATE", "for no key update", "FOR KEY SHARE",
+        ]),
+    ) {
+        let sql = [&[first.to_owned()][..], &before, &[write.to_owned()], &after].concat().join(" ");
+        let c = classify(sql.as_bytes(), &wf());
+        prop_assert_ne!(c.class, Class::Read, "{}", sql);
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(48))]
+
+    /// Linear time, bounded stack: up to 1 MiB of one repeated piece (deep
+    /// parentheses, nested COPY/EXPLAIN, endless comments or quotes)
+    /// classifies well under a second, even in a debug build.
+    #[test]
+    fn classify_pathological_input_is_fast(sql in pathological_sql()) {
+        let wf = wf();
+        let started = std::time::Instant::now();
+        let c = classify(&sql, &wf);
+        let took = started.elapsed();
+        prop_assert!(took < Duration::from_secs(1), "{} bytes took {took:?}", sql.len());
+        if c.ambiguous {
+            prop_assert_ne!(c.class, Class::Read);
+        }
+    }
+}
