@@ -18,15 +18,23 @@ use proptest::prelude::*;
 use pgmux::protocol::frame::{CAPTURE_LIMIT, FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, Scanner, split_frame};
 use pgmux::protocol::startup::{MAX_STARTUP_LEN, StartupError, StartupPacket, split_startup};
 
-/// `n` cases by default; PROPTEST_CASES, when set, wins (proptest reads it
-/// into `ProptestConfig::default()`, but `with_cases` would override it).
+/// `n` cases by default. The proptest! macro applies PROPTEST_CASES (and the
+/// other PROPTEST_* variables) over any config, `with_cases` included.
 fn cases(n: u32) -> ProptestConfig {
-    let base = ProptestConfig {
-        // Regressions are pinned as plain #[test]s, not in files proptest writes.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
-    if std::env::var_os("PROPTEST_CASES").is_some() { base } else { ProptestConfig { cases: n, ..base } }
+    // Regressions are pinned as plain #[test]s, not in files proptest writes.
+    ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+/// Runs `test` over `strategy` as proptest! would, with `n` cases, or a
+/// hundredth of PROPTEST_CASES when set: for properties whose cases are a
+/// megabyte each, which would otherwise take most of a long run. (A
+/// TestRunner built by hand, unlike the macro, keeps the case count given.)
+fn run_heavy<S: Strategy>(n: u32, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>) {
+    let long = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse::<u32>().ok());
+    let mut runner = proptest::test_runner::TestRunner::new(cases(long.map_or(n, |c| (c / 100).max(n))));
+    if let Err(e) = runner.run(&strategy, test) {
+        panic!("{e}\n{runner}");
+    }
 }
 
 /// A global allocator that reports, per thread, the largest single
@@ -1113,15 +1121,13 @@ proptest! {
     }
 }
 
-proptest! {
-    #![proptest_config(cases(48))]
-
-    /// Linear time, bounded stack: up to 1 MiB of one repeated piece (deep
-    /// parentheses, nested COPY/EXPLAIN, endless comments or quotes)
-    /// classifies well under a second, even in a debug build.
-    #[test]
-    fn classify_pathological_input_is_fast(sql in pathological_sql()) {
-        let wf = wf();
+/// Linear time, bounded stack: up to 1 MiB of one repeated piece (deep
+/// parentheses, nested COPY/EXPLAIN, endless comments or quotes) classifies
+/// well under a second, even in a debug build.
+#[test]
+fn classify_pathological_input_is_fast() {
+    let wf = wf();
+    run_heavy(48, pathological_sql(), |sql| {
         let started = std::time::Instant::now();
         let c = classify(&sql, &wf);
         let took = started.elapsed();
@@ -1129,5 +1135,6 @@ proptest! {
         if c.ambiguous {
             prop_assert_ne!(c.class, Class::Read);
         }
-    }
+        Ok(())
+    });
 }
