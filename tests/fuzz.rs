@@ -1417,3 +1417,112 @@ proptest! {
 fn base_config_is_valid() {
     Config::parse(&base_config(), "fuzz.toml").unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// The relay's other lexical scans of client SQL: settings a statement may
+// change (read back after the transaction) and session state (pinning).
+
+use pgmux::client::params::settings_named_in;
+use pgmux::client::pinning::session_state;
+
+/// Up to 1 MiB of one piece repeated, or of distinct names: the shapes that
+/// make a per-occurrence copy or a per-name search quadratic.
+fn pathological_settings_sql() -> impl Strategy<Value = Vec<u8>> {
+    const MIB: usize = 1 << 20;
+    let pieces = proptest::sample::select(vec![
+        "set_config(",
+        "set_config('x",
+        "set_config('x'",
+        " set_config(  'a',",
+        "SET x = 1;",
+        "set a;",
+        "reset a;",
+        "LISTEN x;",
+        "(",
+        "advisory_lock",
+        "advisory_lock (",
+        " ",
+        ";",
+        "DECLARE c WITH HOLD",
+        "create temp ",
+    ]);
+    let repeated = (pieces, 1..=MIB).prop_map(|(p, n)| p.repeat(n.min(MIB / p.len())).into_bytes());
+    let distinct =
+        (proptest::sample::select(vec!["set_config('n{}', 'v', false) ", "SET n{} = 1;", "RESET n{};"]), 1..=MIB / 16)
+            .prop_map(|(shape, n)| {
+                (0..n).map(|i| shape.replace("{}", &i.to_string())).collect::<String>().into_bytes()
+            });
+    prop_oneof![repeated, distinct]
+}
+
+/// Linear time: up to 1 MiB of `set_config(` calls, SET/RESET statements or
+/// pinning triggers scans in seconds at most, even in a debug build.
+#[test]
+fn settings_and_pinning_scans_are_fast() {
+    run_heavy(48, pathological_settings_sql(), |sql| {
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        settings_named_in(&sql, &mut out);
+        let _ = session_state(&sql);
+        let took = started.elapsed();
+        // Linear is about 0.2 s per MiB of `SET n1 = 1;` in a debug build
+        // (it allocates per name), more on a busy machine; quadratic was minutes.
+        prop_assert!(took < Duration::from_secs(5), "{} bytes took {took:?}", sql.len());
+        Ok(())
+    });
+}
+
+proptest! {
+    #![proptest_config(cases(2000))]
+
+    /// Any SQL: settings_named_in names lowercase settings without quotes,
+    /// each once; session_state never allocates (a hot-path byte scan).
+    #[test]
+    fn settings_and_pinning_scans_total(sql in sql_soup(), extra in vec(proptest::sample::select(vec![
+        "SET ", "set session ", "RESET ", "set_config(", "set_config('A'", "'", "\"X\"", " TIME ZONE", "all", "local ",
+    ]), 0..6)) {
+        let sql = [sql, extra.concat().into_bytes()].concat();
+        let mut out = Vec::new();
+        settings_named_in(&sql, &mut out);
+        for (i, n) in out.iter().enumerate() {
+            prop_assert!(!out[..i].contains(n), "{n:?} twice");
+            prop_assert_eq!(n.to_ascii_lowercase(), n.clone());
+        }
+        let (_, _, allocations) = alloc_probe::measure(|| session_state(&sql));
+        prop_assert_eq!(allocations, 0);
+    }
+
+    /// A setting named in SET, RESET or set_config() is found, whatever
+    /// comes before it (the scan is lexical: it splits at every `;`).
+    #[test]
+    fn settings_named_are_found(
+        before in sql_soup(),
+        name in "[a-z_][a-z0-9_.]{0,12}".prop_filter("a keyword", |n| {
+            !matches!(n.as_str(), "local" | "session" | "time" | "names" | "schema" | "transaction" | "constraints" | "role" | "all")
+        }),
+        upper in any::<bool>(),
+        form in 0..3u8,
+    ) {
+        let shown = if upper { name.to_uppercase() } else { name.clone() };
+        let stmt = match form {
+            0 => format!(";SET {shown} = 1"),
+            1 => format!(";RESET {shown}"),
+            _ => format!(" set_config('{shown}', 'v', false)"),
+        };
+        let mut out = Vec::new();
+        settings_named_in(&[&before[..], stmt.as_bytes()].concat(), &mut out);
+        prop_assert!(out.contains(&name), "{:?} not in {:?}", name, out);
+    }
+
+    /// A statement that creates session state pins, whatever comes before it.
+    #[test]
+    fn session_state_is_found(
+        before in sql_soup(),
+        stmt in proptest::sample::select(vec![
+            "LISTEN chan", "PREPARE p AS SELECT 1", "CREATE TEMP TABLE t (x int)", "create temporary view v as select 1",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "SELECT pg_advisory_lock(1)", "select pg_try_advisory_lock_shared (2)",
+        ]),
+    ) {
+        prop_assert!(session_state(&[&before[..], b";", stmt.as_bytes()].concat()).is_some());
+    }
+}
