@@ -1526,3 +1526,90 @@ proptest! {
         prop_assert!(session_state(&[&before[..], b";", stmt.as_bytes()].concat()).is_some());
     }
 }
+
+// ---------------------------------------------------------------------------
+// Client authentication (before a client has proven anything)
+
+use pgmux::auth::authenticate_client;
+use pgmux::config::UserConfig;
+
+/// The users of a config: SCRAM with a plaintext password and with a
+/// stored verifier, md5 with a plaintext password and with a stored hash.
+fn auth_users() -> Vec<UserConfig> {
+    let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+    let text = format!(
+        "[[databases]]\nname = \"db\"\nprimary = \"h:1\"\n\
+         [[users]]\nname = \"a\"\npassword = \"pw\"\n\
+         [[users]]\nname = \"b\"\npassword = \"{verifier}\"\n\
+         [[users]]\nname = \"c\"\npassword = \"pw\"\nauth = \"md5\"\n\
+         [[users]]\nname = \"d\"\npassword = \"md5a3556571e93b0d20722ba62be61e8c2d\"\nauth = \"md5\"\n"
+    );
+    Config::parse(&text, "auth.toml").unwrap().users
+}
+
+/// What a client may send during authentication: PasswordMessage-tagged
+/// SASLInitialResponse / SASLResponse / password shapes, other messages, junk.
+fn auth_script() -> impl Strategy<Value = Vec<u8>> {
+    let mechanism =
+        prop_oneof![Just(b"SCRAM-SHA-256".to_vec()), Just(b"SCRAM-SHA-256-PLUS".to_vec()), vec(1..=255u8, 0..8)];
+    let client_first = prop_oneof![
+        edits().prop_map(|e| apply(b"n,,n=,r=rOprNGfwEbeRWgbNEkqO", &e)),
+        vec(scram_bits(), 0..6).prop_map(|v| v.concat()),
+        Just(Vec::new()),
+    ];
+    let length = prop_oneof![4 => Just(None), 1 => Just(Some(-1i32)), 1 => any::<i32>().prop_map(Some)];
+    let initial = (mechanism, length, client_first).prop_map(|(m, len, data)| {
+        let mut body = m;
+        body.push(0);
+        body.extend_from_slice(&len.unwrap_or(data.len() as i32).to_be_bytes());
+        body.extend_from_slice(&data);
+        frame(b'p', &body)
+    });
+    let response = prop_oneof![
+        vec(scram_bits(), 0..8).prop_map(|v| v.concat()),
+        edits()
+            .prop_map(|e| apply(b"c=biws,r=rOprNGfwEbeRWgbNEkqO,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=", &e)),
+        "md5[0-9a-f]{0,33}\0?".prop_map(String::into_bytes),
+    ]
+    .prop_map(|body| frame(b'p', &body));
+    let other =
+        (prop_oneof![Just(b'X'), Just(b'Q'), any::<u8>()], vec(any::<u8>(), 0..8)).prop_map(|(t, b)| frame(t, &b));
+    let junk = prop_oneof![other, vec(any::<u8>(), 1..8)];
+    // Mostly in protocol order, so the exchange gets deep; sometimes not.
+    let ordered =
+        (proptest::option::of(initial.clone()), vec(response.clone(), 0..3), proptest::option::of(junk.clone()))
+            .prop_map(|(i, r, j)| [i.unwrap_or_default(), r.concat(), j.unwrap_or_default()].concat());
+    let shuffled = vec(prop_oneof![initial, response, junk], 0..4).prop_map(|p| p.concat());
+    prop_oneof![3 => ordered, 1 => shuffled]
+}
+
+proptest! {
+    #![proptest_config(cases(300))]
+
+    /// Whatever a client sends while authenticating, pgmux ends with an
+    /// error (never success without the password, never a panic, never a
+    /// hang once the client stops talking).
+    #[test]
+    fn client_auth_any_client_bytes(user in 0..4usize, script in auth_script()) {
+        static USERS: std::sync::LazyLock<Vec<UserConfig>> = std::sync::LazyLock::new(auth_users);
+        let user = &USERS[user];
+        let r = runtime().block_on(async {
+            let (mut server, mut client) = tokio::io::duplex(1 << 16);
+            let client_side = async move {
+                let _ = client.write_all(&script).await;
+                let _ = client.shutdown().await;
+                let mut sink = [0u8; 4096];
+                while client.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            };
+            let server_side = async move {
+                let mut buf = BytesMut::new();
+                let r = authenticate_client(&mut server, &mut buf, user).await;
+                drop(server);
+                r
+            };
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(client_side, server_side).1 }).await
+        });
+        let r = r.expect("authentication did not finish");
+        prop_assert!(r.is_err(), "authenticated without the password");
+    }
+}
