@@ -72,7 +72,7 @@ fn shown<'a>(r: &Parsed<'a>) -> Result<Option<(&'static str, Option<&'a str>)>, 
 }
 
 proptest! {
-    #![proptest_config(cases(2000))]
+    #![proptest_config(cases(6000))]
 
     /// Any text is a command, nothing (only whitespace and `;`), or a
     /// syntax error; never a panic.

@@ -66,7 +66,7 @@ fn kind() -> impl Strategy<Value = Kind> {
 }
 
 proptest! {
-    #![proptest_config(cases(2000))]
+    #![proptest_config(cases(6000))]
 
     /// cstr splits at the first NUL, or finds none; statement_target names
     /// a statement only for an `S` body, and then a NUL-free prefix of it.

@@ -61,7 +61,7 @@ fn comment_text() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(cases(3000))]
+    #![proptest_config(cases(9000))]
 
     /// The lexer terminates (a token per byte at most), its tokens are
     /// slices of the input in order without overlap, and a word is whole.
