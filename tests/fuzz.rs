@@ -1619,3 +1619,113 @@ proptest! {
         prop_assert!(r.is_err(), "authenticated without the password");
     }
 }
+
+// ---------------------------------------------------------------------------
+// The relay's scan of client messages after login (statement renames,
+// injected Parse/Close/Sync, refusals), fed arbitrary client streams.
+
+use pgmux::client::relay::{Link, StatementScope};
+use pgmux::client::statements::ClientStatements;
+use pgmux::config::OnSessionState;
+use pgmux::pool::statements::{PreparedSet, Registry};
+
+/// Client messages after login: extended-protocol shapes with statement
+/// names a session reuses, simple queries that prepare or deallocate, other
+/// frontend messages, invalid types and lengths.
+fn client_stream() -> impl Strategy<Value = Vec<u8>> {
+    use postgres_protocol::message::frontend as fe;
+    let name = prop_oneof![Just(""), Just("s1"), Just("s2"), Just("pgmux_1"), Just("pgmux_noop")];
+    let sql = prop_oneof![
+        Just("SELECT 1"),
+        Just("SELECT $1"),
+        Just("SET x = 1"),
+        Just("LISTEN c"),
+        Just("DEALLOCATE s1"),
+        Just("DEALLOCATE ALL"),
+        Just("DISCARD ALL"),
+        Just("PREPARE p AS SELECT 1"),
+        Just("BEGIN"),
+        Just("COMMIT"),
+        Just(""),
+    ];
+    let message = prop_oneof![
+        (name.clone(), sql.clone()).prop_map(|(n, q)| {
+            let mut b = BytesMut::new();
+            fe::parse(n, q, [], &mut b).unwrap();
+            b.to_vec()
+        }),
+        (name.clone(), name.clone(), vec(any::<u8>(), 0..12)).prop_map(|(portal, n, rest)| {
+            let mut body = [portal.as_bytes(), b"\0", n.as_bytes(), b"\0"].concat();
+            body.extend_from_slice(&rest);
+            frame(b'B', &body)
+        }),
+        (prop_oneof![Just(b'D'), Just(b'C')], prop_oneof![Just(b'S'), Just(b'P'), any::<u8>()], name.clone())
+            .prop_map(|(t, kind, n)| frame(t, &[&[kind], n.as_bytes(), b"\0"].concat())),
+        sql.prop_map(|q| {
+            let mut b = BytesMut::new();
+            fe::query(q, &mut b).unwrap();
+            b.to_vec()
+        }),
+        Just(frame(b'E', b"\0\0\0\0\0")),
+        Just(frame(b'S', b"")),
+        Just(frame(b'H', b"")),
+        Just(frame(b'H', b"x")),
+        Just(frame(b'd', b"copy data")),
+        Just(frame(b'c', b"")),
+        Just(frame(b'X', b"")),
+        // Arbitrary bodies of the inspected types, invalid types, garbage.
+        (prop_oneof![Just(b'P'), Just(b'B'), Just(b'D'), Just(b'C'), Just(b'Q'), any::<u8>()], vec(any::<u8>(), 0..16))
+            .prop_map(|(t, b)| frame(t, &b)),
+        vec(any::<u8>(), 1..6),
+    ];
+    vec(message, 0..10).prop_map(|m| m.concat())
+}
+
+/// Scans `pieces` as the relay does when the server takes nothing yet (the
+/// forwarded bytes stay in the buffer); stops where the relay would.
+fn relay_scan(pieces: &[&[u8]], policy: OnSessionState) -> (Vec<u8>, Option<FrameError>, bool) {
+    let registry = Registry::default();
+    let mut client = ClientStatements::default();
+    let mut prepared = PreparedSet::default();
+    let mut link = Link::new();
+    let mut buf = BytesMut::new();
+    for p in pieces {
+        buf.extend_from_slice(p);
+        let mut scope = StatementScope {
+            client: &mut client,
+            registry: &registry,
+            max_prepared: 2,
+            on_session_state: policy,
+            max_query_size: 1 << 20,
+        };
+        link.scan_client(&mut buf, &mut scope, &mut prepared).unwrap();
+        if link.broken.is_some() || link.terminated {
+            break;
+        }
+    }
+    (buf.to_vec(), link.broken.clone(), link.terminated)
+}
+
+proptest! {
+    #![proptest_config(cases(3000))]
+
+    /// Any client stream, read in any pieces: never a panic, and the bytes
+    /// for the server are the same as when read whole. When the client sent
+    /// whole messages only, so are they: a chain of well-formed frames.
+    #[test]
+    fn relay_client_scan(
+        data in client_stream(),
+        cuts in vec(any::<usize>(), 0..6),
+        policy in prop_oneof![Just(OnSessionState::Pin), Just(OnSessionState::Error), Just(OnSessionState::Allow)],
+    ) {
+        let whole = relay_scan(&[&data[..]], policy);
+        let pieces = relay_scan(&chunks(&data, &cuts), policy);
+        prop_assert_eq!(&whole, &pieces);
+        let (out, broken, _) = whole;
+        let (_, err, incomplete_at) = reference_frames(&data, MAX_MESSAGE_LEN);
+        if broken.is_none() && err.is_none() && incomplete_at == data.len() {
+            let (_, out_err, out_end) = reference_frames(&out, MAX_MESSAGE_LEN);
+            prop_assert!(out_err.is_none() && out_end == out.len(), "output is not whole frames: {:?}", out);
+        }
+    }
+}

@@ -193,3 +193,27 @@ proptest! {
         prop_assert_eq!(statement_command(q.as_bytes()), StatementCommand::DropAll);
     }
 }
+
+proptest! {
+    #![proptest_config(cases(3000))]
+
+    /// unit_sql (the SQL texts routing classifies) over any pending bytes:
+    /// never a panic; each text is cut at its NUL, one per inspected message.
+    #[test]
+    fn unit_sql_total(frames in vec((prop_oneof![Just(b'Q'), Just(b'P'), Just(b'B'), Just(b'D'), Just(b'S'), any::<u8>()], vec(prop_oneof![Just(0u8), Just(b'S'), any::<u8>()], 0..16)), 0..6), tail in vec(any::<u8>(), 0..6)) {
+        let mut pending = Vec::new();
+        for (tag, body) in &frames {
+            pending.push(*tag);
+            pending.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+            pending.extend_from_slice(body);
+        }
+        pending.extend_from_slice(&tail);
+        let mut statements = super::statements::ClientStatements::default();
+        statements.remember_unnamed(b"SELECT 1\0\0\0", true);
+        let parts = super::unit_sql(&pending, &statements);
+        prop_assert!(parts.len() <= frames.len() + 1);
+        for p in parts {
+            prop_assert!(!p.contains(&0));
+        }
+    }
+}
