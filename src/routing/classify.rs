@@ -249,7 +249,7 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
         transaction_open_after: None,
         ambiguous: false,
     };
-    let mut cx = Cx { lx: Lexer::new(sql), peeked: None, wf: write_functions, nesting: 0 };
+    let mut cx = Cx { lx: Lexer::new(sql), peeked: None, wf: write_functions, nesting: 0, semi_in_parens: false };
     let (mut all_read, mut session) = (true, false);
     while let Some(st) = cx.statement(false) {
         if st.class == Class::Empty {
@@ -281,6 +281,9 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
         } else {
             Class::Write
         };
+    }
+    if cx.semi_in_parens && out.class == Class::Read {
+        out.class = Class::Write;
     }
     if cx.lx.ambiguous {
         out.ambiguous = true;
@@ -409,6 +412,9 @@ struct Cx<'a, 'w> {
     wf: &'w WriteFunctions,
     /// Statements entered through [`Cx::inner_statement`] and not yet left.
     nesting: u32,
+    /// A `;` inside parentheses was skipped. Only CREATE RULE actions and
+    /// BEGIN ATOMIC bodies hold one in SQL PostgreSQL accepts: never a read.
+    semi_in_parens: bool,
 }
 
 impl<'a> Cx<'a, '_> {
@@ -462,7 +468,8 @@ impl<'a> Cx<'a, '_> {
 
     /// Consumes the rest of the statement including its terminator. `;` ends it
     /// only outside parentheses (CREATE RULE actions hold `;`) and, in CREATE,
-    /// outside `BEGIN ATOMIC ... END` bodies, as psql splits statements.
+    /// outside `BEGIN ATOMIC ... END` bodies, as psql splits statements. In a
+    /// nested statement (`COPY (...)`) a `;` is inside COPY's parentheses.
     fn skip_rest(&mut self, nested: bool, create: bool) {
         let (mut depth, mut atomic) = (0u32, 0u32);
         let mut after_begin = false;
@@ -471,7 +478,8 @@ impl<'a> Cx<'a, '_> {
             let mut begin = false;
             match t {
                 Tok::Eof => return,
-                Tok::Semi if depth == 0 && atomic == 0 => return,
+                Tok::Semi if depth == 0 && atomic == 0 && !nested => return,
+                Tok::Semi => self.semi_in_parens = true,
                 Tok::LParen => depth += 1,
                 Tok::RParen if depth == 0 && nested => return,
                 // A stray `)` at the top level: PostgreSQL rejects the string.
@@ -701,8 +709,8 @@ impl<'a> Cx<'a, '_> {
                     }
                     return class;
                 }
-                Tok::Semi if depth == 0 => return class,
-                // `;` inside parentheses: PostgreSQL rejects the string.
+                Tok::Semi if depth == 0 && !nested => return class,
+                // `;` inside parentheses, COPY's included: PostgreSQL rejects the string.
                 Tok::Semi => raise(&mut class, Class::Write),
                 Tok::RParen if depth == 0 => {
                     if nested {

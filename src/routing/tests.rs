@@ -245,6 +245,27 @@ fn deep_nesting_is_a_write_not_a_stack_overflow() {
     assert_eq!(class(&format!("{}SELECT 1", "EXPLAIN ANALYZE ".repeat(17))), Class::Write);
 }
 
+/// A `;` inside COPY's parentheses ended the nested statement, so what
+/// followed it was read as the rest of the COPY: `COPY (SELECT 1; TO
+/// STDOUT` was a read (PostgreSQL rejects it; found by tests/fuzz.rs,
+/// reads_compose, with `COPY ( SELECT 1` and `TO STDOUT` joined by `;`).
+#[test]
+fn semicolon_inside_parentheses_is_never_a_read() {
+    for sql in [
+        "COPY (SELECT 1; TO STDOUT",
+        "COPY (SELECT 1; SELECT 2) TO STDOUT",
+        "COPY (SHOW x; y) TO STDOUT",
+        "COPY t (x; y) TO STDOUT",
+        "COPY t (x\n;\nTO STDOUT",
+        "SHOW (;\nUPDATE t SET x = 1",
+        "EXPLAIN ANALYZE COPY (SELECT 1; TO STDOUT",
+    ] {
+        assert_eq!(class(sql), Class::Write, "{sql:?}");
+    }
+    assert_eq!(class("COPY (SELECT 1) TO STDOUT; SELECT 2"), Class::Read);
+    assert_eq!(class("COPY t (x, y) TO STDOUT"), Class::Read);
+}
+
 #[test]
 fn class_helpers() {
     assert!(Class::Read.is_read());
