@@ -48,9 +48,9 @@ enum Arg {
     Required(&'static str),
 }
 
-struct Command {
+pub(super) struct Command {
     /// Upper case, words separated by one space.
-    name: &'static str,
+    pub(super) name: &'static str,
     arg: Arg,
     help: &'static str,
     run: fn(&Shared, Option<&str>) -> Reply,
@@ -261,7 +261,7 @@ fn kill_client(s: &Shared, id: Option<&str>) -> Reply {
 }
 
 /// Parses a query string into a command and its argument, or the error reply.
-fn parse(query: &str) -> Result<Option<(&'static Command, Option<&str>)>, Reply> {
+pub(super) fn parse(query: &str) -> Result<Option<(&'static Command, Option<&str>)>, Reply> {
     let query = query.trim().trim_end_matches(|c: char| c == ';' || c.is_whitespace());
     let words: Vec<&str> = query.split_whitespace().collect();
     if words.is_empty() {

@@ -77,7 +77,7 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
 }
 
 /// Method and path (query string dropped) of an HTTP request line.
-fn request_target(head: &[u8]) -> Option<(&str, &str)> {
+pub(super) fn request_target(head: &[u8]) -> Option<(&str, &str)> {
     let line = head.split(|&b| b == b'\n').next()?;
     let line = std::str::from_utf8(line).ok()?.trim_end();
     let mut parts = line.split(' ');

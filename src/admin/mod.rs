@@ -8,6 +8,9 @@ pub mod registry;
 pub mod show;
 pub mod stats;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use console::serve;
 
 /// The database name that selects the console.

@@ -7,6 +7,9 @@ pub mod pinning;
 pub mod relay;
 pub mod statements;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::sync::Arc;
 use std::time::Instant;
 

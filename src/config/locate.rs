@@ -197,10 +197,20 @@ impl<'a> Locator<'a> {
         (line, col)
     }
 
-    /// `origin:line:col: path: message`, plus the offset for sorting.
+    /// `origin:line:col: path: message`, plus the offset for sorting. Control
+    /// characters, which quoted keys and echoed values can hold, are escaped:
+    /// each error stays one line, as callers and logs expect.
     pub fn error(&self, offset: usize, path: &KeyPath, message: &str) -> (usize, String) {
         let (line, col) = self.line_col(offset);
-        (offset, format!("{}:{line}:{col}: {path}: {message}", self.origin))
+        let mut text = format!("{}:{line}:{col}: ", self.origin);
+        for c in format!("{path}: {message}").chars() {
+            if c.is_control() {
+                text.extend(c.escape_default());
+            } else {
+                text.push(c);
+            }
+        }
+        (offset, text)
     }
 
     pub fn error_at(&self, path: &KeyPath, message: &str) -> (usize, String) {

@@ -513,6 +513,18 @@ fn columns_count_characters_not_bytes() {
     assert!(msg.starts_with("proxy.toml:12:31: "), "{msg}");
 }
 
+/// A quoted key or a value may hold a newline; serde and our messages echo
+/// them, which split one error over two lines, the second without its
+/// `file:line:col:` (found by tests/fuzz.rs, config_any_text).
+#[test]
+fn an_error_is_one_line_whatever_it_quotes() {
+    let msg = parse_err("\"new\\nline\" = \"5s\"", 1, "new\\nline", "unknown field \"new\\nline\"");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+    let msg =
+        parse_err(&base_with("listen = \"127.0.0.1:6432\"", "pool_mode = \"a\\rb\""), 2, "proxy.pool_mode", "a\\rb");
+    assert!(!msg.contains('\r') && msg.lines().count() == 1, "{msg}");
+}
+
 #[test]
 fn a_config_without_databases_or_users_is_an_error() {
     parse_err("", 1, "databases", "no [[databases]] entry");

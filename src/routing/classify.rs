@@ -257,7 +257,7 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
         transaction_open_after: None,
         ambiguous: false,
     };
-    let mut cx = Cx { lx: Lexer::new(sql), peeked: None, wf: write_functions };
+    let mut cx = Cx { lx: Lexer::new(sql), peeked: None, wf: write_functions, nesting: 0, semi_in_parens: false };
     let (mut all_read, mut session) = (true, false);
     while let Some(st) = cx.statement(false) {
         if st.class == Class::Empty {
@@ -289,6 +289,9 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
         } else {
             Class::Write
         };
+    }
+    if cx.semi_in_parens && out.class == Class::Read {
+        out.class = Class::Write;
     }
     if cx.lx.ambiguous {
         out.ambiguous = true;
@@ -405,10 +408,22 @@ fn raise(class: &mut Class, to: Class) {
     }
 }
 
+/// How deep statements may nest in statements (`COPY (COPY (...`,
+/// `EXPLAIN ANALYZE EXPLAIN ANALYZE ...`). Each level recurses, so without a
+/// bound a crafted query overflows the stack and aborts the process.
+/// PostgreSQL accepts two levels at most; anything deeper is a write.
+const MAX_NESTING: u32 = 16;
+
 struct Cx<'a, 'w> {
     lx: Lexer<'a>,
     peeked: Option<Tok<'a>>,
     wf: &'w WriteFunctions,
+    /// Statements entered through [`Cx::inner_statement`] and not yet left.
+    nesting: u32,
+    /// A `;` inside parentheses was skipped (only CREATE RULE actions and
+    /// BEGIN ATOMIC bodies hold one in SQL PostgreSQL accepts), or the text
+    /// ended with parentheses open: never a read.
+    semi_in_parens: bool,
 }
 
 impl<'a> Cx<'a, '_> {
@@ -462,7 +477,8 @@ impl<'a> Cx<'a, '_> {
 
     /// Consumes the rest of the statement including its terminator. `;` ends it
     /// only outside parentheses (CREATE RULE actions hold `;`) and, in CREATE,
-    /// outside `BEGIN ATOMIC ... END` bodies, as psql splits statements.
+    /// outside `BEGIN ATOMIC ... END` bodies, as psql splits statements. In a
+    /// nested statement (`COPY (...)`) a `;` is inside COPY's parentheses.
     fn skip_rest(&mut self, nested: bool, create: bool) {
         let (mut depth, mut atomic) = (0u32, 0u32);
         let mut after_begin = false;
@@ -470,8 +486,13 @@ impl<'a> Cx<'a, '_> {
             let t = self.next();
             let mut begin = false;
             match t {
-                Tok::Eof => return,
-                Tok::Semi if depth == 0 && atomic == 0 => return,
+                // Parentheses left open: PostgreSQL rejects the string; not a read.
+                Tok::Eof => {
+                    self.semi_in_parens |= depth > 0;
+                    return;
+                }
+                Tok::Semi if depth == 0 && atomic == 0 && !nested => return,
+                Tok::Semi => self.semi_in_parens = true,
                 Tok::LParen => depth += 1,
                 Tok::RParen if depth == 0 && nested => return,
                 // A stray `)` at the top level: PostgreSQL rejects the string.
@@ -563,6 +584,20 @@ impl<'a> Cx<'a, '_> {
             }
         };
         Some(class.into())
+    }
+
+    /// [`Cx::statement`] for a statement inside another (`COPY (...)`,
+    /// `EXPLAIN ANALYZE ...`): past [`MAX_NESTING`] levels the rest of it is
+    /// skipped as a write instead of recursing further.
+    fn inner_statement(&mut self, nested: bool) -> Option<Stmt> {
+        if self.nesting >= MAX_NESTING {
+            self.skip_rest(nested, false);
+            return Some(Class::Write.into());
+        }
+        self.nesting += 1;
+        let st = self.statement(nested);
+        self.nesting -= 1;
+        st
     }
 
     /// `[AND [NO] CHAIN]` → `Some(chain)`, `None` if malformed.
@@ -688,8 +723,8 @@ impl<'a> Cx<'a, '_> {
                     }
                     return class;
                 }
-                Tok::Semi if depth == 0 => return class,
-                // `;` inside parentheses: PostgreSQL rejects the string.
+                Tok::Semi if depth == 0 && !nested => return class,
+                // `;` inside parentheses, COPY's included: PostgreSQL rejects the string.
                 Tok::Semi => raise(&mut class, Class::Write),
                 Tok::RParen if depth == 0 => {
                     if nested {
@@ -778,7 +813,7 @@ impl<'a> Cx<'a, '_> {
             }
         }
         if analyze {
-            return match self.statement(nested) {
+            return match self.inner_statement(nested) {
                 Some(Stmt { class: Class::Read, .. }) => Class::Read,
                 Some(Stmt { class: Class::Session, .. }) => Class::Session,
                 _ => Class::Write,
@@ -839,7 +874,7 @@ impl<'a> Cx<'a, '_> {
         self.eat_kw(kw::BINARY);
         let source = if self.peek() == Tok::LParen {
             self.next();
-            self.statement(true).map_or(Class::Write, |s| s.class)
+            self.inner_statement(true).map_or(Class::Write, |s| s.class)
         } else {
             while matches!(self.peek(), Tok::Word(w) if !matches!(pack(w), kw::FROM | kw::TO))
                 || matches!(self.peek(), Tok::QIdent { .. } | Tok::Dot)

@@ -8,6 +8,8 @@ pub mod route;
 #[cfg(test)]
 mod corpus;
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
 
 pub use classify::{Class, Classified, Hint, WriteFunctions, classify};

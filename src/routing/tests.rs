@@ -227,6 +227,56 @@ fn spliced_bytes_never_panic() {
     }
 }
 
+/// Statements inside statements (COPY's query, what EXPLAIN ANALYZE runs)
+/// are classified recursively. 1 MiB of `COPY (` or `EXPLAIN (ANALYZE) `
+/// (a 60 KB query was enough in a debug build) overflowed the stack and
+/// aborted the whole process; past 16 levels the rest is now a write.
+#[test]
+fn deep_nesting_is_a_write_not_a_stack_overflow() {
+    for piece in ["COPY (", "EXPLAIN (ANALYZE) ", "EXPLAIN ANALYZE ", "COPY (EXPLAIN ANALYZE "] {
+        let sql = piece.repeat((1 << 20) / piece.len());
+        assert_eq!(class(&sql), Class::Write, "{piece:?}");
+    }
+    // Nesting PostgreSQL accepts keeps its class.
+    assert_eq!(class("COPY (SELECT 1) TO STDOUT"), Class::Read);
+    assert_eq!(class("EXPLAIN ANALYZE SELECT 1"), Class::Read);
+    assert_eq!(class("COPY (COPY (SELECT 1) TO STDOUT) TO STDOUT"), Class::Read);
+    assert_eq!(class(&format!("{}SELECT 1", "EXPLAIN ANALYZE ".repeat(16))), Class::Read);
+    assert_eq!(class(&format!("{}SELECT 1", "EXPLAIN ANALYZE ".repeat(17))), Class::Write);
+}
+
+/// A `;` inside COPY's parentheses ended the nested statement, so what
+/// followed it was read as the rest of the COPY: `COPY (SELECT 1; TO
+/// STDOUT` was a read (PostgreSQL rejects it; found by tests/fuzz.rs,
+/// reads_compose, with `COPY ( SELECT 1` and `TO STDOUT` joined by `;`).
+#[test]
+fn semicolon_inside_parentheses_is_never_a_read() {
+    for sql in [
+        "COPY (SELECT 1; TO STDOUT",
+        "COPY (SELECT 1; SELECT 2) TO STDOUT",
+        "COPY (SHOW x; y) TO STDOUT",
+        "COPY t (x; y) TO STDOUT",
+        "COPY t (x\n;\nTO STDOUT",
+        "SHOW (;\nUPDATE t SET x = 1",
+        "EXPLAIN ANALYZE COPY (SELECT 1; TO STDOUT",
+    ] {
+        assert_eq!(class(sql), Class::Write, "{sql:?}");
+    }
+    assert_eq!(class("COPY (SELECT 1) TO STDOUT; SELECT 2"), Class::Read);
+    assert_eq!(class("COPY t (x, y) TO STDOUT"), Class::Read);
+}
+
+/// A text that ends with parentheses open is rejected by PostgreSQL; it is
+/// never a read, so that joining it to a read by `;` cannot change what it
+/// was (tests/fuzz.rs, reads_compose: `SHOW nextval(` and `SELECT`).
+#[test]
+fn parentheses_left_open_are_never_a_read() {
+    for sql in ["SHOW nextval(", "SHOW nextval(\n;\nSELECT", "SHOW x((y)"] {
+        assert_eq!(class(sql), Class::Write, "{sql:?}");
+    }
+    assert_eq!(class("SHOW x"), Class::Read);
+}
+
 #[test]
 fn class_helpers() {
     assert!(Class::Read.is_read());
