@@ -1086,6 +1086,13 @@ fn statement_like() -> impl Strategy<Value = Vec<u8>> {
         "EXPLAIN ANALYZE",
         "COPY t TO STDOUT",
         "COPY (SELECT 1) TO STDOUT",
+        // Openings and endings that could join across a `;`.
+        "COPY (SELECT",
+        "COPY t (",
+        "EXPLAIN ANALYZE COPY (",
+        "TO STDOUT",
+        ") TO STDOUT",
+        "SHOW (",
         "UPDATE t SET",
         "BEGIN",
         "BEGIN READ ONLY",
