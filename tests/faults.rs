@@ -65,6 +65,19 @@ async fn backend_running(cluster: &Cluster, marker: &str) -> i32 {
     }
 }
 
+/// Logs a client in, starts `sql` (which names `marker` in a comment) and
+/// sends `signal` to the backend running it: the client and that pid.
+async fn signal_backend_of(proxy: &Proxy, cluster: &Cluster, sql: &str, marker: &str, signal: i32) -> (Raw, i32) {
+    let mut victim = Raw::login(proxy.addr, TRUST, DB).await;
+    let mut out = BytesMut::new();
+    frontend::query(sql, &mut out).unwrap();
+    victim.send(&out).await;
+    let pid = backend_running(cluster, marker).await;
+    // SAFETY: kill(2) on a pid just read from pg_stat_activity; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    (victim, pid)
+}
+
 /// A read in flight on a replica that stops answering (hung, not refused)
 /// is re-run on the primary once the monitor marks the replica lost (a
 /// sample times out after 1 s, then a new connection's login after 2 s),
@@ -128,17 +141,10 @@ async fn a_primary_restart_under_load_loses_no_acknowledged_commit() {
             let mut errors = 0;
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
-                let mut c = match tokio::time::timeout(Duration::from_secs(5), Raw::connect(addr)).await {
-                    Ok(c) => c,
-                    Err(_) => continue,
-                };
-                let mut out = BytesMut::new();
-                frontend::startup_message([("user", TRUST), ("database", DB)], &mut out).unwrap();
-                c.send(&out).await;
-                if !c.until_closed_or_ready().await {
+                let Some(mut c) = Raw::try_login(addr, TRUST, DB).await else {
                     errors += 1;
                     continue;
-                }
+                };
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
                     let sql = format!("BEGIN; INSERT INTO acked VALUES ({w}, {n}); COMMIT");
@@ -202,26 +208,15 @@ async fn a_backend_killed_with_sigkill_costs_only_the_transactions_in_flight() {
     let _serial = SERIAL.lock().await;
     let cluster = private_primary().await;
     let proxy = Proxy::start(&standard_config(&cluster, 3, "")).await;
-    let mut victim = Raw::login(proxy.addr, TRUST, DB).await;
-    let mut out = BytesMut::new();
-    frontend::query("SELECT pg_sleep(30) /* sigkill-victim */", &mut out).unwrap();
-    victim.send(&out).await;
-    let pid = backend_running(&cluster, "sigkill-victim").await;
-    // SAFETY: kill(2) on a pid just read from pg_stat_activity; no memory involved.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let sql = "SELECT pg_sleep(30) /* sigkill-victim */";
+    let (mut victim, _) = signal_backend_of(&proxy, &cluster, sql, "sigkill-victim", libc::SIGKILL).await;
     let msgs = tokio::time::timeout(Duration::from_secs(10), victim.until_closed()).await.expect("victim answered");
     let err = msgs.iter().find(|m| m.tag == b'E').expect("the victim is told").error();
     eprintln!("SIGKILLed backend: the client got {} {}", err.code, err.message);
     assert!(["08006", "57P01", "57P02", "57P03"].contains(&err.code.as_str()), "{err:?}");
     // Postgres is in crash recovery for a moment; new clients wait or retry.
     eventually(Duration::from_secs(20), "the server back after crash recovery", || async {
-        let mut c = Raw::connect(proxy.addr).await;
-        let mut out = BytesMut::new();
-        frontend::startup_message([("user", TRUST), ("database", DB)], &mut out).unwrap();
-        c.send(&out).await;
-        if !c.until_closed_or_ready().await {
-            return false;
-        }
+        let Some(mut c) = Raw::try_login(proxy.addr, TRUST, DB).await else { return false };
         // While Postgres recovers, a new server connection's login fails
         // (57P03) and the client is closed, as PgBouncer closes it.
         let mut out = BytesMut::new();
@@ -241,14 +236,9 @@ async fn a_stopped_backend_is_bounded_by_query_timeout() {
     let _serial = SERIAL.lock().await;
     let cluster = private_primary().await;
     let proxy = Proxy::start(&standard_config(&cluster, 2, "query_timeout = \"1s\"")).await;
-    let mut victim = Raw::login(proxy.addr, TRUST, DB).await;
-    let mut out = BytesMut::new();
     // Stopped mid-query: the backend is past parsing, inside pg_sleep.
-    frontend::query("SELECT pg_sleep(0.5) /* sigstop-victim */", &mut out).unwrap();
-    victim.send(&out).await;
-    let pid = backend_running(&cluster, "sigstop-victim").await;
-    // SAFETY: kill(2) on a pid just read from pg_stat_activity.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let sql = "SELECT pg_sleep(0.5) /* sigstop-victim */";
+    let (mut victim, pid) = signal_backend_of(&proxy, &cluster, sql, "sigstop-victim", libc::SIGSTOP).await;
     let started = Instant::now();
     let msgs = tokio::time::timeout(Duration::from_secs(10), victim.until_closed()).await.expect("victim answered");
     let err = msgs.last().expect("an answer").error();

@@ -47,6 +47,16 @@ impl Raw {
         raw
     }
 
+    /// [`Raw::login`] that may fail (a server restarting): `None` when the
+    /// login ends in an error or a close.
+    pub async fn try_login(addr: SocketAddr, user: &str, db: &str) -> Option<Raw> {
+        let mut raw = Raw::connect(addr).await;
+        let mut out = BytesMut::new();
+        frontend::startup_message([("user", user), ("database", db)], &mut out).expect("startup message");
+        raw.send(&out).await;
+        raw.until_closed_or_ready().await.then_some(raw)
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write to pgmux");
     }
