@@ -68,9 +68,8 @@ done
 for s in $SCRIPTS; do case $s in select | tpcb) ;; *) echo "SCRIPTS: select or tpcb, not $s" >&2; exit 2 ;; esac; done
 for m in $MODES $LATENCY_MODES; do case $m in simple | extended | prepared) ;; *) echo "MODES: simple, extended or prepared, not $m" >&2; exit 2 ;; esac; done
 
-bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-[ -x "$bindir/initdb" ] || { echo "PostgreSQL server not found: apt-get install postgresql postgresql-contrib" >&2; exit 1; }
-command -v pgbench >/dev/null || { echo "pgbench not found: apt-get install postgresql-contrib" >&2; exit 1; }
+source benches/lib.sh
+require_postgres
 bouncer_bin=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
 targets=""
 for t in $TARGETS; do
@@ -110,20 +109,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A port below 32768 (outside Linux's ephemeral range) that nothing listens on.
-taken=" "
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 12000))
-        [[ $taken == *" $p "* ]] && continue
-        (: </dev/tcp/127.0.0.1/$p) 2>/dev/null && continue
-        taken+="$p "
-        echo "$p"
-        return
-    done
-}
-pg_port=$(free_port) mux_port=$(free_port) bouncer_port=$(free_port) floor_port=$(free_port)
+free_port pg_port; free_port mux_port; free_port bouncer_port; free_port floor_port
 max_clients=$(printf '%s\n' $CLIENTS 1 | sort -n | tail -1)
 
 wait_port() { # port name

@@ -22,9 +22,8 @@ for arg in "$@"; do
     esac
 done
 
-bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-[ -x "$bindir/initdb" ] || { echo "PostgreSQL server not found: apt-get install postgresql postgresql-contrib" >&2; exit 1; }
-command -v pgbench >/dev/null || { echo "pgbench not found: apt-get install postgresql-contrib" >&2; exit 1; }
+source benches/lib.sh
+require_postgres
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build --release --quiet
 
@@ -46,19 +45,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-taken=" "
-free_port() { # below 32768, outside Linux's ephemeral range
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 12000))
-        [[ $taken == *" $p "* ]] && continue
-        (: </dev/tcp/127.0.0.1/$p) 2>/dev/null && continue
-        taken+="$p "
-        echo "$p"
-        return
-    done
-}
-primary_port=$(free_port) replica_port=$(free_port) mux_port=$(free_port)
+free_port primary_port; free_port replica_port; free_port mux_port
 
 "${as_pg[@]}" "$bindir/initdb" -D "$work/primary" -U postgres --auth=trust >/dev/null
 cat >>"$work/primary/postgresql.conf" <<CONF
