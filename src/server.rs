@@ -257,10 +257,7 @@ impl ClientSlot {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let slots = &self.0.slots;
-        if slots.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            slots.empty.notify_waiters();
-        }
+        self.0.slots.release();
     }
 }
 
@@ -278,13 +275,18 @@ impl Shared {
 
 impl Drop for Lingering {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.empty.notify_waiters();
-        }
+        self.0.release();
     }
 }
 
 impl ClientSlots {
+    /// One client or cleanup fewer; wakes the drain when none is left.
+    fn release(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.empty.notify_waiters();
+        }
+    }
+
     fn try_take(shared: &Arc<Shared>, max: usize) -> Option<ClientSlot> {
         let slots = &shared.slots;
         slots.count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;

@@ -522,7 +522,6 @@ async fn login(
 
 pub(crate) use crate::net::fatal;
 
-/// A boxed future for a path taken rarely (errors, routing extras).
 use crate::net::RarePath;
 
 /// The transaction loop: wait idle without a backend, take one when the

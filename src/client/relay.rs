@@ -1055,7 +1055,7 @@ pub async fn relay(
                     let _ = timer.as_mut().poll(cx);
                 }
             }
-            if owed && node_down.as_mut().poll(cx).is_ready() {
+            if owed && opts.node.is_some() && node_down.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::NodeDown);
             }
             if awaiting_server {

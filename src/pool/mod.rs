@@ -184,10 +184,7 @@ impl Pool {
             // Re-learned from the new server by the next login.
             *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
-        for (b, reason) in closed.drain(..) {
-            tracing::debug!(pid = b.pid, %reason, "closing server connection");
-            b.close();
-        }
+        close_all(closed.drain(..));
     }
 
     /// A reload removed this pool's database or user: close its idle
@@ -195,20 +192,14 @@ impl Pool {
     /// it keep working (each transaction opens a backend, closed after it).
     pub fn retire(&self) {
         let closed = self.lock().retire();
-        for (b, reason) in closed {
-            tracing::debug!(pid = b.pid, %reason, "closing server connection");
-            b.close();
-        }
+        close_all(closed);
     }
 
     /// Admin `RECONNECT`/`KILL`: closes idle backends now and busy ones when
     /// their transaction ends; new ones open as needed.
     pub fn reconnect(&self) {
         let closed = self.lock().renew(CloseReason::Reconnect);
-        for (b, reason) in closed {
-            tracing::debug!(pid = b.pid, %reason, "closing server connection");
-            b.close();
-        }
+        close_all(closed);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<Box<Backend>>> {
@@ -287,10 +278,7 @@ impl Pool {
                 let start_sweeper = matches!(take, Take::Wait(_)) && inner.claim_sweeper();
                 (take, start_sweeper)
             };
-            for (b, reason) in expired {
-                tracing::debug!(pid = b.pid, %reason, "closing server connection");
-                b.close();
-            }
+            close_all(expired);
             if start_sweeper {
                 // Weak: the sweeper must not keep a dropped pool alive.
                 tokio::spawn(sweep_waiters(Arc::downgrade(self)));
@@ -400,10 +388,7 @@ impl Pool {
         }
         b.last_used = now;
         let closed = self.lock().put(b, now);
-        if let Some((b, reason)) = closed {
-            tracing::debug!(pid = b.pid, %reason, "closing server connection");
-            b.close();
-        }
+        close_all(closed);
     }
 
     /// Closes a backend that must not be reused, freeing its slot.
@@ -444,6 +429,14 @@ impl Pool {
         for b in idle {
             b.close();
         }
+    }
+}
+
+/// Closes backends the pool let go of, outside its lock.
+fn close_all(closed: impl IntoIterator<Item = (Box<Backend>, CloseReason)>) {
+    for (b, reason) in closed {
+        tracing::debug!(pid = b.pid, %reason, "closing server connection");
+        b.close();
     }
 }
 

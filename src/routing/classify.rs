@@ -257,7 +257,7 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
         transaction_open_after: None,
         ambiguous: false,
     };
-    let mut cx = Cx { lx: Lexer::new(sql), peeked: None, wf: write_functions, nesting: 0, semi_in_parens: false };
+    let mut cx = Cx { lx: Lexer::new(sql), peeked: None, wf: write_functions, nesting: 0, broken_parens: false };
     let (mut all_read, mut session) = (true, false);
     while let Some(st) = cx.statement(false) {
         if st.class == Class::Empty {
@@ -290,7 +290,7 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
             Class::Write
         };
     }
-    if cx.semi_in_parens && out.class == Class::Read {
+    if cx.broken_parens && out.class == Class::Read {
         out.class = Class::Write;
     }
     if cx.lx.ambiguous {
@@ -423,7 +423,7 @@ struct Cx<'a, 'w> {
     /// A `;` inside parentheses was skipped (only CREATE RULE actions and
     /// BEGIN ATOMIC bodies hold one in SQL PostgreSQL accepts), or the text
     /// ended with parentheses open: never a read.
-    semi_in_parens: bool,
+    broken_parens: bool,
 }
 
 impl<'a> Cx<'a, '_> {
@@ -488,11 +488,11 @@ impl<'a> Cx<'a, '_> {
             match t {
                 // Parentheses left open: PostgreSQL rejects the string; not a read.
                 Tok::Eof => {
-                    self.semi_in_parens |= depth > 0;
+                    self.broken_parens |= depth > 0;
                     return;
                 }
                 Tok::Semi if depth == 0 && atomic == 0 && !nested => return,
-                Tok::Semi => self.semi_in_parens = true,
+                Tok::Semi => self.broken_parens = true,
                 Tok::LParen => depth += 1,
                 Tok::RParen if depth == 0 && nested => return,
                 // A stray `)` at the top level: PostgreSQL rejects the string.
