@@ -74,9 +74,14 @@ async fn start_pgmux(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(pgmux::server::run(Arc::new(config), listener, async {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(pgmux::server::run(
+        Arc::new(config),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        Default::default(),
+    ));
     (addr, stop)
 }
 

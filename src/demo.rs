@@ -68,9 +68,14 @@ async fn demo(bins: PgBinaries, pgbench: PathBuf) -> Result<(), String> {
     let config = Config::parse(&config_toml(addr, &primary, &replica), "demo").map_err(|e| e.to_string())?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = crate::server::run(Arc::new(config), listener, async {
-        let _ = stop_rx.await;
-    });
+    let server = crate::server::run(
+        Arc::new(config),
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+        Default::default(),
+    );
     // Polled in this task next to the workload rather than spawned, so it
     // needs no Send bound and cannot outlive the demo.
     tokio::pin!(server);

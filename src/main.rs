@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check) => match Config::load(&cli.config) {
             // The certificate, key and CA files must load too, as at start.
-            Ok(config) if let Err(e) = pgmux::tls::TlsContext::load(&config.proxy) => {
+            Ok(config) if let Err(e) = pgmux::settings::Settings::build(config.clone()) => {
                 eprintln!("{}: TLS: {e}", cli.config.display());
                 ExitCode::FAILURE
             }
@@ -103,7 +103,15 @@ fn main() -> ExitCode {
 async fn serve(config: Arc<Config>, path: PathBuf) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.proxy.listen).await?;
     tracing::info!(listen = %config.proxy.listen, "pgmux listening");
+    let metrics = match config.proxy.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(listen = %l.local_addr()?, "metrics listening");
+            Some(l)
+        }
+        None => None,
+    };
     // SIGHUP and the admin console's RELOAD re-read this file.
-    let options = pgmux::server::ServerOptions { config_path: Some(path), metrics: None };
-    pgmux::server::run_with(config, listener, pgmux::server::shutdown_signal(), options).await
+    let options = pgmux::server::Options { config_path: Some(path), metrics };
+    pgmux::server::run(config, listener, pgmux::server::shutdown_signal(), options).await
 }

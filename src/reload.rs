@@ -1,5 +1,5 @@
 //! Hot reload (SIGHUP, admin `RELOAD`): what a new `proxy.toml` changes, and
-//! when each change takes effect. [`crate::server::Shared::reload`] runs it.
+//! when each change takes effect. [`crate::live::Shared::reload`] runs it.
 //!
 //! - At once, for existing pools (the primaries' and the replicas'): `pool_size`, `min_pool_size`,
 //!   `query_wait_timeout`, `server_lifetime`, `server_idle_timeout`,
@@ -28,6 +28,7 @@
 use std::path::Path;
 
 use crate::config::{Config, ConfigError, DatabaseConfig, UserConfig, diff_requires_restart};
+use crate::settings::Settings;
 
 /// A successful reload's report.
 #[derive(Debug, Default)]
@@ -52,9 +53,8 @@ pub enum ReloadError {
 
 /// Loads and validates `path` and compares it with `old`. The returned
 /// config keeps `old`'s values of the settings that need a restart.
-pub fn prepare(old: &Config, path: &Path) -> Result<(Config, Reloaded), ReloadError> {
+pub fn prepare(old: &Config, path: &Path) -> Result<(Settings, Reloaded), ReloadError> {
     let mut new = Config::load(path)?;
-    new.tls = crate::tls::TlsContext::load(&new.proxy).map_err(ReloadError::Tls)?;
     let needs_restart = diff_requires_restart(old, &new)
         .into_iter()
         .map(|key| {
@@ -68,6 +68,7 @@ pub fn prepare(old: &Config, path: &Path) -> Result<(Config, Reloaded), ReloadEr
     new.proxy.listen = old.proxy.listen;
     new.proxy.metrics_listen = old.proxy.metrics_listen;
     let changes = changes(old, &new);
+    let new = Settings::build(new).map_err(ReloadError::Tls)?;
     Ok((new, Reloaded { changes, needs_restart }))
 }
 
@@ -79,8 +80,8 @@ fn opt_addr(a: Option<std::net::SocketAddr>) -> String {
 /// passwords are reported as changed, never shown.
 pub fn changes(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
-    let before = crate::admin::show::config_values(old);
-    let after = crate::admin::show::config_values(new);
+    let before = crate::config::values::config_values(old);
+    let after = crate::config::values::config_values(new);
     for ((key, a), (_, b)) in before.into_iter().zip(after) {
         if a != b {
             out.push(format!("{key}: {} -> {}", shown(&a), shown(&b)));

@@ -1616,7 +1616,7 @@ proptest! {
             };
             let server_side = async move {
                 let mut buf = BytesMut::new();
-                let r = authenticate_client(&mut server, &mut buf, user).await;
+                let r = authenticate_client(&mut server, &mut buf, user, &Default::default()).await;
                 drop(server);
                 r
             };

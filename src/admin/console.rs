@@ -10,14 +10,14 @@ use crate::net::{Stream, fatal};
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
-use super::registry::{ClientInfo, Signal};
 use super::show::{self, ResultSet};
+use crate::live::Shared;
+use crate::live::registry::{ClientInfo, Signal};
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::frame::split_frame;
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::tag;
 use crate::reload::ReloadError;
-use crate::server::Shared;
 
 /// Console commands are short; anything longer is refused.
 const MAX_COMMAND_LEN: u32 = 64 * 1024;
@@ -353,8 +353,12 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
                                 if let Some(reply) = drain(shared, db.as_deref(), info.signal()).await {
                                     write_reply(&mut out, reply);
                                 } else {
-                                    return fatal(stream, SqlState::ADMIN_SHUTDOWN, super::registry::SHUTTING_DOWN)
-                                        .await;
+                                    return fatal(
+                                        stream,
+                                        SqlState::ADMIN_SHUTDOWN,
+                                        crate::live::registry::SHUTTING_DOWN,
+                                    )
+                                    .await;
                                 }
                             }
                             reply => write_reply(&mut out, reply),

@@ -20,11 +20,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::show::{PoolView, pool_views};
-use super::stats::{HistogramSnapshot, LATENCY_BOUNDS_US};
+use crate::live::Shared;
+use crate::live::stats::{HistogramSnapshot, LATENCY_BOUNDS_US};
 use crate::pool::counters::{REASON_SLOTS, reason_label};
 use crate::routing::monitor::NodeView;
 use crate::routing::route::{Candidate, Policy, out_of_rotation};
-use crate::server::Shared;
 
 /// Request heads are small; anything bigger is not a scrape.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -423,7 +423,7 @@ mod tests {
         impl Collector for Fixed {
             fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
                 counters(&mut enc, "m", "help", [(vec![("a", "x\"y\\z\nw")], 3u64)])?;
-                let h = crate::admin::stats::Histogram::default();
+                let h = crate::live::stats::Histogram::default();
                 h.observe_us(70);
                 h.observe_us(20_000_000);
                 histograms(&mut enc, "h_seconds", "hist", [(vec![("n", "1")], h.snapshot())])

@@ -1,12 +1,10 @@
-//! The admin console (`psql ... dbname=pgmux`) and the `/metrics` endpoint,
-//! with the live-state registries both read.
+//! The admin console (`psql ... dbname=pgmux`) and the `/metrics` endpoint:
+//! read-only views (apart from the console's commands) over the live state
+//! ([`crate::live`]), the pools and the routing.
 
 pub mod console;
 pub mod metrics;
-pub mod pause;
-pub mod registry;
 pub mod show;
-pub mod stats;
 
 #[cfg(test)]
 mod fuzz_tests;

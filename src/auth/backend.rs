@@ -291,19 +291,13 @@ mod tests {
             (AuthMethod::Md5, md5::stored_hash("pw", "bob")),
             (AuthMethod::Trust, String::new()),
         ] {
-            let user = UserConfig {
-                name: "bob".into(),
-                password: Some(stored),
-                server_password: None,
-                auth,
-                scram_verifier: Default::default(),
-            };
+            let user = UserConfig { name: "bob".into(), password: Some(stored), server_password: None, auth };
             let (mut client, mut server) = tokio::io::duplex(4096);
             let server_side = async {
                 let (params, mut buf) = read_startup(&mut server).await;
                 assert_eq!(params[..2], [("user".into(), "bob".into()), ("database".into(), "db".into())]);
                 assert_eq!(params[2], ("TimeZone".into(), "UTC".into()));
-                authenticate_client(&mut server, &mut buf, &user).await?;
+                authenticate_client(&mut server, &mut buf, &user, &Default::default()).await?;
                 let mut out = BytesMut::new();
                 hello_messages(&mut out);
                 server.write_all(&out).await.unwrap();
@@ -342,13 +336,12 @@ mod tests {
             password: Some(stored),
             server_password: None,
             auth: AuthMethod::ScramSha256,
-            scram_verifier: Default::default(),
         };
         rt.block_on(async {
             let (mut client, mut server) = tokio::io::duplex(4096);
             let server_side = async {
                 let (_, mut buf) = read_startup(&mut server).await;
-                authenticate_client(&mut server, &mut buf, &user).await.unwrap();
+                authenticate_client(&mut server, &mut buf, &user, &Default::default()).await.unwrap();
                 let mut out = BytesMut::new();
                 hello_messages(&mut out);
                 server.write_all(&out).await.unwrap();

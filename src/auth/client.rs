@@ -90,7 +90,14 @@ impl From<io::Error> for AuthError {
 /// changed password is derived anew. This relies on `password` never changing
 /// after load, which holds: only parsing sets it.
 #[derive(Clone, Default)]
-pub(crate) struct DerivedVerifier(Arc<tokio::sync::OnceCell<ScramVerifier>>);
+pub struct DerivedVerifier(Arc<tokio::sync::OnceCell<ScramVerifier>>);
+
+impl std::fmt::Debug for DerivedVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the verifier itself: it is a password equivalent.
+        f.write_str(if self.0.initialized() { "DerivedVerifier(derived)" } else { "DerivedVerifier(empty)" })
+    }
+}
 
 impl DerivedVerifier {
     async fn get_or_derive(&self, password: &str) -> Result<&ScramVerifier, AuthError> {
@@ -142,11 +149,13 @@ fn secret(user: &UserConfig) -> Secret<'_> {
 
 /// Authenticates the client on `stream` as `user`. `read_buf` holds whatever
 /// was read past the startup packet and keeps whatever is read past the last
-/// auth message.
+/// auth message. `verifier` caches the SCRAM verifier of a plaintext password
+/// ([`crate::settings::Settings::verifier`]).
 pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     read_buf: &mut BytesMut,
     user: &UserConfig,
+    verifier: &DerivedVerifier,
 ) -> Result<(), AuthError> {
     // Unusable secrets still run the full exchange and fail at the end, as
     // Postgres does, so a client learns nothing beyond "wrong password".
@@ -154,7 +163,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     let (plan, reason) = match (user.auth, secret(user)) {
         (AuthMethod::Trust, _) => return Ok(()),
         (AuthMethod::ScramSha256, Secret::Plain(p)) => {
-            (Plan::Scram(ScramServer::new(user.scram_verifier.get_or_derive(p).await?.clone())), MISMATCH)
+            (Plan::Scram(ScramServer::new(verifier.get_or_derive(p).await?.clone())), MISMATCH)
         }
         // Like Postgres: method md5 with a SCRAM secret runs SCRAM instead.
         (AuthMethod::ScramSha256 | AuthMethod::Md5, Secret::Scram(v)) => (Plan::Scram(ScramServer::new(v)), MISMATCH),
@@ -309,13 +318,7 @@ mod tests {
     use tokio::io::DuplexStream;
 
     fn user(auth: AuthMethod, password: Option<&str>) -> UserConfig {
-        UserConfig {
-            name: "alice".into(),
-            password: password.map(Into::into),
-            server_password: None,
-            auth,
-            scram_verifier: Default::default(),
-        }
+        UserConfig { name: "alice".into(), password: password.map(Into::into), server_password: None, auth }
     }
 
     /// The test's side of the connection: a hand-driven client.
@@ -403,9 +406,18 @@ mod tests {
         user: UserConfig,
         client_side: impl FnOnce(Client) -> F,
     ) -> (Result<(), AuthError>, T) {
+        run_with(user, DerivedVerifier::default(), client_side).await
+    }
+
+    /// [`run`] with the verifier cache given, to look into afterwards.
+    async fn run_with<T, F: Future<Output = T>>(
+        user: UserConfig,
+        verifier: DerivedVerifier,
+        client_side: impl FnOnce(Client) -> F,
+    ) -> (Result<(), AuthError>, T) {
         let (mut server, client) = tokio::io::duplex(64 * 1024);
         let server_task = async move {
-            let r = authenticate_client(&mut server, &mut BytesMut::new(), &user).await;
+            let r = authenticate_client(&mut server, &mut BytesMut::new(), &user, &verifier).await;
             drop(server);
             r
         };
@@ -430,8 +442,9 @@ mod tests {
     }
 
     /// Logs in to `user` with `password` by SCRAM; returns (success, salt).
-    async fn scram_login(user: &UserConfig, password: &'static str) -> (bool, String) {
-        let (r, (ok, salt)) = run(user.clone(), |mut c| async move { c.scram_salt(password).await }).await;
+    async fn scram_login(user: &UserConfig, verifier: &DerivedVerifier, password: &'static str) -> (bool, String) {
+        let (r, (ok, salt)) =
+            run_with(user.clone(), verifier.clone(), |mut c| async move { c.scram_salt(password).await }).await;
         assert_eq!(r.is_ok(), ok);
         (ok, salt)
     }
@@ -439,19 +452,24 @@ mod tests {
     #[tokio::test]
     async fn plaintext_verifier_is_derived_once_per_config() {
         let alice = user(AuthMethod::ScramSha256, Some("pw"));
-        let (ok, first) = scram_login(&alice, "pw").await;
+        let cache = DerivedVerifier::default();
+        let (ok, first) = scram_login(&alice, &cache, "pw").await;
         assert!(ok);
         // Later logins, a wrong password and concurrent logins all use the
         // verifier of the first: its salt (random per derivation) comes back.
-        assert_eq!(scram_login(&alice, "pw").await, (true, first.clone()));
-        assert_eq!(scram_login(&alice, "nope").await, (false, first.clone()));
-        let dbg = format!("{alice:?}");
+        assert_eq!(scram_login(&alice, &cache, "pw").await, (true, first.clone()));
+        assert_eq!(scram_login(&alice, &cache, "nope").await, (false, first.clone()));
+        let dbg = format!("{alice:?} {cache:?}");
         assert!(!dbg.contains("ScramVerifier") && !dbg.contains(&first), "{dbg}");
-        let (a, b) = tokio::join!(scram_login(&alice, "pw"), scram_login(&alice, "pw"));
+        let (a, b) = tokio::join!(scram_login(&alice, &cache, "pw"), scram_login(&alice, &cache, "pw"));
         assert_eq!((a, b), ((true, first.clone()), (true, first.clone())));
-        // A freshly loaded config (what a reload builds) derives its own.
-        let reloaded = user(AuthMethod::ScramSha256, Some("pw"));
-        let (ok, second) = scram_login(&reloaded, "pw").await;
+        // Settings built anew (what a reload does) come with empty caches: derived again.
+        let reloaded = crate::settings::Settings::build(crate::config::Config {
+            users: vec![alice.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+        let (ok, second) = scram_login(&alice, &reloaded.verifier("alice"), "pw").await;
         assert!(ok);
         assert_ne!(second, first);
     }
@@ -491,15 +509,16 @@ mod tests {
                 "[[databases]]\nname = \"d\"\nprimary = \"127.0.0.1:5432\"\n[[users]]\nname = \"alice\"\npassword = \"{pw}\"\n"
             );
             let config = crate::config::Config::parse(&text, "proxy.toml").unwrap();
-            config.user("alice").unwrap().clone()
+            let settings = crate::settings::Settings::build(config).unwrap();
+            (settings.user("alice").unwrap().clone(), settings.verifier("alice"))
         };
-        let old = load("old-pw");
-        assert!(scram_login(&old, "old-pw").await.0);
-        let new = load("new-pw");
-        assert!(scram_login(&new, "new-pw").await.0);
-        assert!(!scram_login(&new, "old-pw").await.0);
-        assert!(scram_login(&old, "old-pw").await.0);
-        assert!(!scram_login(&old, "new-pw").await.0);
+        let (old, old_cache) = load("old-pw");
+        assert!(scram_login(&old, &old_cache, "old-pw").await.0);
+        let (new, new_cache) = load("new-pw");
+        assert!(scram_login(&new, &new_cache, "new-pw").await.0);
+        assert!(!scram_login(&new, &new_cache, "old-pw").await.0);
+        assert!(scram_login(&old, &old_cache, "old-pw").await.0);
+        assert!(!scram_login(&old, &old_cache, "new-pw").await.0);
     }
 
     #[tokio::test]
@@ -523,7 +542,8 @@ mod tests {
     async fn scram_user_without_usable_secret_fails_like_a_wrong_password() {
         for password in [None, Some("md54a0a68b43b6cd5cf266fa02f196e2371"), Some("SCRAM-SHA-256$broken")] {
             let u = user(AuthMethod::ScramSha256, password);
-            let (r, _) = run(u.clone(), |mut c| async {
+            let verifier = DerivedVerifier::default();
+            let (r, _) = run_with(u, verifier.clone(), |mut c| async {
                 assert!(!c.scram("secret").await);
                 c
             })
@@ -533,7 +553,7 @@ mod tests {
             // The log text says why; the client text does not.
             assert!(!e.message().contains('('));
             // The fake exchange derives nothing (no PBKDF2 for such users).
-            assert!(!u.scram_verifier.0.initialized());
+            assert!(!verifier.0.initialized());
         }
     }
 
@@ -667,7 +687,8 @@ mod tests {
             c.stream.write_all(&out).await.unwrap();
             c
         };
-        let (r, _client) = tokio::join!(authenticate_client(&mut server, &mut read_buf, &u), client_task);
+        let verifier = DerivedVerifier::default();
+        let (r, _client) = tokio::join!(authenticate_client(&mut server, &mut read_buf, &u, &verifier), client_task);
         r.unwrap();
         assert_eq!(&read_buf[..], QUERY);
     }
@@ -696,7 +717,7 @@ mod tests {
                     assert_ne!(server.read_buf(&mut buf).await.unwrap(), 0);
                 }
                 let mut out = BytesMut::new();
-                match authenticate_client(&mut server, &mut buf, &u).await {
+                match authenticate_client(&mut server, &mut buf, &u, &DerivedVerifier::default()).await {
                     Ok(()) => {
                         msg::authentication_ok(&mut out);
                         msg::parameter_status(&mut out, "server_version", "15.0");

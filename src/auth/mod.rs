@@ -10,5 +10,5 @@ pub mod md5;
 pub mod scram;
 
 pub use backend::{BackendLoginError, ServerHello, login_backend};
-pub use client::{AuthError, authenticate_client};
+pub use client::{AuthError, DerivedVerifier, authenticate_client};
 pub use scram::{ScramError, ScramServer, ScramVerifier};

@@ -1,7 +1,6 @@
 //! One task per client connection: startup, authentication, then the loop
 //! that takes a backend for each transaction and gives it back.
 
-pub mod cancel;
 pub mod params;
 pub mod pinning;
 pub mod relay;
@@ -17,8 +16,11 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::admin::registry::{ClientInfo, SHUTTING_DOWN, Signal, TERMINATED_BY_ADMIN};
-use crate::config::{Config, PoolMode, TlsMode};
+use crate::config::{PoolMode, TlsMode};
+use crate::live::Shared;
+use crate::live::cancel::CancelKey;
+use crate::live::registry::{ClientInfo, SHUTTING_DOWN, Signal, TERMINATED_BY_ADMIN};
+use crate::live::slots::ClientSlot;
 use crate::net::Stream;
 use crate::pool::inner::CloseReason;
 use crate::pool::{Backend, Pool};
@@ -30,8 +32,7 @@ use crate::protocol::tag;
 use crate::routing::WriteFunctions;
 use crate::routing::monitor::{MonitorLogin, NodeState};
 use crate::routing::route::{Candidate, Intent, Policy, Route, RouteReason, Sticky, Target};
-use crate::server::{ClientSlot, Shared};
-use cancel::CancelKey;
+use crate::settings::Settings;
 use params::SessionParams;
 use relay::{Link, Outcome, RelayOptions, StatementScope};
 use statements::ClientStatements;
@@ -51,7 +52,7 @@ const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 pub fn serve(tcp: TcpStream, slot: ClientSlot, client_id: u64) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let shared = slot.shared();
-        // admin hook: listed for SHOW CLIENTS while the connection lives.
+        // Listed in the live registry (SHOW CLIENTS, KILL_CLIENT, drain) while the connection lives.
         let info = shared.clients.register(&shared.stats, client_id, tcp.peer_addr().ok(), tcp.local_addr().ok());
         // Boxed: startup, TLS and authentication state is large and short-lived;
         // it is freed before the session starts instead of sizing the task.
@@ -93,7 +94,7 @@ struct ReplicaTarget {
 impl SessionRouting {
     fn new(
         shared: &Shared,
-        config: &Config,
+        config: &Settings,
         db: &crate::config::DatabaseConfig,
         user: &crate::config::UserConfig,
     ) -> Option<Self> {
@@ -298,7 +299,7 @@ struct Session {
 }
 
 /// A logged-in pooled client, ready for its session.
-type Established = (Stream, BytesMut, Box<Session>, Arc<Config>);
+type Established = (Stream, BytesMut, Box<Session>, Arc<Settings>);
 
 /// Startup, TLS and authentication, up to a pooled session (`None` when the
 /// connection ended, or was an admin console session, served here).
@@ -320,7 +321,7 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
             Ok(Ok(s)) => {
                 if let Some(d) = s.tls_description() {
                     tracing::debug!(client = info.id, tls = %d, "client TLS handshake done");
-                    info.tls_established(d); // admin hook
+                    info.tls_established(d);
                 }
                 s
             }
@@ -338,7 +339,7 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
         Ok(Ok(Some(Login::Pooled { session, user, database }))) => (session, user, database),
         Ok(Ok(Some(Login::Admin { user, database }))) => {
             tracing::info!(client = info.id, peer = ?info.peer, user = %user, "admin console login");
-            info.logged_in(&user, &database, "", None); // admin hook
+            info.logged_in(&user, &database, "", None);
             crate::admin::serve(&mut stream, buf, shared, info).await?;
             return Ok(None);
         }
@@ -354,7 +355,7 @@ async fn establish(tcp: TcpStream, shared: &Shared, info: &ClientInfo) -> std::i
     tracing::info!(client = info.id, peer = ?info.peer, user = %user, database = %database, "client logged in");
     let app = session.params.get("application_name").unwrap_or_default();
     // The names live here only (not in the session as well): SHOW CLIENTS and the PAUSE gate read them.
-    info.logged_in(&user, &database, app, Some(session.pool.clone())); // admin hook
+    info.logged_in(&user, &database, app, Some(session.pool.clone()));
     // The login buffer shares its allocation with the startup packet's
     // pieces: an idle client keeps neither unless a request already follows.
     let buf = if buf.is_empty() { BytesMut::new() } else { buf };
@@ -379,7 +380,7 @@ async fn login(
     stream: &mut Stream,
     buf: &mut BytesMut,
     shared: &Shared,
-    config: &Config,
+    config: &Settings,
     info: &ClientInfo,
 ) -> std::io::Result<Option<Login>> {
     let (client, peer) = (info.id, info.peer);
@@ -458,17 +459,17 @@ async fn login(
     let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(user_name).to_owned();
     let Some(user) = config.user(user_name) else {
         tracing::info!(client, ?peer, user = %user_name, "login refused: unknown user");
-        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed); // admin hook
+        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let text = format!("no such user: \"{user_name}\"");
         fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
         return Ok(None);
     };
-    if let Err(e) = crate::auth::authenticate_client(stream, buf, user).await {
+    if let Err(e) = crate::auth::authenticate_client(stream, buf, user, &config.verifier(&user.name)).await {
         if e.is_client_gone() {
             return Ok(None);
         }
         tracing::info!(client, ?peer, user = %user.name, error = %e, "authentication failed");
-        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed); // admin hook
+        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         fatal(stream, e.sqlstate(), &e.message()).await?;
         return Ok(None);
     }
@@ -535,7 +536,7 @@ fn run_session(
     stream: &mut Stream,
     mut pending: BytesMut,
     shared: &Shared,
-    config: &Config,
+    config: &Settings,
     mut session: Box<Session>,
     info: &ClientInfo,
 ) -> impl Future<Output = std::io::Result<()>> + Send {
@@ -548,7 +549,7 @@ fn run_session(
                 // made only once they are there, then into the backend's buffer; a
                 // lone Terminate (or EOF) needs no backend.
                 match std::future::poll_fn(|cx| poll_idle(stream, cx, &mut pending, info.signal())).await {
-                    // admin hook: KILL_CLIENT.
+                    // KILL_CLIENT.
                     Idle::Signal(flags) => return fatal(stream, SqlState::ADMIN_SHUTDOWN, Signal::reason(flags)).await,
                     Idle::Read(read) => {
                         if read? == 0 {
@@ -627,7 +628,7 @@ async fn serve_request(
     stream: &mut Stream,
     pending: &mut BytesMut,
     shared: &Shared,
-    config: &Config,
+    config: &Settings,
     session: &mut Session,
     info: &ClientInfo,
 ) -> std::io::Result<Step> {
@@ -681,7 +682,7 @@ async fn serve_request(
             return Ok(Step::Next);
         }
     }
-    // admin hook: PAUSE gate; SHOW CLIENTS state "waiting".
+    // The PAUSE gate; SHOW CLIENTS state "waiting".
     let database = info.login().map_or("", |l| l.database.as_str());
     let arrived = match info.wait_turn(&shared.pause, database, arrived).await {
         Ok(at) => at,
@@ -730,7 +731,7 @@ async fn serve_request(
         Ok(granted) => granted,
         Err(e) => {
             settle(None);
-            info.released(&pool, Instant::now()); // admin hook: back to idle
+            info.released(&pool, Instant::now());
             tracing::info!(client = info.id, error = %e, "no server connection for a client request");
             if !reject_request(stream, pending, e.sqlstate(), &e.to_string()).await? {
                 return Ok(Step::Done);
@@ -738,7 +739,7 @@ async fn serve_request(
             return Ok(Step::Next);
         }
     };
-    // admin hook; cancel requests with the client's key go to this backend from here.
+    // Cancel requests with the client's key go to this backend from here.
     info.linked(&backend, &pool, clock);
     // A read sent to a replica may still turn out to be a write (a function
     // that writes): keep the request so it can be re-run on the primary.
@@ -768,7 +769,7 @@ async fn serve_request(
     let outcome =
         transaction(stream, &mut backend, pending, retry_copy.is_some(), session, &opts, info.signal(), &mut clock)
             .await;
-    info.released(&pool, clock); // admin hook
+    info.released(&pool, clock);
     match outcome {
         Ended::Clean if write_scope.is_some() => {
             // The primary's insert position, read on the same session right

@@ -20,9 +20,9 @@ use tokio::net::TcpStream;
 
 use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements, StatementCommand};
-use crate::admin::registry::Signal;
-use crate::admin::stats::{Stats, sqlstate_class};
 use crate::config::OnSessionState;
+use crate::live::registry::Signal;
+use crate::live::stats::{Stats, sqlstate_class};
 use crate::net::Stream;
 use crate::pool::expect::{Expect, SpareQueue};
 use crate::pool::statements::{PreparedSet, Registry, Statement};

@@ -7,6 +7,7 @@ mod addr;
 mod duration;
 mod locate;
 mod validate;
+pub mod values;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -34,10 +35,6 @@ pub struct Config {
     pub databases: Vec<DatabaseConfig>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
-    /// Built from `[proxy]`'s TLS keys by the server at start and on reload
-    /// ([`crate::tls::TlsContext::load`]); parsing alone leaves it empty.
-    #[serde(skip)]
-    pub tls: crate::tls::TlsContext,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -315,10 +312,6 @@ pub struct UserConfig {
     pub server_password: Option<String>,
     #[serde(default = "default_auth")]
     pub auth: AuthMethod,
-    /// Derived from a plaintext `password` on the first SCRAM login of this
-    /// loaded configuration, then reused. Not configuration: never shown.
-    #[serde(skip)]
-    pub(crate) scram_verifier: crate::auth::client::DerivedVerifier,
 }
 
 fn default_auth() -> AuthMethod {

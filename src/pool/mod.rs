@@ -25,8 +25,9 @@ pub use counters::{PoolCounters, Traffic};
 use inner::{CloseReason, Grant, Inner, Take};
 
 use crate::auth::BackendLoginError;
-use crate::config::{Config, DatabaseConfig, UserConfig};
+use crate::config::{DatabaseConfig, UserConfig};
 use crate::protocol::sqlstate::SqlState;
+use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -72,7 +73,7 @@ pub struct PoolSettings {
 }
 
 impl PoolSettings {
-    pub fn new(config: &Config, db: &DatabaseConfig, user: &UserConfig) -> PoolSettings {
+    pub fn new(config: &Settings, db: &DatabaseConfig, user: &UserConfig) -> PoolSettings {
         PoolSettings {
             addr: db.primary.clone(),
             dbname: db.server_dbname().to_owned(),
@@ -91,7 +92,7 @@ impl PoolSettings {
     }
 
     /// The same settings toward `db`'s replica at `addr`.
-    pub fn replica(config: &Config, db: &DatabaseConfig, user: &UserConfig, addr: &str) -> PoolSettings {
+    pub fn replica(config: &Settings, db: &DatabaseConfig, user: &UserConfig, addr: &str) -> PoolSettings {
         let mut settings = PoolSettings::new(config, db, user);
         addr.clone_into(&mut settings.addr);
         settings
@@ -486,7 +487,7 @@ pub struct Pools {
     /// created under its read lock and reconfigured under its write lock, so
     /// a login that began before a reload cannot add a pool with old settings
     /// after the reload went over the pools.
-    reloaded: RwLock<Option<Arc<Config>>>,
+    reloaded: RwLock<Option<Arc<Settings>>>,
 }
 
 impl Pools {
@@ -494,7 +495,7 @@ impl Pools {
     /// does not exist yet (or with a reload's, if one happened since `config`
     /// was read; a database or user that reload removed gets a retired pool
     /// of its own, which serves that one client and is not kept).
-    pub fn get_or_create(&self, config: &Config, db: &DatabaseConfig, user: &UserConfig) -> Arc<Pool> {
+    pub fn get_or_create(&self, config: &Settings, db: &DatabaseConfig, user: &UserConfig) -> Arc<Pool> {
         let key = (db.name.clone(), user.name.clone());
         if let Some(p) = self.pools.get(&key) {
             return p.clone();
@@ -517,7 +518,7 @@ impl Pools {
     /// those whose database and user (and replica) remain, retirement for
     /// the others (removed from the map, so new logins never reach them),
     /// and warm pools for new databases with `min_pool_size`.
-    pub fn reconfigure(&self, config: &Arc<Config>) {
+    pub fn reconfigure(&self, config: &Arc<Settings>) {
         {
             let mut reloaded = self.reloaded.write().unwrap_or_else(|e| e.into_inner());
             *reloaded = Some(config.clone());
@@ -551,7 +552,7 @@ impl Pools {
     /// retired (not kept) if that reload removed the replica.
     pub fn get_or_create_replica(
         &self,
-        config: &Config,
+        config: &Settings,
         db: &DatabaseConfig,
         user: &UserConfig,
         addr: &str,
@@ -599,7 +600,7 @@ impl Pools {
 
     /// Creates the pools of every configured (database, user) pair that keeps
     /// backends warm, so `min_pool_size` holds before the first client.
-    pub fn prewarm(&self, config: &Config) {
+    pub fn prewarm(&self, config: &Settings) {
         for db in config.databases.iter().filter(|d| d.min_pool_size > 0) {
             for user in &config.users {
                 self.get_or_create(config, db, user);
@@ -646,12 +647,12 @@ async fn sweep_waiters(pool: Weak<Pool>) {
 mod tests {
     use super::*;
 
-    fn config(pool_size: usize, replicas: &str) -> Arc<Config> {
+    fn config(pool_size: usize, replicas: &str) -> Arc<Settings> {
         let toml = format!(
             "[[databases]]\nname = \"app\"\nprimary = \"127.0.0.1:5432\"\nreplicas = [{replicas}]\npool_size = {pool_size}\n\n\
              [[users]]\nname = \"u\"\npassword = \"p\"\n"
         );
-        Arc::new(Config::parse(&toml, "t.toml").unwrap())
+        Arc::new(Settings::build(crate::config::Config::parse(&toml, "t.toml").unwrap()).unwrap())
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub struct Proxy {
     /// Where `/metrics` answers, when started with [`Proxy::start_with_metrics`].
     pub metrics: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
-    /// The proxy thread's result, once `server::run_with` returns.
+    /// The proxy thread's result, once `server::run` returns.
     finished: Option<oneshot::Receiver<std::io::Result<()>>>,
 }
 
@@ -126,15 +126,8 @@ impl Proxy {
                 let stopped = async {
                     let _ = stopped.await;
                 };
-                match config_path {
-                    None => {
-                        pgmux::server::run_with_metrics(Arc::new(config), listener, metrics_listener, stopped).await
-                    }
-                    Some(p) => {
-                        let options = pgmux::server::ServerOptions { config_path: Some(p), metrics: metrics_listener };
-                        pgmux::server::run_with(Arc::new(config), listener, stopped, options).await
-                    }
-                }
+                let options = pgmux::server::Options { config_path, metrics: metrics_listener };
+                pgmux::server::run(Arc::new(config), listener, stopped, options).await
             });
             let _ = done.send(result);
         });

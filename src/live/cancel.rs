@@ -11,7 +11,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use subtle::ConstantTimeEq;
 
-use crate::admin::registry::ClientInfo;
+use super::registry::ClientInfo;
 
 /// Where a cancel for a client must go at this moment.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,148 @@
+//! Live state every task shares: the configuration in force, the pools,
+//! the connected clients (registry, cancel keys, PAUSE gate, slots) and the
+//! process counters. Client tasks write it at their few state changes; the
+//! admin console and `/metrics` read it. It sits below both, so neither has
+//! to reach into the other.
+
+pub mod cancel;
+pub mod pause;
+pub mod registry;
+pub mod slots;
+pub mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
+use crate::pool::Pools;
+use crate::reload::{ReloadError, Reloaded};
+use crate::settings::Settings;
+use cancel::CancelRegistry;
+use pause::Pause;
+use registry::ClientRegistry;
+use slots::{ClientSlot, ClientSlots, Lingering};
+use stats::Stats;
+
+/// State every client task shares. Read-only apart from the registries' own
+/// interior locking and the configuration, which a reload swaps whole.
+#[derive(Debug)]
+pub struct Shared {
+    /// Read lock-free by every login; replaced by [`Shared::reload`].
+    config: ArcSwap<Settings>,
+    /// The file the configuration came from; `None` disables reloading.
+    config_path: Option<PathBuf>,
+    /// Serialises reloads (SIGHUP and RELOAD at once would race otherwise).
+    reload_lock: std::sync::Mutex<()>,
+    pub pools: Arc<Pools>,
+    pub cancels: CancelRegistry,
+    /// Connected clients and their states (SHOW CLIENTS, PAUSE, KILL_CLIENT).
+    pub clients: ClientRegistry,
+    /// Process-wide counters for `/metrics`.
+    pub stats: Stats,
+    /// Databases held by the admin PAUSE command.
+    pub pause: Pause,
+    /// The admin SHUTDOWN command; `run` treats it like SIGTERM.
+    shutdown_request: Notify,
+    /// Replica monitors, read-your-writes scopes, routing counters.
+    pub routing: crate::routing::Routing,
+    /// Connected clients, against `max_client_conn`, and the cleanups of
+    /// clients that left: a shutdown waits for both.
+    slots: Arc<ClientSlots>,
+}
+
+impl Shared {
+    /// The configuration in force. A session keeps the one it logged in
+    /// with; a reload affects it only through its pool's settings.
+    pub fn config(&self) -> Arc<Settings> {
+        self.config.load_full()
+    }
+
+    /// Re-reads the config file and applies it (SIGHUP, admin RELOAD). On
+    /// error the current configuration stays. See [`crate::reload`] for
+    /// what applies when.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let Some(path) = &self.config_path else { return Err(ReloadError::NoConfigFile) };
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.config();
+        let result = crate::reload::prepare(&old, path);
+        let (new, reloaded) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                // Config errors name file, line and key, never a password's value.
+                tracing::error!(path = %path.display(), error = %e, "reload failed; keeping the current configuration");
+                return Err(e);
+            }
+        };
+        let new = Arc::new(new);
+        self.config.store(new.clone());
+        self.pools.reconfigure(&new);
+        self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        for key in &reloaded.needs_restart {
+            tracing::warn!(key = %key, "setting changed in the file but needs a restart; keeping the current value");
+        }
+        if reloaded.changes.is_empty() {
+            tracing::info!(path = %path.display(), "configuration reloaded; nothing changed");
+        }
+        for change in &reloaded.changes {
+            tracing::info!(change = %change, "configuration reloaded");
+        }
+        Ok(reloaded)
+    }
+
+    /// Starts the same graceful shutdown as SIGTERM.
+    pub fn request_shutdown(&self) {
+        // notify_one keeps a permit, so a request is never lost.
+        self.shutdown_request.notify_one();
+    }
+}
+
+impl Shared {
+    /// Live state for `config`, served by `pools`; `config_path` is the file
+    /// a reload re-reads (`None` refuses reloading).
+    pub fn new(config: Arc<Settings>, pools: Arc<Pools>, config_path: Option<PathBuf>) -> Shared {
+        Shared {
+            config: ArcSwap::new(config),
+            config_path,
+            reload_lock: std::sync::Mutex::new(()),
+            pools,
+            cancels: CancelRegistry::default(),
+            clients: ClientRegistry::default(),
+            stats: Stats::default(),
+            pause: Pause::default(),
+            shutdown_request: Notify::new(),
+            routing: crate::routing::Routing::default(),
+            slots: Arc::default(),
+        }
+    }
+
+    /// A ticket for the cleanup of a backend whose client left
+    /// mid-transaction ([`Lingering`]).
+    pub fn lingering(&self) -> Lingering {
+        ClientSlots::linger(&self.slots)
+    }
+
+    /// A slot for a newly accepted client, unless `max_client_conn` (of the
+    /// configuration in force) clients are connected already.
+    pub fn take_slot(self: &Arc<Self>) -> Option<ClientSlot> {
+        ClientSlots::try_take(self, self.config.load().proxy.max_client_conn)
+    }
+
+    /// Clients connected plus cleanups running.
+    pub fn connected(&self) -> usize {
+        self.slots.count()
+    }
+
+    /// Resolves once no client is connected and no cleanup runs.
+    pub async fn all_gone(&self) {
+        self.slots.all_gone().await
+    }
+
+    /// Resolves when an admin asks for SHUTDOWN ([`Shared::request_shutdown`]).
+    pub async fn shutdown_requested(&self) {
+        self.shutdown_request.notified().await
+    }
+}
