@@ -39,3 +39,29 @@ async fn a_login_timed_out_on_a_slow_server_gives_its_slot_back() {
     let mut next = Raw::login(proxy.addr, TRUST, DB).await;
     assert_eq!(tags(&next.simple_query("SELECT 1").await), "TDCZ");
 }
+
+/// A checkout dropped without a release (a panic, a cancelled future, a path
+/// that forgot) closes its backend, whose state is unknown, and frees the
+/// slot: on a pool of one, the next checkout gets a new connection at once.
+#[tokio::test]
+async fn a_checkout_dropped_without_release_frees_its_slot() {
+    let cluster = support::cluster_async().await;
+    let toml = support::proxy::standard_config(cluster, 1, "query_wait_timeout = \"2s\"");
+    let settings = pgmux::settings::Settings::build(pgmux::config::Config::parse(&toml, "t.toml").unwrap()).unwrap();
+    let (db, user) = (settings.database(DB).unwrap(), settings.user(TRUST).unwrap());
+    let pool = pgmux::pool::Pool::new(pgmux::pool::PoolSettings::new(&settings, db, user));
+
+    let first = pool.checkout().await.expect("first checkout");
+    let pid = first.pid;
+    drop(first);
+    let second = tokio::time::timeout(std::time::Duration::from_secs(10), pool.checkout())
+        .await
+        .expect("checkout finished")
+        .expect("the slot came back");
+    assert_ne!(second.pid, pid, "a dropped checkout's backend is closed, not reused");
+    let second_pid = second.pid;
+    second.release(pgmux::pool::Release::Clean(Instant::now()));
+    let third = pool.checkout().await.expect("third checkout");
+    assert_eq!(third.pid, second_pid, "a released clean backend is reused");
+    third.release(pgmux::pool::Release::Clean(Instant::now()));
+}

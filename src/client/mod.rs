@@ -23,7 +23,7 @@ use crate::live::registry::{ClientInfo, SHUTTING_DOWN, Signal, TERMINATED_BY_ADM
 use crate::live::slots::ClientSlot;
 use crate::net::Stream;
 use crate::pool::inner::CloseReason;
-use crate::pool::{Backend, Pool};
+use crate::pool::{Backend, Pool, Release};
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::frame::{FrameError, Header, MAX_MESSAGE_LEN, Scanner};
 use crate::protocol::sqlstate::SqlState;
@@ -782,16 +782,16 @@ async fn serve_request(
             };
             settle(position);
             match lsn {
-                Ok((_, None)) => pool.checkin(backend),
-                _ => pool.discard(backend, CloseReason::Dirty),
+                Ok((_, None)) => backend.release(Release::Clean(Instant::now())),
+                _ => backend.release(Release::Close(CloseReason::Dirty)),
             }
         }
         Ended::Clean => {
             settle(None);
-            pool.checkin_at(backend, clock);
+            backend.release(Release::Clean(clock));
         }
         Ended::Misrouted => {
-            pool.checkin(backend);
+            backend.release(Release::Clean(Instant::now()));
             shared.routing.count(RouteReason::MisrouteRetry);
             tracing::info!(client = info.id, "a replica refused a write (25006); re-running it on the primary");
             // The retry is routed as a write: it opens (and settles) the scope's write.
@@ -801,7 +801,7 @@ async fn serve_request(
         }
         Ended::ReplicaDown => {
             // Hung, not refused: its state is unknown, so it is closed.
-            pool.discard(backend, CloseReason::Dead);
+            backend.release(Release::Close(CloseReason::Dead));
             shared.routing.count(RouteReason::ReplicaFailed);
             tracing::warn!(client = info.id, addr = %pool.settings().addr, "replica marked down while a read waited on it; re-running it on the primary");
             *pending = BytesMut::from(&retry_copy.expect("held only with a copy")[..]);
@@ -815,11 +815,8 @@ async fn serve_request(
             // Cleanup may wait on a cancelled query; the client need not wait for it.
             tokio::spawn(async move {
                 let _lingering = lingering;
-                if relay::recover(&mut backend, &mut link, &registry_owner.statements).await {
-                    pool.checkin(backend);
-                } else {
-                    pool.discard(backend, CloseReason::Dirty);
-                }
+                let clean = relay::recover(&mut backend, &mut link, &registry_owner.statements).await;
+                backend.release(if clean { Release::Clean(Instant::now()) } else { Release::Close(CloseReason::Dirty) });
             });
             if let Some((code, text)) = why {
                 return fatal(stream, code, &text).await.map(|()| Step::Done);
@@ -828,7 +825,7 @@ async fn serve_request(
         }
         Ended::Discard(why) => {
             settle(None);
-            pool.discard(backend, CloseReason::Dead);
+            backend.release(Release::Close(CloseReason::Dead));
             if let Some((code, text)) = why {
                 return fatal(stream, code, &text).await.map(|()| Step::Done);
             }

@@ -7,6 +7,7 @@
 //! [`Pool::discard`] (closed).
 
 pub mod backend;
+pub mod checkout;
 pub mod counters;
 pub mod expect;
 pub mod inner;
@@ -20,6 +21,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
 pub use backend::Backend;
+pub use checkout::{Checkout, Release};
 use backend::LoginParams;
 pub use counters::{PoolCounters, Traffic};
 use inner::{CloseReason, Grant, Inner, Take};
@@ -242,7 +244,7 @@ impl Pool {
     }
 
     /// Waits up to `query_wait_timeout` for a live backend, FIFO among waiters.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Box<Backend>, PoolError> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Checkout, PoolError> {
         self.checkout_at(Instant::now()).await.map(|(b, _)| b)
     }
 
@@ -250,8 +252,8 @@ impl Pool {
     /// reading the caller already has). Also returns when the backend was
     /// granted: `started` itself when an idle one was there, so the common
     /// case reads no clock at all.
-    pub async fn checkout_at(self: &Arc<Self>, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
-        let result = self.checkout_inner(started).await;
+    pub async fn checkout_at(self: &Arc<Self>, started: Instant) -> Result<(Checkout, Instant), PoolError> {
+        let result = self.checkout_inner(started).await.map(|(b, at)| (Checkout::new(self.clone(), b), at));
         let granted = match &result {
             Ok((_, granted)) => *granted,
             Err(_) => Instant::now(),
@@ -363,17 +365,17 @@ impl Pool {
         }
         let b = self.checkout().await?;
         let params = Arc::new(b.params.clone());
-        self.checkin(b);
+        b.release(Release::Clean(Instant::now()));
         Ok(params)
     }
 
     /// Returns a clean backend: idle on the server, nothing unread, nothing unsent.
-    pub fn checkin(&self, b: Box<Backend>) {
+    fn checkin(&self, b: Box<Backend>) {
         self.checkin_at(b, Instant::now());
     }
 
     /// [`Pool::checkin`] with the caller's clock reading of when it was last used.
-    pub fn checkin_at(&self, mut b: Box<Backend>, now: Instant) {
+    fn checkin_at(&self, mut b: Box<Backend>, now: Instant) {
         if !b.from_server.is_empty() || !b.to_server.is_empty() {
             // Bytes the server sent after its last ReadyForQuery (a FATAL
             // from a shutdown or a crash, say) would reach the next client:
@@ -393,7 +395,7 @@ impl Pool {
     }
 
     /// Closes a backend that must not be reused, freeing its slot.
-    pub fn discard(&self, b: Box<Backend>, reason: CloseReason) {
+    fn discard(&self, b: Box<Backend>, reason: CloseReason) {
         tracing::debug!(pid = b.pid, %reason, "closing server connection");
         b.close();
         self.lock().forget();
