@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use pgmux::routing::{Class, WriteFunctions, classify};
+use pgmux::sql::{Class, WriteFunctions, classify};
 
 const CASES: &[(&str, &str, Class)] = &[
     ("pgbench_select", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;", Class::Read),

@@ -17,5 +17,6 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod settings;
+pub mod sql;
 pub mod tls;
 pub mod vocab;

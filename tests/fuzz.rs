@@ -874,8 +874,9 @@ proptest! {
 // ---------------------------------------------------------------------------
 // SQL classification (read/write routing)
 
+use pgmux::routing::intent_of;
 use pgmux::routing::route::Intent;
-use pgmux::routing::{Class, Classified, Hint, WriteFunctions, classify, intent_of};
+use pgmux::sql::{Class, Classified, Hint, WriteFunctions, classify};
 
 /// Pieces of SQL that steer the lexer: quotes of every kind, comments,
 /// dollar quotes, parentheses, keywords the classifier acts on, non-UTF-8.
@@ -1435,8 +1436,40 @@ fn base_config_is_valid() {
 // The relay's other lexical scans of client SQL: settings a statement may
 // change (read back after the transaction) and session state (pinning).
 
-use pgmux::client::params::settings_named_in;
-use pgmux::client::pinning::session_state;
+use pgmux::sql::session_state::session_state;
+use pgmux::sql::settings::settings_named_in;
+
+/// Complete pieces of SQL: each ends outside any literal, quoted name or
+/// comment, several hide a `;` or a statement inside one.
+const COMPLETE_BITS: &[&str] = &[
+    "SELECT 1",
+    "SELECT ';LISTEN x'",
+    "SELECT $$;$$",
+    "SELECT $t$ ' ; $t$",
+    "SELECT \"a;b\"",
+    "-- ; LISTEN x\n",
+    "/* ; /* SET a = 1 */ */",
+    "SELECT E'\\';'",
+    "SELECT 'it''s'",
+    "(",
+    ")",
+    ";",
+    " ",
+    "\n",
+    "UPDATE t SET a = 1",
+    "BEGIN",
+    "SET LOCAL x = 1",
+    "SELECT U&'\\0041'",
+    "SELECT 1e5",
+    "x.y",
+    "$1",
+    "set_config",
+];
+
+/// Text the server would lex to the end: what comes before a statement it runs.
+fn complete_sql() -> impl Strategy<Value = Vec<u8>> {
+    vec(proptest::sample::select(COMPLETE_BITS), 0..12).prop_map(|v| v.concat().into_bytes())
+}
 
 /// Up to 1 MiB of one piece repeated, or of distinct names: the shapes that
 /// make a per-occurrence copy or a per-name search quadratic.
@@ -1506,11 +1539,11 @@ proptest! {
     }
 
     /// A setting named in SET, RESET or set_config() is found, whatever
-    /// comes before it (the scan is lexical: it splits at every `;`).
+    /// complete SQL comes before it.
     #[test]
     fn settings_named_are_found(
-        before in sql_soup(),
-        name in "[a-z_][a-z0-9_.]{0,12}".prop_filter("a keyword", |n| {
+        before in complete_sql(),
+        name in "[a-z_][a-z0-9_]{0,6}(\\.[a-z_][a-z0-9_]{0,6})?".prop_filter("a keyword", |n| {
             !matches!(n.as_str(), "local" | "session" | "time" | "names" | "schema" | "transaction" | "constraints" | "role" | "all")
         }),
         upper in any::<bool>(),
@@ -1527,10 +1560,11 @@ proptest! {
         prop_assert!(out.contains(&name), "{:?} not in {:?}", name, out);
     }
 
-    /// A statement that creates session state pins, whatever comes before it.
+    /// A statement that creates session state pins, whatever complete SQL
+    /// comes before it.
     #[test]
     fn session_state_is_found(
-        before in sql_soup(),
+        before in complete_sql(),
         stmt in proptest::sample::select(vec![
             "LISTEN chan", "PREPARE p AS SELECT 1", "CREATE TEMP TABLE t (x int)", "create temporary view v as select 1",
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "SELECT pg_advisory_lock(1)", "select pg_try_advisory_lock_shared (2)",

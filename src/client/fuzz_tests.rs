@@ -6,11 +6,13 @@ use bytes::BytesMut;
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-use super::statements::{StatementCommand, cstr, rename, splice, statement_command, statement_target};
+use super::statements::{cstr, rename, splice, statement_target};
 use crate::protocol::frame::{HEADER_LEN, Header, MAX_MESSAGE_LEN, split_frame};
 use crate::protocol::frontend::{
     bind_raw as write_bind, close_statement as write_close_statement, parse_raw as write_parse,
 };
+use crate::sql::statements::{StatementCommand, statement_command};
+use std::borrow::Cow;
 
 /// See `cases` in tests/fuzz.rs: PROPTEST_CASES, when set, wins.
 fn cases(n: u32) -> ProptestConfig {
@@ -156,7 +158,8 @@ proptest! {
         prop_assert_eq!(&buf[..], &want[..keep + want.len() - frame.len()]);
     }
 
-    /// statement_command never panics; a DEALLOCATE's name is a piece of the query.
+    /// statement_command never panics; a DEALLOCATE's name is a piece of the
+    /// query (folded to lower case, `""` unescaped).
     #[test]
     fn statement_command_total(query in prop_oneof![
         vec(any::<u8>(), 0..32),
@@ -166,7 +169,9 @@ proptest! {
         ]), 0..6).prop_map(|v| v.concat()),
     ]) {
         if let StatementCommand::Deallocate(name) = statement_command(&query) {
-            prop_assert!(name.is_empty() || query.windows(name.len()).any(|w| w == name));
+            let folded = query.to_ascii_lowercase();
+            let piece = |q: &[u8]| q.windows(name.len()).any(|w| w == &name[..]);
+            prop_assert!(name.is_empty() || piece(&query) || piece(&folded) || memchr::memmem::find(&query, b"\"\"").is_some());
         }
     }
 
@@ -187,7 +192,7 @@ proptest! {
         let target = if quoted { format!("\"{}\"", name.to_uppercase()) } else { name.clone() };
         let q = format!("{space}{}{space}{prefix}{target}{space}{end}", case("deallocate"));
         let want = if quoted { name.to_uppercase() } else { name.clone() };
-        prop_assert_eq!(statement_command(q.as_bytes()), StatementCommand::Deallocate(want.as_bytes()));
+        prop_assert_eq!(statement_command(q.as_bytes()), StatementCommand::Deallocate(Cow::Borrowed(want.as_bytes())));
         let q = format!("{}{space}{prefix}{}{end}", case("deallocate"), case("all"));
         prop_assert_eq!(statement_command(q.as_bytes()), StatementCommand::DropAll);
         let q = format!("{}{space}{}{end}", case("discard"), case("all"));

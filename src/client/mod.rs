@@ -29,10 +29,10 @@ use crate::protocol::frame::{FrameError, Header, MAX_MESSAGE_LEN, Scanner};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::{self, StartupError, StartupPacket};
 use crate::protocol::tag;
-use crate::routing::WriteFunctions;
 use crate::routing::monitor::{MonitorLogin, NodeState};
 use crate::routing::route::{Candidate, Intent, Policy, Route, RouteReason, Sticky, Target};
 use crate::settings::Settings;
+use crate::sql::WriteFunctions;
 use params::SessionParams;
 use relay::{Link, Outcome, RelayOptions, StatementScope};
 use statements::ClientStatements;
@@ -816,7 +816,11 @@ async fn serve_request(
             tokio::spawn(async move {
                 let _lingering = lingering;
                 let clean = relay::recover(&mut backend, &mut link, &registry_owner.statements).await;
-                backend.release(if clean { Release::Clean(Instant::now()) } else { Release::Close(CloseReason::Dirty) });
+                backend.release(if clean {
+                    Release::Clean(Instant::now())
+                } else {
+                    Release::Close(CloseReason::Dirty)
+                });
             });
             if let Some((code, text)) = why {
                 return fatal(stream, code, &text).await.map(|()| Step::Done);
@@ -866,7 +870,7 @@ fn prepare_locally(pending: &mut BytesMut, session: &mut Session) -> Option<Byte
                 // A name in use is refused by the server (42P05), in order.
                 if name.is_empty()
                     || session.statements.get(name).is_some()
-                    || relay::touches_settings(sql)
+                    || crate::sql::settings::touches_settings(sql)
                     || pinning::session_state(sql).is_some()
                 {
                     return None;

@@ -5,7 +5,7 @@
 //! startup packet asked for, and follows every ParameterStatus relayed to it.
 //! Before a backend serves the client, parameters that differ are set on it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
@@ -335,65 +335,6 @@ fn push_ident(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// The names of settings a client's SQL may change for the session: `SET
-/// [SESSION] name ...`, `RESET name`, `set_config('name', ...)`. `SET LOCAL`
-/// is skipped (it ends with the transaction). `RESET ALL` yields `*`.
-pub fn settings_named_in(sql: &[u8], out: &mut Vec<String>) {
-    // One message can name thousands of settings: a set, not a search of `out`.
-    let mut seen: HashSet<String> = out.iter().cloned().collect();
-    for stmt in sql.split(|&b| b == b';') {
-        let mut words = stmt
-            .split(|b| b.is_ascii_whitespace() || *b == b'=' || *b == b'\0')
-            .filter(|w| !w.is_empty())
-            .map(|w| String::from_utf8_lossy(w).to_ascii_lowercase());
-        match words.next().as_deref() {
-            Some("set") => {
-                let mut name = words.next();
-                if name.as_deref() == Some("local") {
-                    continue;
-                }
-                if name.as_deref() == Some("session") {
-                    name = words.next();
-                    // SET SESSION AUTHORIZATION / CHARACTERISTICS: not a plain setting.
-                    if matches!(name.as_deref(), Some("authorization" | "characteristics")) {
-                        continue;
-                    }
-                }
-                match name.as_deref() {
-                    Some("time") => push_unique(out, &mut seen, "timezone"),
-                    Some("names") => push_unique(out, &mut seen, "client_encoding"),
-                    Some("schema") => push_unique(out, &mut seen, "search_path"),
-                    Some("transaction" | "constraints" | "role") | None => {}
-                    Some(n) => push_unique(out, &mut seen, n.trim_matches('"')),
-                }
-            }
-            Some("reset") => match words.next().as_deref() {
-                Some("all") => push_unique(out, &mut seen, "*"),
-                Some("session" | "role") | None => {}
-                Some(n) => push_unique(out, &mut seen, n.trim_matches('"')),
-            },
-            _ => {}
-        }
-    }
-    let mut rest = sql;
-    while let Some(i) = memchr::memmem::find(rest, b"set_config(") {
-        rest = &rest[i + b"set_config(".len()..];
-        // A slice, not a copy of the rest of the text: this runs once per call.
-        let arg = rest.trim_ascii_start();
-        if let Some(body) = arg.strip_prefix(b"'")
-            && let Some(end) = memchr::memchr(b'\'', body)
-        {
-            push_unique(out, &mut seen, &String::from_utf8_lossy(&body[..end]).to_ascii_lowercase());
-        }
-    }
-}
-
-fn push_unique(out: &mut Vec<String>, seen: &mut HashSet<String>, name: &str) {
-    if seen.insert(name.to_owned()) {
-        out.push(name.to_owned());
-    }
-}
-
 /// Parses the startup `options` value: `-c name=value` and `--name=value`,
 /// separated by spaces, with backslash escaping a space (libpq's convention).
 pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, StartupParamError> {
@@ -507,39 +448,6 @@ mod tests {
     fn replication_is_refused() {
         let startup = pairs(&[("replication", "database")]);
         assert_eq!(SessionParams::from_startup(&[], &startup).unwrap_err(), StartupParamError::Replication);
-    }
-
-    #[test]
-    fn finds_settings_changed_by_sql() {
-        let mut names = Vec::new();
-        settings_named_in(
-            b"SET search_path = a, b; set local work_mem='1MB'; SET SESSION statement_timeout TO 5; \
-              RESET lock_timeout; SELECT set_config('application_name', 'x', false); SET TIME ZONE 'UTC'",
-            &mut names,
-        );
-        assert_eq!(names, ["search_path", "statement_timeout", "lock_timeout", "timezone", "application_name"]);
-        let mut names = Vec::new();
-        settings_named_in(b"SET TRANSACTION READ ONLY; RESET ALL", &mut names);
-        assert_eq!(names, ["*"]);
-    }
-
-    /// Each `set_config(` used to copy the rest of the text, and each name
-    /// was searched for in all names found so far: quadratic in a Query that
-    /// repeats either (77 KB took over a second in a debug build, 64 MiB
-    /// would take hours). Found by tests/fuzz.rs,
-    /// settings_and_pinning_scans_are_fast.
-    #[test]
-    fn many_set_config_calls_or_names_take_linear_time() {
-        let started = std::time::Instant::now();
-        let mut names = Vec::new();
-        settings_named_in("set_config(".repeat(100_000).as_bytes(), &mut names);
-        assert!(names.is_empty());
-        let distinct: String = (0..50_000).map(|i| format!("SET n{i} = 1; set_config('n{i}', 'v', false);")).collect();
-        settings_named_in(distinct.as_bytes(), &mut names);
-        assert_eq!(names.len(), 50_000);
-        assert_eq!((names[0].as_str(), names[49_999].as_str()), ("n0", "n49999"));
-        // Linear is milliseconds; the quadratic scans took minutes.
-        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pinning::{self, PinReason};
-use super::statements::{self, ClientStatements, StatementCommand};
+use super::statements::{self, ClientStatements};
 use crate::config::OnSessionState;
 use crate::live::registry::Signal;
 use crate::live::stats::{Stats, sqlstate_class};
@@ -32,6 +32,8 @@ use crate::protocol::frame::{FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, Sc
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::{frontend, tag};
 use crate::routing::route::RouteReason;
+use crate::sql::settings::touches_settings;
+use crate::sql::statements::{StatementCommand, statement_command};
 
 /// Stop reading a side while this many bytes wait to be written to the other:
 /// backpressure instead of unbounded buffering.
@@ -319,13 +321,13 @@ impl Link {
                 scope.client.unnamed = None;
                 self.unnamed_here = false;
                 if touches_settings(body) {
-                    super::params::settings_named_in(body, &mut self.touched_settings);
+                    crate::sql::settings::settings_named_in(body, &mut self.touched_settings);
                 }
                 if let Some(reason) = self.session_state(body, scope.on_session_state) {
                     crate::protocol::frontend::query(&mut out, &pinning::refusal_sql(reason));
                     return statements::splice(buf, start, end, &out);
                 }
-                match statements::statement_command(body) {
+                match statement_command(body) {
                     StatementCommand::DropAll => {
                         scope.client.clear();
                         prepared.clear();
@@ -335,7 +337,7 @@ impl Link {
                         // under its pgmux name (others re-prepare it transparently).
                         // Where this backend lacks it, it is created first (Parse +
                         // Sync, both answers dropped) so DEALLOCATE answers as directly.
-                        if let Some(st) = scope.client.remove(name) {
+                        if let Some(st) = scope.client.remove(&name) {
                             if !prepared.touch(st.id) {
                                 frontend::parse_raw(&mut out, st.server_name.as_bytes(), &st.body);
                                 self.insert_before_last(Expect::Parse {
@@ -393,7 +395,7 @@ impl Link {
                 }
                 let touches = touches_settings(rest);
                 if touches {
-                    super::params::settings_named_in(rest, &mut self.touched_settings);
+                    crate::sql::settings::settings_named_in(rest, &mut self.touched_settings);
                 }
                 let refused = self.session_state(rest, scope.on_session_state).map(|reason| {
                     let mut body = pinning::refusal_parse_sql(reason).into_bytes();
@@ -853,32 +855,6 @@ fn bind_prefix_len(body: &[u8]) -> Option<usize> {
     let portal = memchr::memchr(0, body)?;
     let statement = memchr::memchr(0, &body[portal + 1..])?;
     Some(portal + 1 + statement + 1)
-}
-
-/// A cheap, conservative test for statements that may change a setting the
-/// server does not report: a statement starting with SET or RESET, or a
-/// `set_config(` call anywhere. False positives only cost a read-back.
-pub(super) fn touches_settings(sql: &[u8]) -> bool {
-    // Built once: constructing a searcher per call cost more than the search.
-    static SET_CONFIG: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"set_config"));
-    if SET_CONFIG.find(sql).is_some() {
-        return true;
-    }
-    let starts = |word: &[u8], kw: &[u8]| {
-        word.len() > kw.len() && word[..kw.len()].eq_ignore_ascii_case(kw) && word[kw.len()].is_ascii_whitespace()
-    };
-    let mut rest = sql;
-    loop {
-        let word = rest.trim_ascii_start();
-        if starts(word, b"set") || starts(word, b"reset") {
-            return true;
-        }
-        match memchr::memchr(b';', word) {
-            Some(i) => rest = &word[i + 1..],
-            None => return false,
-        }
-    }
 }
 
 impl Default for Link {
@@ -1373,20 +1349,5 @@ mod tests {
             assert_eq!((link.expect.len(), link.pending_ready), (2, 1));
         }
         assert!(client.is_plain_unnamed(b"SELECT 1\0\0\0"));
-    }
-
-    #[test]
-    fn settings_changes_are_spotted() {
-        for sql in [
-            "SET search_path = a",
-            "  reset all",
-            "SELECT 1; SET\tTimeZone TO 'UTC'",
-            "select pg_catalog.set_config('x', 'y', false)",
-        ] {
-            assert!(touches_settings(sql.as_bytes()), "{sql}");
-        }
-        for sql in ["SELECT 1", "SELECT settings FROM t", "UPDATE t SET a = 1", "resetting", ""] {
-            assert!(!touches_settings(sql.as_bytes()), "{sql}");
-        }
     }
 }

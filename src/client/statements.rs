@@ -124,56 +124,6 @@ pub fn rename(
     new_end
 }
 
-/// What a simple Query does to prepared statements, as far as pgmux must know.
-#[derive(Debug, PartialEq, Eq)]
-pub enum StatementCommand<'a> {
-    /// `DEALLOCATE [PREPARE] ALL` or `DISCARD ALL`: the server drops every statement.
-    DropAll,
-    /// `DEALLOCATE [PREPARE] name`.
-    Deallocate(&'a [u8]),
-    Other,
-}
-
-/// Recognises a Query that is exactly one DEALLOCATE / DISCARD ALL statement.
-pub fn statement_command(query: &[u8]) -> StatementCommand<'_> {
-    let q = trim(query.strip_suffix(b"\0").unwrap_or(query));
-    let q = trim(q.strip_suffix(b";").unwrap_or(q));
-    let mut words = q.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty());
-    let first = words.next().unwrap_or_default();
-    if first.eq_ignore_ascii_case(b"discard") {
-        let rest: Vec<&[u8]> = words.collect();
-        return if rest.len() == 1 && rest[0].eq_ignore_ascii_case(b"all") {
-            StatementCommand::DropAll
-        } else {
-            StatementCommand::Other
-        };
-    }
-    if !first.eq_ignore_ascii_case(b"deallocate") {
-        return StatementCommand::Other;
-    }
-    let mut rest: Vec<&[u8]> = words.collect();
-    if rest.first().is_some_and(|w| w.eq_ignore_ascii_case(b"prepare")) {
-        rest.remove(0);
-    }
-    match rest.as_slice() {
-        [w] if w.eq_ignore_ascii_case(b"all") => StatementCommand::DropAll,
-        [name] => StatementCommand::Deallocate(unquote(name)),
-        _ => StatementCommand::Other,
-    }
-}
-
-fn trim(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
-    let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
-    &s[start..end]
-}
-
-/// `"Name"` → `Name`; an unquoted name is folded to lower case by Postgres,
-/// which only matters for names pgmux never created, so it is left as is.
-fn unquote(name: &[u8]) -> &[u8] {
-    name.strip_prefix(b"\"").and_then(|n| n.strip_suffix(b"\"")).unwrap_or(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,16 +155,5 @@ mod tests {
         let mut out = BytesMut::new();
         crate::protocol::frontend::bind_raw(&mut out, b"", b"pgmux_1", &[0, 0, 0, 0, 0, 0]);
         assert_eq!(&out[..], b"B\0\0\0\x13\0pgmux_1\0\0\0\0\0\0\0");
-    }
-
-    #[test]
-    fn recognises_deallocate_and_discard() {
-        assert_eq!(statement_command(b"DEALLOCATE ALL\0"), StatementCommand::DropAll);
-        assert_eq!(statement_command(b" discard  all ;\0"), StatementCommand::DropAll);
-        assert_eq!(statement_command(b"deallocate prepare s1\0"), StatementCommand::Deallocate(b"s1"));
-        assert_eq!(statement_command(b"DEALLOCATE \"S 1\"\0"), StatementCommand::Other);
-        assert_eq!(statement_command(b"DEALLOCATE \"S1\"\0"), StatementCommand::Deallocate(b"S1"));
-        assert_eq!(statement_command(b"DISCARD PLANS\0"), StatementCommand::Other);
-        assert_eq!(statement_command(b"SELECT 1\0"), StatementCommand::Other);
     }
 }

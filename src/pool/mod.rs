@@ -21,8 +21,8 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
 pub use backend::Backend;
-pub use checkout::{Checkout, Release};
 use backend::LoginParams;
+pub use checkout::{Checkout, Release};
 pub use counters::{PoolCounters, Traffic};
 use inner::{CloseReason, Grant, Inner, Take};
 

@@ -1,18 +1,10 @@
-//! Read/write routing: deciding which statements a streaming replica may run.
+//! Read/write routing: which node runs a request, from the classifier's
+//! verdict ([`crate::sql`]), the replicas' health and read-your-writes state.
 
-mod classify;
-mod lex;
 pub mod monitor;
 pub mod route;
 
-#[cfg(test)]
-mod corpus;
-#[cfg(test)]
-mod fuzz_tests;
-#[cfg(test)]
-mod tests;
-
-pub use classify::{Class, Classified, Hint, WriteFunctions, classify};
+use crate::sql::{Class, Hint, WriteFunctions, classify};
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -38,6 +38,10 @@ pub(crate) struct Lexer<'a> {
     /// end depends on `standard_conforming_strings`) or the input is cut off
     /// (unterminated literal, identifier or comment).
     pub ambiguous: bool,
+    /// Read `'...'` as with `standard_conforming_strings = off`: a backslash
+    /// escapes the next byte. The sniffers try this second reading of a
+    /// text the first found ambiguous.
+    backslash_quotes: bool,
 }
 
 const SPACE: u8 = 1;
@@ -137,7 +141,12 @@ pub(crate) fn skip_space(s: &[u8], mut i: usize) -> usize {
 
 impl<'a> Lexer<'a> {
     pub fn new(s: &'a [u8]) -> Self {
-        Lexer { s, pos: 0, ambiguous: false }
+        Lexer { s, pos: 0, ambiguous: false, backslash_quotes: false }
+    }
+
+    /// A lexer reading `'...'` as `standard_conforming_strings = off` does.
+    pub fn with_backslash_quotes(s: &'a [u8]) -> Self {
+        Lexer { s, pos: 0, ambiguous: false, backslash_quotes: true }
     }
 
     fn byte(&self, i: usize) -> u8 {
@@ -165,6 +174,7 @@ impl<'a> Lexer<'a> {
             }
             self.pos = start + 1;
             return match c {
+                b'\'' if self.backslash_quotes => self.escape_string(start + 1),
                 b'\'' => self.quoted_string(start + 1, true),
                 b'"' => self.quoted_ident(start + 1, false),
                 b'$' if next.is_ascii_digit() => {
