@@ -18,7 +18,10 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("routing", &["admin", "client", "server", "reload", "demo"]),
     ("config", &["admin", "auth", "client", "live", "pool", "reload", "routing", "server", "settings", "tls", "net"]),
     ("net", &["admin", "auth", "client", "config", "live", "pool", "reload", "routing", "server", "settings", "tls"]),
-    ("sql", &["admin", "auth", "client", "config", "live", "net", "pool", "reload", "routing", "server", "settings", "tls"]),
+    (
+        "sql",
+        &["admin", "auth", "client", "config", "live", "net", "pool", "reload", "routing", "server", "settings", "tls"],
+    ),
     ("live", &["admin", "client", "server", "demo"]),
     ("admin", &["client", "server", "demo"]),
 ];

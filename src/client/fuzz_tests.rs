@@ -216,7 +216,7 @@ proptest! {
         pending.extend_from_slice(&tail);
         let mut statements = super::statements::ClientStatements::default();
         statements.remember_unnamed(b"SELECT 1\0\0\0", true);
-        let parts = super::unit_sql(&pending, &statements);
+        let parts = super::request::Request::new(&pending).sql(&statements);
         prop_assert!(parts.len() <= frames.len() + 1);
         for p in parts {
             prop_assert!(!p.contains(&0));

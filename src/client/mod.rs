@@ -4,6 +4,7 @@
 pub mod params;
 pub mod pinning;
 pub mod relay;
+mod request;
 pub mod statements;
 
 #[cfg(test)]
@@ -25,7 +26,7 @@ use crate::net::Stream;
 use crate::pool::inner::CloseReason;
 use crate::pool::{Backend, Pool, Release};
 use crate::protocol::backend::{self as msg, Severity};
-use crate::protocol::frame::{FrameError, Header, MAX_MESSAGE_LEN, Scanner};
+use crate::protocol::frame::{FrameError, Header, MAX_MESSAGE_LEN, Messages, Scanner};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::{self, StartupError, StartupPacket};
 use crate::protocol::tag;
@@ -35,6 +36,7 @@ use crate::settings::Settings;
 use crate::sql::WriteFunctions;
 use params::SessionParams;
 use relay::{Link, Outcome, RelayOptions, StatementScope};
+use request::{Request, ends_unit};
 use statements::ClientStatements;
 
 /// Time a client gets to finish startup and authentication.
@@ -129,7 +131,7 @@ impl SessionRouting {
 
     /// Where the request unit at the front of `pending` goes.
     fn route(&self, shared: &Shared, pending: &[u8], statements: &ClientStatements, now: Instant) -> (Intent, Route) {
-        let intent = crate::routing::intent_of(unit_sql(pending, statements), &self.write_functions);
+        let intent = crate::routing::intent_of(Request::new(pending).sql(statements), &self.write_functions);
         let candidates: Vec<Candidate> = self
             .replicas
             .iter()
@@ -156,55 +158,6 @@ impl SessionRouting {
     }
 }
 
-/// The SQL texts a request unit runs: Query strings, Parse queries, and the
-/// statements its Bind/Describe messages name. Each text is cut at its NUL.
-fn unit_sql<'a>(pending: &'a [u8], statements: &'a ClientStatements) -> Vec<&'a [u8]> {
-    let cut = |b: &'a [u8]| &b[..memchr::memchr(0, b).unwrap_or(b.len())];
-    let mut parts = Vec::new();
-    let mut pos = 0;
-    while let Ok(Some(h)) = Header::parse(&pending[pos..], MAX_MESSAGE_LEN) {
-        let end = pos + h.frame_len();
-        let Some(body) = pending.get(pos + crate::protocol::frame::HEADER_LEN..end) else { break };
-        match h.tag {
-            tag::QUERY => parts.push(cut(body)),
-            tag::PARSE => {
-                if let Some((_, rest)) = statements::cstr(body) {
-                    parts.push(cut(rest));
-                }
-            }
-            tag::BIND | tag::DESCRIBE => {
-                let name = if h.tag == tag::BIND {
-                    statements::cstr(body).and_then(|(_, rest)| statements::cstr(rest)).map(|(n, _)| n)
-                } else {
-                    body.split_first()
-                        .filter(|(k, _)| **k == b'S')
-                        .and_then(|(_, rest)| statements::cstr(rest))
-                        .map(|(n, _)| n)
-                };
-                match name {
-                    Some(n) if !n.is_empty() => {
-                        if let Some(st) = statements.get(n) {
-                            parts.push(cut(&st.body));
-                        }
-                    }
-                    Some(_) => {
-                        if let Some(u) = &statements.unnamed {
-                            parts.push(cut(u));
-                        }
-                    }
-                    None => {}
-                }
-            }
-            _ => {}
-        }
-        pos = end;
-        if matches!(h.tag, tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH) {
-            break;
-        }
-    }
-    parts
-}
-
 /// How a request unit read for routing ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unit {
@@ -225,23 +178,30 @@ const UNIT_LIMIT: usize = 64 * 1024;
 /// left or terminated first.
 async fn read_unit(stream: &mut Stream, pending: &mut BytesMut) -> std::io::Result<Result<Option<Unit>, FrameError>> {
     loop {
-        let mut pos = 0;
-        loop {
-            match Header::parse(&pending[pos..], MAX_MESSAGE_LEN) {
-                Ok(Some(h)) if h.tag == tag::TERMINATE && pos == 0 => return Ok(Ok(None)),
-                // The relay answers it as Postgres would, after what came before.
-                Ok(Some(h)) if !tag::is_frontend(h.tag) => return Ok(Ok(Some(Unit::Open))),
-                // Never buffered whole here: the relay streams it or refuses it.
-                Ok(Some(h)) if pos + h.frame_len() > UNIT_LIMIT => return Ok(Ok(Some(Unit::Open))),
-                Ok(Some(h)) if pending.len() >= pos + h.frame_len() => {
-                    pos += h.frame_len();
-                    if matches!(h.tag, tag::QUERY | tag::SYNC | tag::FUNCTION_CALL | tag::FLUSH) {
-                        return Ok(Ok(Some(Unit::Ends(h.tag))));
-                    }
-                }
-                Ok(_) => break,
-                Err(e) => return Ok(Err(e)),
+        let mut messages = Messages::new(pending, MAX_MESSAGE_LEN);
+        for m in messages.by_ref() {
+            if m.tag == tag::TERMINATE && m.start == 0 {
+                return Ok(Ok(None));
             }
+            // Answered by the relay as Postgres would, after what came before.
+            if !tag::is_frontend(m.tag) || m.end > UNIT_LIMIT {
+                return Ok(Ok(Some(Unit::Open)));
+            }
+            if ends_unit(m.tag) {
+                return Ok(Ok(Some(Unit::Ends(m.tag))));
+            }
+        }
+        // Stopped before a message that is not whole yet, or at a bad header.
+        if let Some(e) = messages.error() {
+            return Ok(Err(e.clone()));
+        }
+        match messages.incomplete() {
+            Some(h) if h.tag == tag::TERMINATE && messages.consumed() == 0 => return Ok(Ok(None)),
+            // Never buffered whole here: the relay streams it or refuses it.
+            Some(h) if !tag::is_frontend(h.tag) || messages.consumed() + h.frame_len() > UNIT_LIMIT => {
+                return Ok(Ok(Some(Unit::Open)));
+            }
+            _ => {}
         }
         if pending.len() >= UNIT_LIMIT {
             return Ok(Ok(Some(Unit::Open)));
@@ -858,14 +818,12 @@ fn prepare_locally(pending: &mut BytesMut, session: &mut Session) -> Option<Byte
         return None;
     }
     let mut found = Vec::new();
-    let mut pos = 0;
+    let mut messages = Request::new(pending).messages();
     loop {
-        let h = Header::parse(&pending[pos..], MAX_MESSAGE_LEN).ok()??;
-        let body = pending.get(pos + crate::protocol::frame::HEADER_LEN..pos + h.frame_len())?;
-        pos += h.frame_len();
-        match h.tag {
+        let m = messages.next()?;
+        match m.tag {
             tag::PARSE => {
-                let (name, rest) = statements::cstr(body)?;
+                let (name, rest) = statements::cstr(m.body)?;
                 let sql = &rest[..memchr::memchr(0, rest)?];
                 // A name in use is refused by the server (42P05), in order.
                 if name.is_empty()
@@ -878,7 +836,7 @@ fn prepare_locally(pending: &mut BytesMut, session: &mut Session) -> Option<Byte
                 let st = session.pool.statements.find(rest).filter(|st| st.is_validated())?;
                 found.push((name, st));
             }
-            tag::SYNC if !found.is_empty() && pos == pending.len() => break,
+            tag::SYNC if !found.is_empty() && m.end == pending.len() => break,
             _ => return None,
         }
     }
@@ -888,6 +846,7 @@ fn prepare_locally(pending: &mut BytesMut, session: &mut Session) -> Option<Byte
         msg::parse_complete(&mut answer);
     }
     msg::ready_for_query(&mut answer, msg::IDLE);
+    drop(messages);
     pending.clear();
     Some(answer)
 }

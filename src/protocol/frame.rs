@@ -91,6 +91,69 @@ pub fn split_frame(buf: &mut BytesMut, max_len: u32) -> Result<Option<(u8, Bytes
     Ok(Some((header.tag, buf.split_to(header.body_len()))))
 }
 
+/// One whole message in a buffer, borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub tag: u8,
+    pub body: &'a [u8],
+    /// Offsets of the message's first byte and just past its last, in the buffer.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// The whole messages at the front of a buffer, in order, without copying
+/// (postgres-protocol's `Message::parse` over a borrowed buffer). Stops at
+/// the first message not whole yet, whose header [`Messages::incomplete`]
+/// reports, or at a header that fails the checks ([`Messages::error`]).
+#[derive(Debug, Clone)]
+pub struct Messages<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    max_len: u32,
+    /// Where iteration stopped: the next message's header, if it arrived.
+    stopped: Result<Option<Header>, FrameError>,
+}
+
+impl<'a> Messages<'a> {
+    pub fn new(buf: &'a [u8], max_len: u32) -> Messages<'a> {
+        Messages { buf, pos: 0, max_len, stopped: Ok(None) }
+    }
+
+    /// Bytes the messages returned so far take.
+    pub fn consumed(&self) -> usize {
+        self.pos
+    }
+
+    /// After iteration: the header of the message that is not whole yet.
+    pub fn incomplete(&self) -> Option<Header> {
+        self.stopped.as_ref().ok().copied().flatten()
+    }
+
+    /// After iteration: the header check that failed, if one did.
+    pub fn error(&self) -> Option<&FrameError> {
+        self.stopped.as_ref().err()
+    }
+}
+
+impl<'a> Iterator for Messages<'a> {
+    type Item = Message<'a>;
+
+    fn next(&mut self) -> Option<Message<'a>> {
+        let start = self.pos;
+        match Header::parse(&self.buf[start..], self.max_len) {
+            Ok(Some(h)) if self.buf.len() - start >= h.frame_len() => {
+                let end = start + h.frame_len();
+                self.pos = end;
+                Some(Message { tag: h.tag, body: &self.buf[start + HEADER_LEN..end], start, end })
+            }
+            stopped => {
+                self.stopped = stopped;
+                None
+            }
+        }
+    }
+}
+
 /// A frame the scanner finished, as reported to its caller.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
