@@ -1,7 +1,11 @@
 //! A client's request as buffered: a borrowed view of its messages and of
 //! the SQL they run, for routing and for answering without a backend.
 
-use crate::protocol::frame::{MAX_MESSAGE_LEN, Message, Messages};
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+
+use crate::net::Stream;
+use crate::protocol::frame::{FrameError, MAX_MESSAGE_LEN, Message, Messages};
 use crate::protocol::tag;
 
 use super::statements::{ClientStatements, cstr};
@@ -70,6 +74,84 @@ impl<'a> Request<'a> {
         parts
     }
 }
+
+/// How a request unit read for routing ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unit {
+    /// With this message: Query, FunctionCall or Sync (ReadyForQuery will
+    /// answer it), or Flush (no ReadyForQuery until the client sends more).
+    Ends(u8),
+    /// Not whole within [`UNIT_LIMIT`] bytes (or ended by a message the
+    /// server will refuse): routed to the primary unread; the rest streams.
+    Open,
+}
+
+/// How much of one request pgmux buffers to classify it before it gives up
+/// and routes it as a write: a client streaming Bind/Execute without Sync
+/// costs no more than this.
+pub(super) const UNIT_LIMIT: usize = 64 * 1024;
+
+/// Reads until `pending` holds a whole request unit. `None` if the client
+/// left or terminated first.
+pub(super) async fn read_unit(
+    stream: &mut Stream,
+    pending: &mut BytesMut,
+) -> std::io::Result<Result<Option<Unit>, FrameError>> {
+    loop {
+        let mut messages = Messages::new(pending, MAX_MESSAGE_LEN);
+        for m in messages.by_ref() {
+            if m.tag == tag::TERMINATE && m.start == 0 {
+                return Ok(Ok(None));
+            }
+            // Answered by the relay as Postgres would, after what came before.
+            if !tag::is_frontend(m.tag) || m.end > UNIT_LIMIT {
+                return Ok(Ok(Some(Unit::Open)));
+            }
+            if ends_unit(m.tag) {
+                return Ok(Ok(Some(Unit::Ends(m.tag))));
+            }
+        }
+        // Stopped before a message that is not whole yet, or at a bad header.
+        if let Some(e) = messages.error() {
+            return Ok(Err(e.clone()));
+        }
+        match messages.incomplete() {
+            Some(h) if h.tag == tag::TERMINATE && messages.consumed() == 0 => return Ok(Ok(None)),
+            // Never buffered whole here: the relay streams it or refuses it.
+            Some(h) if !tag::is_frontend(h.tag) || messages.consumed() + h.frame_len() > UNIT_LIMIT => {
+                return Ok(Ok(Some(Unit::Open)));
+            }
+            _ => {}
+        }
+        if pending.len() >= UNIT_LIMIT {
+            return Ok(Ok(Some(Unit::Open)));
+        }
+        pending.reserve(4096);
+        if stream.read_buf(pending).await? == 0 {
+            return Ok(Ok(None));
+        }
+    }
+}
+
+/// The first read of an idle client's next request: readiness first, so no
+/// buffer exists while nothing is there (an idle client owns none).
+pub(super) fn poll_first_read(
+    stream: &mut Stream,
+    cx: &mut std::task::Context<'_>,
+    pending: &mut BytesMut,
+) -> std::task::Poll<std::io::Result<usize>> {
+    std::task::ready!(stream.poll_read_ready(cx))?;
+    pending.reserve(FIRST_READ);
+    let read = stream.poll_read_buf(cx, pending);
+    if read.is_pending() {
+        // The readiness was stale: give the buffer back while idle.
+        *pending = BytesMut::new();
+    }
+    read
+}
+
+/// A typical request fits; a longer one streams on into the backend's buffer.
+pub(super) const FIRST_READ: usize = 1024;
 
 #[cfg(test)]
 mod tests {

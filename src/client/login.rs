@@ -1,0 +1,241 @@
+//! From an accepted connection to a session: startup, TLS, authentication,
+//! the pool, and the greeting.
+
+use super::*;
+
+/// What a successful login leads to.
+pub(super) enum Login {
+    /// A pooled session on a configured database.
+    Pooled { session: Box<Session>, user: String, database: String },
+    /// The admin console (database `pgmux` or `pgbouncer`, an `[admin] users` member).
+    Admin { user: String, database: String },
+    /// The client asked for TLS and got `S`: handshake, then log in again over TLS.
+    StartTls,
+}
+
+/// A logged-in pooled client, ready for its session.
+pub(super) type Established = (Stream, BytesMut, Box<Session>, Arc<Settings>);
+
+/// Startup, TLS and authentication, up to a pooled session (`None` when the
+/// connection ended, or was an admin console session, served here).
+pub(super) async fn establish(
+    tcp: TcpStream,
+    shared: &Shared,
+    info: &ClientInfo,
+) -> std::io::Result<Option<Established>> {
+    let _ = tcp.set_nodelay(true);
+    let config = shared.config();
+    let mut buf = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
+    let mut stream = Stream::Plain(tcp);
+    let login = loop {
+        let login = tokio::time::timeout_at(deadline, login(&mut stream, &mut buf, shared, &config, info)).await;
+        if !matches!(login, Ok(Ok(Some(Login::StartTls)))) {
+            break login;
+        }
+        let (Stream::Plain(tcp), Some(tls)) = (stream, config.tls.server.as_ref()) else {
+            unreachable!("StartTls is only answered on a plain connection with TLS configured")
+        };
+        stream = match tokio::time::timeout_at(deadline, crate::tls::accept(tcp, tls)).await {
+            Ok(Ok(s)) => {
+                if let Some(d) = s.tls_description() {
+                    tracing::debug!(client = info.id, tls = %d, "client TLS handshake done");
+                    info.tls_established(d);
+                }
+                s
+            }
+            Ok(Err(e)) => {
+                tracing::info!(client = info.id, peer = ?info.peer, error = %e, "client TLS handshake failed");
+                return Ok(None);
+            }
+            Err(_) => {
+                tracing::info!(client = info.id, peer = ?info.peer, "client did not finish the TLS handshake in time");
+                return Ok(None);
+            }
+        };
+    };
+    let (session, user, database) = match login {
+        Ok(Ok(Some(Login::Pooled { session, user, database }))) => (session, user, database),
+        Ok(Ok(Some(Login::Admin { user, database }))) => {
+            tracing::info!(client = info.id, peer = ?info.peer, user = %user, "admin console login");
+            info.logged_in(&user, &database, "", None);
+            crate::admin::serve(&mut stream, buf, shared, info).await?;
+            return Ok(None);
+        }
+        Ok(Ok(None)) => return Ok(None),
+        Ok(Ok(Some(Login::StartTls))) => unreachable!("handled above"),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            tracing::info!(client = info.id, peer = ?info.peer, "client did not finish login in time");
+            fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, "login timed out").await?;
+            return Ok(None);
+        }
+    };
+    tracing::info!(client = info.id, peer = ?info.peer, user = %user, database = %database, "client logged in");
+    let app = session.params.get("application_name").unwrap_or_default();
+    // The names live here only (not in the session as well): SHOW CLIENTS and the PAUSE gate read them.
+    info.logged_in(&user, &database, app, Some(session.pool.clone()));
+    // The login buffer shares its allocation with the startup packet's
+    // pieces: an idle client keeps neither unless a request already follows.
+    let buf = if buf.is_empty() { BytesMut::new() } else { buf };
+    Ok(Some((stream, buf, session, config)))
+}
+
+/// AuthenticationOk, the session's parameters, the cancel key, ReadyForQuery.
+pub(super) async fn greet(stream: &mut Stream, session: &Session, key: &CancelKey<'_>) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    msg::authentication_ok(&mut out);
+    for (k, v) in session.params.announce(&session.server_params) {
+        msg::parameter_status(&mut out, &k, &v);
+    }
+    msg::backend_key_data(&mut out, key.pid, key.secret);
+    msg::ready_for_query(&mut out, msg::IDLE);
+    stream.write_all(&out).await
+}
+
+/// Startup and authentication. `Ok(None)` means the connection ended cleanly
+/// (cancel request served, client gone, or an error already sent).
+pub(super) async fn login(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    config: &Settings,
+    info: &ClientInfo,
+) -> std::io::Result<Option<Login>> {
+    let (client, peer) = (info.id, info.peer);
+    let startup = loop {
+        let packet = match startup::split_startup(buf) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                if stream.read_buf(buf).await? == 0 {
+                    return Ok(None);
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::info!(client, ?peer, error = %e, "malformed startup packet");
+                // As Postgres: an impossible length is not worth an answer
+                // (it logs it as COMMERROR and closes); the rest get a FATAL.
+                if let StartupError::UnsupportedProtocol { major: ..3, .. } = e {
+                    // A protocol-2 client reads errors in that protocol's
+                    // format (one string), which Postgres uses for it.
+                    stream.write_all(format!("EFATAL:  {e}\n\0").as_bytes()).await?;
+                    stream.shutdown().await?;
+                } else if let Some(code) = e.sqlstate() {
+                    fatal(stream, code, &e.to_string()).await?;
+                }
+                return Ok(None);
+            }
+        };
+        match packet {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                if !buf.is_empty() {
+                    // Bytes sent after the request but before our answer could be a
+                    // man-in-the-middle injection (CVE-2021-23222 class): refuse.
+                    fatal(stream, SqlState::PROTOCOL_VIOLATION, "unexpected data after encryption request").await?;
+                    return Ok(None);
+                }
+                if stream.is_tls() {
+                    fatal(stream, SqlState::PROTOCOL_VIOLATION, "encryption request on an encrypted connection")
+                        .await?;
+                    return Ok(None);
+                }
+                let offer_tls = matches!(packet, StartupPacket::SslRequest)
+                    && config.proxy.tls_mode != TlsMode::Disable
+                    && config.tls.server.is_some();
+                if offer_tls {
+                    stream.write_all(b"S").await?;
+                    return Ok(Some(Login::StartTls));
+                }
+                // GSS encryption (and TLS when disabled) is declined; the client may go on in plaintext.
+                stream.write_all(b"N").await?;
+            }
+            StartupPacket::Cancel { pid, secret } => {
+                if let Some(t) = shared.cancels.target(pid, secret) {
+                    tracing::debug!(client, backend_pid = t.pid, "forwarding cancel request");
+                    relay::cancel_backend(t.addr, t.pid, t.secret).await;
+                }
+                return Ok(None);
+            }
+            StartupPacket::Startup(s) => break s,
+        }
+    };
+    if config.proxy.tls_mode == TlsMode::Require && !stream.is_tls() {
+        // Like a `hostssl`-only pg_hba.conf: plaintext logins are refused.
+        tracing::info!(client, ?peer, "login refused: TLS required");
+        fatal(stream, SqlState::INVALID_AUTHORIZATION, "TLS required").await?;
+        return Ok(None);
+    }
+    if startup.minor > 0 || !startup.protocol_options.is_empty() {
+        let mut out = BytesMut::new();
+        msg::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
+        stream.write_all(&out).await?;
+    }
+    let Some(user_name) = startup.param("user").filter(|u| !u.is_empty()) else {
+        fatal(stream, SqlState::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet").await?;
+        return Ok(None);
+    };
+    let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(user_name).to_owned();
+    let Some(user) = config.user(user_name) else {
+        tracing::info!(client, ?peer, user = %user_name, "login refused: unknown user");
+        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let text = format!("no such user: \"{user_name}\"");
+        fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
+        return Ok(None);
+    };
+    if let Err(e) = crate::auth::authenticate_client(stream, buf, user, &config.verifier(&user.name)).await {
+        if e.is_client_gone() {
+            return Ok(None);
+        }
+        tracing::info!(client, ?peer, user = %user.name, error = %e, "authentication failed");
+        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        fatal(stream, e.sqlstate(), &e.message()).await?;
+        return Ok(None);
+    }
+    if crate::admin::is_console(&database) && config.database(&database).is_none() {
+        if !config.admin.users.iter().any(|u| u == &user.name) {
+            tracing::info!(client, ?peer, user = %user.name, "admin console refused: not an [admin] user");
+            let text = format!("user \"{}\" is not allowed on the admin console", user.name);
+            fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
+            return Ok(None);
+        }
+        return Ok(Some(Login::Admin { user: user.name.clone(), database }));
+    }
+    let Some(db) = config.database(&database) else {
+        tracing::info!(client, ?peer, database = %database, "login refused: unknown database");
+        let text = format!("database \"{database}\" does not exist");
+        fatal(stream, SqlState::INVALID_CATALOG_NAME, &text).await?;
+        return Ok(None);
+    };
+    let pool = shared.pools.get_or_create(config, db, user);
+    // The client's view starts from the server's defaults, which the pool learns
+    // from its first backend; an unreachable server fails the login here.
+    let server_params = match pool.server_params().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(client, error = %e, "cannot reach the server for a new client");
+            fatal(stream, e.sqlstate(), &e.to_string()).await?;
+            return Ok(None);
+        }
+    };
+    let params = match SessionParams::from_startup(&server_params, &startup.params) {
+        Ok(p) => p,
+        Err(e) => {
+            fatal(stream, SqlState::FEATURE_NOT_SUPPORTED, &e.to_string()).await?;
+            return Ok(None);
+        }
+    };
+    Ok(Some(Login::Pooled {
+        session: Box::new(Session {
+            force_primary: None,
+            routing: SessionRouting::new(shared, config, db, user).map(Box::new),
+            statements: ClientStatements::default(),
+            mode: config.pool_mode(db),
+            pool,
+            server_params,
+            params,
+        }),
+        user: user.name.clone(),
+        database,
+    }))
+}
