@@ -1560,6 +1560,17 @@ proptest! {
         prop_assert!(out.contains(&name), "{:?} not in {:?}", name, out);
     }
 
+    /// The one-pass sniff the relay runs says what the two scans say.
+    #[test]
+    fn sniff_agrees_with_the_scans(sql in prop_oneof![sql_soup(), complete_sql()], extra in vec(proptest::sample::select(vec![
+        ";SET a = 1", "; LISTEN x", "; reset all", "set_config(", " 'x\\'", ";PREPARE p AS SELECT 1", ";", "'", "$$",
+    ]), 0..4)) {
+        let sql = [sql, extra.concat().into_bytes()].concat();
+        let sniffed = pgmux::sql::sniff(&sql);
+        prop_assert_eq!(sniffed.session_state, session_state(&sql));
+        prop_assert_eq!(sniffed.touches_settings, pgmux::sql::settings::touches_settings(&sql));
+    }
+
     /// A statement that creates session state pins, whatever complete SQL
     /// comes before it.
     #[test]

@@ -32,8 +32,7 @@ pub(super) fn prepare_locally(pending: &mut BytesMut, session: &mut Session) -> 
                 // A name in use is refused by the server (42P05), in order.
                 if name.is_empty()
                     || session.statements.get(name).is_some()
-                    || crate::sql::settings::touches_settings(sql)
-                    || pinning::session_state(sql).is_some()
+                    || crate::sql::sniff(sql) != crate::sql::Sniffed::default()
                 {
                     return None;
                 }

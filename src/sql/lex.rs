@@ -149,6 +149,11 @@ impl<'a> Lexer<'a> {
         Lexer { s, pos: 0, ambiguous: false, backslash_quotes: true }
     }
 
+    /// The text not lexed yet.
+    pub fn rest(&self) -> &'a [u8] {
+        &self.s[self.pos.min(self.s.len())..]
+    }
+
     fn byte(&self, i: usize) -> u8 {
         self.s.get(i).copied().unwrap_or(0)
     }

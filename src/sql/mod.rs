@@ -19,7 +19,41 @@ mod tests;
 
 pub use classify::{Class, Classified, Hint, WriteFunctions, classify};
 
+use crate::vocab::reasons::PinReason;
+
 use lex::{Lexer, Tok};
+
+/// What the relay needs to know of every Query and Parse, found in one pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sniffed {
+    /// The first session state a statement creates ([`session_state`]).
+    pub session_state: Option<PinReason>,
+    /// Whether a statement may change a setting ([`settings::touches_settings`]).
+    pub touches_settings: bool,
+}
+
+/// [`session_state::session_state`] and [`settings::touches_settings`] of
+/// `sql` in one walk over its statements: this runs on every request.
+pub fn sniff(sql: &[u8]) -> Sniffed {
+    let mut out = Sniffed {
+        session_state: session_state::calls_advisory_lock(sql).then_some(PinReason::AdvisoryLock),
+        touches_settings: settings::calls_set_config(sql),
+    };
+    each_reading(sql, |statements| {
+        for mut stmt in statements {
+            let Some(first) = stmt.word() else { continue };
+            out.touches_settings |= settings::sets(first);
+            if out.session_state.is_none() {
+                out.session_state = session_state::of_statement(first, &mut stmt);
+            }
+            if out.touches_settings && out.session_state.is_some() {
+                return Some(());
+            }
+        }
+        None
+    });
+    out
+}
 
 /// The statements of a text, each as a lexer at its first token (read it
 /// with [`Statement::next`], which stops at the statement's end). A `;`
@@ -50,6 +84,18 @@ impl<'a> Iterator for Statements<'a> {
             return None;
         }
         let at = self.lx;
+        // No `;` left but trailing ones: this is the last statement in any
+        // reading (a trailing `;` ends it, or sits in a line comment, or in a
+        // literal or comment left open, which the server rejects whole), and
+        // nobody needs its tokens past the few its reader takes. Most
+        // requests are one statement: this spares them a full lex.
+        let rest = self.lx.rest();
+        let core =
+            rest.iter().rposition(|&b| !matches!(b, b';' | b'\0') && !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+        if memchr::memchr(b';', &rest[..core]).is_none() {
+            self.done = true;
+            return Some(Statement { lx: at, ended: false });
+        }
         loop {
             match self.lx.next_tok() {
                 Tok::Semi => break,

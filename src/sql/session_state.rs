@@ -2,8 +2,8 @@
 //! the next: pgmux pins the client to its backend, refuses the statement or
 //! lets it through (`on_session_state`).
 
-use super::each_reading;
 use super::lex::Tok;
+use super::{Statement, each_reading};
 pub use crate::vocab::reasons::PinReason;
 
 /// The first statement in `sql` that creates session state. Conservative: a
@@ -15,58 +15,57 @@ pub fn session_state(sql: &[u8]) -> Option<PinReason> {
         // The transaction-level variants are spelled pg_advisory_xact_lock*.
         return Some(PinReason::AdvisoryLock);
     }
-    each_reading(sql, |statements| {
-        statements.find_map(|mut stmt| {
-            let first = stmt.word()?;
-            // Every keyword below starts with one of these.
-            if !matches!(first[0].to_ascii_lowercase(), b'l' | b'p' | b'c' | b'd') {
-                return None;
-            }
-            if first.eq_ignore_ascii_case(b"listen") {
-                return Some(PinReason::Listen);
-            }
-            if first.eq_ignore_ascii_case(b"prepare") {
-                // PREPARE TRANSACTION is two-phase commit, not a statement.
-                return match stmt.word() {
-                    Some(w) if w.eq_ignore_ascii_case(b"transaction") => None,
-                    _ => Some(PinReason::SqlPrepare),
-                };
-            }
-            if first.eq_ignore_ascii_case(b"create") {
-                // CREATE [GLOBAL | LOCAL] {TEMP | TEMPORARY} [UNLOGGED] TABLE | VIEW | SEQUENCE ...
-                for _ in 0..3 {
-                    match stmt.word() {
-                        Some(w) if w.eq_ignore_ascii_case(b"temp") || w.eq_ignore_ascii_case(b"temporary") => {
-                            return Some(PinReason::TempTable);
-                        }
-                        Some(w) if w.eq_ignore_ascii_case(b"global") || w.eq_ignore_ascii_case(b"local") => {}
-                        _ => return None,
-                    }
+    each_reading(sql, |statements| statements.find_map(|mut stmt| of_statement(stmt.word()?, &mut stmt)))
+}
+
+/// The session state a statement starting with the word `first` creates;
+/// `stmt` is positioned after that word.
+pub(super) fn of_statement(first: &[u8], stmt: &mut Statement<'_>) -> Option<PinReason> {
+    // Every keyword below starts with one of these.
+    if !matches!(first[0].to_ascii_lowercase(), b'l' | b'p' | b'c' | b'd') {
+        return None;
+    }
+    if first.eq_ignore_ascii_case(b"listen") {
+        return Some(PinReason::Listen);
+    }
+    if first.eq_ignore_ascii_case(b"prepare") {
+        // PREPARE TRANSACTION is two-phase commit, not a statement.
+        return match stmt.word() {
+            Some(w) if w.eq_ignore_ascii_case(b"transaction") => None,
+            _ => Some(PinReason::SqlPrepare),
+        };
+    }
+    if first.eq_ignore_ascii_case(b"create") {
+        // CREATE [GLOBAL | LOCAL] {TEMP | TEMPORARY} [UNLOGGED] TABLE | VIEW | SEQUENCE ...
+        for _ in 0..3 {
+            match stmt.word() {
+                Some(w) if w.eq_ignore_ascii_case(b"temp") || w.eq_ignore_ascii_case(b"temporary") => {
+                    return Some(PinReason::TempTable);
                 }
-                return None;
+                Some(w) if w.eq_ignore_ascii_case(b"global") || w.eq_ignore_ascii_case(b"local") => {}
+                _ => return None,
             }
-            if first.eq_ignore_ascii_case(b"declare") {
-                // DECLARE name [options] CURSOR [{WITH | WITHOUT} HOLD] FOR query
-                let mut with = false;
-                while let Some(t) = stmt.next() {
-                    match t {
-                        Tok::Word(w) if w.eq_ignore_ascii_case(b"for") => return None,
-                        Tok::Word(w) if with && w.eq_ignore_ascii_case(b"hold") => {
-                            return Some(PinReason::HoldCursor);
-                        }
-                        Tok::Word(w) => with = w.eq_ignore_ascii_case(b"with"),
-                        _ => with = false,
-                    }
-                }
+        }
+        return None;
+    }
+    if first.eq_ignore_ascii_case(b"declare") {
+        // DECLARE name [options] CURSOR [{WITH | WITHOUT} HOLD] FOR query
+        let mut with = false;
+        while let Some(t) = stmt.next() {
+            match t {
+                Tok::Word(w) if w.eq_ignore_ascii_case(b"for") => return None,
+                Tok::Word(w) if with && w.eq_ignore_ascii_case(b"hold") => return Some(PinReason::HoldCursor),
+                Tok::Word(w) => with = w.eq_ignore_ascii_case(b"with"),
+                _ => with = false,
             }
-            None
-        })
-    })
+        }
+    }
+    None
 }
 
 /// A call of `...advisory_lock(` or `...advisory_lock_shared(`: checked at
 /// each `(`, which is far rarer than any letter.
-fn calls_advisory_lock(sql: &[u8]) -> bool {
+pub(super) fn calls_advisory_lock(sql: &[u8]) -> bool {
     memchr::memchr_iter(b'(', sql).any(|i| {
         let before = sql[..i].trim_ascii_end();
         ends_with_ci(before, b"advisory_lock") || ends_with_ci(before, b"advisory_lock_shared")

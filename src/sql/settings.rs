@@ -11,19 +11,21 @@ use super::{Statement, each_reading, unquote_ident};
 /// `RESET`, or a `set_config` anywhere. False positives only cost a
 /// read-back. Runs on every request: no allocation.
 pub fn touches_settings(sql: &[u8]) -> bool {
+    calls_set_config(sql)
+        || each_reading(sql, |statements| statements.filter_map(|mut s| s.word()).any(sets).then_some(())).is_some()
+}
+
+/// A `set_config` anywhere in the text.
+pub(super) fn calls_set_config(sql: &[u8]) -> bool {
     // Built once: constructing a searcher per call cost more than the search.
     static SET_CONFIG: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"set_config"));
-    if SET_CONFIG.find(sql).is_some() {
-        return true;
-    }
-    each_reading(sql, |statements| {
-        statements
-            .filter_map(|mut s| s.word())
-            .any(|w| w.eq_ignore_ascii_case(b"set") || w.eq_ignore_ascii_case(b"reset"))
-            .then_some(())
-    })
-    .is_some()
+    SET_CONFIG.find(sql).is_some()
+}
+
+/// Whether a statement starting with `first` is a SET or RESET.
+pub(super) fn sets(first: &[u8]) -> bool {
+    first.eq_ignore_ascii_case(b"set") || first.eq_ignore_ascii_case(b"reset")
 }
 
 /// The names of settings a client's SQL may change for the session, lower
@@ -38,7 +40,7 @@ pub fn settings_named_in(sql: &[u8], out: &mut Vec<String>) {
             out.push(name.to_owned());
         }
     };
-    let calls_set_config = memchr::memmem::find(sql, b"set_config").is_some();
+    let calls_set_config = calls_set_config(sql);
     each_reading::<()>(sql, |statements| {
         for stmt in statements {
             named_in(stmt, calls_set_config, &mut push);

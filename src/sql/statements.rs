@@ -21,6 +21,14 @@ pub enum StatementCommand<'a> {
 /// DEALLOCATE or DISCARD ALL statement, with an optional `;`.
 pub fn statement_command(query: &[u8]) -> StatementCommand<'_> {
     let query = query.strip_suffix(b"\0").unwrap_or(query);
+    // Every Query comes here: one token decides for almost all of them.
+    let starts_right = match Lexer::new(query).next_tok() {
+        Tok::Word(w) => w.eq_ignore_ascii_case(b"discard") || w.eq_ignore_ascii_case(b"deallocate"),
+        _ => false,
+    };
+    if !starts_right {
+        return StatementCommand::Other;
+    }
     let mut lx = Lexer::new(query);
     let mut toks = [Tok::Eof; 4];
     let mut n = 0;

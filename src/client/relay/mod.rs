@@ -44,7 +44,6 @@ use crate::protocol::frame::{FrameError, HEADER_LEN, Header, MAX_MESSAGE_LEN, Sc
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::{frontend, tag};
 use crate::routing::route::RouteReason;
-use crate::sql::settings::touches_settings;
 use crate::sql::statements::{StatementCommand, statement_command};
 
 /// Stop reading a side while this many bytes wait to be written to the other:

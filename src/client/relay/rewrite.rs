@@ -27,10 +27,11 @@ impl Link {
                 // A simple Query destroys the unnamed statement.
                 scope.client.unnamed = None;
                 self.unnamed_here = false;
-                if touches_settings(body) {
+                let sniffed = crate::sql::sniff(body);
+                if sniffed.touches_settings {
                     crate::sql::settings::settings_named_in(body, &mut self.touched_settings);
                 }
-                if let Some(reason) = self.session_state(body, scope.on_session_state) {
+                if let Some(reason) = self.session_state(sniffed.session_state, scope.on_session_state) {
                     crate::protocol::frontend::query(&mut out, &pinning::refusal_sql(reason));
                     return statements::splice(buf, start, end, &out);
                 }
@@ -100,11 +101,11 @@ impl Link {
                     );
                     return self.insert_in_front(buf, start, new_end, &out);
                 }
-                let touches = touches_settings(rest);
-                if touches {
+                let sniffed = crate::sql::sniff(rest);
+                if sniffed.touches_settings {
                     crate::sql::settings::settings_named_in(rest, &mut self.touched_settings);
                 }
-                let refused = self.session_state(rest, scope.on_session_state).map(|reason| {
+                let refused = self.session_state(sniffed.session_state, scope.on_session_state).map(|reason| {
                     let mut body = pinning::refusal_parse_sql(reason).into_bytes();
                     body.extend_from_slice(&[0, 0, 0]);
                     body
@@ -112,7 +113,7 @@ impl Link {
                 let rest = refused.as_deref().unwrap_or(rest);
                 if name.is_empty() {
                     // Judged on the text itself, whatever on_session_state did with it.
-                    let plain = refused.is_none() && !touches && pinning::session_state(rest).is_none();
+                    let plain = refused.is_none() && sniffed == crate::sql::Sniffed::default();
                     scope.client.remember_unnamed(rest, plain);
                     self.unnamed_here = true;
                     self.expect.push_back(Expect::Parse { forward: true, statement: None, client_name: None });
@@ -235,11 +236,13 @@ impl Link {
 
     /// Applies `on_session_state` to SQL that creates session state: pins the
     /// link, or returns the reason when the statement must be refused.
-    pub(super) fn session_state(&mut self, sql: &[u8], policy: OnSessionState) -> Option<PinReason> {
+    /// Applies `on_session_state` to the session state a statement creates;
+    /// `Some` when the statement is to be refused.
+    pub(super) fn session_state(&mut self, found: Option<PinReason>, policy: OnSessionState) -> Option<PinReason> {
         if policy == OnSessionState::Allow || self.pin.is_some() {
             return None;
         }
-        let reason = pinning::session_state(sql)?;
+        let reason = found?;
         match policy {
             OnSessionState::Pin => {
                 self.pin = Some(reason);
