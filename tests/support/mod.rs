@@ -8,6 +8,7 @@
 // Each test binary compiles its own copy and uses only part of it.
 #![allow(dead_code)]
 
+pub mod console;
 pub mod faults;
 pub mod proxy;
 pub mod raw;
