@@ -10,6 +10,7 @@
 
 pub mod console;
 pub mod faults;
+pub mod pgbouncer;
 pub mod proxy;
 pub mod raw;
 
