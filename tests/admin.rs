@@ -7,9 +7,9 @@ use support::{code, scalar};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
+use support::console::{Table, psql_on, show_on};
 use support::proxy::{Proxy, admin_config, standard_config};
 use support::{APP, DB, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,72 +20,13 @@ const HELD: Duration = Duration::from_millis(300);
 /// Generous bound for things that must happen.
 const SOON: Duration = Duration::from_secs(10);
 
-/// A psql result in unaligned mode: header, rows (footer dropped).
-#[derive(Debug)]
-struct Table {
-    columns: Vec<String>,
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn col(&self, name: &str) -> usize {
-        self.columns.iter().position(|c| c == name).unwrap_or_else(|| panic!("no column {name} in {:?}", self.columns))
-    }
-
-    /// Rows whose `column` equals `value`.
-    fn find(&self, column: &str, value: &str) -> Vec<&Vec<String>> {
-        let i = self.col(column);
-        self.rows.iter().filter(|r| r[i] == value).collect()
-    }
-
-    /// The single row whose `column` equals `value`.
-    fn one(&self, column: &str, value: &str) -> &Vec<String> {
-        let found = self.find(column, value);
-        assert_eq!(found.len(), 1, "expected one row with {column} = {value}: {self:?}");
-        found[0]
-    }
-
-    fn get<'a>(&self, row: &'a [String], column: &str) -> &'a str {
-        &row[self.col(column)]
-    }
-}
-
-fn psql_bin() -> &'static std::path::Path {
-    static BIN: OnceLock<std::path::PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| pgmux::cluster::PgBinaries::find().expect("PostgreSQL binaries").psql)
-}
-
-/// Runs `sql` on the admin console with psql; `Err` carries psql's stderr
-/// (verbose, so SQLSTATEs are in it). `Ok` carries the table and stderr.
+/// Runs `sql` on the console (database `pgmux`) with psql.
 async fn psql(proxy: &Proxy, sql: &str) -> Result<(Table, String), String> {
-    let mut cmd = tokio::process::Command::new(psql_bin());
-    for key in pgmux::cluster::pg_env_keys() {
-        cmd.env_remove(key);
-    }
-    cmd.env("PGCONNECT_TIMEOUT", "10")
-        .args(["-X", "-A", "-F", "|", "-v", "VERBOSITY=verbose", "-h", "127.0.0.1", "-U", "postgres"])
-        .arg("-p")
-        .arg(proxy.port().to_string())
-        .args(["pgmux", "-c", sql])
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .expect("psql finished within 30s")
-        .expect("run psql");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if !out.status.success() {
-        return Err(stderr);
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = stdout.lines().filter(|l| !(l.starts_with('(') && l.ends_with(")")));
-    let columns = lines.next().map(|h| h.split('|').map(str::to_owned).collect()).unwrap_or_default();
-    let rows = lines.map(|l| l.split('|').map(str::to_owned).collect()).collect();
-    Ok((Table { columns, rows }, stderr))
+    psql_on(proxy, "pgmux", sql).await
 }
 
 async fn show(proxy: &Proxy, what: &str) -> Table {
-    psql(proxy, &format!("SHOW {what}")).await.unwrap_or_else(|e| panic!("SHOW {what}: {e}")).0
+    show_on(proxy, "pgmux", what).await
 }
 
 async fn admin_client(proxy: &Proxy) -> tokio_postgres::Client {
@@ -145,35 +86,12 @@ async fn show_pools_clients_and_servers_after_known_traffic() {
     let pid = scalar(&a, "SELECT pg_backend_pid()").await;
 
     let pools = show(&proxy, "POOLS").await;
-    assert_eq!(
-        pools.columns,
-        [
-            "database",
-            "user",
-            "cl_active",
-            "cl_waiting",
-            "cl_active_cancel_req",
-            "cl_waiting_cancel_req",
-            "sv_active",
-            "sv_active_cancel",
-            "sv_being_canceled",
-            "sv_idle",
-            "sv_used",
-            "sv_tested",
-            "sv_login",
-            "maxwait",
-            "maxwait_us",
-            "pool_mode",
-            "cl_idle",
-            "sv_open",
-            "pinned",
-            "node",
-            "role"
-        ]
-    );
+    // PgBouncer's columns (checked in admin_parity.rs), then pgmux's.
+    assert_eq!(pools.columns[17..], ["cl_idle", "sv_open", "pinned"]);
     let row = pools.one("database", DB);
     assert_eq!(pools.get(row, "user"), APP.0);
-    assert_eq!(pools.get(row, "cl_active"), "1");
+    // PgBouncer's cl_active counts idle clients too; cl_idle is those alone.
+    assert_eq!(pools.get(row, "cl_active"), "3");
     assert_eq!(pools.get(row, "cl_waiting"), "0");
     assert_eq!(pools.get(row, "cl_idle"), "2");
     assert_eq!(pools.get(row, "sv_active"), "1");
@@ -184,33 +102,11 @@ async fn show_pools_clients_and_servers_after_known_traffic() {
     assert_eq!(n("sv_open"), n("sv_active") + n("sv_idle") + n("sv_login"));
 
     let clients = show(&proxy, "CLIENTS").await;
-    assert_eq!(
-        clients.columns,
-        [
-            "type",
-            "user",
-            "database",
-            "state",
-            "addr",
-            "port",
-            "local_addr",
-            "local_port",
-            "connect_time",
-            "request_time",
-            "wait",
-            "wait_us",
-            "close_needed",
-            "ptr",
-            "link",
-            "remote_pid",
-            "tls",
-            "application_name",
-            "id"
-        ]
-    );
     let holder = clients.one("application_name", "holder");
     assert_eq!(clients.get(holder, "state"), "active");
-    assert_eq!(clients.get(holder, "link"), pid);
+    // Its link is the server connection's ptr.
+    let server_ptr = format!("{:#x}", pid.parse::<i32>().unwrap());
+    assert_eq!(clients.get(holder, "link"), server_ptr);
     assert_eq!(clients.get(holder, "database"), DB);
     assert_eq!(clients.get(holder, "user"), APP.0);
     assert_eq!(clients.get(holder, "addr"), "127.0.0.1");
@@ -225,25 +121,12 @@ async fn show_pools_clients_and_servers_after_known_traffic() {
     assert_eq!((clients.get(console, "user"), clients.get(console, "state")), ("postgres", "active"));
 
     let servers = show(&proxy, "SERVERS").await;
-    assert_eq!(
-        servers.columns,
-        [
-            "type",
-            "user",
-            "database",
-            "state",
-            "addr",
-            "port",
-            "connect_time",
-            "request_time",
-            "remote_pid",
-            "node",
-            "role"
-        ]
-    );
+    assert_eq!(servers.columns[21..], ["node", "role"]);
     let s = servers.one("remote_pid", &pid);
     assert_eq!((servers.get(s, "state"), servers.get(s, "database"), servers.get(s, "user")), ("active", DB, APP.0));
     assert_eq!(servers.get(s, "port"), support::cluster_async().await.primary().port().to_string());
+    assert_eq!((servers.get(s, "ptr"), servers.get(s, "link")), (server_ptr.as_str(), clients.get(holder, "ptr")));
+    assert_eq!(servers.get(s, "application_name"), "holder");
 
     a.batch_execute("COMMIT").await.unwrap();
     // The client may read COMMIT's answer a moment before pgmux checks the backend in.
@@ -254,7 +137,7 @@ async fn show_pools_clients_and_servers_after_known_traffic() {
     .await;
     let pools = show(&proxy, "POOLS").await;
     let row = pools.one("database", DB);
-    assert_eq!((pools.get(row, "cl_active"), pools.get(row, "sv_active")), ("0", "0"));
+    assert_eq!((pools.get(row, "cl_active"), pools.get(row, "sv_active")), ("3", "0"));
     assert_eq!(pools.get(row, "cl_idle"), "3");
     proxy.shutdown().await;
 }
@@ -265,28 +148,6 @@ async fn show_stats_counts_transactions() {
     let c = proxy.app().await;
     c.simple_query("SELECT 1").await.unwrap();
     let before = show(&proxy, "STATS").await;
-    assert_eq!(
-        before.columns,
-        [
-            "database",
-            "total_xact_count",
-            "total_query_count",
-            "total_received",
-            "total_sent",
-            "total_xact_time",
-            "total_query_time",
-            "total_wait_time",
-            "avg_xact_count",
-            "avg_query_count",
-            "avg_recv",
-            "avg_sent",
-            "avg_xact_time",
-            "avg_query_time",
-            "avg_wait_time",
-            "node",
-            "role"
-        ]
-    );
     let total = |t: &Table, col| t.get(t.one("database", DB), col).parse::<u64>().unwrap();
     for _ in 0..4 {
         c.simple_query("SELECT 1").await.unwrap();
@@ -314,31 +175,14 @@ async fn show_databases_config_replicas_version_and_help() {
     let proxy = Proxy::start(&toml).await;
 
     let dbs = show(&proxy, "DATABASES").await;
-    assert_eq!(
-        dbs.columns,
-        [
-            "name",
-            "host",
-            "port",
-            "database",
-            "pool_size",
-            "min_pool_size",
-            "pool_mode",
-            "max_connections",
-            "current_connections",
-            "paused",
-            "disabled"
-        ]
-    );
     let app = dbs.one("name", DB);
     assert_eq!(dbs.get(app, "host"), cluster.primary().host());
     assert_eq!(dbs.get(app, "port"), cluster.primary().port().to_string());
     assert_eq!(dbs.get(app, "database"), DB);
     assert_eq!((dbs.get(app, "pool_size"), dbs.get(app, "min_pool_size")), ("3", "1"));
-    assert_eq!(
-        (dbs.get(app, "pool_mode"), dbs.get(app, "paused"), dbs.get(app, "disabled")),
-        ("transaction", "0", "0")
-    );
+    // pool_mode is the database's own (NULL, printed empty: it inherits [proxy]'s).
+    assert_eq!((dbs.get(app, "pool_mode"), dbs.get(app, "paused"), dbs.get(app, "disabled")), ("", "0", "0"));
+    assert_eq!((dbs.get(app, "force_user"), dbs.get(app, "server_lifetime")), ("", "3600"));
     assert_eq!(dbs.get(dbs.one("name", "postgres"), "min_pool_size"), "0");
 
     let config = show(&proxy, "CONFIG").await;
@@ -348,7 +192,13 @@ async fn show_databases_config_replicas_version_and_help() {
     let listen = config.one("key", "proxy.listen");
     assert_eq!(config.get(listen, "value"), "127.0.0.1:0");
     assert_eq!(config.get(config.one("key", "routing.load_balance"), "value"), "least_connections");
-    assert!(config.rows.iter().all(|r| r[0].starts_with("proxy.") || r[0].starts_with("routing.")));
+    // PgBouncer's names follow pgmux's, in PgBouncer's formats.
+    let qwt = config.one("key", "query_wait_timeout");
+    assert_eq!(
+        (config.get(qwt, "value"), config.get(qwt, "default"), config.get(qwt, "changeable")),
+        ("7", "5", "yes")
+    );
+    assert_eq!(config.get(config.one("key", "listen_port"), "changeable"), "no");
     assert!(!config.rows.iter().flatten().any(|v| v.contains("password") || v.contains(APP.1)));
 
     let replicas = show(&proxy, "REPLICAS").await;
@@ -369,7 +219,9 @@ async fn show_databases_config_replicas_version_and_help() {
     assert_eq!(version.rows, [[format!("pgmux {}", env!("CARGO_PKG_VERSION"))]]);
 
     let (_, notices) = psql(&proxy, "show help;").await.expect("SHOW HELP");
-    for cmd in ["SHOW POOLS", "SHOW CLIENTS", "PAUSE [db]", "KILL_CLIENT id", "SHUTDOWN", "RELOAD"] {
+    for cmd in
+        ["SHOW POOLS", "SHOW NODE_STATS", "SHOW STATS_TOTALS", "PAUSE [db]", "KILL_CLIENT id", "SHUTDOWN", "RELOAD"]
+    {
         assert!(notices.contains(cmd), "SHOW HELP lacks {cmd}: {notices}");
     }
     proxy.shutdown().await;
@@ -774,17 +626,24 @@ async fn metrics_and_show_stats_count_queries_bytes_errors_and_prepared_statemen
     assert_eq!(after.value("pgmux_bytes_in_total", &pool) - before.value("pgmux_bytes_in_total", &pool), 5.0 * 14.0);
     assert_eq!(after.value("pgmux_bytes_out_total", &pool) - before.value("pgmux_bytes_out_total", &pool), 5.0 * 66.0);
 
-    let stats = show(&proxy, "STATS").await;
+    let stats = show(&proxy, "NODE_STATS").await;
     let row = stats.one("database", DB);
-    let n = |col| stats.get(row, col).parse::<u64>().unwrap_or_else(|_| panic!("{col} is not a number: {stats:?}"));
-    // Checkouts also count the one that learnt the server's parameters at the first login.
-    assert_eq!((n("total_query_count"), n("total_xact_count")), (1 + 9 + 5, 1 + 1 + 9 + 5));
+    let n = |col| stats.num(row, col);
+    // Checkouts also count the one that learnt the server's parameters at
+    // the first login: a server assignment, not a client's transaction.
+    assert_eq!((n("total_query_count"), n("total_xact_count")), (1 + 9 + 5, 1 + 9 + 5));
+    assert_eq!(n("total_server_assignment_count"), 1 + 1 + 9 + 5);
+    assert_eq!((n("total_client_parse_count"), n("total_server_parse_count"), n("total_bind_count")), (1, 1, 2));
     assert!(n("total_received") >= 10 * 14, "{stats:?}");
     assert_eq!(n("total_received"), after.value("pgmux_bytes_in_total", &pool) as u64);
     assert_eq!(n("total_sent"), after.value("pgmux_bytes_out_total", &pool) as u64);
     assert!(n("total_query_time") > 0 && n("avg_query_time") > 0, "{stats:?}");
     assert_eq!(n("avg_query_time"), n("total_query_time") / n("total_query_count"));
     assert_eq!((stats.get(row, "node"), stats.get(row, "role")), (primary.as_str(), "primary"));
+    assert_eq!(after.value("pgmux_prepared_binds_total", &pool), 2.0);
+    let pair = [("database", DB), ("user", APP.0)];
+    assert_eq!(after.value("pgmux_prepared_client_parses_total", &pair), 1.0);
+    assert_eq!(after.value("pgmux_prepared_server_parses_total", &pair), 1.0);
     proxy.shutdown().await;
 }
 
@@ -824,18 +683,32 @@ async fn replica_pools_show_up_in_metrics_and_show_commands() {
     assert!(m.value("pgmux_replica_lag_bytes", &node) >= 0.0);
     assert_eq!(m.value("pgmux_node_up", &node), 1.0);
 
-    let pools = show(&proxy, "POOLS").await;
+    let pools = show(&proxy, "NODE_POOLS").await;
     let r = pools.one("node", &replica);
     assert_eq!((pools.get(r, "database"), pools.get(r, "user"), pools.get(r, "role")), (DB, APP.0, "replica"));
-    assert_eq!(pools.get(pools.one("node", &primary), "role"), "primary");
+    let p = pools.one("node", &primary);
+    assert_eq!(pools.get(p, "role"), "primary");
+    // SHOW POOLS has PgBouncer's one row per (database, user): the nodes summed.
+    let summed = show(&proxy, "POOLS").await;
+    let s = summed.one("database", DB);
+    assert_eq!(summed.num(s, "sv_open"), pools.num(r, "sv_open") + pools.num(p, "sv_open"), "{summed:?} {pools:?}");
     let servers = show(&proxy, "SERVERS").await;
     let on = servers.find("role", "replica");
     assert!(!on.is_empty(), "{servers:?}");
     assert!(on.iter().all(|r| servers.get(r, "port") == cluster.replicas()[0].port().to_string()), "{servers:?}");
-    let stats = show(&proxy, "STATS").await;
+    let stats = show(&proxy, "NODE_STATS").await;
     let r = stats.one("node", &replica);
     assert_eq!(stats.get(r, "role"), "replica");
-    assert!(stats.get(r, "total_query_count").parse::<u64>().unwrap() >= 1, "{stats:?}");
+    assert!(stats.num(r, "total_query_count") >= 1, "{stats:?}");
+    // SHOW STATS sums the nodes (once the last read is counted, just after its answer).
+    eventually(SOON, "SHOW STATS to be NODE_STATS summed", || async {
+        let nodes = show(&proxy, "NODE_STATS").await;
+        let stats = show(&proxy, "STATS").await;
+        let q = |t: &Table, r: &Vec<String>| t.num(r, "total_query_count");
+        q(&stats, stats.one("database", DB))
+            == q(&nodes, nodes.one("node", &replica)) + q(&nodes, nodes.one("node", &primary))
+    })
+    .await;
     proxy.shutdown().await;
 }
 

@@ -531,11 +531,11 @@ async fn reload_retires_the_pools_of_a_removed_replica() {
     let replica_rows = |rows: Vec<std::collections::HashMap<String, String>>| {
         rows.into_iter().filter(|r| r["role"] == "replica").count()
     };
-    assert_eq!(replica_rows(show(&admin, "POOLS").await), 1);
+    assert_eq!(replica_rows(show(&admin, "NODE_POOLS").await), 1);
 
     file.write(&routed(""));
     admin.simple_query("RELOAD").await.expect("RELOAD");
-    assert_eq!(replica_rows(show(&admin, "POOLS").await), 0);
+    assert_eq!(replica_rows(show(&admin, "NODE_POOLS").await), 0);
     // The client logged in while the replica was configured: its reads now stay on the primary.
     for _ in 0..5 {
         assert_eq!(server_port(&c).await, cluster.primary().port().to_string());

@@ -61,8 +61,14 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "SHOW POOLS",
         arg: Arg::None,
-        help: "clients and server connections per (database, user) pool and node (primary or replica)",
+        help: "clients and server connections per (database, user), all nodes summed (PgBouncer's columns, then cl_idle, sv_open, pinned)",
         run: |s, _| Reply::Rows(show::pools(s)),
+    },
+    Command {
+        name: "SHOW NODE_POOLS",
+        arg: Arg::None,
+        help: "SHOW POOLS per node: the primary's pool and each replica's, with node and role",
+        run: |s, _| Reply::Rows(show::node_pools(s)),
     },
     Command {
         name: "SHOW CLIENTS",
@@ -77,29 +83,106 @@ const COMMANDS: &[Command] = &[
         run: |s, _| Reply::Rows(show::servers(s)),
     },
     Command {
+        name: "SHOW SOCKETS",
+        arg: Arg::None,
+        help: "clients and server connections together, in PgBouncer's low-level form",
+        run: |s, _| Reply::Rows(show::sockets(s)),
+    },
+    Command {
+        name: "SHOW ACTIVE_SOCKETS",
+        arg: Arg::None,
+        help: "SHOW SOCKETS for linked clients and server connections only",
+        run: |s, _| Reply::Rows(show::active_sockets(s)),
+    },
+    Command {
         name: "SHOW STATS",
         arg: Arg::None,
-        help: "totals per database and node since start (transactions, queries, bytes, times in us); \
-               averages are since the pool was created",
+        help: "per database since start: assignments, transactions, queries, bytes, times (us); averages over the last minute or so",
         run: |s, _| Reply::Rows(show::stats(s)),
+    },
+    Command {
+        name: "SHOW STATS_TOTALS",
+        arg: Arg::None,
+        help: "SHOW STATS' totals",
+        run: |s, _| Reply::Rows(show::stats_totals(s)),
+    },
+    Command {
+        name: "SHOW STATS_AVERAGES",
+        arg: Arg::None,
+        help: "SHOW STATS' averages",
+        run: |s, _| Reply::Rows(show::stats_averages(s)),
+    },
+    Command {
+        name: "SHOW TOTALS",
+        arg: Arg::None,
+        help: "SHOW STATS summed over every database, a row per figure",
+        run: |s, _| Reply::Rows(show::totals(s)),
+    },
+    Command {
+        name: "SHOW NODE_STATS",
+        arg: Arg::None,
+        help: "SHOW STATS per node of each database, with node and role",
+        run: |s, _| Reply::Rows(show::node_stats(s)),
     },
     Command {
         name: "SHOW DATABASES",
         arg: Arg::None,
-        help: "configured databases, their pool settings, and whether they are paused",
+        help: "configured databases, their pool settings, connection counts, and whether they are paused",
         run: |s, _| Reply::Rows(show::databases(s)),
     },
     Command {
-        name: "SHOW CONFIG",
+        name: "SHOW USERS",
         arg: Arg::None,
-        help: "[proxy] and [routing] settings with their defaults",
-        run: |s, _| Reply::Rows(show::config(s)),
+        help: "configured users and their connection counts",
+        run: |s, _| Reply::Rows(show::users(s)),
     },
     Command {
         name: "SHOW REPLICAS",
         arg: Arg::None,
         help: "configured nodes: state, replay LSN, lag, in rotation or why not",
         run: |s, _| Reply::Rows(show::replicas(s)),
+    },
+    Command {
+        name: "SHOW CONFIG",
+        arg: Arg::None,
+        help: "[proxy] and [routing] settings with their defaults, then those PgBouncer also has, by its names",
+        run: |s, _| Reply::Rows(show::config(s)),
+    },
+    Command {
+        name: "SHOW LISTS",
+        arg: Arg::None,
+        help: "counts of databases, users, pools, clients and server connections",
+        run: |s, _| Reply::Rows(show::lists(s)),
+    },
+    Command {
+        name: "SHOW MEM",
+        arg: Arg::None,
+        help: "size and count of each kind of object (fixed part)",
+        run: |s, _| Reply::Rows(show::mem(s)),
+    },
+    Command {
+        name: "SHOW STATE",
+        arg: Arg::None,
+        help: "whether everything is paused",
+        run: |s, _| Reply::Rows(show::state(s)),
+    },
+    Command {
+        name: "SHOW FDS",
+        arg: Arg::None,
+        help: "PgBouncer's online-restart socket list: no rows (pgmux hands no sockets over)",
+        run: |s, _| Reply::Rows(show::fds(s)),
+    },
+    Command {
+        name: "SHOW DNS_HOSTS",
+        arg: Arg::None,
+        help: "PgBouncer's DNS cache: no rows (pgmux resolves at each connect)",
+        run: |s, _| Reply::Rows(show::dns_hosts(s)),
+    },
+    Command {
+        name: "SHOW DNS_ZONES",
+        arg: Arg::None,
+        help: "PgBouncer's DNS zones: no rows",
+        run: |s, _| Reply::Rows(show::dns_zones(s)),
     },
     Command { name: "SHOW VERSION", arg: Arg::None, help: "pgmux version", run: |_, _| Reply::Rows(show::version()) },
     Command {
@@ -292,10 +375,10 @@ pub(super) fn parse(query: &str) -> Result<Option<(&'static Command, Option<&str
 fn write_reply(out: &mut BytesMut, reply: Reply) {
     match reply {
         Reply::Rows(rs) => {
-            msg::row_description(out, &rs.columns);
+            let columns: Vec<(&str, u32, i16)> = rs.columns.iter().map(|c| (c.name, c.ty.oid(), c.ty.size())).collect();
+            msg::row_description_typed(out, &columns);
             for row in &rs.rows {
-                let values: Vec<Option<&str>> = row.iter().map(|v| Some(v.as_str())).collect();
-                msg::data_row(out, &values);
+                msg::data_row(out, row);
             }
             // PgBouncer's tag; psql counts the rows itself.
             msg::command_complete(out, "SHOW");

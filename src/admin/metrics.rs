@@ -286,6 +286,32 @@ impl Collector for PgmuxCollector {
             "Bind/Describe of a named prepared statement pgmux first had to prepare on the server connection.",
             views.iter().map(|v| (node_labels(v), v.pool.counters().prepared_misses.load(Ordering::Relaxed))),
         )?;
+        counters(
+            &mut enc,
+            "pgmux_prepared_binds",
+            "Binds of a client's named prepared statement, by node (SHOW STATS bind_count).",
+            views.iter().map(|v| (node_labels(v), v.pool.counters().binds.load(Ordering::Relaxed))),
+        )?;
+        // Named statements belong to the (database, user), whichever node parses them.
+        let mut parses: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
+        for v in &views {
+            let tally = v.pool.statements.tally();
+            let p = parses.entry((&v.database, &v.user)).or_default();
+            p.0 += tally.client_parses.load(Ordering::Relaxed);
+            p.1 += tally.server_parses.load(Ordering::Relaxed);
+        }
+        counters(
+            &mut enc,
+            "pgmux_prepared_client_parses",
+            "Named prepared statements clients created (SHOW STATS client_parse_count).",
+            parses.iter().map(|((db, user), p)| (vec![("database", *db), ("user", *user)], p.0)),
+        )?;
+        counters(
+            &mut enc,
+            "pgmux_prepared_server_parses",
+            "Named prepared statements servers parsed for pgmux (SHOW STATS server_parse_count).",
+            parses.iter().map(|((db, user), p)| (vec![("database", *db), ("user", *user)], p.1)),
+        )?;
         let classes = shared.stats.errors.nonzero();
         counters(
             &mut enc,

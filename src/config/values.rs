@@ -5,6 +5,23 @@ use std::time::Duration;
 
 use super::{Config, LoadBalance, OnSessionState, PoolMode, ReadYourWrites, ServerTlsMode, StickyScope, TlsMode};
 
+pub fn tls_mode(m: TlsMode) -> &'static str {
+    match m {
+        TlsMode::Disable => "disable",
+        TlsMode::Allow => "allow",
+        TlsMode::Require => "require",
+    }
+}
+
+pub fn server_tls_mode(m: ServerTlsMode) -> &'static str {
+    match m {
+        ServerTlsMode::Disable => "disable",
+        ServerTlsMode::Prefer => "prefer",
+        ServerTlsMode::Require => "require",
+        ServerTlsMode::VerifyFull => "verify-full",
+    }
+}
+
 pub fn mode_str(m: PoolMode) -> &'static str {
     match m {
         PoolMode::Transaction => "transaction",
@@ -49,25 +66,8 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ),
         ("proxy.tls_cert", path(&p.tls_cert)),
         ("proxy.tls_key", path(&p.tls_key)),
-        (
-            "proxy.tls_mode",
-            match p.tls_mode {
-                TlsMode::Disable => "disable",
-                TlsMode::Allow => "allow",
-                TlsMode::Require => "require",
-            }
-            .into(),
-        ),
-        (
-            "proxy.server_tls",
-            match p.server_tls {
-                ServerTlsMode::Disable => "disable",
-                ServerTlsMode::Prefer => "prefer",
-                ServerTlsMode::Require => "require",
-                ServerTlsMode::VerifyFull => "verify-full",
-            }
-            .into(),
-        ),
+        ("proxy.tls_mode", tls_mode(p.tls_mode).into()),
+        ("proxy.server_tls", server_tls_mode(p.server_tls).into()),
         ("proxy.server_tls_ca", path(&p.server_tls_ca)),
         ("routing.read_write_split", r.read_write_split.to_string()),
         (

@@ -115,12 +115,18 @@ pub struct PoolStats {
 }
 
 /// An idle backend as SHOW SERVERS lists it; copied out under the lock.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct IdleBackend {
     pub pid: i32,
     pub addr: std::net::SocketAddr,
+    /// pgmux's end of the connection.
+    pub local: Option<std::net::SocketAddr>,
+    /// TLS protocol and cipher suite; `None` for plain.
+    pub tls: Option<String>,
     pub created: Instant,
     pub last_used: Instant,
+    /// Named statements prepared on it.
+    pub prepared: usize,
 }
 
 #[derive(Debug)]
@@ -234,7 +240,15 @@ impl Pool {
         let inner = self.lock();
         inner
             .idle()
-            .map(|b| IdleBackend { pid: b.pid, addr: b.addr, created: b.created(), last_used: b.last_used() })
+            .map(|b| IdleBackend {
+                pid: b.pid,
+                addr: b.addr,
+                local: b.stream.local_addr().ok(),
+                tls: b.stream.tls_description(),
+                created: b.created(),
+                last_used: b.last_used(),
+                prepared: b.prepared.len(),
+            })
             .collect()
     }
 

@@ -25,13 +25,18 @@ pub struct Statement {
     users: AtomicUsize,
     /// The registry's count of statements that lost their last user.
     deaths: Arc<AtomicU64>,
+    /// The registry's [`Tally`].
+    tally: Arc<Tally>,
     /// A server has parsed it successfully: a client preparing the same
     /// text can be answered without a backend (see `client::prepare_locally`).
     validated: AtomicBool,
 }
 
 impl Statement {
+    /// A server answered a Parse of it with ParseComplete: it is known good,
+    /// and one more server-side statement was created (SHOW STATS).
     pub fn mark_validated(&self) {
+        self.tally.server_parses.fetch_add(1, Ordering::Relaxed);
         self.validated.store(true, Ordering::Relaxed);
     }
 
@@ -39,8 +44,9 @@ impl Statement {
         self.validated.load(Ordering::Relaxed)
     }
 
-    /// A client bound a name to it.
+    /// A client bound a name to it: the client prepared a named statement.
     pub fn acquire(&self) {
+        self.tally.client_parses.fetch_add(1, Ordering::Relaxed);
         self.users.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -56,12 +62,26 @@ impl Statement {
     }
 }
 
+/// Named-statement counts of one pool since it was created, PgBouncer's
+/// `client_parse_count` and `server_parse_count`: counted where the
+/// statements themselves are, so the relay needs no extra bookkeeping.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Named statements clients prepared (a Parse through a backend, or one
+    /// answered without one).
+    pub client_parses: AtomicU64,
+    /// Named statements servers parsed for pgmux: a client's Parse forwarded,
+    /// or one pgmux sent before a Bind or Describe on a backend lacking it.
+    pub server_parses: AtomicU64,
+}
+
 /// Interning table of one pool.
 #[derive(Debug, Default)]
 pub struct Registry {
     by_body: Mutex<HashMap<Bytes, Arc<Statement>>>,
     next_id: AtomicU64,
     deaths: Arc<AtomicU64>,
+    tally: Arc<Tally>,
 }
 
 impl Registry {
@@ -79,6 +99,7 @@ impl Registry {
             body: body.clone(),
             users: AtomicUsize::new(0),
             deaths: self.deaths.clone(),
+            tally: self.tally.clone(),
             validated: AtomicBool::new(false),
         });
         map.insert(body, st.clone());
@@ -112,6 +133,10 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn tally(&self) -> &Tally {
+        &self.tally
     }
 }
 
@@ -239,6 +264,9 @@ mod tests {
         assert!(set.touch(b.id) && !set.touch(a.id));
         // a left the registry too: the same text gets a fresh statement.
         assert_ne!(r.intern(b"a\0\0\0").id, a.id);
+        b.mark_validated();
+        assert_eq!(r.tally().client_parses.load(Ordering::Relaxed), 3);
+        assert_eq!(r.tally().server_parses.load(Ordering::Relaxed), 1);
     }
 
     #[test]

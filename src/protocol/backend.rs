@@ -188,19 +188,26 @@ pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     Some((name, value))
 }
 
-/// Result sets pgmux answers itself (the admin console) are all text: OID
-/// 25, format 0, no table. Clients print text whatever the column means.
+/// Text columns: OID 25, variable length.
 const TEXT_OID: u32 = 25;
 
+/// A RowDescription of text columns (format 0, no table).
 pub fn row_description(buf: &mut BytesMut, columns: &[&str]) {
+    let typed: Vec<(&str, u32, i16)> = columns.iter().map(|&name| (name, TEXT_OID, -1)).collect();
+    row_description_typed(buf, &typed);
+}
+
+/// A RowDescription of `(name, type OID, type length)` columns, values sent
+/// as text (format 0, no table): the admin console declares PgBouncer's types.
+pub fn row_description_typed(buf: &mut BytesMut, columns: &[(&str, u32, i16)]) {
     write_message(buf, tag::ROW_DESCRIPTION, |b| {
         b.put_u16(columns.len() as u16);
-        for name in columns {
+        for &(name, oid, len) in columns {
             put_cstr(b, name);
             b.put_u32(0); // table OID
             b.put_u16(0); // column number
-            b.put_u32(TEXT_OID);
-            b.put_i16(-1); // variable length
+            b.put_u32(oid);
+            b.put_i16(len);
             b.put_i32(-1); // no type modifier
             b.put_u16(0); // text format
         }

@@ -8,7 +8,9 @@
 // Each test binary compiles its own copy and uses only part of it.
 #![allow(dead_code)]
 
+pub mod console;
 pub mod faults;
+pub mod pgbouncer;
 pub mod proxy;
 pub mod raw;
 

@@ -174,6 +174,7 @@ impl Link {
                 let name_start = start + HEADER_LEN + portal.len() + 1;
                 let name_end = name_start + name.len();
                 self.ensure_prepared(&st, scope, prepared, &mut out);
+                self.traffic.binds += 1;
                 let new_end = statements::rename(buf, start, end, name_start, name_end, st.server_name.as_bytes());
                 self.expect.push_back(Expect::Bind { statement: Some(st) });
                 self.insert_in_front(buf, start, new_end, &out)
