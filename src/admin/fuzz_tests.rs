@@ -8,7 +8,7 @@ use super::console::{Reply, parse};
 use super::metrics::request_target;
 use crate::protocol::sqlstate::SqlState;
 
-/// See `cases` in tests/fuzz.rs: PROPTEST_CASES, when set, wins.
+/// See `cases` in tests/fuzz/main.rs: PROPTEST_CASES, when set, wins.
 fn cases(n: u32) -> ProptestConfig {
     ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
 }

@@ -14,7 +14,7 @@ use crate::protocol::frontend::{
 use crate::sql::statements::{StatementCommand, statement_command};
 use std::borrow::Cow;
 
-/// See `cases` in tests/fuzz.rs: PROPTEST_CASES, when set, wins.
+/// See `cases` in tests/fuzz/main.rs: PROPTEST_CASES, when set, wins.
 fn cases(n: u32) -> ProptestConfig {
     ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
 }

@@ -515,7 +515,7 @@ fn columns_count_characters_not_bytes() {
 
 /// A quoted key or a value may hold a newline; serde and our messages echo
 /// them, which split one error over two lines, the second without its
-/// `file:line:col:` (found by tests/fuzz.rs, config_any_text).
+/// `file:line:col:` (found by tests/fuzz/, config_any_text).
 #[test]
 fn an_error_is_one_line_whatever_it_quotes() {
     let msg = parse_err("\"new\\nline\" = \"5s\"", 1, "new\\nline", "unknown field \"new\\nline\"");

@@ -1,5 +1,5 @@
 //! Property tests of the lexer, which is private to the crate. The
-//! classifier's own properties, over the public API, are in tests/fuzz.rs.
+//! classifier's own properties, over the public API, are in tests/fuzz/.
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use super::corpus::CORPUS;
 use super::lex::{Lexer, Tok, block_comment_end};
 
-/// See `cases` in tests/fuzz.rs: PROPTEST_CASES, when set, wins.
+/// See `cases` in tests/fuzz/main.rs: PROPTEST_CASES, when set, wins.
 fn cases(n: u32) -> ProptestConfig {
     ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
 }
@@ -117,7 +117,7 @@ proptest! {
 
 /// One piece repeated up to 1 MiB lexes in well under a second. Cases are
 /// a megabyte each: a hundredth of PROPTEST_CASES (see `run_heavy` in
-/// tests/fuzz.rs).
+/// tests/fuzz/).
 #[test]
 fn lexer_is_linear() {
     let long = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse::<u32>().ok());

@@ -170,7 +170,7 @@ mod tests {
     /// Each `set_config(` used to copy the rest of the text, and each name
     /// was searched for in all names found so far: quadratic in a Query that
     /// repeats either (77 KB took over a second in a debug build, 64 MiB
-    /// would take hours). Found by tests/fuzz.rs,
+    /// would take hours). Found by tests/fuzz/,
     /// settings_and_pinning_scans_are_fast.
     #[test]
     fn many_set_config_calls_or_names_take_linear_time() {

@@ -247,7 +247,7 @@ fn deep_nesting_is_a_write_not_a_stack_overflow() {
 
 /// A `;` inside COPY's parentheses ended the nested statement, so what
 /// followed it was read as the rest of the COPY: `COPY (SELECT 1; TO
-/// STDOUT` was a read (PostgreSQL rejects it; found by tests/fuzz.rs,
+/// STDOUT` was a read (PostgreSQL rejects it; found by tests/fuzz/,
 /// reads_compose, with `COPY ( SELECT 1` and `TO STDOUT` joined by `;`).
 #[test]
 fn semicolon_inside_parentheses_is_never_a_read() {
@@ -268,7 +268,7 @@ fn semicolon_inside_parentheses_is_never_a_read() {
 
 /// A text that ends with parentheses open is rejected by PostgreSQL; it is
 /// never a read, so that joining it to a read by `;` cannot change what it
-/// was (tests/fuzz.rs, reads_compose: `SHOW nextval(` and `SELECT`).
+/// was (tests/fuzz/, reads_compose: `SHOW nextval(` and `SELECT`).
 #[test]
 fn parentheses_left_open_are_never_a_read() {
     for sql in ["SHOW nextval(", "SHOW nextval(\n;\nSELECT", "SHOW x((y)"] {
