@@ -8,6 +8,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod convert;
 pub mod demo;
 pub mod live;
 pub mod net;

@@ -31,6 +31,14 @@ enum Command {
     Check,
     /// Start a throwaway primary + replica, pgmux in front, and drive pgbench traffic through it.
     Demo,
+    /// Print a proxy.toml equivalent to a PgBouncer configuration; what cannot be carried over
+    /// is listed on stderr and as comments in the output.
+    Convert {
+        /// pgbouncer.ini
+        ini: PathBuf,
+        /// Its auth_file (userlist.txt), for the [[users]] entries.
+        userlist: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +74,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Convert { ini, userlist }) => {
+            let read = |p: &PathBuf| {
+                pgmux::config::read_bounded(p, pgmux::config::MAX_CONFIG_FILE)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .inspect_err(|e| eprintln!("pgmux convert: {}: {e}", p.display()))
+                    .ok()
+            };
+            let Some(ini_text) = read(&ini) else { return ExitCode::FAILURE };
+            let users = match &userlist {
+                Some(p) => match read(p) {
+                    Some(t) => Some(t),
+                    None => return ExitCode::FAILURE,
+                },
+                None => None,
+            };
+            let out = pgmux::convert::convert(&ini_text, users.as_deref());
+            print!("{}", out.toml);
+            if !out.skipped.is_empty() {
+                eprintln!(
+                    "pgmux convert: {} settings not carried over (listed at the top of the output):",
+                    out.skipped.len()
+                );
+                for s in &out.skipped {
+                    eprintln!("  {s}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Some(Command::Demo) => {
             let Some(runtime) = runtime(pgmux::config::ProxyConfig::default().workers) else {
                 return ExitCode::FAILURE;

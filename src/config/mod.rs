@@ -443,7 +443,7 @@ impl Config {
 }
 
 /// A proxy.toml is a few kilobytes; a file this large was named by mistake.
-const MAX_CONFIG_FILE: u64 = 4 << 20;
+pub const MAX_CONFIG_FILE: u64 = 4 << 20;
 
 /// Reads a file the configuration names, refusing one larger than `limit`
 /// bytes instead of allocating for it: `/dev/zero` or a log file named by
