@@ -87,6 +87,19 @@ impl Postgres {
         pg
     }
 
+    /// One value, from psql over the Unix socket as the superuser.
+    fn query(&self, sql: &str) -> String {
+        let out = self
+            .command("psql")
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", "postgres", "-h"])
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -103,8 +116,18 @@ impl Postgres {
     }
 
     async fn login(&self, user: &str, db: &str, password: Option<&str>) -> Result<ServerHello, BackendLoginError> {
+        let credential = password.map(|p| pgmux::auth::Credential::Password(p.to_owned()));
+        self.login_with(user, db, credential.as_ref()).await
+    }
+
+    async fn login_with(
+        &self,
+        user: &str,
+        db: &str,
+        credential: Option<&pgmux::auth::Credential>,
+    ) -> Result<ServerHello, BackendLoginError> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect to postgres");
-        login_backend(&mut stream, user, db, password, &[("application_name", "pgmux-test")]).await
+        login_backend(&mut stream, user, db, credential, &[("application_name", "pgmux-test")]).await
     }
 }
 
@@ -195,4 +218,47 @@ async fn login_with_every_auth_method() {
     assert!(matches!(r, Err(BackendLoginError::NoPassword { method: "SCRAM-SHA-256" })), "{r:?}");
     let r = pg.login("md5_user", "postgres", None).await;
     assert!(matches!(r, Err(BackendLoginError::NoPassword { method: "md5" })), "{r:?}");
+}
+
+/// The keys a client's SCRAM proof reveals to a server holding `stored`
+/// (as pgmux gets them when it checks a client against an auth_query result).
+fn keys_from_client_proof(stored: &str, password: &str) -> pgmux::auth::ScramKeys {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let mut server =
+        pgmux::auth::ScramServer::new(pgmux::auth::ScramVerifier::parse(stored).expect("a SCRAM verifier"));
+    let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+    let server_first = server.server_first(client.message()).unwrap();
+    client.update(&server_first).unwrap();
+    let server_final = server.verify_final(client.message()).expect("the client's proof matches");
+    client.finish(&server_final).unwrap();
+    server.keys().expect("keys after a matching proof").clone()
+}
+
+/// SCRAM and md5 pass-through: pgmux logs in to Postgres with what a
+/// client's login proved, never the plaintext. A changed password makes the
+/// old keys fail as a wrong password would.
+#[tokio::test]
+async fn login_with_what_a_client_proved() {
+    use pgmux::auth::Credential;
+    let pg = Postgres::start();
+    let stored = pg.query("SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = 'scram_user'");
+    let keys = Credential::Scram(keys_from_client_proof(&stored, "scram pw"));
+    assert_hello(&pg.login_with("scram_user", "postgres", Some(&keys)).await.expect("SCRAM pass-through"));
+
+    let md5 = Credential::Md5Hash(pgmux::auth::md5::stored_hash("md5 pw", "md5_user"));
+    assert_hello(&pg.login_with("md5_user", "postgres", Some(&md5)).await.expect("md5 with the stored hash"));
+
+    // Each credential serves only its method.
+    let r = pg.login_with("scram_user", "postgres", Some(&md5)).await;
+    assert!(matches!(r, Err(BackendLoginError::NoPassword { method: "SCRAM-SHA-256" })), "{r:?}");
+    let r = pg.login_with("md5_user", "postgres", Some(&keys)).await;
+    assert!(matches!(r, Err(BackendLoginError::NoPassword { method: "md5" })), "{r:?}");
+
+    // Keys of another verifier (here: the password after a change) are refused.
+    pg.query("ALTER ROLE scram_user PASSWORD 'changed pw'");
+    let r = pg.login_with("scram_user", "postgres", Some(&keys)).await;
+    assert_server_error(r, SqlState::INVALID_PASSWORD, "password authentication failed for user \"scram_user\"");
+    let stored = pg.query("SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = 'scram_user'");
+    let fresh = Credential::Scram(keys_from_client_proof(&stored, "changed pw"));
+    assert_hello(&pg.login_with("scram_user", "postgres", Some(&fresh)).await.expect("the new password's keys"));
 }

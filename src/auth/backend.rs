@@ -10,6 +10,9 @@ use std::io;
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+
+use super::Credential;
+use super::scram::KeyedScramClient;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -85,6 +88,8 @@ impl BackendLoginError {
 enum Auth {
     Pending,
     Scram(Box<ScramSha256>),
+    /// SCRAM with keys a client's proof revealed (pass-through).
+    Keyed(Box<KeyedScramClient>),
     ScramFinished,
     Done,
 }
@@ -95,7 +100,7 @@ pub async fn login_backend<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
     database: &str,
-    password: Option<&str>,
+    credential: Option<&Credential>,
     params: &[(&str, &str)],
 ) -> Result<ServerHello, BackendLoginError> {
     let mut out = BytesMut::new();
@@ -116,7 +121,7 @@ pub async fn login_backend<S: AsyncRead + AsyncWrite + Unpin>(
                     return Err(protocol("short Authentication message"));
                 }
                 let code = body.get_i32();
-                auth = authenticate(auth, code, body, user, password, &mut out).await?;
+                auth = authenticate(auth, code, body, user, credential, &mut out).await?;
                 if !out.is_empty() {
                     send(stream, &mut out).await?;
                 }
@@ -159,11 +164,15 @@ async fn authenticate(
     code: i32,
     data: BytesMut,
     user: &str,
-    password: Option<&str>,
+    credential: Option<&Credential>,
     out: &mut BytesMut,
 ) -> Result<Auth, BackendLoginError> {
     // The frontend writers fail only on a NUL inside a C string.
     let nul = |_| BackendLoginError::NulByte("password");
+    let password = match credential {
+        Some(Credential::Password(p)) => Some(p.as_str()),
+        _ => None,
+    };
     match (code, state) {
         (0, Auth::Pending | Auth::ScramFinished) if data.is_empty() => Ok(Auth::Done),
         (0, Auth::Scram(_)) => Err(BackendLoginError::Scram("server skipped the SCRAM final message".into())),
@@ -174,8 +183,13 @@ async fn authenticate(
         }
         (5, Auth::Pending) => {
             let salt: [u8; 4] = data[..].try_into().map_err(|_| protocol("malformed AuthenticationMD5Password"))?;
-            let password = password.ok_or(BackendLoginError::NoPassword { method: "md5" })?;
-            let response = md5::salted_response(&md5::stored_hash(password, user), salt);
+            // The stored hash is all md5 needs: it is what the server salts.
+            let stored = match credential {
+                Some(Credential::Password(p)) => md5::stored_hash(p, user),
+                Some(Credential::Md5Hash(h)) => h.clone(),
+                _ => return Err(BackendLoginError::NoPassword { method: "md5" }),
+            };
+            let response = md5::salted_response(&stored, salt);
             frontend::password_message(response.as_bytes(), out).map_err(nul)?;
             Ok(Auth::Pending)
         }
@@ -183,6 +197,11 @@ async fn authenticate(
             let mechanisms = sasl_mechanisms(&data)?;
             if !mechanisms.contains(&SCRAM_SHA_256) {
                 return Err(BackendLoginError::UnsupportedAuth(format!("SASL mechanisms {mechanisms:?}")));
+            }
+            if let Some(Credential::Scram(keys)) = credential {
+                let (client, first) = KeyedScramClient::new(keys.clone());
+                frontend::sasl_initial_response(SCRAM_SHA_256, &first, out).map_err(nul)?;
+                return Ok(Auth::Keyed(Box::new(client)));
             }
             let password = password.ok_or(BackendLoginError::NoPassword { method: "SCRAM-SHA-256" })?;
             // pgmux speaks to Postgres without TLS here, so no channel binding.
@@ -203,6 +222,16 @@ async fn authenticate(
             frontend::sasl_response(scram.message(), out).map_err(nul)?;
             Ok(Auth::Scram(scram))
         }
+        (11, Auth::Keyed(mut client)) => {
+            let last = client.client_final(&data).map_err(|e| BackendLoginError::Scram(e.to_string()))?;
+            frontend::sasl_response(&last, out).map_err(nul)?;
+            Ok(Auth::Keyed(client))
+        }
+        (12, Auth::Keyed(client)) => {
+            client.verify_server(&data).map_err(|e| BackendLoginError::Scram(e.to_string()))?;
+            Ok(Auth::ScramFinished)
+        }
+        (0, Auth::Keyed(_)) => Err(BackendLoginError::Scram("server skipped the SCRAM final message".into())),
         (12, Auth::Scram(mut scram)) => {
             scram.finish(&data).map_err(|e| BackendLoginError::Scram(e.to_string()))?;
             Ok(Auth::ScramFinished)
@@ -303,7 +332,8 @@ mod tests {
                 server.write_all(&out).await.unwrap();
                 Ok::<_, crate::auth::AuthError>(())
             };
-            let client_side = login_backend(&mut client, "bob", "db", Some("pw"), &[("TimeZone", "UTC")]);
+            let pw = Credential::Password("pw".into());
+            let client_side = login_backend(&mut client, "bob", "db", Some(&pw), &[("TimeZone", "UTC")]);
             let (s, c) = tokio::join!(server_side, client_side);
             s.unwrap();
             let hello = c.unwrap();
@@ -346,7 +376,8 @@ mod tests {
                 hello_messages(&mut out);
                 server.write_all(&out).await.unwrap();
             };
-            let (_, hello) = tokio::join!(server_side, login_backend(&mut client, "bob", "db", Some("pw"), &[]));
+            let pw = Credential::Password("pw".into());
+            let (_, hello) = tokio::join!(server_side, login_backend(&mut client, "bob", "db", Some(&pw), &[]));
             hello.unwrap();
         });
         assert!(started.load(Ordering::SeqCst) >= 1, "no blocking-pool thread: derived on the runtime thread");
@@ -384,7 +415,8 @@ mod tests {
             }
         };
         let client_side = async move {
-            let r = login_backend(&mut client, "bob", "db", password, &[]).await;
+            let credential = password.map(|p| Credential::Password(p.to_owned()));
+            let r = login_backend(&mut client, "bob", "db", credential.as_ref(), &[]).await;
             drop(client); // Hang up, so the server side stops draining.
             r
         };

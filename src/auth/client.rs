@@ -14,8 +14,9 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::Credential;
 use super::md5;
-use super::scram::{self, ScramError, ScramServer, ScramVerifier};
+use super::scram::{self, ScramError, ScramKeys, ScramServer, ScramVerifier};
 use crate::config::{AuthMethod, UserConfig, is_md5_hash};
 use crate::protocol::backend::{
     authentication_md5, authentication_sasl, authentication_sasl_continue, authentication_sasl_final,
@@ -156,35 +157,44 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     read_buf: &mut BytesMut,
     user: &UserConfig,
     verifier: &DerivedVerifier,
-) -> Result<(), AuthError> {
+) -> Result<Option<Credential>, AuthError> {
     // Unusable secrets still run the full exchange and fail at the end, as
     // Postgres does, so a client learns nothing beyond "wrong password".
     const MISMATCH: &str = "password does not match";
     let (plan, reason) = match (user.auth, secret(user)) {
-        (AuthMethod::Trust, _) => return Ok(()),
+        (AuthMethod::Trust, _) => return Ok(None),
         (AuthMethod::ScramSha256, Secret::Plain(p)) => {
-            (Plan::Scram(ScramServer::new(verifier.get_or_derive(p).await?.clone())), MISMATCH)
+            (Plan::Scram(Box::new(ScramServer::new(verifier.get_or_derive(p).await?.clone()))), MISMATCH)
         }
         // Like Postgres: method md5 with a SCRAM secret runs SCRAM instead.
-        (AuthMethod::ScramSha256 | AuthMethod::Md5, Secret::Scram(v)) => (Plan::Scram(ScramServer::new(v)), MISMATCH),
-        (AuthMethod::ScramSha256, Secret::Md5Hash(_)) => {
-            (Plan::Scram(ScramServer::mock()), "an md5 hash cannot be used for SCRAM authentication")
+        (AuthMethod::ScramSha256 | AuthMethod::Md5, Secret::Scram(v)) => {
+            (Plan::Scram(Box::new(ScramServer::new(v))), MISMATCH)
         }
-        (AuthMethod::ScramSha256, Secret::Unusable(reason)) => (Plan::Scram(ScramServer::mock()), reason),
+        (AuthMethod::ScramSha256, Secret::Md5Hash(_)) => {
+            (Plan::Scram(Box::new(ScramServer::mock())), "an md5 hash cannot be used for SCRAM authentication")
+        }
+        (AuthMethod::ScramSha256, Secret::Unusable(reason)) => (Plan::Scram(Box::new(ScramServer::mock())), reason),
         (AuthMethod::Md5, Secret::Plain(p)) => (Plan::Md5(Some(md5::stored_hash(p, &user.name))), MISMATCH),
         (AuthMethod::Md5, Secret::Md5Hash(h)) => (Plan::Md5(Some(h.to_owned())), MISMATCH),
         (AuthMethod::Md5, Secret::Unusable(reason)) => (Plan::Md5(None), reason),
     };
     let mut conn = Conn { stream, read_buf };
-    let verified = match plan {
-        Plan::Scram(server) => conn.scram(server).await?,
-        Plan::Md5(stored_hash) => conn.md5(stored_hash.as_deref()).await?,
+    // What the exchange proved lets pgmux log in as the user too.
+    let proved = match plan {
+        Plan::Scram(server) => conn.scram(server).await?.map(Credential::Scram),
+        Plan::Md5(stored_hash) => match conn.md5(stored_hash.as_deref()).await? {
+            true => stored_hash.map(Credential::Md5Hash),
+            false => None,
+        },
     };
-    if verified { Ok(()) } else { Err(AuthError::Failed { user: user.name.clone(), reason }) }
+    match proved {
+        Some(c) => Ok(Some(c)),
+        None => Err(AuthError::Failed { user: user.name.clone(), reason }),
+    }
 }
 
 enum Plan {
-    Scram(ScramServer),
+    Scram(Box<ScramServer>),
     /// `None`: run the exchange, then fail.
     Md5(Option<String>),
 }
@@ -195,8 +205,9 @@ struct Conn<'a, S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
-    /// Runs the SASL exchange; `Ok(false)` means a wrong proof.
-    async fn scram(&mut self, mut server: ScramServer) -> Result<bool, AuthError> {
+    /// Runs the SASL exchange; `Ok(None)` means a wrong proof, `Some` holds
+    /// the keys the proof revealed.
+    async fn scram(&mut self, mut server: Box<ScramServer>) -> Result<Option<ScramKeys>, AuthError> {
         let mut out = BytesMut::new();
         // Channel binding needs TLS; pgmux offers none, so no -PLUS mechanism.
         authentication_sasl(&mut out, &[scram::MECHANISM]);
@@ -240,7 +251,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         out.clear();
         authentication_sasl_final(&mut out, &server_final);
         self.send(&out).await?;
-        Ok(true)
+        Ok(server.keys().cloned())
     }
 
     /// Runs the md5 exchange; `Ok(false)` means a wrong response.
@@ -287,9 +298,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     }
 }
 
-fn scram_verdict(e: ScramError) -> Result<bool, AuthError> {
+fn scram_verdict(e: ScramError) -> Result<Option<ScramKeys>, AuthError> {
     match e {
-        ScramError::InvalidProof => Ok(false),
+        ScramError::InvalidProof => Ok(None),
         ScramError::Protocol(m) => Err(protocol(m)),
     }
 }

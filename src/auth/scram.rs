@@ -101,6 +101,84 @@ impl ScramVerifier {
     }
 }
 
+/// What logs in to Postgres as a user without the password: the ClientKey
+/// recovered from a client's proof (`ClientProof XOR HMAC(StoredKey,
+/// AuthMessage)`) and the ServerKey of the verifier it matched. Valid until
+/// the role's password changes (PgBouncer's SCRAM pass-through, since 1.14).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    client_key: [u8; KEY_LEN],
+    server_key: [u8; KEY_LEN],
+}
+
+// Hand-written so the keys can never reach a log line.
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(..)")
+    }
+}
+
+/// pgmux logging in to Postgres with [`ScramKeys`]: `new` gives
+/// client-first-message, [`client_final`](Self::client_final) answers
+/// server-first, [`verify_server`](Self::verify_server) checks server-final.
+#[derive(Debug)]
+pub struct KeyedScramClient {
+    keys: ScramKeys,
+    client_first_bare: String,
+    nonce: String,
+    auth_message: Option<String>,
+}
+
+impl KeyedScramClient {
+    pub fn new(keys: ScramKeys) -> (KeyedScramClient, Vec<u8>) {
+        let mut raw = [0u8; SERVER_NONCE_LEN];
+        rand::rng().fill_bytes(&mut raw);
+        let nonce = BASE64.encode(raw);
+        // Postgres ignores the name here (the startup packet chose the user); libpq sends it empty.
+        let client_first_bare = format!("n=,r={nonce}");
+        let first = format!("n,,{client_first_bare}").into_bytes();
+        (KeyedScramClient { keys, client_first_bare, nonce, auth_message: None }, first)
+    }
+
+    /// Takes server-first-message, returns client-final-message. The salt
+    /// and iteration count are not needed: the keys are already derived. A
+    /// server whose verifier changed since (a new password) rejects the proof.
+    pub fn client_final(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ScramError> {
+        if self.auth_message.is_some() {
+            return Err(ScramError::Protocol("SCRAM exchange out of order"));
+        }
+        let msg = std::str::from_utf8(server_first).map_err(|_| malformed!("server-first-message is not UTF-8"))?;
+        let nonce = msg.split(',').next().and_then(|a| a.strip_prefix("r=")).ok_or(malformed!("expected nonce"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(malformed!("nonce does not match"));
+        }
+        // c=biws: base64 of the GS2 header "n,," (no channel binding).
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
+        let stored_key: [u8; KEY_LEN] = Sha256::digest(self.keys.client_key).into();
+        let mut proof = hmac(&stored_key, auth_message.as_bytes());
+        proof.iter_mut().zip(self.keys.client_key).for_each(|(p, k)| *p ^= k);
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", BASE64.encode(proof)).into_bytes())
+    }
+
+    /// Checks server-final-message: the server proves it knows the ServerKey.
+    pub fn verify_server(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        let auth_message = self.auth_message.as_ref().ok_or(ScramError::Protocol("SCRAM exchange out of order"))?;
+        let msg = std::str::from_utf8(server_final).map_err(|_| malformed!("server-final-message is not UTF-8"))?;
+        let signature = msg
+            .strip_prefix("v=")
+            .and_then(|v| BASE64.decode(v.split(',').next().unwrap_or(v)).ok())
+            .ok_or(malformed!("expected server signature"))?;
+        let expected = hmac(&self.keys.server_key, auth_message.as_bytes());
+        if bool::from(signature.as_slice().ct_eq(&expected)) {
+            Ok(())
+        } else {
+            Err(ScramError::Protocol("invalid server signature"))
+        }
+    }
+}
+
 fn hmac(key: &[u8], data: &[u8]) -> [u8; KEY_LEN] {
     // HMAC takes keys of any length, so `new_from_slice` cannot fail.
     let mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
@@ -139,16 +217,23 @@ pub struct ScramServer {
     /// Run the exchange like a real one, then fail: what Postgres does for a
     /// user it cannot authenticate, so such users look like wrong passwords.
     mock: bool,
+    /// After a matching proof: what logs in as this user ([`ScramKeys`]).
+    keys: Option<ScramKeys>,
 }
 
 impl ScramServer {
     pub fn new(verifier: ScramVerifier) -> ScramServer {
-        ScramServer { verifier, state: State::Initial, mock: false }
+        ScramServer { verifier, state: State::Initial, mock: false, keys: None }
     }
 
     /// An exchange that always ends in [`ScramError::InvalidProof`].
     pub fn mock() -> ScramServer {
-        ScramServer { verifier: ScramVerifier::random(), state: State::Initial, mock: true }
+        ScramServer { verifier: ScramVerifier::random(), state: State::Initial, mock: true, keys: None }
+    }
+
+    /// The keys recovered from the client's proof, once it matched.
+    pub fn keys(&self) -> Option<&ScramKeys> {
+        self.keys.as_ref()
     }
 
     /// Takes client-first-message, returns server-first-message.
@@ -244,6 +329,7 @@ impl ScramServer {
         if !matches || self.mock {
             return Err(ScramError::InvalidProof);
         }
+        self.keys = Some(ScramKeys { client_key, server_key: self.verifier.server_key });
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
         Ok(format!("v={}", BASE64.encode(server_signature)).into_bytes())
     }
@@ -274,6 +360,31 @@ mod tests {
         let server_final = server.verify_final(client.message())?;
         client.finish(&server_final).expect("client accepts the server signature");
         Ok(())
+    }
+
+    /// The keys recovered from one client's proof log in to a server that
+    /// holds the same verifier, and fail against another password's.
+    #[test]
+    fn recovered_keys_pass_through() {
+        let verifier = ScramVerifier::from_password("pw");
+        let mut first = ScramServer::new(verifier.clone());
+        exchange(&mut first, "pw").unwrap();
+        let keys = first.keys().unwrap().clone();
+        let mut upstream = ScramServer::new(verifier);
+        let (mut client, client_first) = KeyedScramClient::new(keys.clone());
+        let server_first = upstream.server_first(&client_first).unwrap();
+        let client_final = client.client_final(&server_first).unwrap();
+        let server_final = upstream.verify_final(&client_final).unwrap();
+        client.verify_server(&server_final).unwrap();
+        assert!(client.verify_server(b"v=AAAA").is_err());
+
+        let mut other = ScramServer::new(ScramVerifier::from_password("new-pw"));
+        let (mut client, client_first) = KeyedScramClient::new(keys);
+        let server_first = other.server_first(&client_first).unwrap();
+        let client_final = client.client_final(&server_first).unwrap();
+        assert_eq!(other.verify_final(&client_final), Err(ScramError::InvalidProof));
+        // A failed exchange recovers nothing.
+        assert!(other.keys().is_none());
     }
 
     #[test]

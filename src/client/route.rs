@@ -30,7 +30,7 @@ impl SessionRouting {
         }
         let login = MonitorLogin {
             user: user.name.clone(),
-            password: user.backend_password().map(str::to_owned),
+            credential: user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
             dbname: db.server_dbname().to_owned(),
             tls: config.tls.client.clone(),
             keepalive: config.proxy.server_keepalive(),

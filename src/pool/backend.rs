@@ -86,7 +86,7 @@ pub struct LoginParams<'a> {
     pub addr: &'a str,
     pub user: &'a str,
     pub dbname: &'a str,
-    pub password: Option<&'a str>,
+    pub credential: Option<&'a crate::auth::Credential>,
     pub connect_timeout: std::time::Duration,
     pub keepalive: Option<crate::config::TcpKeepalive>,
     /// Startup parameters beyond user and database (e.g. the monitors' application_name).
@@ -107,7 +107,7 @@ impl Backend {
             }
             let addr = tcp.peer_addr().map_err(PoolError::Connect)?;
             let mut stream = crate::tls::connect(tcp, login.tls, login.addr).await.map_err(PoolError::Connect)?;
-            let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.password, login.params)
+            let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.credential, login.params)
                 .await
                 .map_err(PoolError::Login)?;
             let now = Instant::now();

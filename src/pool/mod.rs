@@ -60,7 +60,9 @@ pub struct PoolSettings {
     pub addr: String,
     pub dbname: String,
     pub user: String,
-    pub password: Option<String>,
+    /// How pgmux logs in; `None` for a user known from a client's own
+    /// login ([`Pool::set_passthrough`]).
+    pub credential: Option<crate::auth::Credential>,
     pub pool_size: usize,
     pub min_pool_size: usize,
     pub query_wait_timeout: Duration,
@@ -80,7 +82,7 @@ impl PoolSettings {
             addr: db.primary.clone(),
             dbname: db.server_dbname().to_owned(),
             user: user.name.clone(),
-            password: user.backend_password().map(str::to_owned),
+            credential: user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
             pool_size: db.pool_size,
             min_pool_size: db.min_pool_size,
             query_wait_timeout: config.proxy.query_wait_timeout,
@@ -144,6 +146,9 @@ pub struct Pool {
     created: Instant,
     /// Named statements of this pool's clients, interned by text.
     pub statements: statements::Registry,
+    /// For a user without a configured password (auth_query): what the
+    /// latest client login of this user proved, used to open backends.
+    passthrough: Mutex<Option<crate::auth::Credential>>,
 }
 
 /// How often queued clients are checked against `query_wait_timeout`: a
@@ -160,7 +165,18 @@ impl Pool {
             counters: PoolCounters::default(),
             created: Instant::now(),
             statements: statements::Registry::default(),
+            passthrough: Mutex::new(None),
         })
+    }
+
+    /// Records what a client's login proved for this pool's user (SCRAM keys
+    /// or an md5 hash), for backends opened from now on. A changed password
+    /// reaches new backends; open ones keep working until recycled.
+    pub fn set_passthrough(&self, credential: crate::auth::Credential) {
+        let mut slot = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref() != Some(&credential) {
+            *slot = Some(credential);
+        }
     }
 
     /// The settings in force (a reload may replace them at any time).
@@ -352,11 +368,12 @@ impl Pool {
         // Generation first, then settings: see `update`.
         let generation = self.lock().generation();
         let s = self.settings.load_full();
+        let passthrough = self.passthrough.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let login = LoginParams {
             addr: &s.addr,
             user: &s.user,
             dbname: &s.dbname,
-            password: s.password.as_deref(),
+            credential: s.credential.as_ref().or(passthrough.as_ref()),
             connect_timeout: s.connect_timeout,
             keepalive: s.keepalive,
             params: &[],

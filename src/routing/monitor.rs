@@ -92,7 +92,7 @@ pub const MONITOR_APPLICATION_NAME: &str = "pgmux monitor";
 #[derive(Debug, Clone)]
 pub struct MonitorLogin {
     pub user: String,
-    pub password: Option<String>,
+    pub credential: Option<crate::auth::Credential>,
     pub dbname: String,
     pub tls: crate::tls::BackendTls,
     pub keepalive: Option<crate::config::TcpKeepalive>,
@@ -161,7 +161,7 @@ async fn connect(addr: &str, login: &MonitorLogin) -> std::io::Result<crate::poo
         addr,
         user: &login.user,
         dbname: &login.dbname,
-        password: login.password.as_deref(),
+        credential: login.credential.as_ref(),
         connect_timeout: Duration::from_secs(2),
         keepalive: login.keepalive,
         // Named, so operators (and pg_stat_activity queries) can tell it from pooled sessions.

@@ -337,7 +337,8 @@ pub(crate) async fn login_against(script: Vec<u8>) -> Result<pgmux::auth::Server
         Some(())
     };
     let client_side = async move {
-        let r = login_backend(&mut client, "bob", "db", Some("pw"), &[]).await;
+        let r =
+            login_backend(&mut client, "bob", "db", Some(&pgmux::auth::Credential::Password("pw".into())), &[]).await;
         drop(client);
         r
     };
@@ -357,7 +358,7 @@ proptest! {
             let (mut client, server) = tokio::io::duplex(1 << 16);
             let server_side = tampering_server(server, first_edits, final_edits, &changed);
             let client_side = async move {
-                let r = login_backend(&mut client, "bob", "db", Some("pw"), &[]).await;
+                let r = login_backend(&mut client, "bob", "db", Some(&pgmux::auth::Credential::Password("pw".into())), &[]).await;
                 drop(client);
                 r
             };

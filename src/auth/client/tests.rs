@@ -1,4 +1,5 @@
 use super::*;
+use crate::auth::Credential;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::DuplexStream;
@@ -88,7 +89,7 @@ impl Client {
 async fn run<T, F: Future<Output = T>>(
     user: UserConfig,
     client_side: impl FnOnce(Client) -> F,
-) -> (Result<(), AuthError>, T) {
+) -> (Result<Option<Credential>, AuthError>, T) {
     run_with(user, DerivedVerifier::default(), client_side).await
 }
 
@@ -97,7 +98,7 @@ async fn run_with<T, F: Future<Output = T>>(
     user: UserConfig,
     verifier: DerivedVerifier,
     client_side: impl FnOnce(Client) -> F,
-) -> (Result<(), AuthError>, T) {
+) -> (Result<Option<Credential>, AuthError>, T) {
     let (mut server, client) = tokio::io::duplex(64 * 1024);
     let server_task = async move {
         let r = authenticate_client(&mut server, &mut BytesMut::new(), &user, &verifier).await;
@@ -107,7 +108,7 @@ async fn run_with<T, F: Future<Output = T>>(
     tokio::join!(server_task, client_side(Client { stream: client, buf: BytesMut::new() }))
 }
 
-fn assert_wrong_password(r: Result<(), AuthError>) {
+fn assert_wrong_password(r: Result<Option<Credential>, AuthError>) {
     let e = r.unwrap_err();
     assert_eq!(e.sqlstate(), SqlState::INVALID_PASSWORD, "{e}");
     assert_eq!(e.message(), r#"password authentication failed for user "alice""#);
@@ -399,7 +400,7 @@ async fn tokio_postgres_logs_in() {
             }
             let mut out = BytesMut::new();
             match authenticate_client(&mut server, &mut buf, &u, &DerivedVerifier::default()).await {
-                Ok(()) => {
+                Ok(_) => {
                     msg::authentication_ok(&mut out);
                     msg::parameter_status(&mut out, "server_version", "15.0");
                     msg::backend_key_data(&mut out, 1, 2);
