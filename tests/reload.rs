@@ -330,7 +330,7 @@ async fn users_and_passwords_apply_to_new_logins() {
     let (admin, mut notices) = admin(&proxy).await;
 
     let e = proxy.connect(CLEAR.0, Some(CLEAR.1), DB).await.expect_err("not a user yet");
-    assert_eq!(code(&e), "28000");
+    assert_eq!(code(&e), "28P01");
     let before = proxy.connect("trustuser", Some("first_pw"), DB).await.expect("first password");
 
     file.write(&config("", &[(DB, DB, 2)], &(app_user() + &trust("second_pw") + &clear)));
@@ -352,7 +352,7 @@ async fn users_and_passwords_apply_to_new_logins() {
     file.write(&config("", &[(DB, DB, 2)], &(app_user() + &trust("second_pw"))));
     reload(&admin, &mut notices).await;
     let e = proxy.connect(CLEAR.0, Some(CLEAR.1), DB).await.expect_err("removed");
-    assert_eq!(code(&e), "28000");
+    assert_eq!(code(&e), "28P01");
     for _ in 0..3 {
         select_one(&added).await;
     }

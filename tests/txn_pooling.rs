@@ -151,8 +151,11 @@ async fn authentication_failures_carry_the_right_sqlstate() {
     assert_eq!(text, "password authentication failed for user \"app\"");
     let err = proxy.connect(MD5.0, Some("wrong"), DB).await.unwrap_err();
     assert_eq!(code(&err), "28P01");
+    // An unknown user is answered as a wrong password: nothing tells which names exist.
     let err = proxy.connect("nobody", Some("x"), DB).await.unwrap_err();
-    assert_eq!(code(&err), "28000");
+    assert_eq!(code(&err), "28P01");
+    let text = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert_eq!(text, "password authentication failed for user \"nobody\"");
     let err = proxy.connect(APP.0, Some(APP.1), "nodb").await.unwrap_err();
     assert_eq!(code(&err), "3D000");
 }

@@ -2,6 +2,7 @@
 //! the pool, and the greeting.
 
 use super::*;
+use crate::config::UserConfig;
 
 /// What a successful login leads to.
 pub(super) enum Login {
@@ -176,22 +177,66 @@ pub(super) async fn login(
         return Ok(None);
     };
     let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(user_name).to_owned();
-    let Some(user) = config.user(user_name) else {
-        tracing::info!(client, ?peer, user = %user_name, "login refused: unknown user");
-        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let text = format!("no such user: \"{user_name}\"");
-        fatal(stream, SqlState::INVALID_AUTHORIZATION, &text).await?;
-        return Ok(None);
+    // Who the client says it is: a user of proxy.toml, one the database's
+    // auth_query finds, or nobody. Nobody still runs the whole exchange and
+    // fails it as a wrong password would: the answer and its timing tell
+    // nothing about which names exist.
+    let lookup = match config.user(user_name) {
+        Some(_) => None,
+        None => config.database(&database).and_then(|db| Some((db, config.auth_lookup(db)?))),
     };
-    if let Err(e) = crate::auth::authenticate_client(stream, buf, user, &config.verifier(&user.name)).await {
-        if e.is_client_gone() {
+    let (looked_up, cached) = match lookup {
+        None => (None, false),
+        Some((db, (auth_user, query))) => {
+            match auth_query::secret(shared, config, db, auth_user, query, user_name).await {
+                Ok((secret, cached)) => (Some(auth_query::user_with(user_name, secret)), cached),
+                Err(e) => {
+                    tracing::warn!(client, database = %db.name, user = %user_name, error = %e, "auth_query lookup failed");
+                    let text = format!("authentication lookup for user \"{user_name}\" failed");
+                    fatal(stream, SqlState::CONNECTION_FAILURE, &text).await?;
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    let unknown;
+    let user = match (config.user(user_name), &looked_up) {
+        (Some(u), _) => u,
+        (None, Some(u)) => u,
+        (None, None) => {
+            unknown = UserConfig::looked_up(user_name);
+            &unknown
+        }
+    };
+    let known = config.user(user_name).is_some() || looked_up.is_some();
+    let verdict = match crate::auth::authenticate_client(stream, buf, user, &config.verifier(&user.name)).await {
+        // An unknown user has no secret: its exchange cannot succeed. Should it
+        // ever, it is refused all the same.
+        Ok(_) if !known => Err(crate::auth::AuthError::Failed { user: user_name.to_owned(), reason: "no such user" }),
+        other => other,
+    };
+    let proved = match verdict {
+        Ok(proved) => proved,
+        Err(e) => {
+            if e.is_client_gone() {
+                return Ok(None);
+            }
+            if cached {
+                // The password may have changed in Postgres since: the next login looks again.
+                shared.auth_cache.forget(&database, user_name);
+            }
+            tracing::info!(client, ?peer, user = %user.name, error = %e, "authentication failed");
+            shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            fatal(stream, e.sqlstate(), &e.message()).await?;
             return Ok(None);
         }
-        tracing::info!(client, ?peer, user = %user.name, error = %e, "authentication failed");
-        shared.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        fatal(stream, e.sqlstate(), &e.message()).await?;
-        return Ok(None);
-    }
+    };
+    // How pgmux logs in to Postgres as this user: the configured password,
+    // or for a looked-up user what the client's login just proved.
+    let credential = match &looked_up {
+        Some(_) => proved,
+        None => user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
+    };
     if crate::admin::is_console(&database) && config.database(&database).is_none() {
         if !config.admin.users.iter().any(|u| u == &user.name) {
             tracing::info!(client, ?peer, user = %user.name, "admin console refused: not an [admin] user");
@@ -208,6 +253,9 @@ pub(super) async fn login(
         return Ok(None);
     };
     let pool = shared.pools.get_or_create(config, db, user);
+    if let (Some(_), Some(c)) = (&looked_up, &credential) {
+        pool.set_passthrough(c.clone());
+    }
     // The client's view starts from the server's defaults, which the pool learns
     // from its first backend; an unreachable server fails the login here.
     let server_params = match pool.server_params().await {
@@ -228,7 +276,8 @@ pub(super) async fn login(
     Ok(Some(Login::Pooled {
         session: Box::new(Session {
             force_primary: None,
-            routing: SessionRouting::new(shared, config, db, user).map(Box::new),
+            routing: SessionRouting::new(shared, config, db, user, credential.as_ref(), looked_up.is_some())
+                .map(Box::new),
             statements: ClientStatements::default(),
             mode: config.pool_mode(db),
             pool,

@@ -1,6 +1,7 @@
 //! One task per client connection: startup, authentication, then the loop
 //! that takes a backend for each transaction and gives it back.
 
+mod auth_query;
 mod local;
 mod login;
 pub mod params;

@@ -24,13 +24,26 @@ impl SessionRouting {
         config: &Settings,
         db: &crate::config::DatabaseConfig,
         user: &crate::config::UserConfig,
+        credential: Option<&crate::auth::Credential>,
+        looked_up: bool,
     ) -> Option<Self> {
         if !config.routing.read_write_split || db.replicas.is_empty() || config.pool_mode(db) != PoolMode::Transaction {
             return None;
         }
+        // Monitors are shared by every user of the database and outlive
+        // sessions: a looked-up user's keys stop working when its password
+        // changes, so they log in as the auth_user instead.
+        let monitor_user = match config.auth_lookup(db) {
+            Some((auth_user, _)) if looked_up => auth_user,
+            _ => user,
+        };
+        let monitor_credential = match looked_up {
+            true => monitor_user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
+            false => credential.cloned(),
+        };
         let login = MonitorLogin {
-            user: user.name.clone(),
-            credential: user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
+            user: monitor_user.name.clone(),
+            credential: monitor_credential,
             dbname: db.server_dbname().to_owned(),
             tls: config.tls.client.clone(),
             keepalive: config.proxy.server_keepalive(),
@@ -41,10 +54,16 @@ impl SessionRouting {
             replicas: db
                 .replicas
                 .iter()
-                .map(|rc| ReplicaTarget {
-                    pool: shared.pools.get_or_create_replica(config, db, user, rc.addr()),
-                    node: shared.routing.node(&db.name, rc.addr(), &login, interval),
-                    weight: rc.weight(),
+                .map(|rc| {
+                    let pool = shared.pools.get_or_create_replica(config, db, user, rc.addr());
+                    if let (true, Some(c)) = (looked_up, credential) {
+                        pool.set_passthrough(c.clone());
+                    }
+                    ReplicaTarget {
+                        pool,
+                        node: shared.routing.node(&db.name, rc.addr(), &login, interval),
+                        weight: rc.weight(),
+                    }
                 })
                 .collect(),
             primary_node: shared.routing.node(&db.name, &db.primary, &login, interval),

@@ -118,7 +118,25 @@ pub struct ProxyConfig {
     pub tls_mode: TlsMode,
     pub server_tls: ServerTlsMode,
     pub server_tls_ca: Option<PathBuf>,
+    /// A `[[users]]` entry that looks up the secrets of users not listed in
+    /// proxy.toml with `auth_query`, on the database's primary (PgBouncer's
+    /// `auth_user`). Per database, `auth_user` overrides it.
+    pub auth_user: Option<String>,
+    /// Returns the stored secret (SCRAM verifier or md5 hash, or NULL) of
+    /// the user named by `$1`. Runs on pgmux's own connection as
+    /// `auth_user`, never with a client's settings.
+    pub auth_query: String,
+    /// How long a looked-up secret is reused; a miss is kept for a tenth of it.
+    #[serde(with = "duration::serde_duration")]
+    pub auth_cache_ttl: Duration,
 }
+
+/// The default `auth_query`: the role's password while it can log in and is
+/// not past `VALID UNTIL`. Schema-qualified to the operators, so that no
+/// `search_path` can change what runs (PgBouncer's CVE-2025-12819 kind).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT CASE WHEN r.rolvaliduntil IS NULL \
+     OR r.rolvaliduntil OPERATOR(pg_catalog.>) pg_catalog.now() THEN r.rolpassword END \
+     FROM pg_catalog.pg_authid r WHERE r.rolname OPERATOR(pg_catalog.=) $1 AND r.rolcanlogin";
 
 /// TCP keepalive settings for a socket; see `server_tcp_keepalive`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +186,9 @@ impl Default for ProxyConfig {
             tls_mode: TlsMode::Disable,
             server_tls: ServerTlsMode::Prefer,
             server_tls_ca: None,
+            auth_user: None,
+            auth_query: DEFAULT_AUTH_QUERY.to_owned(),
+            auth_cache_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -276,6 +297,9 @@ pub struct DatabaseConfig {
     pub min_pool_size: usize,
     /// Per-database override of `[proxy] pool_mode`.
     pub pool_mode: Option<PoolMode>,
+    /// Per-database overrides of `[proxy] auth_user` and `auth_query`.
+    pub auth_user: Option<String>,
+    pub auth_query: Option<String>,
 }
 
 fn default_pool_size() -> usize {
@@ -331,6 +355,12 @@ impl fmt::Debug for UserConfig {
 }
 
 impl UserConfig {
+    /// A user not listed in proxy.toml, whose secret `auth_query` returned
+    /// (or will): no password pgmux could log in with.
+    pub fn looked_up(name: &str) -> UserConfig {
+        UserConfig { name: name.to_owned(), password: None, server_password: None, auth: AuthMethod::ScramSha256 }
+    }
+
     /// The plaintext password for logging in to Postgres, if pgmux has one.
     pub fn backend_password(&self) -> Option<&str> {
         self.server_password
@@ -439,6 +469,13 @@ impl Config {
 
     pub fn pool_mode(&self, db: &DatabaseConfig) -> PoolMode {
         db.pool_mode.unwrap_or(self.proxy.pool_mode)
+    }
+
+    /// Who looks up unlisted users of `db`, and with what query, if anyone.
+    pub fn auth_lookup<'a>(&'a self, db: &'a DatabaseConfig) -> Option<(&'a UserConfig, &'a str)> {
+        let user = db.auth_user.as_deref().or(self.proxy.auth_user.as_deref())?;
+        let query = db.auth_query.as_deref().unwrap_or(&self.proxy.auth_query);
+        Some((self.user(user)?, query))
     }
 }
 

@@ -557,3 +557,25 @@ fn keepalive_settings_are_whole_seconds_within_the_kernels_range() {
     parse_err(&with("server_tcp_keepalive_interval = 0"), 2, "proxy.server_tcp_keepalive_interval", "whole number");
     parse_err(&with("server_tcp_keepalive_count = 0"), 2, "proxy.server_tcp_keepalive_count", "from 1 to 127");
 }
+
+#[test]
+fn auth_user_must_be_a_user_with_a_password_pgmux_can_send() {
+    let c = parse_ok(&base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\nauth_user = \"app\""));
+    let db = c.database("app").unwrap();
+    let (user, query) = c.auth_lookup(db).expect("the global auth_user applies");
+    assert_eq!((user.name.as_str(), query), ("app", crate::config::DEFAULT_AUTH_QUERY));
+    parse_err(
+        &base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\nauth_user = \"ghost\""),
+        3,
+        "proxy.auth_user",
+        "not defined",
+    );
+    let hashed =
+        base_with("password = \"s3cret-pw\"", "password = \"md5d41d8cd98f00b204e9800998ecf8427e\"\nauth = \"md5\"");
+    parse_err(
+        &hashed.replacen("primary = \"127.0.0.1:5432\"", "primary = \"127.0.0.1:5432\"\nauth_user = \"app\"", 1),
+        7,
+        "databases[0].auth_user",
+        "needs a plaintext password",
+    );
+}

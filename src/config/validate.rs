@@ -106,6 +106,27 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
         }
     }
 
+    // The auth_user logs in to Postgres itself: it needs a plaintext password.
+    let auth_users = std::iter::once((KeyPath::new("proxy").key("auth_user"), config.proxy.auth_user.as_deref()))
+        .chain(
+            config
+                .databases
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (KeyPath::new("databases").index(i).key("auth_user"), d.auth_user.as_deref())),
+        );
+    for (path, name) in auth_users {
+        let Some(name) = name else { continue };
+        match config.users.iter().find(|u| u.name == name) {
+            None => err(path, format!("user {name:?} is not defined in [[users]]")),
+            Some(u) if u.backend_password().is_none() => err(
+                path,
+                format!("user {name:?} runs auth_query on Postgres and needs a plaintext password or server_password"),
+            ),
+            Some(_) => {}
+        }
+    }
+
     errors
 }
 

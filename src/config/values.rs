@@ -69,6 +69,9 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ("proxy.tls_mode", tls_mode(p.tls_mode).into()),
         ("proxy.server_tls", server_tls_mode(p.server_tls).into()),
         ("proxy.server_tls_ca", path(&p.server_tls_ca)),
+        ("proxy.auth_user", p.auth_user.clone().unwrap_or_default()),
+        ("proxy.auth_query", p.auth_query.clone()),
+        ("proxy.auth_cache_ttl", format_duration(p.auth_cache_ttl)),
         ("routing.read_write_split", r.read_write_split.to_string()),
         (
             "routing.read_your_writes",

@@ -4,6 +4,7 @@
 //! admin console and `/metrics` read it. It sits below both, so neither has
 //! to reach into the other.
 
+pub mod auth_cache;
 pub mod cancel;
 pub mod pause;
 pub mod registry;
@@ -48,6 +49,8 @@ pub struct Shared {
     shutdown_request: Notify,
     /// Replica monitors, read-your-writes scopes, routing counters.
     pub routing: crate::routing::Routing,
+    /// Secrets of users looked up with auth_query.
+    pub auth_cache: auth_cache::AuthCache,
     /// Connected clients, against `max_client_conn`, and the cleanups of
     /// clients that left: a shutdown waits for both.
     slots: Arc<ClientSlots>,
@@ -115,6 +118,7 @@ impl Shared {
             pause: Pause::default(),
             shutdown_request: Notify::new(),
             routing: crate::routing::Routing::default(),
+            auth_cache: auth_cache::AuthCache::default(),
             slots: Arc::default(),
         }
     }

@@ -211,6 +211,33 @@ impl Backend {
         }
     }
 
+    /// Runs `sql` with text parameters `$1..` (the extended protocol, so no
+    /// value is ever spliced into the SQL). Returns the first row, if any,
+    /// and the first error.
+    pub async fn query_row_params(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> std::io::Result<(Option<Vec<Option<String>>>, Option<ErrorFields>)> {
+        let mut out = BytesMut::new();
+        frontend::parse_unnamed(&mut out, sql);
+        frontend::bind_text_params(&mut out, params);
+        frontend::execute_unnamed(&mut out);
+        frontend::sync(&mut out);
+        self.stream.write_all(&out).await?;
+        let mut row = None;
+        let mut first_error = None;
+        loop {
+            let (t, body) = self.next_control_frame().await?;
+            match t {
+                tag::DATA_ROW if row.is_none() => row = Some(msg::parse_data_row(&body)),
+                tag::ERROR_RESPONSE if first_error.is_none() => first_error = Some(msg::parse_error_fields(&body)),
+                tag::READY_FOR_QUERY => return Ok((row, first_error)),
+                _ => {}
+            }
+        }
+    }
+
     pub fn set_param(&mut self, name: &str, value: &str) {
         self.synced = None;
         match self.params.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(name)) {

@@ -509,6 +509,12 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// The user a pool of `db` serves under `config`: a configured one, or,
+/// where `db` looks users up with auth_query, `user` as its login found it.
+fn user_in<'a>(config: &'a Settings, db: &DatabaseConfig, user: &'a UserConfig) -> Option<&'a UserConfig> {
+    config.user(&user.name).or_else(|| config.auth_lookup(db).map(|_| user))
+}
+
 /// All pools of the process, created on first use.
 #[derive(Debug, Default)]
 pub struct Pools {
@@ -516,6 +522,9 @@ pub struct Pools {
     pools: DashMap<(String, String), Arc<Pool>>,
     /// Toward replicas, by (database, user, replica address).
     replica_pools: DashMap<(String, String, String), Arc<Pool>>,
+    /// pgmux's own connections for auth_query, by database: never lent to a
+    /// client, so no client's session settings are in force when it runs.
+    auth_pools: DashMap<String, Arc<Pool>>,
     /// The configuration of the last [`Pools::reconfigure`]. Pools are
     /// created under its read lock and reconfigured under its write lock, so
     /// a login that began before a reload cannot add a pool with old settings
@@ -523,7 +532,24 @@ pub struct Pools {
     reloaded: RwLock<Option<Arc<Settings>>>,
 }
 
+/// Connections per database for auth_query: lookups are one short query
+/// each, and a login storm should not take many server connections.
+const AUTH_POOL_SIZE: usize = 2;
+
 impl Pools {
+    /// The pool that runs `db`'s auth_query as `auth_user`.
+    pub fn auth_pool(&self, config: &Settings, db: &DatabaseConfig, auth_user: &UserConfig) -> Arc<Pool> {
+        self.auth_pools
+            .entry(db.name.clone())
+            .or_insert_with(|| {
+                let mut settings = PoolSettings::new(config, db, auth_user);
+                settings.pool_size = AUTH_POOL_SIZE.min(db.pool_size);
+                settings.min_pool_size = 0;
+                Pool::new(settings)
+            })
+            .clone()
+    }
+
     /// The pool of (`db`, `user`), created with `config`'s settings if it
     /// does not exist yet (or with a reload's, if one happened since `config`
     /// was read; a database or user that reload removed gets a retired pool
@@ -535,8 +561,8 @@ impl Pools {
         }
         let reloaded = self.reloaded.read().unwrap_or_else(|e| e.into_inner());
         let current = reloaded.as_deref().unwrap_or(config);
-        match (current.database(&db.name), current.user(&user.name)) {
-            (Some(d), Some(u)) => {
+        match current.database(&db.name).and_then(|d| Some((d, user_in(current, d, user)?))) {
+            Some((d, u)) => {
                 self.pools.entry(key).or_insert_with(|| Pool::new(PoolSettings::new(current, d, u))).clone()
             }
             _ => {
@@ -555,9 +581,16 @@ impl Pools {
         {
             let mut reloaded = self.reloaded.write().unwrap_or_else(|e| e.into_inner());
             *reloaded = Some(config.clone());
+            // Made again on the next lookup, with the new auth_user and settings.
+            let auth: Vec<Arc<Pool>> = self.auth_pools.iter().map(|e| e.value().clone()).collect();
+            self.auth_pools.clear();
+            for pool in auth {
+                pool.retire();
+            }
             for ((db, user), pool) in self.all() {
-                match (config.database(&db), config.user(&user)) {
-                    (Some(d), Some(u)) => pool.update(PoolSettings::new(config, d, u)),
+                let looked_up = UserConfig::looked_up(&user);
+                match config.database(&db).and_then(|d| Some((d, user_in(config, d, &looked_up)?))) {
+                    Some((d, u)) => pool.update(PoolSettings::new(config, d, u)),
                     _ => {
                         tracing::info!(database = %db, user = %user, "pool retired: its database or user was removed");
                         self.pools.remove(&(db, user));
@@ -566,8 +599,9 @@ impl Pools {
                 }
             }
             for ((db, user, addr), pool) in self.replicas() {
-                match (config.replica(&db, &addr), config.user(&user)) {
-                    (Some(d), Some(u)) => pool.update(PoolSettings::replica(config, d, u, &addr)),
+                let looked_up = UserConfig::looked_up(&user);
+                match config.replica(&db, &addr).and_then(|d| Some((d, user_in(config, d, &looked_up)?))) {
+                    Some((d, u)) => pool.update(PoolSettings::replica(config, d, u, &addr)),
                     _ => {
                         tracing::info!(database = %db, user = %user, replica = %addr, "replica pool retired: its replica, database or user was removed");
                         self.replica_pools.remove(&(db, user, addr));
@@ -596,8 +630,8 @@ impl Pools {
         }
         let reloaded = self.reloaded.read().unwrap_or_else(|e| e.into_inner());
         let current = reloaded.as_deref().unwrap_or(config);
-        match (current.replica(&db.name, addr), current.user(&user.name)) {
-            (Some(d), Some(u)) => self
+        match current.replica(&db.name, addr).and_then(|d| Some((d, user_in(current, d, user)?))) {
+            Some((d, u)) => self
                 .replica_pools
                 .entry(key)
                 .or_insert_with(|| Pool::new(PoolSettings::replica(current, d, u, addr)))
@@ -647,7 +681,8 @@ impl Pools {
         loop {
             tick.tick().await;
             let replicas = self.replicas().into_iter().map(|(_, p)| p);
-            for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas) {
+            let auth: Vec<Arc<Pool>> = self.auth_pools.iter().map(|e| e.value().clone()).collect();
+            for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas).chain(auth) {
                 pool.maintain().await;
             }
         }
@@ -655,7 +690,8 @@ impl Pools {
 
     pub fn close_idle(&self) {
         let replicas = self.replicas().into_iter().map(|(_, p)| p);
-        for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas) {
+        let auth: Vec<Arc<Pool>> = self.auth_pools.iter().map(|e| e.value().clone()).collect();
+        for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas).chain(auth) {
             pool.close_idle();
         }
     }

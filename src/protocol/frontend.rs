@@ -69,6 +69,30 @@ pub fn bind_unnamed(buf: &mut BytesMut) {
     write_message(buf, tag::BIND, |b| b.put_slice(&[0, 0, 0, 0, 0, 0, 0, 0]));
 }
 
+/// Parse of the unnamed statement from `sql`, parameter types left to the server.
+pub fn parse_unnamed(buf: &mut BytesMut, sql: &str) {
+    write_message(buf, tag::PARSE, |b| {
+        b.put_u8(0);
+        put_cstr(b, sql);
+        b.put_i16(0);
+    });
+}
+
+/// Bind of the unnamed statement to the unnamed portal with text parameters.
+pub fn bind_text_params(buf: &mut BytesMut, params: &[&str]) {
+    write_message(buf, tag::BIND, |b| {
+        // Portal, statement, no format codes (all text).
+        b.put_slice(&[0, 0, 0, 0]);
+        b.put_i16(params.len() as i16);
+        for p in params {
+            b.put_i32(p.len() as i32);
+            b.put_slice(p.as_bytes());
+        }
+        // No result format codes: all text.
+        b.put_i16(0);
+    });
+}
+
 /// Execute of the unnamed portal, all rows.
 pub fn execute_unnamed(buf: &mut BytesMut) {
     write_message(buf, tag::EXECUTE, |b| b.put_slice(&[0, 0, 0, 0, 0]));

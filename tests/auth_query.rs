@@ -1,0 +1,196 @@
+//! Users that live in Postgres, not in proxy.toml: `auth_query` lookups with
+//! SCRAM pass-through, against the real test cluster. Roles are created
+//! after pgmux started; none of them is in its configuration.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::proxy::{Proxy, admin_config};
+use support::{DB, code, scalar};
+
+/// The shared cluster's superuser is trusted over TCP; as auth_user it
+/// still needs a password pgmux would send (trust ignores it).
+fn config(extra_proxy: &str) -> String {
+    admin_config(support::cluster(), 3, &format!("auth_user = \"postgres\"\n{extra_proxy}")).replace(
+        "name = \"postgres\"\nauth = \"trust\"",
+        "name = \"postgres\"\nauth = \"trust\"\nserver_password = \"unused\"",
+    )
+}
+
+async fn create_role(name: &str, options: &str) {
+    let su = support::superuser(DB).await;
+    su.batch_execute(&format!("DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN {options}")).await.unwrap();
+}
+
+/// A role created after pgmux started logs in through it and runs
+/// transactions; pgmux logs in to Postgres as that role with the keys its
+/// SCRAM proof revealed, including for server connections opened later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_created_in_postgres_logs_in_through_pgmux() {
+    let proxy = Proxy::start(&config("")).await;
+    create_role("aq_alice", "PASSWORD 'alice pw'").await;
+    let su = support::superuser(DB).await;
+    su.batch_execute("CREATE TABLE IF NOT EXISTS aq_log (who text); GRANT ALL ON aq_log TO PUBLIC").await.unwrap();
+
+    let alice = proxy.connect("aq_alice", Some("alice pw"), DB).await.expect("login through auth_query");
+    assert_eq!(scalar(&alice, "SELECT current_user").await, "aq_alice");
+    alice.batch_execute("BEGIN; INSERT INTO aq_log VALUES (current_user); COMMIT").await.unwrap();
+
+    // New server connections for the same user after the login: RECONNECT
+    // closes the pooled ones; two clients at once need two.
+    let admin = proxy.connect("postgres", None, "pgmux").await.unwrap();
+    admin.simple_query(&format!("RECONNECT {DB}")).await.unwrap();
+    let bob_side = proxy.connect("aq_alice", Some("alice pw"), DB).await.unwrap();
+    let (a, b) = tokio::join!(
+        alice.batch_execute("BEGIN; SELECT pg_sleep(0.2); INSERT INTO aq_log VALUES (current_user); COMMIT"),
+        bob_side.batch_execute("BEGIN; SELECT pg_sleep(0.2); INSERT INTO aq_log VALUES (current_user); COMMIT"),
+    );
+    a.unwrap();
+    b.unwrap();
+    let n: i64 = scalar(&su, "SELECT count(*) FROM aq_log WHERE who = 'aq_alice'").await.parse().unwrap();
+    assert!(n >= 3, "{n}");
+    let sessions: i64 = scalar(
+        &su,
+        "SELECT count(DISTINCT pid) FROM pg_stat_activity WHERE usename = 'aq_alice' AND backend_type = 'client backend'",
+    )
+    .await
+    .parse()
+    .unwrap();
+    assert!(sessions >= 2, "Postgres saw {sessions} sessions of aq_alice");
+    proxy.shutdown().await;
+}
+
+/// Wrong password, unknown role, a role past VALID UNTIL and one that
+/// cannot log in: the same 28P01 and message, and about the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_tell_nothing_about_which_roles_exist() {
+    let proxy = Proxy::start(&config("")).await;
+    create_role("aq_carol", "PASSWORD 'carol pw'").await;
+    create_role("aq_expired", "PASSWORD 'old pw' VALID UNTIL '2001-01-01'").await;
+    create_role("aq_nologin", "PASSWORD 'x pw'").await;
+    support::superuser(DB).await.batch_execute("ALTER ROLE aq_nologin NOLOGIN").await.unwrap();
+
+    let refused = |user: &'static str, password: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let started = Instant::now();
+            let e = proxy.connect(user, Some(password), DB).await.expect_err("refused");
+            let took = started.elapsed();
+            assert_eq!(code(&e), "28P01", "{user}: {e}");
+            let text = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+            assert_eq!(text, format!("password authentication failed for user \"{user}\""));
+            took
+        }
+    };
+    let mut wrong = Vec::new();
+    let mut unknown = Vec::new();
+    for _ in 0..7 {
+        wrong.push(refused("aq_carol", "not it").await);
+        unknown.push(refused("aq_nobody", "not it").await);
+    }
+    refused("aq_expired", "old pw").await;
+    refused("aq_nologin", "x pw").await;
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (w, u) = (median(&mut wrong), median(&mut unknown));
+    eprintln!("median refusal: wrong password {w:?}, unknown role {u:?}");
+    let ratio = w.as_secs_f64() / u.as_secs_f64();
+    assert!((0.5..2.0).contains(&ratio), "wrong password {w:?} vs unknown role {u:?}");
+    // And the right password works.
+    let carol = proxy.connect("aq_carol", Some("carol pw"), DB).await.expect("right password");
+    assert_eq!(scalar(&carol, "SELECT current_user").await, "aq_carol");
+    proxy.shutdown().await;
+}
+
+/// A client's `search_path` cannot change what auth_query reads: a
+/// look-alike `pg_authid` in a schema the client puts first is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_cannot_redirect_the_lookup() {
+    let proxy = Proxy::start(&config("")).await;
+    create_role("aq_dave", "PASSWORD 'dave pw'").await;
+    let su = support::superuser(DB).await;
+    // The look-alike holds a verifier for "evil pw".
+    let evil = postgres_protocol::password::scram_sha_256(b"evil pw");
+    su.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS aq_evil CASCADE; CREATE SCHEMA aq_evil; \
+         CREATE TABLE aq_evil.pg_authid (rolname name, rolpassword text, rolvaliduntil timestamptz, rolcanlogin bool); \
+         INSERT INTO aq_evil.pg_authid VALUES ('aq_dave', '{evil}', NULL, true); GRANT USAGE ON SCHEMA aq_evil TO PUBLIC"
+    ))
+    .await
+    .unwrap();
+    let with_path = |password: &str| {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(proxy.port())
+            .user("aq_dave")
+            .password(password)
+            .dbname(DB)
+            .options("-c search_path=aq_evil,pg_catalog");
+        c
+    };
+    let e =
+        with_path("evil pw").connect(tokio_postgres::NoTls).await.map(|_| ()).expect_err("the look-alike is ignored");
+    assert_eq!(code(&e), "28P01");
+    let (client, conn) = with_path("dave pw").connect(tokio_postgres::NoTls).await.expect("the real password");
+    tokio::spawn(conn);
+    assert_eq!(scalar(&client, "SHOW search_path").await, "aq_evil,pg_catalog");
+    proxy.shutdown().await;
+}
+
+/// A password changed in Postgres: sessions already logged in go on; the
+/// new password works without a restart, after at most one refusal while
+/// the old verifier was cached (a SCRAM proof is bound to the salt it was
+/// computed with); the old password no longer works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_password_takes_effect() {
+    let proxy = Proxy::start(&config("auth_cache_ttl = \"1h\"")).await;
+    create_role("aq_erin", "PASSWORD 'first pw'").await;
+    let before = proxy.connect("aq_erin", Some("first pw"), DB).await.expect("first password");
+    support::superuser(DB).await.batch_execute("ALTER ROLE aq_erin PASSWORD 'second pw'").await.unwrap();
+
+    let mut refusals = 0;
+    let after = loop {
+        match proxy.connect("aq_erin", Some("second pw"), DB).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert_eq!(code(&e), "28P01");
+                refusals += 1;
+                assert!(refusals <= 1, "the new password was refused {refusals} times");
+            }
+        }
+    };
+    assert_eq!(scalar(&after, "SELECT current_user").await, "aq_erin");
+    assert_eq!(scalar(&before, "SELECT 1").await, "1", "the earlier session goes on");
+    let e = proxy.connect("aq_erin", Some("first pw"), DB).await.expect_err("the old password");
+    assert_eq!(code(&e), "28P01");
+    proxy.shutdown().await;
+}
+
+/// With read/write splitting on: a looked-up user's reads run on the
+/// replica, which pgmux logs in to with the same pass-through keys, and its
+/// writes on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looked_up_users_read_from_replicas() {
+    let cluster = support::cluster_async().await;
+    let replica = cluster.replicas()[0].host_port();
+    let primary = format!("primary = \"{}\"", cluster.primary().host_port());
+    let toml = config("").replacen(&primary, &format!("{primary}\nreplicas = [\"{replica}\"]"), 1);
+    let proxy = Proxy::start(&toml).await;
+    create_role("aq_frank", "PASSWORD 'frank pw'").await;
+    let frank = proxy.connect("aq_frank", Some("frank pw"), DB).await.expect("login");
+    // (pg_is_in_recovery() would tell the node, but pgmux sends it to the primary.)
+    let on_replica = format!("aq_frank {}", cluster.replicas()[0].port());
+    support::eventually(Duration::from_secs(10), "a read from the replica as aq_frank", || async {
+        scalar(&frank, "SELECT current_user || ' ' || pg_catalog.inet_server_port()").await == on_replica
+    })
+    .await;
+    assert_eq!(
+        scalar(&frank, "SELECT pg_catalog.inet_server_port() FROM pg_catalog.txid_current()").await,
+        cluster.primary().port().to_string(),
+        "a write goes to the primary"
+    );
+    proxy.shutdown().await;
+}
