@@ -216,6 +216,7 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
     let mut min_pool_size = "0".to_owned();
     let mut auth_type = "md5".to_owned();
     let mut admin_users: Vec<String> = Vec::new();
+    let mut auth_user: Option<String> = None;
     for (key, value) in pgb {
         let v = value.as_str();
         let time = |name: &str, proxy: &mut Vec<String>, skip: &mut dyn FnMut(&str, &str)| match seconds(v) {
@@ -279,9 +280,9 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
                 admin_users = v.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect()
             }
             "stats_users" => skip(key, "pgmux has no read-only console role; give them admin_users or /metrics"),
-            "auth_user" | "auth_query" | "auth_dbname" => {
-                skip(key, "auth_query is not supported yet: list the users in [[users]]")
-            }
+            "auth_user" => auth_user = Some(v.to_owned()),
+            "auth_query" => proxy.push(format!("auth_query = {}", quote(v))),
+            "auth_dbname" => skip(key, "pgmux runs auth_query on the database the client asks for"),
             "reserve_pool_size" | "reserve_pool_timeout" | "max_db_connections" | "max_user_connections" => {
                 skip(key, "no equivalent yet: pools are capped by pool_size per (database, user)")
             }
@@ -331,6 +332,16 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
             user_names.push(name);
         }
     }
+    if let Some(u) = auth_user {
+        if user_names.contains(&u) {
+            proxy.push(format!("auth_user = {}", quote(&u)));
+        } else {
+            skip(
+                &format!("auth_user {u}"),
+                "not in the auth_file: add it to [[users]] with its plaintext password, then set auth_user",
+            );
+        }
+    }
     let admins: Vec<String> = admin_users
         .into_iter()
         .filter(|u| {
@@ -345,10 +356,6 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
     // [[databases]]
     let mut dbs_toml = String::new();
     for (name, connstr) in ini.sections.get("databases").unwrap_or(&empty) {
-        if name == "*" {
-            skip("databases *", "wildcard databases are not supported yet: list each database");
-            continue;
-        }
         let params = parse_connstr(connstr);
         let param = |k: &str| params.iter().rev().find(|(pk, _)| pk == k).map(|(_, v)| v.as_str());
         let host = param("host").unwrap_or("127.0.0.1");
@@ -386,7 +393,9 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
             let why = match k.as_str() {
                 "host" | "port" | "dbname" | "pool_size" | "min_pool_size" | "pool_mode" => continue,
                 "user" | "password" => "pgmux logs in as the client's user: no forced user",
-                "auth_user" | "auth_query" | "auth_dbname" => "auth_query is not supported yet",
+                "auth_user" | "auth_query" | "auth_dbname" => {
+                    "per-database auth settings: set them on the [[databases]] entry by hand"
+                }
                 "client_encoding" | "datestyle" | "timezone" | "application_name" => {
                     "no per-database startup defaults: the server's or the client's apply"
                 }

@@ -194,3 +194,17 @@ async fn looked_up_users_read_from_replicas() {
     );
     proxy.shutdown().await;
 }
+
+/// PgBouncer's own auth_query shape, (name, secret), works as is: what
+/// `pgmux convert` carries over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_shaped_auth_query() {
+    let query = "auth_query = \"SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1\"";
+    let proxy = Proxy::start(&config(query)).await;
+    create_role("aq_gina", "PASSWORD 'gina pw'").await;
+    let gina = proxy.connect("aq_gina", Some("gina pw"), DB).await.expect("login with a two-column auth_query");
+    assert_eq!(scalar(&gina, "SELECT current_user").await, "aq_gina");
+    let e = proxy.connect("aq_gina", Some("nope"), DB).await.expect_err("wrong password");
+    assert_eq!(code(&e), "28P01");
+    proxy.shutdown().await;
+}

@@ -31,7 +31,8 @@ pub(super) async fn secret(
         match backend.query_row_params(query, &[user]).await {
             Ok((row, None)) => {
                 backend.release(Release::Clean(Instant::now()));
-                Ok(row.and_then(|r| r.into_iter().next().flatten()))
+                // One column (the secret), or PgBouncer's shape: (name, secret).
+                Ok(row.and_then(|mut r| if r.len() >= 2 { r.swap_remove(1) } else { r.into_iter().next().flatten() }))
             }
             Ok((_, Some(e))) => {
                 backend.release(Release::Clean(Instant::now()));

@@ -181,9 +181,10 @@ pub(super) async fn login(
     // auth_query finds, or nobody. Nobody still runs the whole exchange and
     // fails it as a wrong password would: the answer and its timing tell
     // nothing about which names exist.
+    let resolved = config.resolve(&database);
     let lookup = match config.user(user_name) {
         Some(_) => None,
-        None => config.database(&database).and_then(|db| Some((db, config.auth_lookup(db)?))),
+        None => resolved.as_deref().and_then(|db| Some((db, config.auth_lookup(db)?))),
     };
     let (looked_up, cached) = match lookup {
         None => (None, false),
@@ -237,6 +238,7 @@ pub(super) async fn login(
         Some(_) => proved,
         None => user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
     };
+    // The console's names win over the wildcard, not over a database listed by name.
     if crate::admin::is_console(&database) && config.database(&database).is_none() {
         if !config.admin.users.iter().any(|u| u == &user.name) {
             tracing::info!(client, ?peer, user = %user.name, "admin console refused: not an [admin] user");
@@ -246,7 +248,7 @@ pub(super) async fn login(
         }
         return Ok(Some(Login::Admin { user: user.name.clone(), database }));
     }
-    let Some(db) = config.database(&database) else {
+    let Some(db) = resolved.as_deref() else {
         tracing::info!(client, ?peer, database = %database, "login refused: unknown database");
         let text = format!("database \"{database}\" does not exist");
         fatal(stream, SqlState::INVALID_CATALOG_NAME, &text).await?;

@@ -129,7 +129,14 @@ pub struct ProxyConfig {
     /// How long a looked-up secret is reused; a miss is kept for a tenth of it.
     #[serde(with = "duration::serde_duration")]
     pub auth_cache_ttl: Duration,
+    /// A pool the `"*"` database made that has had no client and no
+    /// server connection in use for this long is closed and forgotten.
+    #[serde(with = "duration::serde_duration")]
+    pub pool_idle_timeout: Duration,
 }
+
+/// The `[[databases]] name` that serves every database not listed by name.
+pub const WILDCARD_DATABASE: &str = "*";
 
 /// The default `auth_query`: the role's password while it can log in and is
 /// not past `VALID UNTIL`. Schema-qualified to the operators, so that no
@@ -189,6 +196,7 @@ impl Default for ProxyConfig {
             auth_user: None,
             auth_query: DEFAULT_AUTH_QUERY.to_owned(),
             auth_cache_ttl: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -454,8 +462,28 @@ impl Config {
         Err(ConfigError::Invalid(errors.into_iter().map(|(_, msg)| msg).collect::<Vec<_>>().join("\n")))
     }
 
+    /// The database listed under `name` (not the wildcard).
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
         self.databases.iter().find(|d| d.name == name)
+    }
+
+    /// The database a client asking for `name` gets: the one listed under
+    /// that name, or else the `"*"` wildcard's settings toward the
+    /// same-named database on its server (PgBouncer's fallback database).
+    pub fn resolve(&self, name: &str) -> Option<std::borrow::Cow<'_, DatabaseConfig>> {
+        if let Some(db) = self.database(name) {
+            return Some(std::borrow::Cow::Borrowed(db));
+        }
+        let wildcard = self.database(WILDCARD_DATABASE).filter(|_| name != WILDCARD_DATABASE)?;
+        let mut db = wildcard.clone();
+        name.clone_into(&mut db.name);
+        Some(std::borrow::Cow::Owned(db))
+    }
+
+    /// [`Config::resolve`] for a replica pool: `name`'s database, if `addr`
+    /// is one of its replicas.
+    pub fn resolve_replica(&self, name: &str, addr: &str) -> Option<std::borrow::Cow<'_, DatabaseConfig>> {
+        self.resolve(name).filter(|d| d.replicas.iter().any(|r| r.addr() == addr))
     }
 
     /// Database `name`, if `addr` is one of its replicas.

@@ -72,6 +72,7 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ("proxy.auth_user", p.auth_user.clone().unwrap_or_default()),
         ("proxy.auth_query", p.auth_query.clone()),
         ("proxy.auth_cache_ttl", format_duration(p.auth_cache_ttl)),
+        ("proxy.pool_idle_timeout", format_duration(p.pool_idle_timeout)),
         ("routing.read_write_split", r.read_write_split.to_string()),
         (
             "routing.read_your_writes",

@@ -24,6 +24,8 @@ unix_socket_dir = /var/run/postgresql
 auth_type = scram-sha-256
 auth_file = /etc/pgbouncer/userlist.txt
 admin_users = admin, ghost
+auth_user = admin
+auth_query = SELECT usename, passwd FROM pg_shadow WHERE usename=$1
 stats_users = monitor
 pool_mode = transaction
 max_client_conn = 2000
@@ -78,13 +80,16 @@ fn realistic_configuration_converts_to_a_valid_proxy_toml() {
     assert_eq!(reports.primary, "10.1.0.6:5432");
     assert_eq!(reports.pool_size, 25, "default_pool_size applies");
     assert_eq!(reports.pool_mode, Some(PoolMode::Session));
-    assert!(config.database("local").is_none() && config.database("*").is_none());
+    assert!(config.database("local").is_none());
+    assert_eq!(config.database("*").expect("the wildcard carried over").primary, "10.1.0.5:5433");
 
     assert_eq!(config.user("admin").unwrap().auth, AuthMethod::ScramSha256);
     assert_eq!(config.user("app").unwrap().auth, AuthMethod::ScramSha256);
     assert_eq!(config.user("legacy").unwrap().auth, AuthMethod::Md5, "an md5 hash cannot do SCRAM");
     assert_eq!(config.user("quo\"te").unwrap().password.as_deref(), Some("pw"));
     assert_eq!(config.admin.users, ["admin"]);
+    assert_eq!(config.proxy.auth_user.as_deref(), Some("admin"));
+    assert_eq!(config.proxy.auth_query, "SELECT usename, passwd FROM pg_shadow WHERE usename=$1");
 
     // Each setting left behind is named, with a reason, in the file too.
     for what in [
@@ -96,7 +101,6 @@ fn realistic_configuration_converts_to_a_valid_proxy_toml() {
         "server_reset_query",
         "ignore_startup_parameters",
         "admin_users ghost",
-        "databases *:",
         "databases local",
         "databases reports host",
         "databases reports user",

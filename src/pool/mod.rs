@@ -74,6 +74,8 @@ pub struct PoolSettings {
     pub max_prepared: usize,
     /// `server_tls` and its built rustls configuration.
     pub tls: crate::tls::BackendTls,
+    /// For a pool the `"*"` database made: forgotten after this long unused.
+    pub forget_after: Option<Duration>,
 }
 
 impl PoolSettings {
@@ -92,6 +94,7 @@ impl PoolSettings {
             idle_timeout: config.proxy.server_idle_timeout,
             max_prepared: config.proxy.max_prepared_statements,
             tls: config.tls.client.clone(),
+            forget_after: config.database(&db.name).is_none().then_some(config.proxy.pool_idle_timeout),
         }
     }
 
@@ -149,6 +152,9 @@ pub struct Pool {
     /// For a user without a configured password (auth_query): what the
     /// latest client login of this user proved, used to open backends.
     passthrough: Mutex<Option<crate::auth::Credential>>,
+    /// Milliseconds after `created` of the last checkout: how long the pool
+    /// has gone unused.
+    last_used_ms: std::sync::atomic::AtomicU64,
 }
 
 /// How often queued clients are checked against `query_wait_timeout`: a
@@ -166,7 +172,14 @@ impl Pool {
             created: Instant::now(),
             statements: statements::Registry::default(),
             passthrough: Mutex::new(None),
+            last_used_ms: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How long since the last checkout (or since creation).
+    pub fn unused_for(&self) -> Duration {
+        let last = self.created + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
+        last.elapsed()
     }
 
     /// Records what a client's login proved for this pool's user (SCRAM keys
@@ -284,6 +297,7 @@ impl Pool {
     /// case reads no clock at all.
     pub async fn checkout_at(self: &Arc<Self>, started: Instant) -> Result<(Checkout, Instant), PoolError> {
         let result = self.checkout_inner(started).await.map(|(b, at)| (Checkout::new(self.clone(), b), at));
+        self.last_used_ms.store(self.created.elapsed().as_millis() as u64, Ordering::Relaxed);
         let granted = match &result {
             Ok((_, granted)) => *granted,
             Err(_) => Instant::now(),
@@ -561,9 +575,9 @@ impl Pools {
         }
         let reloaded = self.reloaded.read().unwrap_or_else(|e| e.into_inner());
         let current = reloaded.as_deref().unwrap_or(config);
-        match current.database(&db.name).and_then(|d| Some((d, user_in(current, d, user)?))) {
-            Some((d, u)) => {
-                self.pools.entry(key).or_insert_with(|| Pool::new(PoolSettings::new(current, d, u))).clone()
+        match current.resolve(&db.name).and_then(|d| Some((user_in(current, &d, user)?, d))) {
+            Some((u, d)) => {
+                self.pools.entry(key).or_insert_with(|| Pool::new(PoolSettings::new(current, &d, u))).clone()
             }
             _ => {
                 let pool = Pool::new(PoolSettings::new(config, db, user));
@@ -589,8 +603,8 @@ impl Pools {
             }
             for ((db, user), pool) in self.all() {
                 let looked_up = UserConfig::looked_up(&user);
-                match config.database(&db).and_then(|d| Some((d, user_in(config, d, &looked_up)?))) {
-                    Some((d, u)) => pool.update(PoolSettings::new(config, d, u)),
+                match config.resolve(&db).and_then(|d| Some((user_in(config, &d, &looked_up)?, d))) {
+                    Some((u, d)) => pool.update(PoolSettings::new(config, &d, u)),
                     _ => {
                         tracing::info!(database = %db, user = %user, "pool retired: its database or user was removed");
                         self.pools.remove(&(db, user));
@@ -600,8 +614,8 @@ impl Pools {
             }
             for ((db, user, addr), pool) in self.replicas() {
                 let looked_up = UserConfig::looked_up(&user);
-                match config.replica(&db, &addr).and_then(|d| Some((d, user_in(config, d, &looked_up)?))) {
-                    Some((d, u)) => pool.update(PoolSettings::replica(config, d, u, &addr)),
+                match config.resolve_replica(&db, &addr).and_then(|d| Some((user_in(config, &d, &looked_up)?, d))) {
+                    Some((u, d)) => pool.update(PoolSettings::replica(config, &d, u, &addr)),
                     _ => {
                         tracing::info!(database = %db, user = %user, replica = %addr, "replica pool retired: its replica, database or user was removed");
                         self.replica_pools.remove(&(db, user, addr));
@@ -630,11 +644,11 @@ impl Pools {
         }
         let reloaded = self.reloaded.read().unwrap_or_else(|e| e.into_inner());
         let current = reloaded.as_deref().unwrap_or(config);
-        match current.replica(&db.name, addr).and_then(|d| Some((d, user_in(current, d, user)?))) {
-            Some((d, u)) => self
+        match current.resolve_replica(&db.name, addr).and_then(|d| Some((user_in(current, &d, user)?, d))) {
+            Some((u, d)) => self
                 .replica_pools
                 .entry(key)
-                .or_insert_with(|| Pool::new(PoolSettings::replica(current, d, u, addr)))
+                .or_insert_with(|| Pool::new(PoolSettings::replica(current, &d, u, addr)))
                 .clone(),
             _ => {
                 let pool = Pool::new(PoolSettings::replica(config, db, user, addr));
@@ -668,7 +682,9 @@ impl Pools {
     /// Creates the pools of every configured (database, user) pair that keeps
     /// backends warm, so `min_pool_size` holds before the first client.
     pub fn prewarm(&self, config: &Settings) {
-        for db in config.databases.iter().filter(|d| d.min_pool_size > 0) {
+        // The wildcard is no database of its own: its pools open on first use.
+        for db in config.databases.iter().filter(|d| d.min_pool_size > 0 && d.name != crate::config::WILDCARD_DATABASE)
+        {
             for user in &config.users {
                 self.get_or_create(config, db, user);
             }
@@ -685,6 +701,37 @@ impl Pools {
             for pool in self.all().into_iter().map(|(_, p)| p).chain(replicas).chain(auth) {
                 pool.maintain().await;
             }
+            self.forget_unused();
+        }
+    }
+
+    /// Drops the wildcard's pools nobody uses: no session holds them (the
+    /// map's reference is the only one), no backend is checked out, and no
+    /// checkout for `pool_idle_timeout`. Their idle backends are closed.
+    fn forget_unused(&self) {
+        let unused = |p: &Arc<Pool>| {
+            let s = p.stats();
+            let after = p.settings.load().forget_after;
+            Arc::strong_count(p) == 1 && s.open == s.idle && after.is_some_and(|t| p.unused_for() >= t)
+        };
+        let mut gone = Vec::new();
+        self.pools.retain(|_, p| {
+            let keep = !unused(p);
+            if !keep {
+                gone.push(p.clone());
+            }
+            keep
+        });
+        self.replica_pools.retain(|_, p| {
+            let keep = !unused(p);
+            if !keep {
+                gone.push(p.clone());
+            }
+            keep
+        });
+        for pool in gone {
+            tracing::info!(database = %pool.settings.load().dbname, user = %pool.settings.load().user, "unused pool of the wildcard database forgotten");
+            pool.close_idle();
         }
     }
 

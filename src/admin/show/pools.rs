@@ -125,7 +125,7 @@ pub fn pool_views(shared: &Shared) -> Vec<PoolView> {
 }
 
 fn pool_mode_of(config: &Config, database: &str) -> PoolMode {
-    config.database(database).map(|d| config.pool_mode(d)).unwrap_or(config.proxy.pool_mode)
+    config.resolve(database).map(|d| config.pool_mode(&d)).unwrap_or(config.proxy.pool_mode)
 }
 
 /// The counts of one row: a pool, or the sum of a (database, user)'s pools.
