@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use support::proxy::{Proxy, admin_config};
 use support::{DB, code, scalar};
 
+/// Tests that time logins, or storm them, run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The shared cluster's superuser is trusted over TCP; as auth_user it
 /// still needs a password pgmux would send (trust ignores it).
 fn config(extra_proxy: &str) -> String {
@@ -65,6 +68,7 @@ async fn a_role_created_in_postgres_logs_in_through_pgmux() {
 /// cannot log in: the same 28P01 and message, and about the same time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_tell_nothing_about_which_roles_exist() {
+    let _serial = SERIAL.lock().await;
     let proxy = Proxy::start(&config("")).await;
     create_role("aq_carol", "PASSWORD 'carol pw'").await;
     create_role("aq_expired", "PASSWORD 'old pw' VALID UNTIL '2001-01-01'").await;
@@ -206,5 +210,84 @@ async fn pgbouncer_shaped_auth_query() {
     assert_eq!(scalar(&gina, "SELECT current_user").await, "aq_gina");
     let e = proxy.connect("aq_gina", Some("nope"), DB).await.expect_err("wrong password");
     assert_eq!(code(&e), "28P01");
+    proxy.shutdown().await;
+}
+
+/// 2,000 logins of 20 roles that only Postgres knows, 64 at a time, while
+/// a connected client keeps querying: every login succeeds, the connected
+/// client is not held up, and Postgres sees no more server connections for
+/// those roles than their pools allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_storm_of_looked_up_users() {
+    let _serial = SERIAL.lock().await;
+    const ROLES: usize = 20;
+    const LOGINS: usize = 2000;
+    const POOL_SIZE: usize = 3;
+    let proxy = Proxy::start(&config("max_client_conn = 5000")).await;
+    let su = support::superuser(DB).await;
+    for i in 0..ROLES {
+        create_role(&format!("aq_storm{i}"), &format!("PASSWORD 'storm pw {i}'")).await;
+    }
+    let canary = proxy.connect(support::APP.0, Some(support::APP.1), DB).await.unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let storm = {
+        let (port, done) = (proxy.port(), done.clone());
+        tokio::spawn(async move {
+            let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+            let mut logins = tokio::task::JoinSet::new();
+            for n in 0..LOGINS {
+                let gate = gate.clone();
+                logins.spawn(async move {
+                    let _turn = gate.acquire_owned().await.unwrap();
+                    let i = n % ROLES;
+                    let url =
+                        format!("host=127.0.0.1 port={port} user=aq_storm{i} password='storm pw {i}' dbname={DB}");
+                    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                    tokio::spawn(conn);
+                    c.simple_query("SELECT 1").await.map(drop)
+                });
+            }
+            let mut failed = Vec::new();
+            while let Some(r) = logins.join_next().await {
+                if let Err(e) = r.unwrap() {
+                    failed.push(e.to_string());
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            failed
+        })
+    };
+    let mut lat = Vec::new();
+    let mut most_sessions = 0i64;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let t = Instant::now();
+        assert_eq!(scalar(&canary, "SELECT 1").await, "1");
+        lat.push(t.elapsed());
+        let sessions: i64 = scalar(
+            &su,
+            "SELECT count(*) FROM pg_stat_activity WHERE usename LIKE 'aq\\_storm%' AND backend_type = 'client backend'",
+        )
+        .await
+        .parse()
+        .unwrap();
+        most_sessions = most_sessions.max(sessions);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let failed = storm.await.unwrap();
+    let took = started.elapsed();
+    lat.sort();
+    let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "auth_query login storm: {LOGINS} logins of {ROLES} roles in {took:?} ({:.0}/s); canary p50 {:?} p99 {:?} max {:?}; \
+         at most {most_sessions} server sessions of those roles",
+        LOGINS as f64 / took.as_secs_f64(),
+        p(0.5),
+        p(0.99),
+        p(1.0)
+    );
+    assert!(failed.is_empty(), "{} logins failed, first: {}", failed.len(), failed[0]);
+    assert!(p(0.99) < Duration::from_millis(500), "canary p99 {:?}", p(0.99));
+    assert!(most_sessions <= (ROLES * POOL_SIZE) as i64, "{most_sessions} server sessions");
     proxy.shutdown().await;
 }
