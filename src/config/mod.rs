@@ -133,6 +133,11 @@ pub struct ProxyConfig {
     /// server connection in use for this long is closed and forgotten.
     #[serde(with = "duration::serde_duration")]
     pub pool_idle_timeout: Duration,
+    /// Server connections to one database on one server, all its users'
+    /// pools together; 0: no limit. `[[databases]] max_db_connections` overrides.
+    pub max_db_connections: usize,
+    /// Server connections of one user on one server, all databases together; 0: no limit.
+    pub max_user_connections: usize,
 }
 
 /// The `[[databases]] name` that serves every database not listed by name.
@@ -197,6 +202,8 @@ impl Default for ProxyConfig {
             auth_query: DEFAULT_AUTH_QUERY.to_owned(),
             auth_cache_ttl: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(3600),
+            max_db_connections: 0,
+            max_user_connections: 0,
         }
     }
 }
@@ -308,6 +315,8 @@ pub struct DatabaseConfig {
     /// Per-database overrides of `[proxy] auth_user` and `auth_query`.
     pub auth_user: Option<String>,
     pub auth_query: Option<String>,
+    /// Per-database override of `[proxy] max_db_connections`.
+    pub max_db_connections: Option<usize>,
 }
 
 fn default_pool_size() -> usize {
@@ -497,6 +506,11 @@ impl Config {
 
     pub fn pool_mode(&self, db: &DatabaseConfig) -> PoolMode {
         db.pool_mode.unwrap_or(self.proxy.pool_mode)
+    }
+
+    /// `db`'s limit on server connections per server (0: none).
+    pub fn max_db_connections(&self, db: &DatabaseConfig) -> usize {
+        db.max_db_connections.unwrap_or(self.proxy.max_db_connections)
     }
 
     /// Who looks up unlisted users of `db`, and with what query, if anyone.

@@ -73,6 +73,8 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ("proxy.auth_query", p.auth_query.clone()),
         ("proxy.auth_cache_ttl", format_duration(p.auth_cache_ttl)),
         ("proxy.pool_idle_timeout", format_duration(p.pool_idle_timeout)),
+        ("proxy.max_db_connections", p.max_db_connections.to_string()),
+        ("proxy.max_user_connections", p.max_user_connections.to_string()),
         ("routing.read_write_split", r.read_write_split.to_string()),
         (
             "routing.read_your_writes",

@@ -7,7 +7,7 @@ use crate::config::{AuthMethod, Config, PoolMode};
 pub(crate) const REALISTIC_INI: &str = r#"
 ;; PgBouncer for the billing service
 [databases]
-billing = host=10.1.0.5 port=5433 dbname=billing_prod pool_size=40 min_pool_size=5
+billing = host=10.1.0.5 port=5433 dbname=billing_prod pool_size=40 min_pool_size=5 max_db_connections=60
 reports = host=10.1.0.6,10.1.0.7 dbname=reports pool_mode=session user=reporter password='s3cr et'
 local = host=/var/run/postgresql dbname=local
 * = host=10.1.0.5 port=5433
@@ -31,6 +31,7 @@ pool_mode = transaction
 max_client_conn = 2000
 default_pool_size = 25
 reserve_pool_size = 5
+max_user_connections = 80
 server_lifetime = 1800
 server_idle_timeout = 300
 server_connect_timeout = 5
@@ -76,6 +77,7 @@ fn realistic_configuration_converts_to_a_valid_proxy_toml() {
     let billing = config.database("billing").unwrap();
     assert_eq!((billing.primary.as_str(), billing.server_dbname()), ("10.1.0.5:5433", "billing_prod"));
     assert_eq!((billing.pool_size, billing.min_pool_size), (40, 5));
+    assert_eq!((billing.max_db_connections, p.max_user_connections), (Some(60), 80));
     let reports = config.database("reports").unwrap();
     assert_eq!(reports.primary, "10.1.0.6:5432");
     assert_eq!(reports.pool_size, 25, "default_pool_size applies");

@@ -58,6 +58,8 @@ pub struct Backend {
     /// a transaction does not allocate one (here rather than with the
     /// client: an idle client holds no buffers).
     pub spare_queue: super::expect::SpareQueue,
+    /// Its places under the pool's connection caps, given back when it goes.
+    pub(super) permits: Vec<super::caps::Permit>,
 }
 
 impl Aged for Backend {
@@ -125,6 +127,7 @@ impl Backend {
                 login_params: hello.params.len(),
                 synced: None,
                 spare_queue: Default::default(),
+                permits: Vec::new(),
                 params: hello.params,
             })
         };

@@ -343,6 +343,19 @@ impl<B: Aged> Inner<B> {
         n
     }
 
+    pub fn has_idle(&self) -> bool {
+        !self.idle.is_empty()
+    }
+
+    /// Takes the longest-idle backend out, to be closed (another pool needs
+    /// its place under a connection cap).
+    pub fn evict_oldest_idle(&mut self) -> Option<B> {
+        let b = self.idle.pop_front()?;
+        self.open -= 1;
+        self.grant_slots();
+        Some(b)
+    }
+
     /// Drains idle backends (shutdown, reload that removes the pool).
     pub fn drain_idle(&mut self) -> Vec<B> {
         let out: Vec<B> = self.idle.drain(..).collect();

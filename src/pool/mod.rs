@@ -7,6 +7,7 @@
 //! [`Pool::discard`] (closed).
 
 pub mod backend;
+pub mod caps;
 pub mod checkout;
 pub mod counters;
 pub mod expect;
@@ -155,6 +156,8 @@ pub struct Pool {
     /// Milliseconds after `created` of the last checkout: how long the pool
     /// has gone unused.
     last_used_ms: std::sync::atomic::AtomicU64,
+    /// `max_db_connections` and `max_user_connections` of this pool's server.
+    caps: Vec<Arc<caps::Cap>>,
 }
 
 /// How often queued clients are checked against `query_wait_timeout`: a
@@ -173,7 +176,40 @@ impl Pool {
             statements: statements::Registry::default(),
             passthrough: Mutex::new(None),
             last_used_ms: std::sync::atomic::AtomicU64::new(0),
+            caps: Vec::new(),
         })
+    }
+
+    /// A pool whose backends count against `caps`.
+    pub fn with_caps(settings: PoolSettings, caps: Vec<Arc<caps::Cap>>) -> Arc<Pool> {
+        let mut pool = Pool::new(settings);
+        Arc::get_mut(&mut pool).expect("just made").caps = caps;
+        for cap in &pool.caps {
+            cap.register(&pool);
+        }
+        pool
+    }
+
+    /// Closes the oldest idle backend, for a cap another pool needs room
+    /// under. `false` when none is idle.
+    /// Whether a backend is idle here now.
+    pub fn has_idle(&self) -> bool {
+        self.lock().has_idle()
+    }
+
+    pub fn evict_idle(&self) -> bool {
+        let evicted = self.lock().evict_oldest_idle();
+        match evicted {
+            Some(b) => {
+                tracing::debug!(
+                    pid = b.pid,
+                    "closing an idle server connection: another pool needs its place under a connection cap"
+                );
+                b.close();
+                true
+            }
+            None => false,
+        }
     }
 
     /// How long since the last checkout (or since creation).
@@ -365,20 +401,48 @@ impl Pool {
                 }
                 // Boxed: connecting (TLS, authentication) is a large future;
                 // inline it would size every client's task for this rare path.
-                Grant::Slot => match Box::pin(self.open_backend()).await {
+                Grant::Slot => match Box::pin(self.open_backend(self.cap_deadline(started))).await {
                     Ok(b) => {
                         slot.held = false;
                         self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
                         return Ok((b, Instant::now()));
                     }
+                    // While this checkout waited for room under a cap, one of
+                    // this pool's own backends went idle: take that instead
+                    // (the guard frees the slot, the next round finds it).
+                    Err(OpenError::OwnIdle) => now = Instant::now(),
                     // The guard frees the slot.
-                    Err(e) => return Err(e),
+                    Err(OpenError::Pool(e)) => return Err(e),
                 },
             }
         }
     }
 
-    async fn open_backend(&self) -> Result<Box<Backend>, PoolError> {
+    /// Until when a checkout that asked at `started` may wait for a place
+    /// under the connection caps: its `query_wait_timeout`.
+    fn cap_deadline(&self, started: Instant) -> Option<tokio::time::Instant> {
+        let wait = self.settings.load().query_wait_timeout;
+        // 0 waits without limit, as for the pool itself.
+        Some(
+            tokio::time::Instant::from_std(started)
+                + if wait.is_zero() { Duration::from_secs(86_400 * 365) } else { wait },
+        )
+    }
+
+    /// Opens a backend, first taking its places under the caps (waiting up
+    /// to `deadline`; `None`: only if free now).
+    async fn open_backend(&self, deadline: Option<tokio::time::Instant>) -> Result<Box<Backend>, OpenError> {
+        let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
+        let permits = match self.caps.is_empty() {
+            true => Vec::new(),
+            false => match caps::acquire_all(&self.caps, self, deadline).await {
+                caps::Acquired::Permits(p) => p,
+                caps::Acquired::OwnIdle => return Err(OpenError::OwnIdle),
+                caps::Acquired::TimedOut => {
+                    return Err(OpenError::Pool(PoolError::Timeout(self.settings.load().query_wait_timeout)));
+                }
+            },
+        };
         // Generation first, then settings: see `update`.
         let generation = self.lock().generation();
         let s = self.settings.load_full();
@@ -394,6 +458,7 @@ impl Pool {
             tls: &s.tls,
         };
         let mut b = Box::new(Backend::connect(&login).await?);
+        b.permits = permits;
         b.generation = generation;
         tracing::debug!(pid = b.pid, addr = %s.addr, db = %s.dbname, user = %s.user, "server connection opened");
         let mut cached = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
@@ -437,6 +502,9 @@ impl Pool {
         b.last_used = now;
         let closed = self.lock().put(b, now);
         close_all(closed);
+        for cap in &self.caps {
+            cap.went_idle();
+        }
     }
 
     /// Closes a backend that must not be reused, freeing its slot.
@@ -460,11 +528,20 @@ impl Pool {
             b.close();
         }
         for _ in 0..to_open {
-            match self.open_backend().await {
+            match self.open_backend(None).await {
                 Ok(b) => self.checkin(b),
                 Err(e) => {
                     self.lock().forget();
-                    tracing::warn!(addr = %self.settings.load().addr, error = %e, "could not open a min_pool_size connection");
+                    match e {
+                        OpenError::Pool(PoolError::Timeout(_)) => tracing::debug!(
+                            addr = %self.settings.load().addr,
+                            "min_pool_size not kept: a connection cap is full"
+                        ),
+                        OpenError::Pool(e) => {
+                            tracing::warn!(addr = %self.settings.load().addr, error = %e, "could not open a min_pool_size connection")
+                        }
+                        OpenError::OwnIdle => {}
+                    }
                     break;
                 }
             }
@@ -477,6 +554,19 @@ impl Pool {
         for b in idle {
             b.close();
         }
+    }
+}
+
+/// Why [`Pool::open_backend`] opened nothing.
+enum OpenError {
+    Pool(PoolError),
+    /// Waiting for room under a cap, the pool got an idle backend of its own.
+    OwnIdle,
+}
+
+impl From<PoolError> for OpenError {
+    fn from(e: PoolError) -> Self {
+        OpenError::Pool(e)
     }
 }
 
@@ -539,6 +629,10 @@ pub struct Pools {
     /// pgmux's own connections for auth_query, by database: never lent to a
     /// client, so no client's session settings are in force when it runs.
     auth_pools: DashMap<String, Arc<Pool>>,
+    /// `max_db_connections` by (database, server address) and
+    /// `max_user_connections` by (user, server address).
+    db_caps: DashMap<(String, String), Arc<caps::Cap>>,
+    user_caps: DashMap<(String, String), Arc<caps::Cap>>,
     /// The configuration of the last [`Pools::reconfigure`]. Pools are
     /// created under its read lock and reconfigured under its write lock, so
     /// a login that began before a reload cannot add a pool with old settings
@@ -551,6 +645,31 @@ pub struct Pools {
 const AUTH_POOL_SIZE: usize = 2;
 
 impl Pools {
+    /// The caps a pool of `user` on `db` at `addr` counts against.
+    fn caps_for(&self, config: &Settings, db: &DatabaseConfig, user: &str, addr: &str) -> Vec<Arc<caps::Cap>> {
+        let db_cap = self
+            .db_caps
+            .entry((db.name.clone(), addr.to_owned()))
+            .or_insert_with(|| caps::Cap::new(config.max_db_connections(db)))
+            .clone();
+        let user_cap = self
+            .user_caps
+            .entry((user.to_owned(), addr.to_owned()))
+            .or_insert_with(|| caps::Cap::new(config.proxy.max_user_connections))
+            .clone();
+        vec![db_cap, user_cap]
+    }
+
+    /// Server connections to `db` at `addr` and its limit (0: none), for SHOW.
+    pub fn db_cap(&self, db: &str, addr: &str) -> Option<(usize, usize)> {
+        self.db_caps.get(&(db.to_owned(), addr.to_owned())).map(|c| (c.used(), c.max()))
+    }
+
+    /// Server connections of `user` at `addr` and its limit (0: none), for SHOW.
+    pub fn user_cap(&self, user: &str, addr: &str) -> Option<(usize, usize)> {
+        self.user_caps.get(&(user.to_owned(), addr.to_owned())).map(|c| (c.used(), c.max()))
+    }
+
     /// The pool that runs `db`'s auth_query as `auth_user`.
     pub fn auth_pool(&self, config: &Settings, db: &DatabaseConfig, auth_user: &UserConfig) -> Arc<Pool> {
         self.auth_pools
@@ -576,9 +695,15 @@ impl Pools {
         let reloaded = self.reloaded.read().unwrap_or_else(|e| e.into_inner());
         let current = reloaded.as_deref().unwrap_or(config);
         match current.resolve(&db.name).and_then(|d| Some((user_in(current, &d, user)?, d))) {
-            Some((u, d)) => {
-                self.pools.entry(key).or_insert_with(|| Pool::new(PoolSettings::new(current, &d, u))).clone()
-            }
+            Some((u, d)) => self
+                .pools
+                .entry(key)
+                .or_insert_with(|| {
+                    let settings = PoolSettings::new(current, &d, u);
+                    let caps = self.caps_for(current, &d, &u.name, &settings.addr);
+                    Pool::with_caps(settings, caps)
+                })
+                .clone(),
             _ => {
                 let pool = Pool::new(PoolSettings::new(config, db, user));
                 pool.retire();
@@ -596,6 +721,14 @@ impl Pools {
             let mut reloaded = self.reloaded.write().unwrap_or_else(|e| e.into_inner());
             *reloaded = Some(config.clone());
             // Made again on the next lookup, with the new auth_user and settings.
+            for cap in self.db_caps.iter() {
+                if let Some(d) = config.resolve(&cap.key().0) {
+                    cap.value().set_max(config.max_db_connections(&d));
+                }
+            }
+            for cap in self.user_caps.iter() {
+                cap.value().set_max(config.proxy.max_user_connections);
+            }
             let auth: Vec<Arc<Pool>> = self.auth_pools.iter().map(|e| e.value().clone()).collect();
             self.auth_pools.clear();
             for pool in auth {
@@ -648,7 +781,10 @@ impl Pools {
             Some((u, d)) => self
                 .replica_pools
                 .entry(key)
-                .or_insert_with(|| Pool::new(PoolSettings::replica(current, &d, u, addr)))
+                .or_insert_with(|| {
+                    let settings = PoolSettings::replica(current, &d, u, addr);
+                    Pool::with_caps(settings, self.caps_for(current, &d, &u.name, addr))
+                })
                 .clone(),
             _ => {
                 let pool = Pool::new(PoolSettings::replica(config, db, user, addr));
