@@ -285,9 +285,10 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
             "auth_dbname" => skip(key, "pgmux runs auth_query on the database the client asks for"),
             "max_db_connections" => proxy.push(format!("max_db_connections = {v}")),
             "max_user_connections" => proxy.push(format!("max_user_connections = {v}")),
-            "reserve_pool_size" | "reserve_pool_timeout" => {
-                skip(key, "no reserve pool yet: pool_size is the most a (database, user) gets")
-            }
+            "reserve_pool_size" => proxy.push(format!("reserve_pool_size = {v}")),
+            "reserve_pool_timeout" => time("reserve_pool_timeout", &mut proxy, &mut skip),
+            "max_db_client_connections" => proxy.push(format!("max_db_client_connections = {v}")),
+            "max_user_client_connections" => proxy.push(format!("max_user_client_connections = {v}")),
             "logfile" | "syslog" | "syslog_ident" | "syslog_facility" | "log_connections" | "log_disconnections"
             | "log_pooler_errors" | "log_stats" | "verbose" => {
                 skip(key, "pgmux logs to stderr; RUST_LOG or --log-level sets the level")
@@ -384,8 +385,15 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
         if min != "0" {
             let _ = writeln!(dbs_toml, "min_pool_size = {min}");
         }
-        if let Some(max) = param("max_db_connections") {
-            let _ = writeln!(dbs_toml, "max_db_connections = {max}");
+        for (from, to) in [
+            ("max_db_connections", "max_db_connections"),
+            ("max_db_client_connections", "max_db_client_connections"),
+            ("reserve_pool_size", "reserve_pool_size"),
+            ("reserve_pool", "reserve_pool_size"),
+        ] {
+            if let Some(n) = param(from) {
+                let _ = writeln!(dbs_toml, "{to} = {n}");
+            }
         }
         match param("pool_mode") {
             Some(m @ ("session" | "transaction")) => {
@@ -396,9 +404,16 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
         }
         for (k, _) in &params {
             let why = match k.as_str() {
-                "host" | "port" | "dbname" | "pool_size" | "min_pool_size" | "pool_mode" | "max_db_connections" => {
-                    continue;
-                }
+                "host"
+                | "port"
+                | "dbname"
+                | "pool_size"
+                | "min_pool_size"
+                | "pool_mode"
+                | "max_db_connections"
+                | "max_db_client_connections"
+                | "reserve_pool_size"
+                | "reserve_pool" => continue,
                 "user" | "password" => "pgmux logs in as the client's user: no forced user",
                 "auth_user" | "auth_query" | "auth_dbname" => {
                     "per-database auth settings: set them on the [[databases]] entry by hand"
@@ -407,9 +422,6 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
                     "no per-database startup defaults: the server's or the client's apply"
                 }
                 "connect_query" => "no query on new server connections",
-                "reserve_pool" | "reserve_pool_size" | "max_db_client_connections" => {
-                    "no equivalent yet: the pool is capped by pool_size per (database, user)"
-                }
                 _ => "no pgmux equivalent",
             };
             skip(&format!("databases {name} {k}"), why);

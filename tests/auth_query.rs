@@ -291,3 +291,83 @@ async fn a_login_storm_of_looked_up_users() {
     assert!(most_sessions <= (ROLES * POOL_SIZE) as i64, "{most_sessions} server sessions");
     proxy.shutdown().await;
 }
+
+/// 200 clients of 20 roles only Postgres knows, on a database only the
+/// `"*"` entry names, under max_db_connections = 6 and
+/// max_user_connections = 2: every transaction runs, and Postgres never sees
+/// more than the caps allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looked_up_users_over_the_wildcard_stay_under_the_caps() {
+    let _serial = SERIAL.lock().await;
+    const ROLES: usize = 20;
+    let cluster = support::cluster_async().await;
+    let su = support::superuser(DB).await;
+    su.batch_execute("DROP DATABASE IF EXISTS aq_capdb").await.unwrap();
+    su.batch_execute("CREATE DATABASE aq_capdb").await.unwrap();
+    for i in 0..ROLES {
+        create_role(&format!("aq_cap{i}"), &format!("PASSWORD 'cap pw {i}'")).await;
+    }
+    let toml =
+        config("max_db_connections = 6\nmax_user_connections = 2\nquery_wait_timeout = \"60s\"\nmax_client_conn = 500")
+            + &format!(
+                "\n[[databases]]\nname = \"*\"\nprimary = \"{}\"\npool_size = 3\n",
+                cluster.primary().host_port()
+            );
+    let proxy = Proxy::start(&toml).await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let (mut most_db, mut most_user) = (0i64, 0i64);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let rows = su
+                    .simple_query(
+                        // The auth_user's lookups (at most 2 connections, outside the caps) aside.
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'aq_capdb' AND backend_type = 'client backend' \
+                         AND usename <> 'postgres' \
+                         UNION ALL SELECT coalesce(max(n), 0) FROM (SELECT count(*) n FROM pg_stat_activity \
+                         WHERE usename LIKE 'aq\\_cap%' AND backend_type = 'client backend' GROUP BY usename) u",
+                    )
+                    .await
+                    .unwrap();
+                let v: Vec<i64> = rows
+                    .iter()
+                    .filter_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|x| x.parse().unwrap()),
+                        _ => None,
+                    })
+                    .collect();
+                most_db = most_db.max(v[0]);
+                most_user = most_user.max(v[1]);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (most_db, most_user, su)
+        })
+    };
+    let mut clients = tokio::task::JoinSet::new();
+    for n in 0..200 {
+        let port = proxy.port();
+        clients.spawn(async move {
+            let i = n % ROLES;
+            let url = format!("host=127.0.0.1 port={port} user=aq_cap{i} password='cap pw {i}' dbname=aq_capdb");
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("login");
+            tokio::spawn(conn);
+            for _ in 0..2 {
+                c.batch_execute("BEGIN; SELECT pg_sleep(0.01); COMMIT").await.expect("every transaction runs");
+            }
+        });
+    }
+    while let Some(r) = clients.join_next().await {
+        r.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (most_db, most_user, su) = sampler.await.unwrap();
+    eprintln!(
+        "200 clients of {ROLES} looked-up roles over the wildcard: at most {most_db} sessions on aq_capdb, {most_user} of one role"
+    );
+    assert!(most_db <= 6, "{most_db} sessions on aq_capdb");
+    assert!(most_user <= 2, "{most_user} sessions of one role");
+    assert!(most_db >= 2, "the load never reached the server: {most_db}");
+    proxy.shutdown().await;
+    su.batch_execute("DROP DATABASE aq_capdb").await.unwrap();
+}

@@ -150,3 +150,62 @@ async fn a_full_cap_evicts_idle_connections_of_other_pools() {
     assert!(sessions(&su, &format!("datname = '{DB}'")).await <= 2);
     proxy.shutdown().await;
 }
+
+/// Client caps answer as Postgres does for datconnlimit / rolconnlimit, and
+/// a place comes back when a client leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_caps_refuse_like_postgres() {
+    let _serial = SERIAL.lock().await;
+    let cluster = support::cluster_async().await;
+    let proxy =
+        Proxy::start(&standard_config(cluster, 2, "max_db_client_connections = 2\nmax_user_client_connections = 1"))
+            .await;
+    let app = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+    let e = proxy.connect(APP.0, Some(APP.1), "postgres").await.expect_err("a second app client");
+    assert_eq!(support::code(&e), "53300");
+    let text = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert_eq!(text, format!("too many connections for role \"{}\"", APP.0));
+    let _md5 = proxy.connect(MD5.0, Some(MD5.1), DB).await.unwrap();
+    let e = proxy.connect(TRUST, None, DB).await.expect_err("a third client of the database");
+    assert_eq!(support::code(&e), "53300");
+    let text = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert_eq!(text, format!("too many connections for database \"{DB}\""));
+    // The trust user may still use another database.
+    let other = proxy.connect(TRUST, None, "postgres").await.expect("another database");
+    assert_eq!(scalar(&other, "SELECT 1").await, "1");
+    drop(app);
+    support::eventually(Duration::from_secs(10), "the app client's place back", || async {
+        proxy.connect(APP.0, Some(APP.1), "postgres").await.is_ok()
+    })
+    .await;
+    proxy.shutdown().await;
+}
+
+/// A client that waited reserve_pool_timeout gets a connection beyond
+/// pool_size; without a reserve pool it waits for the transaction ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_pool_serves_long_waiters() {
+    let _serial = SERIAL.lock().await;
+    let cluster = support::cluster_async().await;
+    for (reserve, served_early) in [(1, true), (0, false)] {
+        let extra =
+            format!("reserve_pool_size = {reserve}\nreserve_pool_timeout = \"200ms\"\nquery_wait_timeout = \"10s\"");
+        let proxy = Proxy::start(&standard_config(cluster, 1, &extra)).await;
+        let holder = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+        let waiter = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+        holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        let started = std::time::Instant::now();
+        let quick = tokio::time::timeout(Duration::from_secs(2), waiter.simple_query("SELECT 2")).await;
+        assert_eq!(
+            quick.is_ok(),
+            served_early,
+            "reserve_pool_size = {reserve}: answered after {:?}",
+            started.elapsed()
+        );
+        if served_early {
+            assert!(started.elapsed() >= Duration::from_millis(150), "not before reserve_pool_timeout");
+        }
+        holder.batch_execute("COMMIT").await.unwrap();
+        proxy.shutdown().await;
+    }
+}

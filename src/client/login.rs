@@ -254,6 +254,23 @@ pub(super) async fn login(
         fatal(stream, SqlState::INVALID_CATALOG_NAME, &text).await?;
         return Ok(None);
     };
+    // Postgres's own words and SQLSTATE for datconnlimit and rolconnlimit.
+    let max_db = db.max_db_client_connections.unwrap_or(config.proxy.max_db_client_connections);
+    let counted = match shared.client_caps.admit(&db.name, max_db, &user.name, config.proxy.max_user_client_connections)
+    {
+        Ok(c) => c,
+        Err(exceeded) => {
+            let text = match exceeded {
+                crate::live::client_caps::Exceeded::Database => {
+                    format!("too many connections for database \"{}\"", db.name)
+                }
+                crate::live::client_caps::Exceeded::User => format!("too many connections for role \"{}\"", user.name),
+            };
+            tracing::info!(client, ?peer, database = %db.name, user = %user.name, "login refused: {text}");
+            fatal(stream, SqlState::TOO_MANY_CONNECTIONS, &text).await?;
+            return Ok(None);
+        }
+    };
     let pool = shared.pools.get_or_create(config, db, user);
     if let (Some(_), Some(c)) = (&looked_up, &credential) {
         pool.set_passthrough(c.clone());
@@ -285,6 +302,7 @@ pub(super) async fn login(
             pool,
             server_params,
             params,
+            _counted: counted,
         }),
         user: user.name.clone(),
         database,

@@ -106,4 +106,6 @@ struct Session {
     server_params: crate::pool::ServerParams,
     params: SessionParams,
     mode: PoolMode,
+    /// This client's place under the client caps, for as long as it is connected.
+    _counted: crate::live::client_caps::Counted,
 }

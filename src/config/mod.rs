@@ -138,6 +138,16 @@ pub struct ProxyConfig {
     pub max_db_connections: usize,
     /// Server connections of one user on one server, all databases together; 0: no limit.
     pub max_user_connections: usize,
+    /// Logged-in clients of one database; 0: no limit.
+    /// `[[databases]] max_db_client_connections` overrides.
+    pub max_db_client_connections: usize,
+    /// Logged-in clients of one user, all databases together; 0: no limit.
+    pub max_user_client_connections: usize,
+    /// Extra server connections per pool for clients that waited
+    /// `reserve_pool_timeout` (PgBouncer's reserve pool); 0: none.
+    pub reserve_pool_size: usize,
+    #[serde(with = "duration::serde_duration")]
+    pub reserve_pool_timeout: Duration,
 }
 
 /// The `[[databases]] name` that serves every database not listed by name.
@@ -204,6 +214,10 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(3600),
             max_db_connections: 0,
             max_user_connections: 0,
+            max_db_client_connections: 0,
+            max_user_client_connections: 0,
+            reserve_pool_size: 0,
+            reserve_pool_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -317,6 +331,10 @@ pub struct DatabaseConfig {
     pub auth_query: Option<String>,
     /// Per-database override of `[proxy] max_db_connections`.
     pub max_db_connections: Option<usize>,
+    /// Per-database override of `[proxy] max_db_client_connections`.
+    pub max_db_client_connections: Option<usize>,
+    /// Per-database override of `[proxy] reserve_pool_size`.
+    pub reserve_pool_size: Option<usize>,
 }
 
 fn default_pool_size() -> usize {

@@ -75,6 +75,10 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ("proxy.pool_idle_timeout", format_duration(p.pool_idle_timeout)),
         ("proxy.max_db_connections", p.max_db_connections.to_string()),
         ("proxy.max_user_connections", p.max_user_connections.to_string()),
+        ("proxy.max_db_client_connections", p.max_db_client_connections.to_string()),
+        ("proxy.max_user_client_connections", p.max_user_client_connections.to_string()),
+        ("proxy.reserve_pool_size", p.reserve_pool_size.to_string()),
+        ("proxy.reserve_pool_timeout", format_duration(p.reserve_pool_timeout)),
         ("routing.read_write_split", r.read_write_split.to_string()),
         (
             "routing.read_your_writes",

@@ -78,6 +78,7 @@ fn realistic_configuration_converts_to_a_valid_proxy_toml() {
     assert_eq!((billing.primary.as_str(), billing.server_dbname()), ("10.1.0.5:5433", "billing_prod"));
     assert_eq!((billing.pool_size, billing.min_pool_size), (40, 5));
     assert_eq!((billing.max_db_connections, p.max_user_connections), (Some(60), 80));
+    assert_eq!(p.reserve_pool_size, 5);
     let reports = config.database("reports").unwrap();
     assert_eq!(reports.primary, "10.1.0.6:5432");
     assert_eq!(reports.pool_size, 25, "default_pool_size applies");
@@ -98,7 +99,6 @@ fn realistic_configuration_converts_to_a_valid_proxy_toml() {
         "logfile",
         "pidfile",
         "unix_socket_dir",
-        "reserve_pool_size",
         "stats_users",
         "server_reset_query",
         "ignore_startup_parameters",

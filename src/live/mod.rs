@@ -6,6 +6,7 @@
 
 pub mod auth_cache;
 pub mod cancel;
+pub mod client_caps;
 pub mod pause;
 pub mod registry;
 pub mod slots;
@@ -51,6 +52,8 @@ pub struct Shared {
     pub routing: crate::routing::Routing,
     /// Secrets of users looked up with auth_query.
     pub auth_cache: auth_cache::AuthCache,
+    /// Logged-in clients per database and per user, against their caps.
+    pub client_caps: client_caps::ClientCaps,
     /// Connected clients, against `max_client_conn`, and the cleanups of
     /// clients that left: a shutdown waits for both.
     slots: Arc<ClientSlots>,
@@ -119,6 +122,7 @@ impl Shared {
             shutdown_request: Notify::new(),
             routing: crate::routing::Routing::default(),
             auth_cache: auth_cache::AuthCache::default(),
+            client_caps: client_caps::ClientCaps::default(),
             slots: Arc::default(),
         }
     }

@@ -248,6 +248,23 @@ impl<B: Aged> Inner<B> {
         self.sweeping
     }
 
+    /// PgBouncer's reserve pool: waiters queued for `timeout` or longer may
+    /// open up to `reserve` backends beyond `pool_size`. Such backends close
+    /// when they come back with nobody waiting.
+    pub fn grant_reserve(&mut self, now: Instant, reserve: usize, timeout: Duration) {
+        while self.open < self.pool_size + reserve {
+            let Some(w) = self.waiters.front() else { return };
+            if now.saturating_duration_since(w.since) < timeout {
+                return;
+            }
+            let w = self.waiters.pop_front().expect("just looked");
+            self.open += 1;
+            if w.tx.send(Grant::Slot).is_err() {
+                self.open -= 1;
+            }
+        }
+    }
+
     fn expiry(&self, b: &B, now: Instant) -> Option<CloseReason> {
         if !self.lifetime.is_zero() && now.duration_since(b.created()) >= self.lifetime {
             Some(CloseReason::LifetimeOver)
@@ -272,9 +289,11 @@ impl<B: Aged> Inner<B> {
             self.grant_slots();
             return Some((b, reason));
         }
-        if self.open > self.pool_size {
+        // Beyond pool_size (a reserve backend, or pool_size lowered by a
+        // reload): closed, unless someone is waiting for it right now.
+        if self.open > self.pool_size && self.waiters.iter().all(|w| w.tx.is_closed()) {
+            self.waiters.clear();
             self.open -= 1;
-            self.grant_slots();
             return Some((b, CloseReason::PoolShrunk));
         }
         if !self.lifetime.is_zero() && now.duration_since(b.created()) >= self.lifetime {
@@ -289,6 +308,10 @@ impl<B: Aged> Inner<B> {
                 Err(Grant::Backend(back)) => b = back,
                 Err(Grant::Slot) => unreachable!("we sent a backend"),
             }
+        }
+        if self.open > self.pool_size {
+            self.open -= 1;
+            return Some((b, CloseReason::PoolShrunk));
         }
         self.idle.push_back(b);
         None
@@ -410,6 +433,28 @@ mod tests {
         p.forget();
         assert!(matches!(second.try_recv(), Ok(Grant::Slot)));
         assert_eq!(p.open(), 2);
+    }
+
+    #[test]
+    fn reserve_slots_go_to_long_waiters_and_close_when_nobody_waits() {
+        let t = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let mut p = Inner::<Fake>::new(1, HOUR, HOUR);
+        let mut ex = Vec::new();
+        assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        let Take::Wait(mut first) = p.take(t, t, &mut ex) else { panic!("should wait") };
+        let Take::Wait(mut second) = p.take(t + timeout, t + timeout, &mut ex) else { panic!("should wait") };
+        p.grant_reserve(t + timeout - Duration::from_millis(1), 1, timeout);
+        assert!(matches!(first.try_recv(), Err(oneshot::error::TryRecvError::Empty)), "not waited long enough");
+        p.grant_reserve(t + timeout, 1, timeout);
+        assert!(matches!(first.try_recv(), Ok(Grant::Slot)), "waited reserve_pool_timeout: a reserve slot");
+        assert!(matches!(second.try_recv(), Err(oneshot::error::TryRecvError::Empty)), "one reserve slot only");
+        // A backend back while someone waits goes to them, reserve or not...
+        assert!(p.put(fake(1, t), t).is_none());
+        assert!(matches!(second.try_recv(), Ok(Grant::Backend(Fake { id: 1, .. }))));
+        // ...and with nobody waiting, the surplus one closes.
+        assert!(matches!(p.put(fake(2, t), t), Some((Fake { id: 2, .. }, CloseReason::PoolShrunk))));
+        assert!(p.put(fake(1, t), t).is_none(), "within pool_size: kept");
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub struct PoolSettings {
     pub tls: crate::tls::BackendTls,
     /// For a pool the `"*"` database made: forgotten after this long unused.
     pub forget_after: Option<Duration>,
+    /// Backends beyond `pool_size` for clients that waited `reserve_pool_timeout`.
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Duration,
 }
 
 impl PoolSettings {
@@ -96,6 +99,8 @@ impl PoolSettings {
             max_prepared: config.proxy.max_prepared_statements,
             tls: config.tls.client.clone(),
             forget_after: config.database(&db.name).is_none().then_some(config.proxy.pool_idle_timeout),
+            reserve_pool_size: db.reserve_pool_size.unwrap_or(config.proxy.reserve_pool_size),
+            reserve_pool_timeout: config.proxy.reserve_pool_timeout,
         }
     }
 
@@ -888,9 +893,14 @@ async fn sweep_waiters(pool: Weak<Pool>) {
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        let wait = pool.settings.load().query_wait_timeout;
-        if !pool.lock().sweep_waiters(Instant::now(), wait) {
+        let settings = pool.settings.load();
+        let mut inner = pool.lock();
+        let now = Instant::now();
+        if !inner.sweep_waiters(now, settings.query_wait_timeout) {
             return;
+        }
+        if settings.reserve_pool_size > 0 {
+            inner.grant_reserve(now, settings.reserve_pool_size, settings.reserve_pool_timeout);
         }
     }
 }
