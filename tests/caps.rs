@@ -157,9 +157,12 @@ async fn a_full_cap_evicts_idle_connections_of_other_pools() {
 async fn client_caps_refuse_like_postgres() {
     let _serial = SERIAL.lock().await;
     let cluster = support::cluster_async().await;
-    let proxy =
-        Proxy::start(&standard_config(cluster, 2, "max_db_client_connections = 2\nmax_user_client_connections = 1"))
-            .await;
+    let proxy = Proxy::start(&support::proxy::admin_config(
+        cluster,
+        2,
+        "max_db_client_connections = 2\nmax_user_client_connections = 1\nmax_db_connections = 7",
+    ))
+    .await;
     let app = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
     let e = proxy.connect(APP.0, Some(APP.1), "postgres").await.expect_err("a second app client");
     assert_eq!(support::code(&e), "53300");
@@ -170,6 +173,26 @@ async fn client_caps_refuse_like_postgres() {
     assert_eq!(support::code(&e), "53300");
     let text = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
     assert_eq!(text, format!("too many connections for database \"{DB}\""));
+    // The console shows the caps and the counts, as PgBouncer's does.
+    let admin = proxy.connect("postgres", None, "pgbouncer").await.unwrap();
+    let row = |msgs: Vec<tokio_postgres::SimpleQueryMessage>, key: &str, name: &str| {
+        msgs.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) if r.get(key) == Some(name) => Some(r),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no row {name}"))
+    };
+    let db = row(admin.simple_query("SHOW DATABASES").await.unwrap(), "name", DB);
+    assert_eq!(
+        (db.get("max_connections"), db.get("max_client_connections"), db.get("current_client_connections")),
+        (Some("7"), Some("2"), Some("2"))
+    );
+    let user = row(admin.simple_query("SHOW USERS").await.unwrap(), "name", APP.0);
+    assert_eq!(
+        (user.get("max_user_client_connections"), user.get("current_client_connections")),
+        (Some("1"), Some("1"))
+    );
     // The trust user may still use another database.
     let other = proxy.connect(TRUST, None, "postgres").await.expect("another database");
     assert_eq!(scalar(&other, "SELECT 1").await, "1");

@@ -84,9 +84,9 @@ fn live_counts(shared: &Shared, by_user: bool) -> (HashMap<String, usize>, HashM
     (servers, clients)
 }
 
-/// Every configured database. Where PgBouncer has a setting pgmux lacks,
-/// the value PgBouncer shows when it is unset: no forced user (NULL), no
-/// reserve pool (0), no connection caps (0), never disabled (0).
+/// Every configured database, with its reserve pool and connection caps (0:
+/// none). Where PgBouncer has a setting pgmux lacks, the value PgBouncer
+/// shows when it is unset: no forced user (NULL), never disabled (0).
 pub fn databases(shared: &Shared) -> ResultSet {
     let config = shared.config();
     let mut rs = ResultSet::new(&[&DATABASES]);
@@ -101,15 +101,15 @@ pub fn databases(shared: &Shared) -> ResultSet {
             NULL,
             db.pool_size,
             db.min_pool_size,
-            0u8,
+            db.reserve_pool_size.unwrap_or(config.proxy.reserve_pool_size),
             config.proxy.server_lifetime.as_secs(),
             // The database's own pool_mode; NULL when it inherits [proxy]'s, as PgBouncer.
             db.pool_mode.map(mode_str),
             // No multi-host databases (replicas are routed, see SHOW REPLICAS).
             NULL,
-            0u8,
+            config.max_db_connections(db),
             servers.get(&db.name).copied().unwrap_or(0),
-            0u8,
+            db.max_db_client_connections.unwrap_or(config.proxy.max_db_client_connections),
             clients.get(&db.name).copied().unwrap_or(0),
             shared.pause.is_paused(&db.name),
             false,
@@ -118,10 +118,10 @@ pub fn databases(shared: &Shared) -> ResultSet {
     rs
 }
 
-/// Every configured user: names and live counts only, never a password.
-/// pgmux has no per-user pool settings or caps: empty overrides (PgBouncer
-/// sends an empty string, not NULL, for an unset pool size), NULL
-/// pool_mode, 0 for "no limit".
+/// Every configured user: names, caps and live counts, never a password.
+/// pgmux has no per-user pool settings: empty overrides (PgBouncer sends an
+/// empty string, not NULL, for an unset pool size), NULL pool_mode; the
+/// caps are the global ones (0: no limit).
 pub fn users(shared: &Shared) -> ResultSet {
     let config = shared.config();
     let mut rs = ResultSet::new(&[&USERS]);
@@ -132,9 +132,9 @@ pub fn users(shared: &Shared) -> ResultSet {
             "",
             "",
             NULL,
-            0u8,
+            config.proxy.max_user_connections,
             servers.get(&u.name).copied().unwrap_or(0),
-            0u8,
+            config.proxy.max_user_client_connections,
             clients.get(&u.name).copied().unwrap_or(0),
         ));
     }
