@@ -371,3 +371,30 @@ async fn looked_up_users_over_the_wildcard_stay_under_the_caps() {
     proxy.shutdown().await;
     su.batch_execute("DROP DATABASE aq_capdb").await.unwrap();
 }
+
+/// md5: a password changed in Postgres works at the very next login even
+/// while the old hash is cached: the response that fails the cached hash is
+/// checked once more against a fresh lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_password_change_works_at_the_next_login() {
+    let (md5_user, md5_pw) = support::MD5;
+    // md5user is an md5 role with an md5 pg_hba line in the test cluster;
+    // here it is not in proxy.toml, so auth_query finds it.
+    let toml = config("auth_cache_ttl = \"1h\"")
+        .replace(&format!("[[users]]\nname = \"{md5_user}\"\npassword = \"{md5_pw}\"\nauth = \"md5\"\n"), "");
+    assert!(!toml.contains(&format!("\"{md5_user}\"")), "{toml}");
+    let proxy = Proxy::start(&toml).await;
+    let su = support::superuser(DB).await;
+    let first = proxy.connect(md5_user, Some(md5_pw), DB).await.expect("md5 login through auth_query");
+    assert_eq!(scalar(&first, "SELECT current_user").await, md5_user);
+    su.batch_execute(&format!("SET password_encryption = 'md5'; ALTER ROLE {md5_user} PASSWORD 'changed md5 pw'"))
+        .await
+        .unwrap();
+    let result = proxy.connect(md5_user, Some("changed md5 pw"), DB).await;
+    su.batch_execute(&format!("SET password_encryption = 'md5'; ALTER ROLE {md5_user} PASSWORD '{md5_pw}'"))
+        .await
+        .unwrap();
+    let after = result.expect("the new password at the very next login");
+    assert_eq!(scalar(&after, "SELECT current_user").await, md5_user);
+    proxy.shutdown().await;
+}

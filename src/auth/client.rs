@@ -158,6 +158,26 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     user: &UserConfig,
     verifier: &DerivedVerifier,
 ) -> Result<Option<Credential>, AuthError> {
+    authenticate_client_rechecked(stream, read_buf, user, verifier, || async { None }).await
+}
+
+/// [`authenticate_client`] for a secret that may be stale (a cached
+/// auth_query result): when an md5 response does not match, `fresh` is
+/// asked once for the current md5 hash, and the same response is checked
+/// against it. (A SCRAM proof cannot be checked again: it is bound to the
+/// salt already sent, which a new verifier does not share.)
+pub async fn authenticate_client_rechecked<S, F, Fut>(
+    stream: &mut S,
+    read_buf: &mut BytesMut,
+    user: &UserConfig,
+    verifier: &DerivedVerifier,
+    fresh: F,
+) -> Result<Option<Credential>, AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
     // Unusable secrets still run the full exchange and fail at the end, as
     // Postgres does, so a client learns nothing beyond "wrong password".
     const MISMATCH: &str = "password does not match";
@@ -183,8 +203,17 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     let proved = match plan {
         Plan::Scram(server) => conn.scram(server).await?.map(Credential::Scram),
         Plan::Md5(stored_hash) => match conn.md5(stored_hash.as_deref()).await? {
-            true => stored_hash.map(Credential::Md5Hash),
-            false => None,
+            (true, _, _) => stored_hash.map(Credential::Md5Hash),
+            (false, salt, response) => match fresh().await {
+                Some(h)
+                    if is_md5_hash(&h)
+                        && Some(&h) != stored_hash.as_ref()
+                        && md5::verify_response(&h, salt, &response) =>
+                {
+                    Some(Credential::Md5Hash(h))
+                }
+                _ => None,
+            },
         },
     };
     match proved {
@@ -254,8 +283,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         Ok(server.keys().cloned())
     }
 
-    /// Runs the md5 exchange; `Ok(false)` means a wrong response.
-    async fn md5(&mut self, stored_hash: Option<&str>) -> Result<bool, AuthError> {
+    /// Runs the md5 exchange: whether the response matched, and the salt and
+    /// response, to check against another hash.
+    async fn md5(&mut self, stored_hash: Option<&str>) -> Result<(bool, [u8; 4], BytesMut), AuthError> {
         let salt = md5::random_salt();
         let mut out = BytesMut::new();
         authentication_md5(&mut out, salt);
@@ -265,7 +295,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let mut body = self.read_password_message().await?;
         let response =
             take_cstr(&mut body).filter(|_| body.is_empty()).ok_or_else(|| protocol("invalid password packet size"))?;
-        Ok(stored_hash.is_some_and(|h| md5::verify_response(h, salt, &response)))
+        let matched = stored_hash.is_some_and(|h| md5::verify_response(h, salt, &response));
+        Ok((matched, salt, response))
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), AuthError> {

@@ -10,7 +10,7 @@ pub mod md5;
 pub mod scram;
 
 pub use backend::{BackendLoginError, ServerHello, login_backend};
-pub use client::{AuthError, DerivedVerifier, authenticate_client};
+pub use client::{AuthError, DerivedVerifier, authenticate_client, authenticate_client_rechecked};
 
 /// What pgmux logs in to Postgres with, as some user.
 #[derive(Clone, PartialEq, Eq)]

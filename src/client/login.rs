@@ -210,7 +210,22 @@ pub(super) async fn login(
         }
     };
     let known = config.user(user_name).is_some() || looked_up.is_some();
-    let verdict = match crate::auth::authenticate_client(stream, buf, user, &config.verifier(&user.name)).await {
+    // A cached md5 hash that fails the response is fetched again once, and
+    // the same response checked against the current one.
+    let fresh = || async {
+        let (db, (auth_user, query)) = lookup.filter(|_| cached)?;
+        shared.auth_cache.forget(&db.name, user_name);
+        auth_query::secret(shared, config, db, auth_user, query, user_name).await.ok()?.0
+    };
+    let verdict = match crate::auth::authenticate_client_rechecked(
+        stream,
+        buf,
+        user,
+        &config.verifier(&user.name),
+        fresh,
+    )
+    .await
+    {
         // An unknown user has no secret: its exchange cannot succeed. Should it
         // ever, it is refused all the same.
         Ok(_) if !known => Err(crate::auth::AuthError::Failed { user: user_name.to_owned(), reason: "no such user" }),
