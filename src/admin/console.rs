@@ -211,6 +211,13 @@ const COMMANDS: &[Command] = &[
         run: kill_database,
     },
     Command {
+        name: "DISABLE",
+        arg: Arg::Required("db"),
+        help: "refuse new client logins to db (55000, as Postgres for ALLOW_CONNECTIONS false); its clients go on",
+        run: disable,
+    },
+    Command { name: "ENABLE", arg: Arg::Required("db"), help: "undo DISABLE", run: enable },
+    Command {
         name: "SHUTDOWN",
         arg: Arg::None,
         help: "graceful shutdown, as on SIGTERM",
@@ -327,6 +334,24 @@ fn kill_database(s: &Shared, db: Option<&str>) -> Reply {
         pool.reconnect();
     }
     Reply::Done("KILL")
+}
+
+fn disable(s: &Shared, db: Option<&str>) -> Reply {
+    let db = match known_database(s, db.unwrap_or_default()) {
+        Ok(db) => db,
+        Err(reply) => return reply,
+    };
+    match s.disabled.disable(db) {
+        Ok(()) => Reply::Done("DISABLE"),
+        Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
+    }
+}
+
+fn enable(s: &Shared, db: Option<&str>) -> Reply {
+    match s.disabled.enable(identifier(db.unwrap_or_default())) {
+        Ok(()) => Reply::Done("ENABLE"),
+        Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
+    }
 }
 
 fn kill_client(s: &Shared, id: Option<&str>) -> Reply {

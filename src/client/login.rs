@@ -269,6 +269,12 @@ pub(super) async fn login(
         fatal(stream, SqlState::INVALID_CATALOG_NAME, &text).await?;
         return Ok(None);
     };
+    if shared.disabled.is_disabled(&db.name) {
+        tracing::info!(client, ?peer, database = %db.name, "login refused: database disabled");
+        let text = format!("database \"{}\" is not currently accepting connections", db.name);
+        fatal(stream, SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, &text).await?;
+        return Ok(None);
+    }
     // Postgres's own words and SQLSTATE for datconnlimit and rolconnlimit.
     let max_db = db.max_db_client_connections.unwrap_or(config.proxy.max_db_client_connections);
     let counted = match shared.client_caps.admit(&db.name, max_db, &user.name, config.proxy.max_user_client_connections)

@@ -7,6 +7,7 @@
 pub mod auth_cache;
 pub mod cancel;
 pub mod client_caps;
+pub mod disabled;
 pub mod pause;
 pub mod registry;
 pub mod slots;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub auth_cache: auth_cache::AuthCache,
     /// Logged-in clients per database and per user, against their caps.
     pub client_caps: client_caps::ClientCaps,
+    /// Databases DISABLEd on the admin console: no new logins.
+    pub disabled: disabled::Disabled,
     /// Connected clients, against `max_client_conn`, and the cleanups of
     /// clients that left: a shutdown waits for both.
     slots: Arc<ClientSlots>,
@@ -123,6 +126,7 @@ impl Shared {
             routing: crate::routing::Routing::default(),
             auth_cache: auth_cache::AuthCache::default(),
             client_caps: client_caps::ClientCaps::default(),
+            disabled: disabled::Disabled::default(),
             slots: Arc::default(),
         }
     }

@@ -86,7 +86,7 @@ fn live_counts(shared: &Shared, by_user: bool) -> (HashMap<String, usize>, HashM
 
 /// Every configured database, with its reserve pool and connection caps (0:
 /// none). Where PgBouncer has a setting pgmux lacks, the value PgBouncer
-/// shows when it is unset: no forced user (NULL), never disabled (0).
+/// shows when it is unset: no forced user (NULL).
 pub fn databases(shared: &Shared) -> ResultSet {
     let config = shared.config();
     let mut rs = ResultSet::new(&[&DATABASES]);
@@ -112,7 +112,7 @@ pub fn databases(shared: &Shared) -> ResultSet {
             db.max_db_client_connections.unwrap_or(config.proxy.max_db_client_connections),
             clients.get(&db.name).copied().unwrap_or(0),
             shared.pause.is_paused(&db.name),
-            false,
+            shared.disabled.is_disabled(&db.name),
         ));
     }
     rs

@@ -1,0 +1,50 @@
+//! Console commands of PgBouncer's runbooks, through the `pgbouncer`
+//! database as its tools connect: DISABLE / ENABLE.
+
+mod support;
+
+use support::proxy::{Proxy, admin_config};
+use support::{APP, DB, code, scalar};
+
+fn rows(msgs: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<tokio_postgres::SimpleQueryRow> {
+    msgs.into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+/// DISABLE refuses new logins as Postgres does for a database with
+/// ALLOW_CONNECTIONS false; sessions already in go on; ENABLE undoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_and_enable_a_database() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::start(&admin_config(cluster, 2, "")).await;
+    let admin = proxy.connect("postgres", None, "pgbouncer").await.unwrap();
+    let before = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+
+    admin.simple_query(&format!("DISABLE {DB}")).await.expect("DISABLE");
+    let e = proxy.connect(APP.0, Some(APP.1), DB).await.expect_err("a new login to a disabled database");
+    assert_eq!(code(&e), "55000");
+    let text = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert_eq!(text, format!("database \"{DB}\" is not currently accepting connections"));
+    assert_eq!(scalar(&before, "SELECT 1").await, "1", "a session already in goes on");
+    let dbs = rows(admin.simple_query("SHOW DATABASES").await.unwrap());
+    let row = dbs.iter().find(|r| r.get("name") == Some(DB)).unwrap();
+    assert_eq!(row.get("disabled"), Some("1"));
+    // Other databases are not affected.
+    proxy.connect(APP.0, Some(APP.1), "postgres").await.expect("another database");
+
+    let e = admin.simple_query(&format!("DISABLE {DB}")).await.expect_err("twice");
+    assert_eq!(code(&e), "55000");
+    let e = admin.simple_query("DISABLE no_such_db").await.expect_err("unknown database");
+    assert_eq!(code(&e), "3D000");
+
+    admin.simple_query(&format!("ENABLE {DB}")).await.expect("ENABLE");
+    let after = proxy.connect(APP.0, Some(APP.1), DB).await.expect("logins work again");
+    assert_eq!(scalar(&after, "SELECT 1").await, "1");
+    let e = admin.simple_query(&format!("ENABLE {DB}")).await.expect_err("not disabled");
+    assert_eq!(code(&e), "55000");
+    proxy.shutdown().await;
+}
