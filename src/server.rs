@@ -58,6 +58,17 @@ pub async fn run(
         _ = shared.shutdown_requested() => tracing::info!("SHUTDOWN from the admin console"),
     }
     drop(listener);
+    if shared.waits_for_clients() {
+        tracing::info!(
+            clients = shared.connected(),
+            "not accepting clients; exiting once the connected ones have left"
+        );
+        tokio::select! {
+            _ = shared.all_gone() => {}
+            // A SIGTERM meanwhile drains them after all.
+            _ = &mut shutdown => tracing::info!("draining the remaining clients"),
+        }
+    }
     // Clients (admin sessions included) learn it through their Signal:
     // idle ones leave now, busy ones at their transaction's end.
     shared.clients.raise_all(Signal::DRAIN);

@@ -48,3 +48,45 @@ async fn disable_and_enable_a_database() {
     assert_eq!(code(&e), "55000");
     proxy.shutdown().await;
 }
+
+/// SHUTDOWN WAIT_FOR_CLIENTS: no new connections; connected clients keep
+/// working, undisturbed; pgmux exits once they have all left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_wait_for_clients() {
+    let cluster = support::cluster_async().await;
+    let mut proxy = Proxy::start(&admin_config(cluster, 2, "shutdown_timeout = \"1s\"")).await;
+    let app = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+    let admin = proxy.connect("postgres", None, "pgbouncer").await.unwrap();
+    let e = admin.simple_query("SHUTDOWN WAIT_FOR_NOTHING").await.expect_err("unknown mode");
+    assert_eq!(code(&e), "42601");
+    admin.simple_query("SHUTDOWN WAIT_FOR_CLIENTS").await.expect("SHUTDOWN WAIT_FOR_CLIENTS");
+    support::eventually(std::time::Duration::from_secs(10), "new connections refused", || async {
+        proxy.connect(APP.0, Some(APP.1), DB).await.is_err()
+    })
+    .await;
+    // Well past shutdown_timeout (1 s), the connected client is neither
+    // drained nor closed: it runs transactions as before.
+    for _ in 0..3 {
+        app.batch_execute("BEGIN; SELECT pg_sleep(0.5); COMMIT").await.expect("a connected client goes on");
+    }
+    drop(app);
+    drop(admin);
+    tokio::time::timeout(std::time::Duration::from_secs(10), proxy.wait_stopped())
+        .await
+        .expect("pgmux exits once the clients have left");
+}
+
+/// SHUTDOWN WAIT_FOR_SERVERS: the graceful shutdown of SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_wait_for_servers() {
+    let cluster = support::cluster_async().await;
+    let mut proxy = Proxy::start(&admin_config(cluster, 2, "")).await;
+    let app = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+    app.batch_execute("BEGIN").await.unwrap();
+    let admin = proxy.connect("postgres", None, "pgbouncer").await.unwrap();
+    admin.simple_query("SHUTDOWN WAIT_FOR_SERVERS").await.expect("SHUTDOWN WAIT_FOR_SERVERS");
+    // The open transaction finishes; then the client is let go.
+    app.batch_execute("SELECT 1; COMMIT").await.expect("the transaction in flight finishes");
+    tokio::time::timeout(std::time::Duration::from_secs(10), proxy.wait_stopped()).await.expect("pgmux exits");
+    assert!(app.simple_query("SELECT 1").await.is_err(), "closed after its transaction");
+}

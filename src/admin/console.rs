@@ -219,12 +219,9 @@ const COMMANDS: &[Command] = &[
     Command { name: "ENABLE", arg: Arg::Required("db"), help: "undo DISABLE", run: enable },
     Command {
         name: "SHUTDOWN",
-        arg: Arg::None,
-        help: "graceful shutdown, as on SIGTERM",
-        run: |s, _| {
-            s.request_shutdown();
-            Reply::Done("SHUTDOWN")
-        },
+        arg: Arg::Optional("WAIT_FOR_SERVERS | WAIT_FOR_CLIENTS"),
+        help: "graceful shutdown as on SIGTERM (also WAIT_FOR_SERVERS); WAIT_FOR_CLIENTS: stop accepting, exit once every client has left",
+        run: shutdown,
     },
     Command {
         name: "RELOAD",
@@ -334,6 +331,22 @@ fn kill_database(s: &Shared, db: Option<&str>) -> Reply {
         pool.reconnect();
     }
     Reply::Done("KILL")
+}
+
+fn shutdown(s: &Shared, mode: Option<&str>) -> Reply {
+    match mode.map(str::to_ascii_uppercase).as_deref() {
+        // pgmux's plain SHUTDOWN already waits for transactions to finish,
+        // which is what WAIT_FOR_SERVERS asks of PgBouncer.
+        None | Some("WAIT_FOR_SERVERS") => s.request_shutdown(),
+        Some("WAIT_FOR_CLIENTS") => s.request_shutdown_waiting_for_clients(),
+        Some(other) => {
+            return Reply::Error(
+                SqlState::SYNTAX_ERROR,
+                format!("SHUTDOWN takes WAIT_FOR_SERVERS or WAIT_FOR_CLIENTS, not \"{other}\""),
+            );
+        }
+    }
+    Reply::Done("SHUTDOWN")
 }
 
 fn disable(s: &Shared, db: Option<&str>) -> Reply {

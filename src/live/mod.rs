@@ -49,6 +49,9 @@ pub struct Shared {
     pub pause: Pause,
     /// The admin SHUTDOWN command; `run` treats it like SIGTERM.
     shutdown_request: Notify,
+    /// Set by `SHUTDOWN WAIT_FOR_CLIENTS`: stop accepting, then wait for
+    /// the clients to leave by themselves instead of draining them.
+    wait_for_clients: std::sync::atomic::AtomicBool,
     /// Replica monitors, read-your-writes scopes, routing counters.
     pub routing: crate::routing::Routing,
     /// Secrets of users looked up with auth_query.
@@ -107,6 +110,18 @@ impl Shared {
         // notify_one keeps a permit, so a request is never lost.
         self.shutdown_request.notify_one();
     }
+
+    /// PgBouncer's `SHUTDOWN WAIT_FOR_CLIENTS`: stop accepting; exit once
+    /// every client has left by itself (a SIGTERM meanwhile drains them).
+    pub fn request_shutdown_waiting_for_clients(&self) {
+        self.wait_for_clients.store(true, Ordering::SeqCst);
+        self.shutdown_request.notify_one();
+    }
+
+    /// Whether the shutdown under way waits for clients to leave by themselves.
+    pub fn waits_for_clients(&self) -> bool {
+        self.wait_for_clients.load(Ordering::SeqCst)
+    }
 }
 
 impl Shared {
@@ -123,6 +138,7 @@ impl Shared {
             stats: Stats::default(),
             pause: Pause::default(),
             shutdown_request: Notify::new(),
+            wait_for_clients: std::sync::atomic::AtomicBool::new(false),
             routing: crate::routing::Routing::default(),
             auth_cache: auth_cache::AuthCache::default(),
             client_caps: client_caps::ClientCaps::default(),
