@@ -136,6 +136,10 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     let next_id = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(5);
     loop {
+        // SUSPENDed: connections wait in the listen queue until RESUME.
+        if shared.is_suspended() {
+            shared.not_suspended().await;
+        }
         let (stream, _) = match listener.accept().await {
             Ok(c) => {
                 backoff = Duration::from_millis(5);

@@ -90,3 +90,44 @@ async fn shutdown_wait_for_servers() {
     tokio::time::timeout(std::time::Duration::from_secs(10), proxy.wait_stopped()).await.expect("pgmux exits");
     assert!(app.simple_query("SELECT 1").await.is_err(), "closed after its transaction");
 }
+
+/// SUSPEND: in-flight transactions finish first; then nothing is served and
+/// no connection accepted until RESUME, which lets the waiting ones in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_then_resume() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::start(&admin_config(cluster, 2, "")).await;
+    let app = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+    let admin = proxy.connect("postgres", None, "pgbouncer").await.unwrap();
+    admin.simple_query("SUSPEND").await.expect("SUSPEND");
+    let state = rows(admin.simple_query("SHOW STATE").await.unwrap());
+    assert!(state.iter().any(|r| r.get("key") == Some("suspended") && r.get("value") == Some("yes")), "SHOW STATE");
+    // A query of a connected client and a new connection both wait.
+    let query = tokio::spawn(async move { app.simple_query("SELECT 7").await.map(|_| ()) });
+    let port = proxy.port();
+    let newcomer = tokio::spawn(async move {
+        let url = format!("host=127.0.0.1 port={port} user={} password={} dbname={DB}", APP.0, APP.1);
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.simple_query("SELECT 8").await.map(|_| ())
+    });
+    // Long enough for either to have been served if it were going to be.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!query.is_finished() && !newcomer.is_finished(), "served while suspended");
+    let e = admin.simple_query("SUSPEND").await.expect_err("twice");
+    assert_eq!(code(&e), "55000");
+    admin.simple_query("RESUME").await.expect("RESUME");
+    tokio::time::timeout(std::time::Duration::from_secs(10), query)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("served after RESUME");
+    tokio::time::timeout(std::time::Duration::from_secs(10), newcomer)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("accepted after RESUME");
+    let state = rows(admin.simple_query("SHOW STATE").await.unwrap());
+    assert!(state.iter().any(|r| r.get("key") == Some("suspended") && r.get("value") == Some("no")));
+    proxy.shutdown().await;
+}

@@ -37,7 +37,7 @@ pub enum Reply {
     Notices(Vec<String>, &'static str),
     Error(SqlState, String),
     /// PAUSE: answer `PAUSE` once nothing of `database` (everything if `None`) is in flight.
-    AfterDrain(Option<String>),
+    AfterDrain(Option<String>, &'static str),
 }
 
 /// Whether a command takes an argument.
@@ -191,7 +191,13 @@ const COMMANDS: &[Command] = &[
         help: "hold new transactions (of db, or all); returns once in-flight ones have finished",
         run: pause,
     },
-    Command { name: "RESUME", arg: Arg::Optional("db"), help: "undo PAUSE", run: resume },
+    Command { name: "RESUME", arg: Arg::Optional("db"), help: "undo PAUSE (and SUSPEND)", run: resume },
+    Command {
+        name: "SUSPEND",
+        arg: Arg::None,
+        help: "PAUSE everything and stop accepting connections until RESUME (no socket handover in pgmux)",
+        run: suspend,
+    },
     Command {
         name: "KILL_CLIENT",
         arg: Arg::Required("id"),
@@ -263,12 +269,29 @@ fn pause(s: &Shared, db: Option<&str>) -> Reply {
         return Reply::Error(SqlState::INVALID_CATALOG_NAME, format!("database \"{db}\" does not exist"));
     }
     match s.pause.pause(db) {
-        Ok(()) => Reply::AfterDrain(db.map(str::to_owned)),
+        Ok(()) => Reply::AfterDrain(db.map(str::to_owned), "PAUSE"),
         Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
     }
 }
 
+/// PgBouncer's SUSPEND: stop serving, for a handover. pgmux has no socket
+/// handover, so it means: every database paused, new connections not
+/// accepted (they wait in the listen queue), until RESUME.
+fn suspend(s: &Shared, _: Option<&str>) -> Reply {
+    if s.is_suspended() {
+        return Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "pgmux is already suspended".into());
+    }
+    if let Err(e) = s.pause.pause(None) {
+        return Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e);
+    }
+    s.set_suspended(true);
+    Reply::AfterDrain(None, "SUSPEND")
+}
+
 fn resume(s: &Shared, db: Option<&str>) -> Reply {
+    if db.is_none() {
+        s.set_suspended(false);
+    }
     match s.pause.resume(db.map(identifier)) {
         Ok(()) => Reply::Done("RESUME"),
         Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
@@ -429,7 +452,7 @@ fn write_reply(out: &mut BytesMut, reply: Reply) {
             msg::command_complete(out, t);
         }
         Reply::Error(code, text) => msg::error_response(out, Severity::Error, code, &text),
-        Reply::AfterDrain(_) => unreachable!("the loop waits and answers PAUSE itself"),
+        Reply::AfterDrain(..) => unreachable!("the loop waits and answers PAUSE itself"),
     }
 }
 
@@ -470,8 +493,8 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
                     Ok(Some((cmd, arg))) => {
                         tracing::info!(command = cmd.name, arg = arg.unwrap_or(""), "admin command");
                         match (cmd.run)(shared, arg) {
-                            Reply::AfterDrain(db) => {
-                                if let Some(reply) = drain(shared, db.as_deref(), info.signal()).await {
+                            Reply::AfterDrain(db, done) => {
+                                if let Some(reply) = drain(shared, db.as_deref(), done, info.signal()).await {
                                     write_reply(&mut out, reply);
                                 } else {
                                     return fatal(
@@ -504,10 +527,10 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
 
 /// PAUSE's wait: until no client of `db` holds or is taking a backend.
 /// `None` if pgmux starts shutting down meanwhile.
-async fn drain(shared: &Shared, db: Option<&str>, signal: &Signal) -> Option<Reply> {
+async fn drain(shared: &Shared, db: Option<&str>, done: &'static str, signal: &Signal) -> Option<Reply> {
     loop {
         if shared.clients.in_flight(db) == 0 {
-            return Some(Reply::Done("PAUSE"));
+            return Some(Reply::Done(done));
         }
         let still_paused = match db {
             Some(db) => shared.pause.is_paused(db),

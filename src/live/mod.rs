@@ -52,6 +52,8 @@ pub struct Shared {
     /// Set by `SHUTDOWN WAIT_FOR_CLIENTS`: stop accepting, then wait for
     /// the clients to leave by themselves instead of draining them.
     wait_for_clients: std::sync::atomic::AtomicBool,
+    /// SUSPEND: the accept loop takes no connection until RESUME.
+    suspended: tokio::sync::watch::Sender<bool>,
     /// Replica monitors, read-your-writes scopes, routing counters.
     pub routing: crate::routing::Routing,
     /// Secrets of users looked up with auth_query.
@@ -118,6 +120,21 @@ impl Shared {
         self.shutdown_request.notify_one();
     }
 
+    pub fn is_suspended(&self) -> bool {
+        *self.suspended.borrow()
+    }
+
+    pub fn set_suspended(&self, on: bool) {
+        self.suspended.send_replace(on);
+    }
+
+    /// Resolves once pgmux is not suspended.
+    pub async fn not_suspended(&self) {
+        let mut rx = self.suspended.subscribe();
+        // The sender lives as long as `self`: no error to handle.
+        let _ = rx.wait_for(|s| !s).await;
+    }
+
     /// Whether the shutdown under way waits for clients to leave by themselves.
     pub fn waits_for_clients(&self) -> bool {
         self.wait_for_clients.load(Ordering::SeqCst)
@@ -139,6 +156,7 @@ impl Shared {
             pause: Pause::default(),
             shutdown_request: Notify::new(),
             wait_for_clients: std::sync::atomic::AtomicBool::new(false),
+            suspended: tokio::sync::watch::Sender::new(false),
             routing: crate::routing::Routing::default(),
             auth_cache: auth_cache::AuthCache::default(),
             client_caps: client_caps::ClientCaps::default(),

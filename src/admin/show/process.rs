@@ -26,15 +26,16 @@ pub fn version() -> ResultSet {
     rs
 }
 
-/// PgBouncer's process-wide pause mode. `PAUSE` without a database pauses
-/// everything (PgBouncer's `paused`); pgmux has no SUSPEND.
+/// PgBouncer's process-wide mode, one of three: `PAUSE` without a
+/// database is `paused`; `SUSPEND` (which pauses too) is `suspended`.
 pub fn state(shared: &Shared) -> ResultSet {
     let mut rs = ResultSet::new(&[&STATE]);
-    let paused = shared.pause.all_paused();
+    let suspended = shared.is_suspended();
+    let paused = shared.pause.all_paused() && !suspended;
     let yes_no = |b: bool| if b { "yes" } else { "no" };
-    rs.push(row!("active", yes_no(!paused)));
+    rs.push(row!("active", yes_no(!paused && !suspended)));
     rs.push(row!("paused", yes_no(paused)));
-    rs.push(row!("suspended", "no"));
+    rs.push(row!("suspended", yes_no(suspended)));
     rs
 }
 
