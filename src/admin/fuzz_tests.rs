@@ -42,8 +42,13 @@ const COMMANDS: &[(&str, Arg)] = &[
     ("PAUSE", Arg::Optional),
     ("RESUME", Arg::Optional),
     ("KILL_CLIENT", Arg::Required),
-    ("SHUTDOWN", Arg::None),
+    ("SHUTDOWN", Arg::Optional),
     ("RELOAD", Arg::None),
+    ("RECONNECT", Arg::Optional),
+    ("KILL", Arg::Required),
+    ("DISABLE", Arg::Required),
+    ("ENABLE", Arg::Required),
+    ("SUSPEND", Arg::None),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
