@@ -1,7 +1,7 @@
 //! The dependency rule of `src/`, checked: which top-level module may name
 //! which (README, "Architecture"). Reads the source; no database.
 //!
-//! Leaves (`protocol`, `vocab`, `sql`, `config`, `net`) name nothing above them;
+//! Leaves (`protocol`, `vocab`, `sql`, `config`, `net`, `convert`) name nothing above them;
 //! `pool` never names `client`, `routing`, `admin` or `server`; `routing`
 //! never names `client` or `admin`; the live state never names its readers
 //! or writers (`client`, `admin`); `admin` never names `client`. And no
@@ -18,6 +18,13 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("routing", &["admin", "client", "server", "reload", "demo"]),
     ("config", &["admin", "auth", "client", "live", "pool", "reload", "routing", "server", "settings", "tls", "net"]),
     ("net", &["admin", "auth", "client", "config", "live", "pool", "reload", "routing", "server", "settings", "tls"]),
+    (
+        "convert",
+        &[
+            "admin", "auth", "client", "config", "live", "net", "pool", "reload", "routing", "server", "settings",
+            "sql", "tls",
+        ],
+    ),
     (
         "sql",
         &["admin", "auth", "client", "config", "live", "net", "pool", "reload", "routing", "server", "settings", "tls"],
