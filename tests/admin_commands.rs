@@ -131,3 +131,36 @@ async fn suspend_then_resume() {
     assert!(state.iter().any(|r| r.get("key") == Some("suspended") && r.get("value") == Some("no")));
     proxy.shutdown().await;
 }
+
+/// WAIT_CLOSE after RECONNECT: returns only once the server connection a
+/// transaction was using when RECONNECT ran has been closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_close_follows_reconnect() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::start(&admin_config(cluster, 2, "")).await;
+    let app = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+    app.batch_execute("BEGIN").await.unwrap();
+    let pid = scalar(&app, "SELECT pg_backend_pid()").await;
+    let admin = proxy.connect("postgres", None, "pgbouncer").await.unwrap();
+    admin.simple_query(&format!("RECONNECT {DB}")).await.unwrap();
+    let waiter = tokio::spawn(async move { admin.simple_query(&format!("WAIT_CLOSE {DB}")).await.map(|_| admin) });
+    // Long enough for WAIT_CLOSE to have answered if it were going to.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "WAIT_CLOSE returned while the old connection is in use");
+    app.batch_execute("COMMIT").await.unwrap();
+    let admin = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+        .await
+        .expect("WAIT_CLOSE returns once the old connection is closed")
+        .unwrap()
+        .expect("WAIT_CLOSE");
+    let su = support::superuser(DB).await;
+    let alive: i64 =
+        scalar(&su, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")).await.parse().unwrap();
+    assert_eq!(alive, 0, "the old server connection is gone");
+    // With nothing stale, it answers at once; the client works on a new connection.
+    tokio::time::timeout(std::time::Duration::from_secs(2), admin.simple_query("WAIT_CLOSE")).await.unwrap().unwrap();
+    assert_ne!(scalar(&app, "SELECT pg_backend_pid()").await, pid);
+    let e = admin.simple_query("WAIT_CLOSE no_such_db").await.expect_err("unknown database");
+    assert_eq!(code(&e), "3D000");
+    proxy.shutdown().await;
+}

@@ -38,6 +38,9 @@ pub enum Reply {
     Error(SqlState, String),
     /// PAUSE: answer `PAUSE` once nothing of `database` (everything if `None`) is in flight.
     AfterDrain(Option<String>, &'static str),
+    /// WAIT_CLOSE: answer once no server connection of `database` (all if
+    /// `None`) from before the last RECONNECT / KILL / reload is left.
+    AfterClose(Option<String>),
 }
 
 /// Whether a command takes an argument.
@@ -215,6 +218,15 @@ const COMMANDS: &[Command] = &[
         arg: Arg::Required("db"),
         help: "close db's clients (57P01) and server connections at once; its new transactions wait for RESUME",
         run: kill_database,
+    },
+    Command {
+        name: "WAIT_CLOSE",
+        arg: Arg::Optional("db"),
+        help: "return once the server connections from before the last RECONNECT, KILL or reload (of db, or all) are closed",
+        run: |s, db| match db.map(|d| known_database(s, d)).transpose() {
+            Ok(db) => Reply::AfterClose(db.map(str::to_owned)),
+            Err(reply) => reply,
+        },
     },
     Command {
         name: "DISABLE",
@@ -452,7 +464,7 @@ fn write_reply(out: &mut BytesMut, reply: Reply) {
             msg::command_complete(out, t);
         }
         Reply::Error(code, text) => msg::error_response(out, Severity::Error, code, &text),
-        Reply::AfterDrain(..) => unreachable!("the loop waits and answers PAUSE itself"),
+        Reply::AfterDrain(..) | Reply::AfterClose(_) => unreachable!("the loop waits and answers itself"),
     }
 }
 
@@ -493,6 +505,18 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
                     Ok(Some((cmd, arg))) => {
                         tracing::info!(command = cmd.name, arg = arg.unwrap_or(""), "admin command");
                         match (cmd.run)(shared, arg) {
+                            Reply::AfterClose(db) => {
+                                if let Some(reply) = wait_close(shared, db.as_deref(), info.signal()).await {
+                                    write_reply(&mut out, reply);
+                                } else {
+                                    return fatal(
+                                        stream,
+                                        SqlState::ADMIN_SHUTDOWN,
+                                        crate::live::registry::SHUTTING_DOWN,
+                                    )
+                                    .await;
+                                }
+                            }
                             Reply::AfterDrain(db, done) => {
                                 if let Some(reply) = drain(shared, db.as_deref(), done, info.signal()).await {
                                     write_reply(&mut out, reply);
@@ -527,6 +551,18 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
 
 /// PAUSE's wait: until no client of `db` holds or is taking a backend.
 /// `None` if pgmux starts shutting down meanwhile.
+async fn wait_close(shared: &Shared, db: Option<&str>, signal: &Signal) -> Option<Reply> {
+    loop {
+        if shared.pools.of_database(db).iter().all(|p| p.stale_backends() == 0) {
+            return Some(Reply::Done("WAIT_CLOSE"));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PAUSE_POLL) => {}
+            _ = signal.wait(Signal::DRAIN | Signal::FORCE_CLOSE) => return None,
+        }
+    }
+}
+
 async fn drain(shared: &Shared, db: Option<&str>, done: &'static str, signal: &Signal) -> Option<Reply> {
     loop {
         if shared.clients.in_flight(db) == 0 {

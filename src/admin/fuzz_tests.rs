@@ -49,6 +49,7 @@ const COMMANDS: &[(&str, Arg)] = &[
     ("DISABLE", Arg::Required),
     ("ENABLE", Arg::Required),
     ("SUSPEND", Arg::None),
+    ("WAIT_CLOSE", Arg::Optional),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

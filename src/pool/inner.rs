@@ -113,6 +113,9 @@ pub struct Inner<B> {
     idle: VecDeque<B>,
     /// Backends that exist or are being opened, idle ones included.
     open: usize,
+    /// Of those, the ones of an older generation, closed when they come
+    /// back (WAIT_CLOSE waits for none to be left).
+    stale: usize,
     waiters: VecDeque<Waiter<B>>,
     /// A task is sweeping `waiters` for timeouts (see `Pool::checkout`).
     sweeping: bool,
@@ -129,6 +132,7 @@ impl<B: Aged> Inner<B> {
             retired: false,
             idle: VecDeque::new(),
             open: 0,
+            stale: 0,
             waiters: VecDeque::new(),
             sweeping: false,
         }
@@ -173,6 +177,8 @@ impl<B: Aged> Inner<B> {
         self.generation += 1;
         self.stale_reason = reason;
         let idle = self.drain_idle();
+        // Every backend not idle (in use, or being opened) is now stale.
+        self.stale = self.open;
         self.grant_slots();
         idle.into_iter().map(|b| (b, reason)).collect()
     }
@@ -285,6 +291,9 @@ impl<B: Aged> Inner<B> {
             None
         };
         if let Some(reason) = stale {
+            if b.generation() != self.generation {
+                self.stale = self.stale.saturating_sub(1);
+            }
             self.open -= 1;
             self.grant_slots();
             return Some((b, reason));
@@ -321,7 +330,23 @@ impl<B: Aged> Inner<B> {
     /// slot, and let the longest waiter open a replacement.
     pub fn forget(&mut self) {
         self.open -= 1;
+        // A backend whose opening failed may have been counted stale: never
+        // more stale than open, so WAIT_CLOSE cannot wait for a ghost.
+        self.stale = self.stale.min(self.open);
         self.grant_slots();
+    }
+
+    /// [`Inner::forget`] for a backend of `generation`, closed on the way.
+    pub fn forget_of(&mut self, generation: u64) {
+        if generation != self.generation {
+            self.stale = self.stale.saturating_sub(1);
+        }
+        self.forget();
+    }
+
+    /// Backends of an older generation still open (in use or being cleaned).
+    pub fn stale(&self) -> usize {
+        self.stale
     }
 
     fn grant_slots(&mut self) {
@@ -433,6 +458,25 @@ mod tests {
         p.forget();
         assert!(matches!(second.try_recv(), Ok(Grant::Slot)));
         assert_eq!(p.open(), 2);
+    }
+
+    #[test]
+    fn stale_backends_are_counted_until_they_are_closed() {
+        let t = Instant::now();
+        let mut p = Inner::<Fake>::new(3, HOUR, HOUR);
+        let mut ex = Vec::new();
+        for _ in 0..3 {
+            assert!(matches!(p.take(t, t, &mut ex), Take::Create));
+        }
+        assert!(p.put(fake(1, t), t).is_none());
+        // One idle (closed now), two in use or opening: those two are stale.
+        assert_eq!(p.renew(CloseReason::Reconnect).len(), 1);
+        assert_eq!(p.stale(), 2);
+        assert!(matches!(p.put(fake(2, t), t), Some((_, CloseReason::Reconnect))));
+        assert_eq!(p.stale(), 1);
+        // The other one's opening failed: its slot is forgotten, and so is its staleness.
+        p.forget();
+        assert_eq!((p.open(), p.stale()), (0, 0));
     }
 
     #[test]

@@ -517,8 +517,15 @@ impl Pool {
     /// Closes a backend that must not be reused, freeing its slot.
     fn discard(&self, b: Box<Backend>, reason: CloseReason) {
         tracing::debug!(pid = b.pid, %reason, "closing server connection");
+        let generation = b.generation;
         b.close();
-        self.lock().forget();
+        self.lock().forget_of(generation);
+    }
+
+    /// Server connections this pool still has from before the last
+    /// RECONNECT, KILL or retargeting reload (PgBouncer's close_needed).
+    pub fn stale_backends(&self) -> usize {
+        self.lock().stale()
     }
 
     /// Periodic upkeep: close expired idle backends, keep `min_pool_size` open.
