@@ -164,3 +164,33 @@ async fn wait_close_follows_reconnect() {
     assert_eq!(code(&e), "3D000");
     proxy.shutdown().await;
 }
+
+/// SET key = value: shown by SHOW CONFIG and in force at once; checked by
+/// the file's rules; restart-only and unknown keys refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_changes_a_setting_at_runtime() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::start(&admin_config(cluster, 1, "query_wait_timeout = \"20s\"")).await;
+    let admin = proxy.connect("postgres", None, "pgbouncer").await.unwrap();
+    // PgBouncer's spelling: seconds.
+    admin.simple_query("SET query_wait_timeout = 1").await.expect("SET");
+    let config = rows(admin.simple_query("SHOW CONFIG").await.unwrap());
+    let value = config.iter().find(|r| r.get("key") == Some("proxy.query_wait_timeout")).and_then(|r| r.get("value"));
+    assert_eq!(value, Some("1s"));
+    // In force: with the one connection held, a waiting client gives up after 1 s, not 20.
+    let holder = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = proxy.connect(APP.0, Some(APP.1), DB).await.unwrap();
+    let started = std::time::Instant::now();
+    let e = waiter.simple_query("SELECT 2").await.expect_err("no connection within the new query_wait_timeout");
+    assert_eq!(code(&e), "53300");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    admin.simple_query("SET proxy.pool_mode TO 'session'").await.expect("SET ... TO");
+    for bad in ["SET pool_mode = statement", "SET listen = '0.0.0.0:1'", "SET no_such_key = 1", "SET max_client_conn"] {
+        let e = admin.simple_query(bad).await.expect_err(bad);
+        assert!(matches!(code(&e).as_str(), "22023" | "42601"), "{bad}: {e}");
+    }
+    proxy.shutdown().await;
+}

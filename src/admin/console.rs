@@ -49,6 +49,8 @@ enum Arg {
     None,
     Optional(&'static str),
     Required(&'static str),
+    /// Everything after the command's words, as written (SET's `key = value`).
+    Rest(&'static str),
 }
 
 pub(super) struct Command {
@@ -229,6 +231,12 @@ const COMMANDS: &[Command] = &[
         },
     },
     Command {
+        name: "SET",
+        arg: Arg::Rest("key = value"),
+        help: "change a setting a reload can change (checked as in the file; a later RELOAD takes the file's value)",
+        run: set,
+    },
+    Command {
         name: "DISABLE",
         arg: Arg::Required("db"),
         help: "refuse new client logins to db (55000, as Postgres for ALLOW_CONNECTIONS false); its clients go on",
@@ -253,7 +261,7 @@ fn usage(c: &Command) -> String {
     match c.arg {
         Arg::None => c.name.to_owned(),
         Arg::Optional(a) => format!("{} [{a}]", c.name),
-        Arg::Required(a) => format!("{} {a}", c.name),
+        Arg::Required(a) | Arg::Rest(a) => format!("{} {a}", c.name),
     }
 }
 
@@ -368,6 +376,24 @@ fn kill_database(s: &Shared, db: Option<&str>) -> Reply {
     Reply::Done("KILL")
 }
 
+fn set(s: &Shared, rest: Option<&str>) -> Reply {
+    let rest = rest.unwrap_or_default();
+    // `key = value` or `key TO value`, as Postgres's SET reads it.
+    let split = rest.split_once('=').or_else(|| {
+        let lower = rest.to_ascii_lowercase();
+        lower.find(" to ").map(|i| (&rest[..i], &rest[i + 4..]))
+    });
+    let Some((key, value)) = split.map(|(k, v)| (k.trim(), v.trim())).filter(|(k, v)| !k.is_empty() && !v.is_empty())
+    else {
+        return Reply::Error(SqlState::SYNTAX_ERROR, "usage: SET key = value".into());
+    };
+    match s.set(key, value) {
+        Ok(changes) if changes.is_empty() => Reply::Notices(vec!["nothing changed".into()], "SET"),
+        Ok(changes) => Reply::Notices(vec![format!("changed: {}", changes.join("; "))], "SET"),
+        Err(e) => Reply::Error(SqlState::INVALID_PARAMETER_VALUE, e),
+    }
+}
+
 fn shutdown(s: &Shared, mode: Option<&str>) -> Reply {
     match mode.map(str::to_ascii_uppercase).as_deref() {
         // pgmux's plain SHUTDOWN already waits for transactions to finish,
@@ -433,9 +459,15 @@ pub(super) fn parse(query: &str) -> Result<Option<(&'static Command, Option<&str
             Arg::None => args.is_empty(),
             Arg::Optional(_) => args.len() <= 1,
             Arg::Required(_) => args.len() == 1,
+            Arg::Rest(_) => !args.is_empty(),
         };
         if !ok {
             return Err(Reply::Error(SqlState::SYNTAX_ERROR, format!("usage: {}", usage(c))));
+        }
+        if let (Arg::Rest(_), Some(first)) = (c.arg, args.first()) {
+            // The words are slices of `query`: the rest starts at the first one.
+            let at = first.as_ptr() as usize - query.as_ptr() as usize;
+            return Ok(Some((c, Some(&query[at..]))));
         }
         return Ok(Some((c, args.first().copied())));
     }

@@ -6,6 +6,7 @@
 mod addr;
 mod duration;
 mod locate;
+mod set;
 mod validate;
 pub mod values;
 

@@ -107,6 +107,23 @@ impl Shared {
         Ok(reloaded)
     }
 
+    /// The admin console's `SET key = value`: one setting changed as a
+    /// reload would change it, checked by the same rules as the file.
+    /// Returns what changed; a later RELOAD takes the file's value again.
+    pub fn set(&self, key: &str, value: &str) -> Result<Vec<String>, String> {
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.config();
+        let new = old.file().with_setting(key, value).map_err(|e| e.to_string())?;
+        let changes = crate::reload::changes(old.file(), &new);
+        let new = Arc::new(Settings::build(new).map_err(|e| format!("TLS: {e}"))?);
+        self.config.store(new.clone());
+        self.pools.reconfigure(&new);
+        for change in &changes {
+            tracing::info!(change = %change, "setting changed on the admin console");
+        }
+        Ok(changes)
+    }
+
     /// Starts the same graceful shutdown as SIGTERM.
     pub fn request_shutdown(&self) {
         // notify_one keeps a permit, so a request is never lost.

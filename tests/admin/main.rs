@@ -410,12 +410,15 @@ async fn reconnect_and_kill_free_a_database() {
     assert_eq!(code(&admin.simple_query("RECONNECT nosuchdb").await.unwrap_err()), "3D000");
 
     c2.batch_execute("BEGIN").await.unwrap();
+    let killed = std::time::Instant::now();
     admin.simple_query("KILL killme").await.unwrap();
     eventually(SOON, "killme's clients to be closed", || async { c1.is_closed() && c2.is_closed() }).await;
     eventually(SOON, "killme's server connections to close", || async {
         server_connections(&su, "killme").await == "0"
     })
     .await;
+    // At once, not at the end of a transaction or a timeout.
+    assert!(killed.elapsed() < Duration::from_secs(1), "KILL took {:?}", killed.elapsed());
     su.batch_execute("DROP DATABASE killme").await.expect("DROP DATABASE right after KILL");
     // The app database's clients never noticed.
     assert_eq!(scalar(&proxy.app().await, "SELECT 3").await, "3");
