@@ -38,6 +38,15 @@ async fn admin_client(proxy: &Proxy) -> tokio_postgres::Client {
 
 /// `app` on database `app`, announcing `application_name`.
 async fn app_named(proxy: &Proxy, name: &str) -> tokio_postgres::Client {
+    app_watched(proxy, name).await.0
+}
+
+/// `app` on `app` as `name`, with the connection task's own result: an
+/// error the server (pgmux) sends outside any query ends it.
+pub(crate) async fn app_watched(
+    proxy: &Proxy,
+    name: &str,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>) {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
@@ -48,10 +57,7 @@ async fn app_named(proxy: &Proxy, name: &str) -> tokio_postgres::Client {
         .application_name(name)
         .connect_timeout(SOON);
     let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect through pgmux");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+    (client, tokio::spawn(connection))
 }
 
 /// `admin_config` whose database also has the cluster's first replica;

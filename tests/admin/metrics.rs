@@ -74,25 +74,6 @@ async fn metrics_count_transactions_exactly() {
     proxy.shutdown().await;
 }
 
-/// `app` on `app` as `name`, with the connection task's own result: an
-/// error the server (pgmux) sends outside any query ends it.
-async fn app_watched(
-    proxy: &Proxy,
-    name: &str,
-) -> (tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>) {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(proxy.port())
-        .user(APP.0)
-        .password(APP.1)
-        .dbname(DB)
-        .application_name(name)
-        .connect_timeout(SOON);
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect through pgmux");
-    (client, tokio::spawn(connection))
-}
-
 async fn client_id(proxy: &Proxy, application_name: &str) -> String {
     let clients = show(proxy, "CLIENTS").await;
     clients.get(clients.one("application_name", application_name), "id").to_owned()
