@@ -536,32 +536,19 @@ pub async fn serve(stream: &mut Stream, mut buf: BytesMut, shared: &Shared, info
                     Ok(None) => msg::empty_query_response(&mut out),
                     Ok(Some((cmd, arg))) => {
                         tracing::info!(command = cmd.name, arg = arg.unwrap_or(""), "admin command");
-                        match (cmd.run)(shared, arg) {
-                            Reply::AfterClose(db) => {
-                                if let Some(reply) = wait_close(shared, db.as_deref(), info.signal()).await {
-                                    write_reply(&mut out, reply);
-                                } else {
-                                    return fatal(
-                                        stream,
-                                        SqlState::ADMIN_SHUTDOWN,
-                                        crate::live::registry::SHUTTING_DOWN,
-                                    )
+                        // The commands that wait answer when their condition holds;
+                        // `None`: pgmux is shutting down meanwhile.
+                        let reply = match (cmd.run)(shared, arg) {
+                            Reply::AfterClose(db) => wait_close(shared, db.as_deref(), info.signal()).await,
+                            Reply::AfterDrain(db, done) => drain(shared, db.as_deref(), done, info.signal()).await,
+                            reply => Some(reply),
+                        };
+                        match reply {
+                            Some(reply) => write_reply(&mut out, reply),
+                            None => {
+                                return fatal(stream, SqlState::ADMIN_SHUTDOWN, crate::live::registry::SHUTTING_DOWN)
                                     .await;
-                                }
                             }
-                            Reply::AfterDrain(db, done) => {
-                                if let Some(reply) = drain(shared, db.as_deref(), done, info.signal()).await {
-                                    write_reply(&mut out, reply);
-                                } else {
-                                    return fatal(
-                                        stream,
-                                        SqlState::ADMIN_SHUTDOWN,
-                                        crate::live::registry::SHUTTING_DOWN,
-                                    )
-                                    .await;
-                                }
-                            }
-                            reply => write_reply(&mut out, reply),
                         }
                     }
                     Err(reply) => write_reply(&mut out, reply),
