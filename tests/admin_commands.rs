@@ -29,6 +29,17 @@ async fn disable_and_enable_a_database() {
     assert_eq!(code(&e), "55000");
     let text = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
     assert_eq!(text, format!("database \"{DB}\" is not currently accepting connections"));
+    // Side by side with Postgres refusing a database with ALLOW_CONNECTIONS false.
+    let su = support::superuser("postgres").await;
+    su.batch_execute("DROP DATABASE IF EXISTS aq_closed").await.unwrap();
+    su.batch_execute("CREATE DATABASE aq_closed ALLOW_CONNECTIONS false").await.unwrap();
+    let direct = support::connect(cluster.primary(), APP.0, Some(APP.1), "aq_closed").await.map(drop).unwrap_err();
+    assert_eq!(code(&direct), "55000");
+    assert_eq!(
+        direct.as_db_error().map(|d| d.message().to_owned()),
+        Some("database \"aq_closed\" is not currently accepting connections".to_owned())
+    );
+    su.batch_execute("DROP DATABASE aq_closed").await.unwrap();
     assert_eq!(scalar(&before, "SELECT 1").await, "1", "a session already in goes on");
     let dbs = rows(admin.simple_query("SHOW DATABASES").await.unwrap());
     let row = dbs.iter().find(|r| r.get("name") == Some(DB)).unwrap();

@@ -156,6 +156,9 @@ async fn authentication_failures_carry_the_right_sqlstate() {
     assert_eq!(code(&err), "28P01");
     let text = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
     assert_eq!(text, "password authentication failed for user \"nobody\"");
+    // As Postgres itself answers a role that does not exist.
+    let direct = support::connect(cluster.primary(), "nobody", Some("x"), DB).await.map(drop).unwrap_err();
+    assert_eq!((code(&direct), direct.as_db_error().map(|d| d.message().to_owned())), (code(&err), Some(text)));
     let err = proxy.connect(APP.0, Some(APP.1), "nodb").await.unwrap_err();
     assert_eq!(code(&err), "3D000");
 }
