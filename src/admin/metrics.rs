@@ -23,8 +23,7 @@ use super::show::{PoolView, pool_views};
 use crate::live::Shared;
 use crate::live::stats::{HistogramSnapshot, LATENCY_BOUNDS_US};
 use crate::pool::counters::{REASON_SLOTS, reason_label};
-use crate::routing::monitor::NodeView;
-use crate::routing::route::{Candidate, Policy, out_of_rotation};
+use crate::routing::route::Policy;
 
 /// Request heads are small; anything bigger is not a scrape.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -155,9 +154,11 @@ fn histograms<'a>(
     Ok(())
 }
 
-/// The labels of a pool's node-scoped series.
+/// The labels of a pool's node-scoped series. The role keeps them apart
+/// after a failover, when a node's replica pool and the primary pool that
+/// now follows it both exist.
 fn node_labels(v: &PoolView) -> Labels<'_> {
-    vec![("database", &v.database), ("user", &v.user), ("node", &v.node)]
+    vec![("database", &v.database), ("user", &v.user), ("node", &v.node), ("role", v.role)]
 }
 
 impl Collector for PgmuxCollector {
@@ -200,8 +201,8 @@ impl Collector for PgmuxCollector {
             "Server connections by pool, node (primary or replica) and state (login: being opened or cleaned up).",
             views.iter().flat_map(|v| {
                 [("active", v.sv_active), ("idle", v.sv_idle), ("login", v.sv_login())].map(|(state, n)| {
-                    let labels =
-                        vec![("database", &*v.database), ("user", &*v.user), ("node", &*v.node), ("state", state)];
+                    let mut labels = node_labels(v);
+                    labels.push(("state", state));
                     (labels, n as u64)
                 })
             }),
@@ -341,32 +342,38 @@ impl Collector for PgmuxCollector {
                 .map(|r| (vec![("reason", r.as_str())], shared.routing.counted(*r))),
         )?;
 
-        // Replica state, from the monitors.
-        let nodes = shared.routing.nodes();
+        // Node roles and replica state, from the topologies' monitors.
+        let policy = Policy::new(&config.routing);
+        let topologies = shared.routing.topologies();
         let mut lag_bytes = Vec::new();
         let mut lag_seconds = Vec::new();
         let mut in_rotation = Vec::new();
-        for ((db, addr), n) in &nodes {
-            let Some(dbc) = config.database(db) else { continue };
-            if !dbc.replicas.iter().any(|r| r.addr() == addr) {
-                continue;
+        let mut up = Vec::new();
+        let mut roles = Vec::new();
+        let mut fenced = Vec::new();
+        let mut timelines = Vec::new();
+        for t in &topologies {
+            for n in t.report(&policy) {
+                let labels = vec![("database", t.db.as_str()), ("node", n.addr)];
+                if let Some(lag) = n.lag_bytes {
+                    lag_bytes.push((labels.clone(), lag));
+                }
+                if n.view.healthy && n.view.in_recovery {
+                    lag_seconds.push((labels.clone(), n.view.replay_delay.as_secs_f64()));
+                }
+                if !n.is_primary {
+                    in_rotation.push((labels.clone(), u64::from(n.out_of_rotation.is_none())));
+                }
+                up.push((labels.clone(), u64::from(n.view.healthy)));
+                fenced.push((labels.clone(), u64::from(n.state == "fenced")));
+                timelines.push((labels.clone(), u64::from(n.view.timeline)));
+                for role in ["primary", "replica"] {
+                    let mut l = labels.clone();
+                    l.push(("role", role));
+                    let is = if role == "primary" { n.is_primary } else { n.view.healthy && n.view.in_recovery };
+                    roles.push((l, u64::from(is)));
+                }
             }
-            let v = n.view();
-            let primary =
-                nodes.iter().map(|(k, p)| (k, p.view())).find(|((d, _), p)| d == db && p.healthy && !p.in_recovery);
-            let lag = primary.filter(|_| v.in_recovery).map(|(_, p)| p.lsn.saturating_sub(v.lsn));
-            let labels = vec![("database", db.as_str()), ("node", addr.as_str())];
-            if let Some(lag) = lag {
-                lag_bytes.push((labels.clone(), lag));
-            }
-            if v.healthy && v.in_recovery {
-                lag_seconds.push((labels.clone(), v.replay_delay.as_secs_f64()));
-            }
-            let weight = dbc.replicas.iter().find(|r| r.addr() == addr).map_or(1, |r| r.weight());
-            let primary = primary.map_or(NodeView::UNKNOWN, |(_, p)| p);
-            let candidate = Candidate { view: v, active: 0, weight };
-            let rotating = out_of_rotation(&Policy::new(&config.routing), &candidate, &primary).is_none();
-            in_rotation.push((labels, u64::from(rotating)));
         }
         gauges(
             &mut enc,
@@ -383,16 +390,28 @@ impl Collector for PgmuxCollector {
         gauges(
             &mut enc,
             "pgmux_replica_in_rotation",
-            "1 when a replica takes reads now (up, in recovery, within max_replica_lag).",
+            "1 when a node other than the primary takes reads now (up, in recovery on the primary's timeline, within max_replica_lag).",
             in_rotation,
+        )?;
+        gauges(&mut enc, "pgmux_node_up", "1 when a monitored node answered its last health check.", up)?;
+        gauges(
+            &mut enc,
+            "pgmux_node_role",
+            "1 for the node's current role: primary (the one pgmux writes to) or replica (in recovery).",
+            roles,
         )?;
         gauges(
             &mut enc,
-            "pgmux_node_up",
-            "1 when a monitored node answered its last health check.",
-            nodes.iter().map(|((db, addr), n)| {
-                (vec![("database", db.as_str()), ("node", addr.as_str())], u64::from(n.view().healthy))
-            }),
+            "pgmux_node_fenced",
+            "1 when a node accepts writes but is not the primary pgmux follows (split brain): it gets no writes and no reads.",
+            fenced,
+        )?;
+        gauges(&mut enc, "pgmux_node_timeline", "The timeline each node is on (0: not known yet).", timelines)?;
+        counters(
+            &mut enc,
+            "pgmux_primary_changes_total",
+            "Times the primary of a database moved to another node.",
+            topologies.iter().map(|t| (vec![("database", t.db.as_str())], t.primary_changes())),
         )?;
 
         let pins = crate::vocab::reasons::PinReason::ALL;

@@ -26,6 +26,11 @@ pub(super) async fn secret(
         return Ok((cached, true));
     }
     let pool = shared.pools.auth_pool(config, db, auth_user);
+    if let Some(t) =
+        super::route::topology(shared, config, db, || super::route::monitor_login(config, db, auth_user, None, true))
+    {
+        pool.follow(t.leader.clone());
+    }
     let lookup = async {
         let mut backend = pool.checkout().await.map_err(|e| e.to_string())?;
         match backend.query_row_params(query, &[user]).await {

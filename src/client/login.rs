@@ -296,6 +296,13 @@ pub(super) async fn login(
     if let (Some(_), Some(c)) = (&looked_up, &credential) {
         pool.set_passthrough(c.clone());
     }
+    // Several nodes: the pool follows whichever is the primary now.
+    let topology = route::topology(shared, config, db, || {
+        route::monitor_login(config, db, user, credential.as_ref(), looked_up.is_some())
+    });
+    if let Some(t) = &topology {
+        pool.follow(t.leader.clone());
+    }
     // The client's view starts from the server's defaults, which the pool learns
     // from its first backend; an unreachable server fails the login here.
     let server_params = match pool.server_params().await {
@@ -316,8 +323,16 @@ pub(super) async fn login(
     Ok(Some(Login::Pooled {
         session: Box::new(Session {
             force_primary: None,
-            routing: SessionRouting::new(shared, config, db, user, credential.as_ref(), looked_up.is_some())
-                .map(Box::new),
+            routing: SessionRouting::new(
+                shared,
+                config,
+                db,
+                user,
+                credential.as_ref(),
+                looked_up.is_some(),
+                topology.as_ref(),
+            )
+            .map(Box::new),
             statements: ClientStatements::default(),
             mode: config.pool_mode(db),
             pool,

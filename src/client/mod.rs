@@ -37,7 +37,7 @@ use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::{self, StartupError, StartupPacket};
 use crate::protocol::tag;
 use crate::routing::monitor::{MonitorLogin, NodeState};
-use crate::routing::route::{Candidate, Intent, Policy, Route, RouteReason, Sticky, Target};
+use crate::routing::route::{Candidate, Intent, Policy, Position, Route, RouteReason, Sticky, Target};
 use crate::settings::Settings;
 use crate::sql::WriteFunctions;
 use local::{prepare_locally, reject_request};

@@ -1,21 +1,73 @@
-//! A session's read/write splitting: its replicas, and the routing
+//! A session's read/write splitting: its database's nodes, and the routing
 //! decision for each request ([`crate::routing`] decides; this adapts).
 
 use super::*;
+use crate::routing::route::PrimaryView;
+use crate::routing::topology::Topology;
 
-/// A session's view of its database's replicas.
+/// A session's view of its database's nodes.
 pub(super) struct SessionRouting {
+    /// Every node of the database, in the topology's order: whichever is a
+    /// replica of the primary's timeline takes reads.
     pub(super) replicas: Vec<ReplicaTarget>,
-    pub(super) primary_node: Arc<NodeState>,
+    pub(super) topology: Arc<Topology>,
     pub(super) sticky: Arc<std::sync::Mutex<Sticky>>,
     pub(super) policy: Policy,
     pub(super) write_functions: WriteFunctions,
+    /// Who the session's replica pools serve, to make them on first use.
+    db: crate::config::DatabaseConfig,
+    user: crate::config::UserConfig,
+    /// A looked-up user's proof from its login, for backends it opens.
+    passthrough: Option<crate::auth::Credential>,
 }
 
 pub(super) struct ReplicaTarget {
-    pub(super) pool: Arc<Pool>,
+    /// Made when a read first goes to the node: a node that has only ever
+    /// been the primary has no replica pool.
+    pool: std::sync::OnceLock<Arc<Pool>>,
+    pub(super) addr: String,
     pub(super) node: Arc<NodeState>,
     pub(super) weight: u32,
+}
+
+/// How `user`'s monitors log in to `db`'s nodes. Monitors are shared by
+/// every user of the database and outlive sessions: a looked-up user's keys
+/// stop working when its password changes, so they log in as the auth_user.
+pub(super) fn monitor_login(
+    config: &Settings,
+    db: &crate::config::DatabaseConfig,
+    user: &crate::config::UserConfig,
+    credential: Option<&crate::auth::Credential>,
+    looked_up: bool,
+) -> MonitorLogin {
+    let monitor_user = match config.auth_lookup(db) {
+        Some((auth_user, _)) if looked_up => auth_user,
+        _ => user,
+    };
+    let monitor_credential = match looked_up {
+        true => monitor_user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
+        false => credential.cloned(),
+    };
+    MonitorLogin {
+        user: monitor_user.name.clone(),
+        credential: monitor_credential,
+        dbname: db.server_dbname().to_owned(),
+        tls: config.tls.client.clone(),
+        keepalive: config.proxy.server_keepalive(),
+    }
+}
+
+/// The topology of `db` (several nodes), started with `login` if it is new.
+pub(super) fn topology(
+    shared: &Shared,
+    config: &Settings,
+    db: &crate::config::DatabaseConfig,
+    login: impl FnOnce() -> MonitorLogin,
+) -> Option<Arc<Topology>> {
+    if !db.has_topology() {
+        return None;
+    }
+    shared.routing.topology(db, &login(), config.routing.monitor_interval)
 }
 
 impl SessionRouting {
@@ -26,51 +78,56 @@ impl SessionRouting {
         user: &crate::config::UserConfig,
         credential: Option<&crate::auth::Credential>,
         looked_up: bool,
+        topology: Option<&Arc<Topology>>,
     ) -> Option<Self> {
-        if !config.routing.read_write_split || db.replicas.is_empty() || config.pool_mode(db) != PoolMode::Transaction {
+        let topology = topology?;
+        if !config.routing.read_write_split || config.pool_mode(db) != PoolMode::Transaction {
             return None;
         }
-        // Monitors are shared by every user of the database and outlive
-        // sessions: a looked-up user's keys stop working when its password
-        // changes, so they log in as the auth_user instead.
-        let monitor_user = match config.auth_lookup(db) {
-            Some((auth_user, _)) if looked_up => auth_user,
-            _ => user,
-        };
-        let monitor_credential = match looked_up {
-            true => monitor_user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
-            false => credential.cloned(),
-        };
-        let login = MonitorLogin {
-            user: monitor_user.name.clone(),
-            credential: monitor_credential,
-            dbname: db.server_dbname().to_owned(),
-            tls: config.tls.client.clone(),
-            keepalive: config.proxy.server_keepalive(),
-        };
-        let interval = config.routing.monitor_interval;
         let r = &config.routing;
         Some(SessionRouting {
-            replicas: db
-                .replicas
+            replicas: topology
+                .nodes
                 .iter()
-                .map(|rc| {
-                    let pool = shared.pools.get_or_create_replica(config, db, user, rc.addr());
-                    if let (true, Some(c)) = (looked_up, credential) {
-                        pool.set_passthrough(c.clone());
-                    }
-                    ReplicaTarget {
-                        pool,
-                        node: shared.routing.node(&db.name, rc.addr(), &login, interval),
-                        weight: rc.weight(),
-                    }
+                .map(|n| ReplicaTarget {
+                    pool: std::sync::OnceLock::new(),
+                    addr: n.addr.clone(),
+                    node: n.state.clone(),
+                    weight: n.weight,
                 })
                 .collect(),
-            primary_node: shared.routing.node(&db.name, &db.primary, &login, interval),
+            topology: topology.clone(),
             sticky: shared.routing.sticky(r.sticky_scope, &db.name, &user.name),
             policy: Policy::new(r),
             write_functions: WriteFunctions::new(&r.write_functions),
+            db: db.clone(),
+            user: user.clone(),
+            passthrough: credential.filter(|_| looked_up).cloned(),
         })
+    }
+
+    /// The pool of replica `i`, made on first use.
+    pub(super) fn replica_pool(&self, shared: &Shared, config: &Settings, i: usize) -> Arc<Pool> {
+        let target = &self.replicas[i];
+        target
+            .pool
+            .get_or_init(|| {
+                // With a reload's settings if there was one since login
+                // (or a retired one-off pool if it removed the node).
+                let pool = shared.pools.get_or_create_replica(config, &self.db, &self.user, &target.addr);
+                if let Some(c) = &self.passthrough {
+                    pool.set_passthrough(c.clone());
+                }
+                pool
+            })
+            .clone()
+    }
+
+    /// The primary as routing sees it now (unknown while there is none).
+    pub(super) fn primary(&self) -> PrimaryView {
+        let d = self.topology.decision();
+        let view = d.primary.map_or(crate::routing::monitor::NodeView::UNKNOWN, |p| self.replicas[p].node.view());
+        PrimaryView { view, timeline: d.timeline, timeline_start: d.timeline_start }
     }
 
     /// Where the request unit at the front of `pending` goes.
@@ -82,18 +139,24 @@ impl SessionRouting {
         now: Instant,
     ) -> (Intent, Route) {
         let intent = crate::routing::intent_of(Request::new(pending).sql(statements), &self.write_functions);
+        let decision = self.topology.decision();
         let candidates: Vec<Candidate> = self
             .replicas
             .iter()
-            .map(|r| {
-                let s = r.pool.stats();
+            .zip(&decision.fenced)
+            .map(|(r, &fenced)| {
                 let mut view = r.node.view();
-                // A replica a reload removed takes no more reads, even from sessions that knew it.
-                view.healthy &= !s.retired;
-                Candidate { view, active: s.open.saturating_sub(s.idle), weight: r.weight }
+                let mut active = 0;
+                if let Some(pool) = r.pool.get() {
+                    let s = pool.stats();
+                    // A replica a reload removed takes no more reads, even from sessions that knew it.
+                    view.healthy &= !s.retired;
+                    active = s.open.saturating_sub(s.idle);
+                }
+                Candidate { view, fenced, active, weight: r.weight }
             })
             .collect();
-        let primary = self.primary_node.view();
+        let primary = self.primary();
         let mut sticky = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
         let route = crate::routing::route::route(
             intent,

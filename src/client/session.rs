@@ -100,6 +100,18 @@ pub(super) enum Step {
     Done,
 }
 
+/// The primary's insert position and its timeline, read right after a
+/// commit: positions compare only within one timeline.
+const POSITION_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn(), \
+     pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn())";
+
+fn parse_position(row: &[Option<String>]) -> Option<Position> {
+    use crate::routing::monitor::{parse_lsn, walfile_timeline};
+    let lsn = parse_lsn(row.first()?.as_deref()?)?;
+    let timeline = walfile_timeline(row.get(1)?.as_deref()?)?;
+    Some(Position { timeline, lsn })
+}
+
 /// One request unit (transaction mode: a transaction; session mode: the
 /// rest of the session): route it, take a backend, relay, give it back.
 pub(super) async fn serve_request(
@@ -145,21 +157,6 @@ pub(super) async fn serve_request(
         stream.write_all(&answer).await?;
         return Ok(Step::Next);
     }
-    // Never send a write to a node in recovery (a demoted or not yet promoted primary).
-    if let (Some((Intent::Write | Intent::Transaction | Intent::HintPrimary, _)), Some(routing)) =
-        (&decided, &session.routing)
-    {
-        let primary = routing.primary_node.view();
-        if primary.healthy && primary.in_recovery {
-            tracing::warn!(client = info.id, addr = %routing.primary_node.addr, "the configured primary is in recovery; refusing a write");
-            let text =
-                format!("the primary {} is in recovery: pgmux does not send writes to it", routing.primary_node.addr);
-            if !reject_request(stream, pending, SqlState::READ_ONLY_TRANSACTION, &text).await? {
-                return Ok(Step::Done);
-            }
-            return Ok(Step::Next);
-        }
-    }
     // The PAUSE gate; SHOW CLIENTS state "waiting".
     let database = info.login().map_or("", |l| l.database.as_str());
     let arrived = match info.wait_turn(&shared.pause, database, arrived).await {
@@ -170,7 +167,7 @@ pub(super) async fn serve_request(
     let mut replica_node = None;
     if let (Some((_, route)), Some(routing)) = (&mut decided, &session.routing) {
         if let Target::Replica(i) = route.target {
-            pool = routing.replicas[i].pool.clone();
+            pool = routing.replica_pool(shared, config, i);
             replica_node = Some(routing.replicas[i].node.clone());
         }
         shared.routing.count(route.reason);
@@ -186,7 +183,7 @@ pub(super) async fn serve_request(
         }
         _ => None,
     };
-    let settle = |lsn: Option<u64>| {
+    let settle = |lsn: Option<Position>| {
         if let Some(sticky) = &write_scope {
             sticky.lock().unwrap_or_else(|e| e.into_inner()).end_write(Instant::now(), lsn);
         }
@@ -253,9 +250,9 @@ pub(super) async fn serve_request(
             // The primary's insert position, read on the same session right
             // after the commit, is exactly what a replica must have replayed.
             // One round trip before the backend goes back.
-            let lsn = Box::pin(backend.query_row("SELECT pg_catalog.pg_current_wal_insert_lsn()")).await;
+            let lsn = Box::pin(backend.query_row(POSITION_SQL)).await;
             let position = match &lsn {
-                Ok((row, None)) => row.first().and_then(|v| v.as_deref()).and_then(crate::routing::monitor::parse_lsn),
+                Ok((row, None)) => parse_position(row),
                 _ => None,
             };
             settle(position);

@@ -224,6 +224,31 @@ impl Node {
         run(&mut cmd, &format!("pg_ctl promote ({})", self.name)).map(drop)
     }
 
+    /// Re-points a running standby at `primary` (a promoted sibling, say):
+    /// it follows the newest timeline there (`recovery_target_timeline`
+    /// defaults to `latest`) if its history allows.
+    pub fn follow(&self, primary: &Node) -> Result<(), ClusterError> {
+        let conninfo = format!("host={HOST} port={} user=postgres application_name={}", primary.port, self.name);
+        self.psql(&format!("ALTER SYSTEM SET primary_conninfo = {}", quote_literal(&conninfo)))?;
+        self.psql("SELECT pg_reload_conf()").map(drop)
+    }
+
+    /// Starts this stopped node as a standby of `primary`: how an old primary
+    /// stopped cleanly (so that `primary` received all its WAL) rejoins
+    /// after a switchover, without a rewind.
+    pub fn start_as_standby_of(&self, primary: &Node) -> Result<(), ClusterError> {
+        let signal = self.data_dir.join("standby.signal");
+        fs::write(&signal, "").map_err(io_err(format!("write {}", signal.display())))?;
+        self.env.chown(&signal)?;
+        let auto = self.data_dir.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).unwrap_or_default();
+        let conninfo = format!("host={HOST} port={} user=postgres application_name={}", primary.port, self.name);
+        text.push_str(&format!("primary_conninfo = {}\n", quote_literal(&conninfo)));
+        fs::write(&auto, text).map_err(io_err(format!("write {}", auto.display())))?;
+        self.env.chown(&auto)?;
+        self.start()
+    }
+
     /// Whether a postmaster is running on this data directory.
     pub fn is_running(&self) -> bool {
         let mut cmd = self.env.server_cmd(&self.env.bins.pg_ctl);

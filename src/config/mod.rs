@@ -316,11 +316,16 @@ pub struct DatabaseConfig {
     pub name: String,
     /// The real database name on the servers; defaults to `name`.
     pub dbname: Option<String>,
-    /// `host:port`.
-    #[serde(deserialize_with = "addr::host_port")]
+    /// `host:port` of the node expected to be the primary; empty when
+    /// `hosts` lists the nodes instead.
+    #[serde(default, deserialize_with = "addr::host_port")]
     pub primary: String,
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
+    /// Every node, roles discovered (`pg_is_in_recovery()`): the alternative
+    /// to `primary` + `replicas`.
+    #[serde(default)]
+    pub hosts: Vec<ReplicaConfig>,
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
     #[serde(default)]
@@ -342,9 +347,57 @@ fn default_pool_size() -> usize {
     20
 }
 
+/// The role proxy.toml states for a node (`primary` or `replicas`);
+/// `hosts` states none. Routing follows the observed role either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatedRole {
+    Primary,
+    Replica,
+}
+
+/// One node of a database, whatever form listed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub addr: String,
+    /// Relative share of reads while it is a replica.
+    pub weight: u32,
+    pub stated: Option<StatedRole>,
+}
+
 impl DatabaseConfig {
     pub fn server_dbname(&self) -> &str {
         self.dbname.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Every node: `hosts`, or the primary then the replicas, each address once.
+    pub fn nodes(&self) -> Vec<NodeConfig> {
+        let mut out: Vec<NodeConfig> = Vec::new();
+        let stated = (!self.primary.is_empty())
+            .then_some((self.primary.as_str(), 1, Some(StatedRole::Primary)))
+            .into_iter()
+            .chain(self.replicas.iter().map(|r| (r.addr(), r.weight(), Some(StatedRole::Replica))))
+            .chain(self.hosts.iter().map(|h| (h.addr(), h.weight(), None)));
+        for (addr, weight, role) in stated {
+            if !out.iter().any(|n| n.addr == addr) {
+                out.push(NodeConfig { addr: addr.to_owned(), weight, stated: role });
+            }
+        }
+        out
+    }
+
+    /// Where a new pool of the database points before its nodes' roles are
+    /// known: the stated primary, or the first host. Pools of a database with
+    /// several nodes follow the observed primary instead (`Pool::follow`).
+    pub fn first_addr(&self) -> &str {
+        match self.hosts.first() {
+            Some(h) if self.primary.is_empty() => h.addr(),
+            _ => &self.primary,
+        }
+    }
+
+    /// Whether pgmux watches the nodes' roles (more than one node).
+    pub fn has_topology(&self) -> bool {
+        self.nodes().len() > 1
     }
 }
 
@@ -511,12 +564,12 @@ impl Config {
     /// [`Config::resolve`] for a replica pool: `name`'s database, if `addr`
     /// is one of its replicas.
     pub fn resolve_replica(&self, name: &str, addr: &str) -> Option<std::borrow::Cow<'_, DatabaseConfig>> {
-        self.resolve(name).filter(|d| d.replicas.iter().any(|r| r.addr() == addr))
+        self.resolve(name).filter(|d| d.nodes().iter().any(|n| n.addr == addr))
     }
 
     /// Database `name`, if `addr` is one of its replicas.
     pub fn replica(&self, name: &str, addr: &str) -> Option<&DatabaseConfig> {
-        self.database(name).filter(|d| d.replicas.iter().any(|r| r.addr() == addr))
+        self.database(name).filter(|d| d.nodes().iter().any(|n| n.addr == addr))
     }
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {

@@ -70,6 +70,20 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
                 format!("duplicate database name {:?} (first defined on line {line})", db.name),
             );
         }
+        match (db.primary.is_empty(), db.hosts.is_empty()) {
+            (true, true) => {
+                err(path.clone().key("primary"), "missing required key (or `hosts`, the list of every node)".into())
+            }
+            (false, false) => err(
+                path.clone().key("hosts"),
+                "give either `hosts` (roles discovered) or `primary` and `replicas`, not both".into(),
+            ),
+            (true, false) if !db.replicas.is_empty() => err(
+                path.clone().key("replicas"),
+                "`hosts` lists every node: put the replicas there too (roles are discovered)".into(),
+            ),
+            _ => {}
+        }
         if db.pool_size == 0 {
             err(path.clone().key("pool_size"), "must be at least 1".into());
         } else if db.min_pool_size > db.pool_size {

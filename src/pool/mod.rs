@@ -12,6 +12,7 @@ pub mod checkout;
 pub mod counters;
 pub mod expect;
 pub mod inner;
+pub mod leader;
 mod pools;
 pub mod statements;
 
@@ -27,6 +28,7 @@ use backend::LoginParams;
 pub use checkout::{Checkout, Release};
 pub use counters::{PoolCounters, Traffic};
 use inner::{CloseReason, Grant, Inner, Take};
+pub use leader::Leader;
 pub use pools::Pools;
 
 use crate::auth::BackendLoginError;
@@ -44,12 +46,14 @@ pub enum PoolError {
     ConnectTimeout,
     #[error("{0}")]
     Login(BackendLoginError),
+    #[error("no primary is available: no node of the database accepted writes within query_wait_timeout ({0:?})")]
+    NoPrimary(Duration),
 }
 
 impl PoolError {
     pub fn sqlstate(&self) -> SqlState {
         match self {
-            PoolError::Timeout(_) => SqlState::TOO_MANY_CONNECTIONS,
+            PoolError::Timeout(_) | PoolError::NoPrimary(_) => SqlState::TOO_MANY_CONNECTIONS,
             PoolError::Connect(_) | PoolError::ConnectTimeout => SqlState::CONNECTION_FAILURE,
             PoolError::Login(e) => e.sqlstate(),
         }
@@ -87,7 +91,7 @@ pub struct PoolSettings {
 impl PoolSettings {
     pub fn new(config: &Settings, db: &DatabaseConfig, user: &UserConfig) -> PoolSettings {
         PoolSettings {
-            addr: db.primary.clone(),
+            addr: db.first_addr().to_owned(),
             dbname: db.server_dbname().to_owned(),
             user: user.name.clone(),
             credential: user.backend_password().map(|p| crate::auth::Credential::Password(p.to_owned())),
@@ -165,6 +169,11 @@ pub struct Pool {
     last_used_ms: std::sync::atomic::AtomicU64,
     /// `max_db_connections` and `max_user_connections` of this pool's server.
     caps: Vec<Arc<caps::Cap>>,
+    /// For the primary pools of a database with several nodes: the node
+    /// observed to be the primary, which this pool's backends go to.
+    leader: std::sync::OnceLock<Arc<Leader>>,
+    /// The leader's generation this pool last followed.
+    leader_seen: std::sync::atomic::AtomicU64,
 }
 
 /// How often queued clients are checked against `query_wait_timeout`: a
@@ -184,6 +193,8 @@ impl Pool {
             passthrough: Mutex::new(None),
             last_used_ms: std::sync::atomic::AtomicU64::new(0),
             caps: Vec::new(),
+            leader: std::sync::OnceLock::new(),
+            leader_seen: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -219,6 +230,40 @@ impl Pool {
         }
     }
 
+    /// From now on, backends go to whichever node `leader` names, and
+    /// checkouts wait (up to `query_wait_timeout`) while it names none. Set
+    /// once: a pool serves one database.
+    pub fn follow(&self, leader: Arc<Leader>) {
+        let _ = self.leader.set(leader);
+    }
+
+    /// Points the pool at the leader's current primary. `false` while none is known.
+    fn follow_now(&self, leader: &Leader) -> bool {
+        let (generation, addr) = leader.current();
+        let Some(addr) = addr else { return false };
+        let settings = self.settings.load_full();
+        if *settings.addr != *addr {
+            tracing::info!(from = %settings.addr, to = %addr, db = %settings.dbname, user = %settings.user, "pool follows the new primary");
+            let mut next = (*settings).clone();
+            next.addr = addr.to_string();
+            self.retarget(next);
+        }
+        self.leader_seen.store(generation, Ordering::Release);
+        true
+    }
+
+    /// Before a checkout: follow the leader if it moved, waiting for one
+    /// until `started` + `query_wait_timeout` while there is none.
+    async fn follow_leader(&self, leader: &Leader, started: Instant) -> Result<(), PoolError> {
+        let deadline = self.cap_deadline(started).expect("always a deadline");
+        while !self.follow_now(leader) {
+            if leader.known(deadline).await.is_none() {
+                return Err(PoolError::NoPrimary(self.settings.load().query_wait_timeout));
+            }
+        }
+        Ok(())
+    }
+
     /// How long since the last checkout (or since creation).
     pub fn unused_for(&self) -> Duration {
         let last = self.created + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
@@ -245,7 +290,16 @@ impl Pool {
     /// ones when they come back). A new server address, database or user
     /// makes every current backend one of the old target: idle ones close
     /// now, busy ones when they come back, and new ones go to the new target.
-    pub fn update(&self, new: PoolSettings) {
+    pub fn update(&self, mut new: PoolSettings) {
+        let old = self.settings.load_full();
+        if self.leader.get().is_some() {
+            // The observed primary, not proxy.toml, says where backends go.
+            new.addr.clone_from(&old.addr);
+        }
+        self.retarget(new);
+    }
+
+    fn retarget(&self, new: PoolSettings) {
         let old = self.settings.load_full();
         if *old == new {
             return;
@@ -354,6 +408,12 @@ impl Pool {
 
     async fn checkout_inner(self: &Arc<Self>, started: Instant) -> Result<(Box<Backend>, Instant), PoolError> {
         let mut now = started;
+        if let Some(leader) = self.leader.get()
+            && leader.generation() != self.leader_seen.load(Ordering::Acquire)
+        {
+            // Boxed: the rare wait for a primary need not size every checkout.
+            Box::pin(self.follow_leader(leader, started)).await?;
+        }
         loop {
             // From here to the end of this round the slot the pool counted for
             // us (a new backend, or a grant in the queue) is ours: if this
@@ -531,6 +591,12 @@ impl Pool {
     /// Periodic upkeep: close expired idle backends, keep `min_pool_size` open.
     /// (Waiters are swept by their own task: see `sweep_waiters`.)
     pub async fn maintain(self: &Arc<Self>) {
+        if let Some(leader) = self.leader.get()
+            && !self.follow_now(leader)
+        {
+            // No primary to keep connections to.
+            return;
+        }
         let min = self.settings.load().min_pool_size;
         let (expired, to_open) = {
             let mut inner = self.lock();

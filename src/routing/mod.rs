@@ -3,6 +3,7 @@
 
 pub mod monitor;
 pub mod route;
+pub mod topology;
 
 use crate::sql::{Class, Hint, WriteFunctions, classify};
 
@@ -12,15 +13,22 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use crate::config::StickyScope;
+use crate::config::{DatabaseConfig, NodeConfig, StickyScope};
+use crate::pool::Leader;
 use monitor::{MonitorLogin, NodeState};
 use route::{Intent, RouteReason, Sticky};
+use topology::{Topology, TopologyNode};
 
 /// Process-wide routing state: node monitors, user-scoped read-your-writes
 /// state, and decision counters. Shared by all client tasks.
 #[derive(Debug, Default)]
 pub struct Routing {
     monitors: DashMap<(String, String), Arc<NodeState>>,
+    /// By database: its nodes' roles, for databases with several nodes.
+    topologies: DashMap<String, Arc<Topology>>,
+    /// By database: the primary its pools follow. Outlives a topology a
+    /// reload replaces, so pools made before the reload follow the new one.
+    leaders: DashMap<String, Arc<Leader>>,
     user_sticky: DashMap<(String, String), Arc<Mutex<Sticky>>>,
     counts: [AtomicU64; RouteReason::ALL.len()],
     spin: AtomicUsize,
@@ -41,6 +49,75 @@ impl Routing {
                 state
             })
             .clone()
+    }
+
+    /// The topology of `db` (`None`: a single node, nothing to follow),
+    /// starting it and its monitors on first use. A reload that changed the
+    /// node list gets a new one; the old stops publishing.
+    pub fn topology(&self, db: &DatabaseConfig, login: &MonitorLogin, interval: Duration) -> Option<Arc<Topology>> {
+        let nodes: Vec<NodeConfig> = db.nodes();
+        if nodes.len() < 2 {
+            return None;
+        }
+        let same = |t: &Topology| t.nodes.len() == nodes.len() && t.addrs().zip(&nodes).all(|(a, n)| a == n.addr);
+        if let Some(t) = self.topologies.get(&db.name)
+            && same(&t)
+        {
+            return Some(t.clone());
+        }
+        let leader = self.leaders.entry(db.name.clone()).or_default().clone();
+        let mut made = None;
+        let topology = self
+            .topologies
+            .entry(db.name.clone())
+            .and_modify(|t| {
+                if !same(t) {
+                    t.retire();
+                    let fresh = self.build_topology(db, &nodes, leader.clone(), login, interval);
+                    made = Some(fresh.clone());
+                    *t = fresh;
+                }
+            })
+            .or_insert_with(|| {
+                let fresh = self.build_topology(db, &nodes, leader.clone(), login, interval);
+                made = Some(fresh.clone());
+                fresh
+            })
+            .clone();
+        if let Some(t) = made {
+            tokio::spawn(topology::run(Arc::downgrade(&t), interval));
+        }
+        Some(topology)
+    }
+
+    fn build_topology(
+        &self,
+        db: &DatabaseConfig,
+        nodes: &[NodeConfig],
+        leader: Arc<Leader>,
+        login: &MonitorLogin,
+        interval: Duration,
+    ) -> Arc<Topology> {
+        let nodes = nodes
+            .iter()
+            .map(|n| TopologyNode {
+                addr: n.addr.clone(),
+                weight: n.weight,
+                stated: n.stated,
+                state: self.node(&db.name, &n.addr, login, interval),
+            })
+            .collect();
+        Topology::new(&db.name, nodes, leader)
+    }
+
+    /// The address of `db`'s observed primary, if it has several nodes and one is known.
+    pub fn primary_of(&self, db: &str) -> Option<String> {
+        self.leaders.get(db).and_then(|l| l.current().1.map(|a| a.to_string()))
+    }
+
+    /// Every topology, for SHOW and metrics.
+    pub fn topologies(&self) -> Vec<Arc<Topology>> {
+        self.topologies.iter().map(|e| e.value().clone()).collect()
     }
 
     /// Every monitored node, for SHOW REPLICAS and metrics.

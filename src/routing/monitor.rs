@@ -23,11 +23,20 @@ pub struct NodeView {
     /// Replica only: how long ago the last replayed transaction committed on
     /// the primary, or zero when replay has caught up with what it received.
     pub replay_delay: Duration,
+    /// The primary's insert timeline, or the timeline a replica receives
+    /// (0: unknown). Positions compare only within one timeline.
+    pub timeline: u32,
 }
 
 impl NodeView {
-    pub const UNKNOWN: NodeView =
-        NodeView { healthy: false, in_recovery: false, lsn: 0, sampled_at: None, replay_delay: Duration::ZERO };
+    pub const UNKNOWN: NodeView = NodeView {
+        healthy: false,
+        in_recovery: false,
+        lsn: 0,
+        sampled_at: None,
+        replay_delay: Duration::ZERO,
+        timeline: 0,
+    };
 }
 
 /// Shared between a monitor task (writer) and routing (readers).
@@ -98,12 +107,28 @@ pub struct MonitorLogin {
     pub keepalive: Option<crate::config::TcpKeepalive>,
 }
 
+/// In recovery, the timeline comes from the WAL receiver, which shows it only
+/// to roles with `pg_read_all_stats` (`pg_monitor`); without, from the last
+/// restartpoint, which lags (a re-pointed replica rejoins the rotation only
+/// after its first restartpoint on the new timeline) but never claims a
+/// timeline the replica has not reached. On a primary, the insert
+/// timeline is the first field of the current WAL file's name.
 const SAMPLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
      CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
           ELSE pg_catalog.pg_current_wal_insert_lsn() END, \
      CASE WHEN NOT pg_catalog.pg_is_in_recovery() \
             OR pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
-          ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END";
+          ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END, \
+     CASE WHEN pg_catalog.pg_is_in_recovery() THEN COALESCE( \
+            (SELECT received_tli FROM pg_catalog.pg_stat_wal_receiver), \
+            (SELECT timeline_id FROM pg_catalog.pg_control_checkpoint())) END, \
+     CASE WHEN NOT pg_catalog.pg_is_in_recovery() \
+          THEN pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()) END";
+
+/// The timeline in a WAL file name (`000000020000000000000003` → 2).
+pub fn walfile_timeline(name: &str) -> Option<u32> {
+    u32::from_str_radix(name.get(..8)?, 16).ok()
+}
 
 /// Polls `state`'s node until stopped. Reconnects after failures; a failed or
 /// slow sample takes the node out of the rotation at once, and a broken
@@ -130,12 +155,13 @@ pub async fn run(state: Arc<NodeState>, login: MonitorLogin, interval: Duration)
             let sample = tokio::time::timeout(Duration::from_secs(1), conn.query_row(SAMPLE_SQL)).await;
             match sample {
                 Ok(Ok((row, None))) => match parse_sample(&row) {
-                    Some((in_recovery, lsn, delay)) => state.publish(NodeView {
+                    Some((in_recovery, lsn, delay, timeline)) => state.publish(NodeView {
                         healthy: true,
                         in_recovery,
                         lsn,
                         sampled_at: Some(sent),
                         replay_delay: delay,
+                        timeline,
                     }),
                     None => state.mark_unhealthy(),
                 },
@@ -171,11 +197,16 @@ async fn connect(addr: &str, login: &MonitorLogin) -> std::io::Result<crate::poo
     crate::pool::Backend::connect(&params).await.map_err(std::io::Error::other)
 }
 
-fn parse_sample(row: &[Option<String>]) -> Option<(bool, u64, Duration)> {
+fn parse_sample(row: &[Option<String>]) -> Option<(bool, u64, Duration, u32)> {
     let in_recovery = row.first()?.as_deref()? == "t";
     let lsn = parse_lsn(row.get(1)?.as_deref()?)?;
     let delay_ms: f64 = row.get(2)?.as_deref()?.parse().ok()?;
-    Some((in_recovery, lsn, Duration::from_micros((delay_ms.max(0.0) * 1000.0) as u64)))
+    let timeline = match (row.get(3).and_then(|v| v.as_deref()), row.get(4).and_then(|v| v.as_deref())) {
+        (Some(tli), _) => tli.parse().ok()?,
+        (None, Some(walfile)) => walfile_timeline(walfile)?,
+        (None, None) => 0,
+    };
+    Some((in_recovery, lsn, Duration::from_micros((delay_ms.max(0.0) * 1000.0) as u64), timeline))
 }
 
 /// `16/B374D848` → 0x16_B374D848.
@@ -198,8 +229,17 @@ mod tests {
 
     #[test]
     fn sample_parses() {
-        let row = vec![Some("t".to_owned()), Some("0/3000148".to_owned()), Some("12.5".to_owned())];
-        assert_eq!(parse_sample(&row), Some((true, 0x3000148, Duration::from_micros(12500))));
+        let row = vec![
+            Some("t".to_owned()),
+            Some("0/3000148".to_owned()),
+            Some("12.5".to_owned()),
+            Some("3".to_owned()),
+            None,
+        ];
+        assert_eq!(parse_sample(&row), Some((true, 0x3000148, Duration::from_micros(12500), 3)));
+        let primary =
+            [Some("f".into()), Some("0/10".into()), Some("0".into()), None, Some("0000000A0000000000000003".into())];
+        assert_eq!(parse_sample(&primary), Some((false, 0x10, Duration::ZERO, 10)));
         assert_eq!(parse_sample(&[Some("f".into()), None, Some("0".into())]), None);
     }
 }

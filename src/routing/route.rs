@@ -40,13 +40,40 @@ pub enum Intent {
     HintReplica,
 }
 
+/// A WAL position: comparable only within one timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub timeline: u32,
+    pub lsn: u64,
+}
+
+/// The primary as routing sees it: its latest sample (unknown while there
+/// is none) and the topology's timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct PrimaryView {
+    pub view: NodeView,
+    /// The timeline pgmux follows (0: not known yet); replicas on another
+    /// take no reads.
+    pub timeline: u32,
+    /// The primary's position when pgmux switched to `timeline`: what a
+    /// replica must have replayed for a write made on an earlier timeline.
+    pub timeline_start: u64,
+}
+
+impl PrimaryView {
+    /// A single primary of timeline `view.timeline` since forever.
+    pub fn of(view: NodeView) -> PrimaryView {
+        PrimaryView { view, timeline: view.timeline, timeline_start: 0 }
+    }
+}
+
 /// The read-your-writes state of one scope (a connection, or a user).
 #[derive(Debug, Default, Clone)]
 pub struct Sticky {
     wrote_at: Option<Instant>,
-    /// A primary WAL position sampled after the last write: replicas that
-    /// replayed past it have that write.
-    need_lsn: Option<u64>,
+    /// A primary WAL position sampled after the last write: replicas of its
+    /// timeline that replayed past it have that write.
+    need: Option<Position>,
     /// Writes of this scope sent to the primary and not yet settled: until
     /// each has its post-commit position, the scope reads from the primary
     /// (with a user scope, another connection may read in between).
@@ -57,7 +84,7 @@ impl Sticky {
     /// A transaction that was not a pure read committed on the primary.
     pub fn wrote(&mut self, now: Instant) {
         self.wrote_at = Some(now);
-        self.need_lsn = None;
+        self.need = None;
     }
 
     /// A write is about to be sent to the primary.
@@ -70,17 +97,18 @@ impl Sticky {
     /// primary's insert position read on the same session right after the
     /// commit (replicas past it have the write); without, the position will
     /// come from the first primary sample taken after `now`.
-    pub fn end_write(&mut self, now: Instant, lsn: Option<u64>) {
+    pub fn end_write(&mut self, now: Instant, at: Option<Position>) {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.wrote_at = Some(now);
-        self.need_lsn = match lsn {
-            Some(l) => Some(self.need_lsn.map_or(l, |n| n.max(l))),
-            None => None,
+        self.need = match (at, self.need) {
+            (Some(p), Some(n)) if n.timeline == p.timeline => Some(Position { lsn: n.lsn.max(p.lsn), ..p }),
+            (Some(p), Some(n)) if n.timeline > p.timeline => Some(n),
+            (p, _) => p,
         };
     }
 
     /// What a read of this scope needs now.
-    fn requirement(&mut self, policy: &Policy, primary: &NodeView, now: Instant) -> Requirement {
+    fn requirement(&mut self, policy: &Policy, primary: &PrimaryView, now: Instant) -> Requirement {
         let Some(wrote_at) = self.wrote_at else { return Requirement::Any };
         if self.in_flight > 0 && policy.read_your_writes != ReadYourWrites::Off {
             return Requirement::Primary;
@@ -90,10 +118,20 @@ impl Sticky {
             ReadYourWrites::Window if now < wrote_at + policy.sticky_window => Requirement::Primary,
             ReadYourWrites::Window => Requirement::Any,
             ReadYourWrites::Lsn => {
-                if self.need_lsn.is_none() && primary.healthy && primary.sampled_at.is_some_and(|t| t > wrote_at) {
-                    self.need_lsn = Some(primary.lsn);
+                let p = &primary.view;
+                if self.need.is_none() && p.healthy && p.sampled_at.is_some_and(|t| t > wrote_at) {
+                    self.need = Some(Position { timeline: p.timeline, lsn: p.lsn });
                 }
-                self.need_lsn.map_or(Requirement::Primary, Requirement::ReplayedPast)
+                match self.need {
+                    None => Requirement::Primary,
+                    Some(n) if n.timeline == primary.timeline || primary.timeline == 0 => {
+                        Requirement::ReplayedPast(n.lsn)
+                    }
+                    // Written on an earlier timeline: what of it survived, the
+                    // new primary had when pgmux switched to it.
+                    Some(n) if n.timeline < primary.timeline => Requirement::ReplayedPast(primary.timeline_start),
+                    Some(_) => Requirement::Primary,
+                }
             }
         }
     }
@@ -119,6 +157,8 @@ pub struct Policy {
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate {
     pub view: NodeView,
+    /// A second writer the topology fenced.
+    pub fenced: bool,
     /// Server connections in use (for least_connections).
     pub active: usize,
     pub weight: u32,
@@ -138,16 +178,22 @@ impl Policy {
 
 /// Why a replica takes no reads now (`None`: it is in the rotation). The one
 /// rule: [`route`] applies it, and SHOW REPLICAS and `/metrics` report it.
-pub fn out_of_rotation(policy: &Policy, replica: &Candidate, primary: &NodeView) -> Option<&'static str> {
+pub fn out_of_rotation(policy: &Policy, replica: &Candidate, primary: &PrimaryView) -> Option<&'static str> {
     let v = &replica.view;
     if !v.healthy {
         Some("down")
+    } else if replica.fenced {
+        Some("fenced")
     } else if !v.in_recovery {
         Some("not in recovery")
+    } else if primary.timeline != 0 && v.timeline != primary.timeline {
+        Some("timeline")
     } else if replica.weight == 0 {
         Some("weight 0")
     } else if v.replay_delay > policy.max_replica_lag
-        || policy.max_replica_lag_bytes.is_some_and(|max| primary.healthy && primary.lsn.saturating_sub(v.lsn) > max)
+        || policy
+            .max_replica_lag_bytes
+            .is_some_and(|max| primary.view.healthy && primary.view.lsn.saturating_sub(v.lsn) > max)
     {
         Some("lagging")
     } else {
@@ -161,7 +207,7 @@ pub fn route(
     intent: Intent,
     policy: &Policy,
     sticky: &mut Sticky,
-    primary: &NodeView,
+    primary: &PrimaryView,
     replicas: &[Candidate],
     now: Instant,
     spin: usize,
@@ -223,14 +269,21 @@ mod tests {
     }
 
     fn node(lsn: u64, sampled_at: Instant, in_recovery: bool) -> NodeView {
-        NodeView { healthy: true, in_recovery, lsn, sampled_at: Some(sampled_at), replay_delay: Duration::ZERO }
+        NodeView {
+            healthy: true,
+            in_recovery,
+            lsn,
+            sampled_at: Some(sampled_at),
+            replay_delay: Duration::ZERO,
+            timeline: 1,
+        }
     }
 
     #[test]
     fn writes_and_transactions_go_to_the_primary() {
         let t = Instant::now();
-        let p = node(100, t, false);
-        let r = [Candidate { view: node(100, t, true), active: 0, weight: 1 }];
+        let p = PrimaryView::of(node(100, t, false));
+        let r = [Candidate { fenced: false, view: node(100, t, true), active: 0, weight: 1 }];
         let mut s = Sticky::default();
         let pol = policy(ReadYourWrites::Lsn);
         assert_eq!(route(Intent::Write, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Write));
@@ -246,16 +299,16 @@ mod tests {
         let write_at = t0 + Duration::from_millis(10);
         s.wrote(write_at);
         // The primary's last sample predates the write: its LSN proves nothing.
-        let p_old = node(100, t0, false);
-        let r = [Candidate { view: node(500, t0, true), active: 0, weight: 1 }];
+        let p_old = PrimaryView::of(node(100, t0, false));
+        let r = [Candidate { fenced: false, view: node(500, t0, true), active: 0, weight: 1 }];
         assert_eq!(route(Intent::Read, &pol, &mut s, &p_old, &r, write_at, 0), Route::primary(RouteReason::Sticky));
         // A sample taken after the write: the replica must reach it.
-        let p_new = node(600, write_at + Duration::from_millis(5), false);
+        let p_new = PrimaryView::of(node(600, write_at + Duration::from_millis(5), false));
         assert_eq!(
             route(Intent::Read, &pol, &mut s, &p_new, &r, write_at, 0),
             Route::primary(RouteReason::ReplicaLagging)
         );
-        let caught_up = [Candidate { view: node(600, write_at, true), active: 0, weight: 1 }];
+        let caught_up = [Candidate { fenced: false, view: node(600, write_at, true), active: 0, weight: 1 }];
         assert_eq!(route(Intent::Read, &pol, &mut s, &p_new, &caught_up, write_at, 0).target, Target::Replica(0));
     }
 
@@ -263,23 +316,23 @@ mod tests {
     fn a_write_in_flight_keeps_the_scope_on_the_primary() {
         let t = Instant::now();
         let pol = policy(ReadYourWrites::Lsn);
-        let p = node(100, t + Duration::from_secs(1), false);
-        let r = [Candidate { view: node(1000, t, true), active: 0, weight: 1 }];
+        let p = PrimaryView::of(node(100, t + Duration::from_secs(1), false));
+        let r = [Candidate { fenced: false, view: node(1000, t, true), active: 0, weight: 1 }];
         let mut s = Sticky::default();
         s.begin_write(t);
         assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Sticky));
-        s.end_write(t, Some(900));
+        s.end_write(t, Some(Position { timeline: 1, lsn: 900 }));
         assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0).target, Target::Replica(0));
         s.begin_write(t);
-        s.end_write(t, Some(2000));
+        s.end_write(t, Some(Position { timeline: 1, lsn: 2000 }));
         assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::ReplicaLagging));
     }
 
     #[test]
     fn window_mode_and_off() {
         let t = Instant::now();
-        let p = node(1, t, false);
-        let r = [Candidate { view: node(1, t, true), active: 0, weight: 1 }];
+        let p = PrimaryView::of(node(1, t, false));
+        let r = [Candidate { fenced: false, view: node(1, t, true), active: 0, weight: 1 }];
         let mut s = Sticky::default();
         s.wrote(t);
         let pol = policy(ReadYourWrites::Window);
@@ -291,32 +344,77 @@ mod tests {
     #[test]
     fn unhealthy_lagging_and_balanced_replicas() {
         let t = Instant::now();
-        let p = node(1000, t, false);
+        let p = PrimaryView::of(node(1000, t, false));
         let mut s = Sticky::default();
         let mut pol = policy(ReadYourWrites::Off);
         let mut down = node(1000, t, true);
         down.healthy = false;
         assert_eq!(
-            route(Intent::Read, &pol, &mut s, &p, &[Candidate { view: down, active: 0, weight: 1 }], t, 0),
+            route(
+                Intent::Read,
+                &pol,
+                &mut s,
+                &p,
+                &[Candidate { fenced: false, view: down, active: 0, weight: 1 }],
+                t,
+                0
+            ),
             Route::primary(RouteReason::NoReplica)
         );
         let mut slow = node(1000, t, true);
         slow.replay_delay = Duration::from_secs(5);
         assert_eq!(
-            route(Intent::Read, &pol, &mut s, &p, &[Candidate { view: slow, active: 0, weight: 1 }], t, 0),
+            route(
+                Intent::Read,
+                &pol,
+                &mut s,
+                &p,
+                &[Candidate { fenced: false, view: slow, active: 0, weight: 1 }],
+                t,
+                0
+            ),
             Route::primary(RouteReason::ReplicaLagging)
         );
         pol.max_replica_lag_bytes = Some(100);
-        let behind = Candidate { view: node(800, t, true), active: 0, weight: 1 };
-        let near = Candidate { view: node(950, t, true), active: 5, weight: 1 };
+        let behind = Candidate { fenced: false, view: node(800, t, true), active: 0, weight: 1 };
+        let near = Candidate { fenced: false, view: node(950, t, true), active: 5, weight: 1 };
         assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[behind, near], t, 0).target, Target::Replica(1));
-        let idle = Candidate { view: node(950, t, true), active: 1, weight: 1 };
+        let idle = Candidate { fenced: false, view: node(950, t, true), active: 1, weight: 1 };
         assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[near, idle], t, 0).target, Target::Replica(1));
         // A promoted "replica" (not in recovery) never takes reads meant for replicas.
-        let promoted = Candidate { view: node(1000, t, false), active: 0, weight: 1 };
+        let promoted = Candidate { fenced: false, view: node(1000, t, false), active: 0, weight: 1 };
         assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[promoted], t, 0), Route::primary(RouteReason::NoReplica));
         pol.load_balance = LoadBalance::RoundRobin;
         let picks: Vec<_> = (0..4).map(|i| route(Intent::Read, &pol, &mut s, &p, &[near, idle], t, i).target).collect();
         assert_eq!(picks, [Target::Replica(0), Target::Replica(1), Target::Replica(0), Target::Replica(1)]);
+    }
+
+    #[test]
+    fn across_a_timeline_change_a_write_needs_the_new_timelines_start() {
+        let t = Instant::now();
+        let pol = policy(ReadYourWrites::Lsn);
+        let mut s = Sticky::default();
+        s.begin_write(t);
+        s.end_write(t, Some(Position { timeline: 1, lsn: 5000 }));
+        let mut promoted = PrimaryView::of(node(300, t, false));
+        promoted.view.timeline = 2;
+        promoted.timeline = 2;
+        promoted.timeline_start = 200;
+        let mut behind = node(150, t, true);
+        behind.timeline = 2;
+        let mut past = node(250, t, true);
+        past.timeline = 2;
+        let old = node(9000, t, true);
+        // On the new timeline, before the switch point: no.
+        let r = [Candidate { fenced: false, view: behind, active: 0, weight: 1 }];
+        assert_eq!(route(Intent::Read, &pol, &mut s, &promoted, &r, t, 0), Route::primary(RouteReason::ReplicaLagging));
+        // Still on the old timeline, however far: out of rotation.
+        let c = Candidate { fenced: false, view: old, active: 0, weight: 1 };
+        assert_eq!(out_of_rotation(&pol, &c, &promoted), Some("timeline"));
+        // Past the switch point on the new timeline: yes (5000 on timeline 1 means nothing there).
+        let r = [Candidate { fenced: false, view: past, active: 0, weight: 1 }];
+        assert_eq!(route(Intent::Read, &pol, &mut s, &promoted, &r, t, 0).target, Target::Replica(0));
+        let fenced = Candidate { fenced: true, view: past, active: 0, weight: 1 };
+        assert_eq!(out_of_rotation(&pol, &fenced, &promoted), Some("fenced"));
     }
 }

@@ -217,7 +217,22 @@ async fn show_databases_config_replicas_version_and_help() {
     let replicas = show(&proxy, "REPLICAS").await;
     assert_eq!(
         replicas.columns,
-        ["database", "node", "role", "host", "port", "weight", "state", "lsn", "lag_bytes", "lag_ms", "in_rotation"]
+        [
+            "database",
+            "node",
+            "role",
+            "host",
+            "port",
+            "weight",
+            "state",
+            "lsn",
+            "lag_bytes",
+            "lag_ms",
+            "in_rotation",
+            "timeline",
+            "stated_role",
+            "since_s"
+        ]
     );
     let r = replicas.one("role", "replica");
     assert_eq!(replicas.get(r, "database"), DB);

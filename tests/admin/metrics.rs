@@ -208,8 +208,9 @@ async fn metrics_and_show_stats_count_queries_bytes_errors_and_prepared_statemen
     let c = proxy.app().await;
     c.simple_query("SELECT 1").await.unwrap();
     let primary = cluster.primary().host_port();
-    let pool = [("database", DB), ("user", APP.0), ("node", primary.as_str())];
-    let unrouted = [("database", DB), ("user", APP.0), ("node", primary.as_str()), ("reason", "unrouted")];
+    let pool = [("database", DB), ("user", APP.0), ("node", primary.as_str()), ("role", "primary")];
+    let unrouted =
+        [("database", DB), ("user", APP.0), ("node", primary.as_str()), ("role", "primary"), ("reason", "unrouted")];
     let xacts = r#"pgmux_transaction_duration_seconds_count"#;
     // Transaction time is counted when the backend is released, just after
     // the client got its answer: wait for the warm-up to be counted.
@@ -261,7 +262,7 @@ async fn metrics_and_show_stats_count_queries_bytes_errors_and_prepared_statemen
     assert_eq!(
         after.value(
             "pgmux_server_connections",
-            &[("database", DB), ("user", APP.0), ("node", &primary), ("state", "idle")]
+            &[("database", DB), ("user", APP.0), ("node", &primary), ("role", "primary"), ("state", "idle")]
         ),
         1.0
     );
@@ -314,7 +315,7 @@ async fn replica_pools_show_up_in_metrics_and_show_commands() {
     })
     .await;
     let node = [("database", DB), ("node", replica.as_str())];
-    let on_replica = [("database", DB), ("user", APP.0), ("node", replica.as_str())];
+    let on_replica = [("database", DB), ("user", APP.0), ("node", replica.as_str()), ("role", "replica")];
     eventually(SOON, "the replica's transaction to be counted", || async {
         let m = Scraped::take(&proxy).await;
         m.get("pgmux_transaction_duration_seconds_count", &on_replica).unwrap_or(0.0) >= 1.0
@@ -323,10 +324,15 @@ async fn replica_pools_show_up_in_metrics_and_show_commands() {
     let m = Scraped::take(&proxy).await;
     let conns: f64 = ["active", "idle", "login"]
         .iter()
-        .map(|s| m.value("pgmux_server_connections", &[on_replica[0], on_replica[1], on_replica[2], ("state", s)]))
+        .map(|s| {
+            m.value(
+                "pgmux_server_connections",
+                &[on_replica[0], on_replica[1], on_replica[2], on_replica[3], ("state", s)],
+            )
+        })
         .sum();
     assert!(conns >= 1.0, "no server connection to the replica counted");
-    let read = [on_replica[0], on_replica[1], on_replica[2], ("reason", "read")];
+    let read = [on_replica[0], on_replica[1], on_replica[2], on_replica[3], ("reason", "read")];
     assert!(m.value("pgmux_node_transactions_total", &read) >= 1.0);
     assert!(m.value("pgmux_node_queries_total", &read) >= 1.0);
     assert!(m.value("pgmux_query_duration_seconds_count", &on_replica) >= 1.0);

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 
 use super::pools::pool_views;
 use super::{NULL, ResultSet, Spec, row, split_host_port};
+use crate::config::StatedRole;
 use crate::config::values::mode_str;
 use crate::live::Shared;
 use crate::live::registry::ClientState;
-use crate::routing::monitor::NodeView;
-use crate::routing::route::{Candidate, Policy, out_of_rotation};
+use crate::routing::route::Policy;
 
 /// PgBouncer 1.25 `admin_show_databases`.
 pub(super) const DATABASES: Spec = Spec {
@@ -51,7 +51,7 @@ pub(super) const USERS: Spec = Spec {
 };
 
 pub(super) const REPLICAS: Spec = Spec {
-    types: "sssssssssss",
+    types: "ssssssssssssss",
     names: &[
         "database",
         "node",
@@ -64,6 +64,9 @@ pub(super) const REPLICAS: Spec = Spec {
         "lag_bytes",
         "lag_ms",
         "in_rotation",
+        "timeline",
+        "stated_role",
+        "since_s",
     ],
 };
 
@@ -92,7 +95,8 @@ pub fn databases(shared: &Shared) -> ResultSet {
     let mut rs = ResultSet::new(&[&DATABASES]);
     let (servers, clients) = live_counts(shared, false);
     for db in &config.databases {
-        let (host, port) = split_host_port(&db.primary);
+        let (host, port) =
+            split_host_port(&shared.routing.primary_of(&db.name).unwrap_or_else(|| db.first_addr().to_owned()));
         rs.push(row!(
             &db.name,
             host,
@@ -141,65 +145,76 @@ pub fn users(shared: &Shared) -> ResultSet {
     rs
 }
 
-/// The nodes of databases with replicas: state, replay position, lag, and
-/// whether (or why not) they take reads.
+/// Every node of the databases with several: observed role and timeline,
+/// state (`up`, `down`, `lagging`, `fenced`, `timeline`, or `unmonitored`
+/// before the database's first client), position, lag, whether (or why
+/// not) it takes reads, and since when its role or state is what it is.
 pub fn replicas(shared: &Shared) -> ResultSet {
     let config = shared.config();
+    let policy = Policy::new(&config.routing);
     let mut rs = ResultSet::new(&[&REPLICAS]);
-    let nodes = shared.routing.nodes();
-    let view_of = |db: &str, addr: &str| nodes.iter().find(|((d, a), _)| d == db && a == addr).map(|(_, n)| n.view());
+    let topologies = shared.routing.topologies();
+    let stated = |r: Option<StatedRole>| match r {
+        Some(StatedRole::Primary) => "primary",
+        Some(StatedRole::Replica) => "replica",
+        None => "",
+    };
     for db in &config.databases {
-        let primary = view_of(&db.name, &db.primary);
-        let mut row = |role: &str, addr: &str, weight: u32| {
-            let (host, port) = split_host_port(addr);
-            let view = view_of(&db.name, addr);
-            let (state, lsn, lag_bytes, lag_ms, rotation) = match view {
-                // Monitors start with a database's first routed client.
-                None => ("unmonitored".to_owned(), String::new(), String::new(), String::new(), "no".to_owned()),
-                Some(v) => {
-                    let lag = primary.filter(|p| p.healthy && role == "replica").map(|p| p.lsn.saturating_sub(v.lsn));
-                    let why_not = match role {
-                        "replica" => out_of_rotation(
-                            &Policy::new(&config.routing),
-                            &Candidate { view: v, active: 0, weight },
-                            &primary.unwrap_or(NodeView::UNKNOWN),
-                        ),
-                        _ if !v.healthy => Some("down"),
-                        _ => None,
-                    };
-                    (
-                        if v.healthy { "up" } else { "down" }.to_owned(),
-                        format!("{:X}/{:X}", v.lsn >> 32, v.lsn & 0xffff_ffff),
-                        lag.map(|l| l.to_string()).unwrap_or_default(),
-                        if role == "replica" { v.replay_delay.as_millis().to_string() } else { String::new() },
-                        match (role, why_not) {
-                            ("primary", _) => "primary".to_owned(),
-                            (_, None) => "yes".to_owned(),
-                            (_, Some(why)) => format!("no ({why})"),
-                        },
-                    )
-                }
-            };
-            rs.push(row!(
-                &db.name,
-                addr,
-                role,
-                host,
-                port.map(|p| p.to_string()).unwrap_or_default(),
-                weight.to_string(),
-                state,
-                lsn,
-                lag_bytes,
-                lag_ms,
-                rotation,
-            ));
-        };
-        if db.replicas.is_empty() {
+        if !db.has_topology() {
             continue;
         }
-        row("primary", &db.primary, 0);
-        for r in &db.replicas {
-            row("replica", r.addr(), r.weight());
+        let nodes = db.nodes();
+        let topology =
+            topologies.iter().find(|t| t.db == db.name && t.addrs().eq(nodes.iter().map(|n| n.addr.as_str())));
+        let Some(topology) = topology else {
+            // Monitors start with the database's first client.
+            for n in &nodes {
+                let (host, port) = split_host_port(&n.addr);
+                let role = stated(n.stated);
+                rs.push(row!(
+                    &db.name,
+                    &n.addr,
+                    if role.is_empty() { "unknown" } else { role },
+                    host,
+                    port.map(|p| p.to_string()).unwrap_or_default(),
+                    n.weight.to_string(),
+                    "unmonitored",
+                    "",
+                    "",
+                    "",
+                    "no",
+                    "",
+                    stated(n.stated),
+                    "",
+                ));
+            }
+            continue;
+        };
+        for n in topology.report(&policy) {
+            let (host, port) = split_host_port(n.addr);
+            let v = n.view;
+            let rotation = match (n.is_primary, n.out_of_rotation) {
+                (true, _) => "primary".to_owned(),
+                (false, None) => "yes".to_owned(),
+                (false, Some(why)) => format!("no ({why})"),
+            };
+            let monitored = v.sampled_at.is_some();
+            rs.push(row!(
+                &db.name,
+                n.addr,
+                n.role,
+                host,
+                port.map(|p| p.to_string()).unwrap_or_default(),
+                n.weight.to_string(),
+                n.state,
+                if monitored { format!("{:X}/{:X}", v.lsn >> 32, v.lsn & 0xffff_ffff) } else { String::new() },
+                n.lag_bytes.map(|l| l.to_string()).unwrap_or_default(),
+                if n.role == "replica" { v.replay_delay.as_millis().to_string() } else { String::new() },
+                rotation,
+                if v.timeline != 0 { v.timeline.to_string() } else { String::new() },
+                stated(n.stated),
+                format!("{:.1}", n.since.elapsed().as_secs_f64()),
+            ));
         }
     }
     rs
