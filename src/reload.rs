@@ -132,6 +132,10 @@ fn database_changes(old: &DatabaseConfig, new: &DatabaseConfig, out: &mut Vec<St
         d.replicas.iter().map(|r| format!("{}*{}", r.addr(), r.weight())).collect::<Vec<_>>().join(", ")
     };
     field("replicas", format!("[{}]", replicas(old)), format!("[{}]", replicas(new)));
+    let hosts = |d: &DatabaseConfig| {
+        d.hosts.iter().map(|r| format!("{}*{}", r.addr(), r.weight())).collect::<Vec<_>>().join(", ")
+    };
+    field("hosts", format!("[{}]", hosts(old)), format!("[{}]", hosts(new)));
 }
 
 fn user_changes(old: &UserConfig, new: &UserConfig, out: &mut Vec<String>) {

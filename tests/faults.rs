@@ -210,10 +210,15 @@ async fn a_backend_killed_with_sigkill_costs_only_the_transactions_in_flight() {
     let proxy = Proxy::start(&standard_config(&cluster, 3, "")).await;
     let sql = "SELECT pg_sleep(30) /* sigkill-victim */";
     let (mut victim, _) = signal_backend_of(&proxy, &cluster, sql, "sigkill-victim", libc::SIGKILL).await;
-    let msgs = tokio::time::timeout(Duration::from_secs(10), victim.until_closed()).await.expect("victim answered");
+    // The victim is told, and keeps its connection (README "Failover").
+    let msgs = tokio::time::timeout(Duration::from_secs(10), victim.until_ready_or_closed())
+        .await
+        .expect("victim answered")
+        .expect("the victim keeps its connection");
     let err = msgs.iter().find(|m| m.tag == b'E').expect("the victim is told").error();
     eprintln!("SIGKILLed backend: the client got {} {}", err.code, err.message);
     assert!(["08006", "57P01", "57P02", "57P03"].contains(&err.code.as_str()), "{err:?}");
+    assert_eq!(err.severity, "ERROR", "{err:?}");
     // Postgres is in crash recovery for a moment; new clients wait or retry.
     eventually(Duration::from_secs(20), "the server back after crash recovery", || async {
         let Some(mut c) = Raw::try_login(proxy.addr, TRUST, DB).await else { return false };
@@ -225,6 +230,12 @@ async fn a_backend_killed_with_sigkill_costs_only_the_transactions_in_flight() {
         c.until_ready_or_closed().await.is_some_and(|m| tags(&m) == "TDCZ")
     })
     .await;
+    // Its next transaction runs on a new server connection.
+    let mut out = BytesMut::new();
+    frontend::query("SELECT 1", &mut out).unwrap();
+    victim.send(&out).await;
+    let after = victim.until_ready_or_closed().await.expect("the victim's connection is usable");
+    assert_eq!(tags(&after), "TDCZ");
     all_slots_usable(&proxy, 3).await;
 }
 

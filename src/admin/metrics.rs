@@ -409,7 +409,7 @@ impl Collector for PgmuxCollector {
         gauges(&mut enc, "pgmux_node_timeline", "The timeline each node is on (0: not known yet).", timelines)?;
         counters(
             &mut enc,
-            "pgmux_primary_changes_total",
+            "pgmux_primary_changes",
             "Times the primary of a database moved to another node.",
             topologies.iter().map(|t| (vec![("database", t.db.as_str())], t.primary_changes())),
         )?;

@@ -76,7 +76,15 @@ pub(super) async fn reject_request_inner(
 ) -> std::io::Result<bool> {
     let mut out = BytesMut::new();
     msg::error_response(&mut out, Severity::Error, code, text);
-    stream.write_all(&out).await?;
+    skip_request(stream, pending, out).await
+}
+
+/// Sends `first` (an error, or nothing), skips the client's messages to the
+/// end of the request at the front of `pending`, and sends ReadyForQuery.
+async fn skip_request(stream: &mut Stream, pending: &mut BytesMut, mut out: BytesMut) -> std::io::Result<bool> {
+    if !out.is_empty() {
+        stream.write_all(&out).await?;
+    }
     let mut scanner = Scanner::new(MAX_MESSAGE_LEN);
     loop {
         let mut end_of_request = None;

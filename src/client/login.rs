@@ -323,6 +323,8 @@ pub(super) async fn login(
     Ok(Some(Login::Pooled {
         session: Box::new(Session {
             force_primary: None,
+            lost: None,
+            retries: 0,
             routing: SessionRouting::new(
                 shared,
                 config,

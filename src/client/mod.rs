@@ -4,6 +4,7 @@
 mod auth_query;
 mod local;
 mod login;
+mod lost;
 pub mod params;
 pub mod pinning;
 pub mod relay;
@@ -43,7 +44,7 @@ use crate::sql::WriteFunctions;
 use local::{prepare_locally, reject_request};
 use login::{establish, greet};
 use params::SessionParams;
-use relay::{Link, Outcome, RelayOptions, StatementScope};
+use relay::{Link, Lost, Outcome, RelayOptions, StatementScope};
 use request::{Request, Unit, poll_first_read, read_unit};
 use route::SessionRouting;
 use session::run_session;
@@ -100,6 +101,11 @@ struct Session {
     /// The next request goes to the primary, and why: a replica refused it
     /// as a write, or stopped answering before anything reached the client.
     force_primary: Option<RouteReason>,
+    /// The server was lost mid-transaction: what the client's next requests
+    /// are answered with until it ends its (aborted) transaction block.
+    lost: Option<lost::LostState>,
+    /// Backends in a row that failed before this client's request was sent.
+    retries: u32,
     /// Read/write splitting, when the database has replicas (boxed: most sessions have none).
     routing: Option<Box<SessionRouting>>,
     statements: ClientStatements,

@@ -123,9 +123,8 @@ impl SessionRouting {
             .clone()
     }
 
-    /// The primary as routing sees it now (unknown while there is none).
-    pub(super) fn primary(&self) -> PrimaryView {
-        let d = self.topology.decision();
+    /// The primary as `d` names it (unknown while there is none).
+    fn primary(&self, d: &crate::routing::topology::Decision) -> PrimaryView {
         let view = d.primary.map_or(crate::routing::monitor::NodeView::UNKNOWN, |p| self.replicas[p].node.view());
         PrimaryView { view, timeline: d.timeline, timeline_start: d.timeline_start }
     }
@@ -156,7 +155,7 @@ impl SessionRouting {
                 Candidate { view, fenced, active, weight: r.weight }
             })
             .collect();
-        let primary = self.primary();
+        let primary = self.primary(&decision);
         let mut sticky = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
         let route = crate::routing::route::route(
             intent,

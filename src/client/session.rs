@@ -112,6 +112,10 @@ fn parse_position(row: &[Option<String>]) -> Option<Position> {
     Some(Position { timeline, lsn })
 }
 
+/// How many backends in a row may fail before a request was sent to them
+/// (each failure closes the pool's idle ones too) before the client is told.
+const MAX_UNUSED_RETRIES: u32 = 3;
+
 /// One request unit (transaction mode: a transaction; session mode: the
 /// rest of the session): route it, take a backend, relay, give it back.
 pub(super) async fn serve_request(
@@ -122,6 +126,11 @@ pub(super) async fn serve_request(
     session: &mut Session,
     info: &ClientInfo,
 ) -> std::io::Result<Step> {
+    if let Some(state) = session.lost.take() {
+        let (more, state) = Box::pin(lost::answer_next(stream, pending, &session.statements, state)).await?;
+        session.lost = state;
+        return Ok(if more { Step::Next } else { Step::Done });
+    }
     // Routing needs the whole request unit to classify it.
     let mut decided: Option<(Intent, Route)> = None;
     let mut unit = Unit::Open;
@@ -205,7 +214,9 @@ pub(super) async fn serve_request(
     let (mut backend, mut clock) = match checked_out {
         Ok(granted) => granted,
         Err(e) => {
-            settle(None);
+            if let Some(sticky) = &write_scope {
+                sticky.lock().unwrap_or_else(|e| e.into_inner()).abandon_write();
+            }
             info.released(&pool, Instant::now());
             tracing::info!(client = info.id, error = %e, "no server connection for a client request");
             if !reject_request(stream, pending, e.sqlstate(), &e.to_string()).await? {
@@ -245,6 +256,9 @@ pub(super) async fn serve_request(
         transaction(stream, &mut backend, pending, retry_copy.is_some(), session, &opts, info.signal(), &mut clock)
             .await;
     info.released(&pool, clock);
+    if !matches!(outcome, Ended::Unused) {
+        session.retries = 0;
+    }
     match outcome {
         Ended::Clean if write_scope.is_some() => {
             // The primary's insert position, read on the same session right
@@ -264,6 +278,20 @@ pub(super) async fn serve_request(
         Ended::Clean => {
             settle(None);
             backend.release(Release::Clean(clock));
+        }
+        Ended::Unused => {
+            if let Some(sticky) = &write_scope {
+                sticky.lock().unwrap_or_else(|e| e.into_inner()).abandon_write();
+            }
+            backend.release(Release::Close(CloseReason::Dead));
+            session.retries += 1;
+            if session.retries > MAX_UNUSED_RETRIES {
+                let text = "server connection lost before the request was sent, several times";
+                return fatal(stream, SqlState::CONNECTION_FAILURE, text).await.map(|()| Step::Done);
+            }
+            tracing::info!(client = info.id, "server connection failed before the request was sent; taking another");
+            // `pending` still holds the whole request.
+            return Ok(Step::Next);
         }
         Ended::Misrouted => {
             backend.release(Release::Clean(Instant::now()));
@@ -301,6 +329,20 @@ pub(super) async fn serve_request(
                 return fatal(stream, code, &text).await.map(|()| Step::Done);
             }
             return Ok(Step::Done);
+        }
+        Ended::Lost(lost) => {
+            // Nothing the client was told succeeded committed: its reads
+            // need nothing new. Else the position is unknown: the primary.
+            match (&write_scope, lost.completed) {
+                (Some(sticky), false) => sticky.lock().unwrap_or_else(|e| e.into_inner()).abandon_write(),
+                _ => settle(None),
+            }
+            backend.release(Release::Close(CloseReason::Dead));
+            tracing::info!(client = info.id, owed = lost.owed, code = %lost.code, "server lost mid-transaction; the client keeps its connection");
+            let (out, state) = lost::answer_loss(lost);
+            session.lost = state;
+            stream.write_all(&out).await?;
+            return Ok(Step::Next);
         }
         Ended::Discard(why) => {
             settle(None);

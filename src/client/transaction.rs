@@ -12,6 +12,13 @@ pub(super) enum Ended {
     Recover(Box<Link>, Option<(SqlState, String)>),
     /// The backend is unusable: close it; tell the client why and close.
     Discard(Option<(SqlState, String)>),
+    /// The backend failed before any of the client's request was sent (a
+    /// server that went away while it idled in the pool): close it, run
+    /// the request on another.
+    Unused,
+    /// The server was lost mid-transaction and the client's connection can
+    /// stay: close the backend, answer what the client is owed.
+    Lost(Lost),
     /// The replica refused a write before anything reached the client: the
     /// backend is clean; re-run the request on the primary.
     Misrouted,
@@ -57,9 +64,8 @@ pub(super) async fn transaction(
                     format!("could not apply session parameters: {}", err.message),
                 )));
             }
-            Ok((None, _)) | Err(_) => {
-                return Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "server connection lost".into())));
-            }
+            // Nothing of the client's request was sent: another backend can take it.
+            Ok((None, _)) | Err(_) => return Ended::Unused,
         }
     } else {
         backend.mark_synced(session.params.profile());
@@ -68,10 +74,11 @@ pub(super) async fn transaction(
     // can see them (one round trip, only after such a departure).
     let unused = backend.prepared.sweep_unused(&session.pool.statements);
     if !unused.is_empty() && backend.close_statements(&unused).await.is_err() {
-        return Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "server connection lost".into())));
+        return Ended::Unused;
     }
     let mut link = Link::reusing(std::mem::take(&mut backend.spare_queue));
     link.hold = hold_for_retry;
+    link.survive_loss = session.mode == PoolMode::Transaction && !hold_for_retry;
     // Copied, not swapped in: the backend keeps its grown buffer, and the
     // client's small one is freed while it idles.
     backend.to_server.extend_from_slice(pending);
@@ -172,11 +179,18 @@ pub(super) async fn transaction(
                 Ended::Discard(Some((SqlState::CONNECTION_FAILURE, "replica answer could not be retried".into())))
             }
         }
-        // The server said why it closed (a FATAL, relayed): as from Postgres, nothing follows it.
-        Outcome::ServerGone(_) if link.server_fatal => Ended::Discard(None),
         Outcome::ServerGone(why) => {
             tracing::warn!(client = opts.client, pid = backend.pid, reason = %why, "server connection lost");
-            Ended::Discard(Some((SqlState::CONNECTION_FAILURE, format!("server connection lost: {why}"))))
+            if let Some(lost) = link.lost(&mut backend.to_server, pending, scope.client) {
+                return Ended::Lost(lost);
+            }
+            match link.fatal_seen.take() {
+                // The server said why it closed (a FATAL, relayed): as from Postgres, nothing follows it.
+                None if link.server_fatal => Ended::Discard(None),
+                // Withheld or reworded for a client that could not keep its connection after all.
+                Some((_, message)) => Ended::Discard(Some((SqlState::CONNECTION_FAILURE, message))),
+                None => Ended::Discard(Some((SqlState::CONNECTION_FAILURE, format!("server connection lost: {why}")))),
+            }
         }
     }
 }

@@ -579,3 +579,44 @@ fn auth_user_must_be_a_user_with_a_password_pgmux_can_send() {
         "needs a plaintext password",
     );
 }
+
+#[test]
+fn hosts_list_every_node_instead_of_primary_and_replicas() {
+    use super::StatedRole;
+    let c = parse_ok(&base_with(
+        "primary = \"127.0.0.1:5432\"",
+        "hosts = [\"10.0.0.1:5432\", { addr = \"db.internal:5433\", weight = 2 }]",
+    ));
+    let db = &c.databases[0];
+    let nodes = db.nodes();
+    assert_eq!(nodes.len(), 2);
+    assert_eq!((nodes[1].addr.as_str(), nodes[1].weight, nodes[1].stated), ("db.internal:5433", 2, None));
+    assert_eq!(db.first_addr(), "10.0.0.1:5432");
+    assert!(db.has_topology());
+    // primary + replicas state roles; an address listed twice is one node.
+    let c = parse_ok(&base_with(
+        "primary = \"127.0.0.1:5432\"",
+        "primary = \"127.0.0.1:5432\"\nreplicas = [\"127.0.0.1:5433\", \"127.0.0.1:5432\"]",
+    ));
+    let nodes = c.databases[0].nodes();
+    assert_eq!(
+        nodes.iter().map(|n| n.stated).collect::<Vec<_>>(),
+        [Some(StatedRole::Primary), Some(StatedRole::Replica)]
+    );
+    // A single node has no topology to follow.
+    assert!(!parse_ok(BASE).databases[0].has_topology());
+    // Either form, not both, and one of them.
+    parse_err(
+        &base_with("primary = \"127.0.0.1:5432\"", "primary = \"127.0.0.1:5432\"\nhosts = [\"127.0.0.1:5433\"]"),
+        7,
+        "databases[0].hosts",
+        "not both",
+    );
+    parse_err(
+        &base_with("primary = \"127.0.0.1:5432\"", "hosts = [\"127.0.0.1:5433\"]\nreplicas = [\"127.0.0.1:5434\"]"),
+        7,
+        "databases[0].replicas",
+        "put the replicas there too",
+    );
+    parse_err(&base_with("primary = \"127.0.0.1:5432\"", "hosts = [\"nope\"]"), 6, "databases[0].hosts[0]", "no port");
+}

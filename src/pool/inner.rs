@@ -405,6 +405,15 @@ impl<B: Aged> Inner<B> {
     }
 
     /// Drains idle backends (shutdown, reload that removes the pool).
+    /// A backend of this pool died: the server may be going away (a shutdown
+    /// ends every session), so the idle ones are not handed out unchecked;
+    /// returned to be closed, their slots to waiters.
+    pub fn drop_idle(&mut self) -> Vec<B> {
+        let idle = self.drain_idle();
+        self.grant_slots();
+        idle
+    }
+
     pub fn drain_idle(&mut self) -> Vec<B> {
         let out: Vec<B> = self.idle.drain(..).collect();
         self.open -= out.len();

@@ -36,16 +36,25 @@ impl Leader {
 
     /// Publishes a new primary (or none). No-op when unchanged.
     pub fn set(&self, addr: Option<&str>) {
-        let changed = self.addr.send_if_modified(|cur| {
+        self.addr.send_if_modified(|cur| {
             if cur.as_deref() == addr {
                 return false;
             }
             *cur = addr.map(Arc::from);
+            // Under the channel's lock, before receivers are woken: whoever
+            // sees the new value sees the new generation.
+            self.generation.fetch_add(1, Ordering::AcqRel);
             true
         });
-        if changed {
-            self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Resolves `true` once the generation is no longer `from`, `false` at `deadline`.
+    pub async fn moved(&self, from: u64, deadline: tokio::time::Instant) -> bool {
+        let mut rx = self.addr.subscribe();
+        if self.generation() != from {
+            return true;
         }
+        matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(())))
     }
 
     /// Resolves with the primary's address once one is known, or `None` at `deadline`.

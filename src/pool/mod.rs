@@ -478,8 +478,27 @@ impl Pool {
                     // this pool's own backends went idle: take that instead
                     // (the guard frees the slot, the next round finds it).
                     Err(OpenError::OwnIdle) => now = Instant::now(),
-                    // The guard frees the slot.
-                    Err(OpenError::Pool(e)) => return Err(e),
+                    Err(OpenError::Pool(e)) => match (&e, self.leader.get()) {
+                        // The primary may be going away: wait for the topology
+                        // to name the next one rather than fail at once (the
+                        // guard frees the slot; the next round follows).
+                        // (A server shutting down refuses logins with 57P03.)
+                        (PoolError::Connect(_) | PoolError::ConnectTimeout | PoolError::Login(_), Some(leader))
+                            if e.sqlstate() == SqlState::CONNECTION_FAILURE
+                                || e.sqlstate() == SqlState::CANNOT_CONNECT_NOW =>
+                        {
+                            let seen = self.leader_seen.load(Ordering::Acquire);
+                            let deadline = self.cap_deadline(started).expect("always a deadline");
+                            if !Box::pin(leader.moved(seen, deadline)).await {
+                                return Err(e);
+                            }
+                            tracing::info!(error = %e, "server connection failed while the primary moved; following it");
+                            Box::pin(self.follow_leader(leader, started)).await?;
+                            now = Instant::now();
+                        }
+                        // The guard frees the slot.
+                        _ => return Err(e),
+                    },
                 },
             }
         }
@@ -579,7 +598,17 @@ impl Pool {
         tracing::debug!(pid = b.pid, %reason, "closing server connection");
         let generation = b.generation;
         b.close();
-        self.lock().forget_of(generation);
+        let suspects = {
+            let mut inner = self.lock();
+            inner.forget_of(generation);
+            if reason == CloseReason::Dead { inner.drop_idle() } else { Vec::new() }
+        };
+        if !suspects.is_empty() {
+            tracing::info!(count = suspects.len(), "a server connection died: closing the idle ones too");
+        }
+        for b in suspects {
+            b.close();
+        }
     }
 
     /// Server connections this pool still has from before the last

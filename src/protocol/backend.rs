@@ -40,13 +40,18 @@ impl Severity {
 }
 
 pub fn error_response(buf: &mut BytesMut, severity: Severity, code: SqlState, message: &str) {
+    error_response_code(buf, severity, code.code(), message);
+}
+
+/// [`error_response`] with a SQLSTATE the server chose (relayed, reworded).
+pub fn error_response_code(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
     write_message(buf, tag::ERROR_RESPONSE, |b| {
         b.put_u8(b'S');
         put_cstr(b, severity.as_str());
         b.put_u8(b'V');
         put_cstr(b, severity.as_str());
         b.put_u8(b'C');
-        put_cstr(b, code.code());
+        put_cstr(b, code);
         b.put_u8(b'M');
         put_cstr(b, message);
         b.put_u8(0);

@@ -15,6 +15,7 @@ impl SqlState {
     pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
     pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
+    pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
     // What else Postgres may answer a login with (see `from_code`).
@@ -49,6 +50,7 @@ impl SqlState {
         Self::INVALID_CATALOG_NAME,
         Self::TOO_MANY_CONNECTIONS,
         Self::IDLE_IN_TRANSACTION_TIMEOUT,
+        Self::IN_FAILED_SQL_TRANSACTION,
         Self::FEATURE_NOT_SUPPORTED,
         Self::INTERNAL_ERROR,
         Self::CONNECTION_EXCEPTION,

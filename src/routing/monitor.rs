@@ -107,7 +107,8 @@ pub struct MonitorLogin {
     pub keepalive: Option<crate::config::TcpKeepalive>,
 }
 
-/// In recovery, the timeline comes from the WAL receiver, which shows it only
+/// In recovery, the timeline comes from the WAL receiver (0 while it
+/// (re)connects, so not then), which shows it only
 /// to roles with `pg_read_all_stats` (`pg_monitor`); without, from the last
 /// restartpoint, which lags (a re-pointed replica rejoins the rotation only
 /// after its first restartpoint on the new timeline) but never claims a
@@ -120,7 +121,7 @@ const SAMPLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
             OR pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
           ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp()) * 1000, 0) END, \
      CASE WHEN pg_catalog.pg_is_in_recovery() THEN COALESCE( \
-            (SELECT received_tli FROM pg_catalog.pg_stat_wal_receiver), \
+            (SELECT NULLIF(received_tli, 0) FROM pg_catalog.pg_stat_wal_receiver), \
             (SELECT timeline_id FROM pg_catalog.pg_control_checkpoint())) END, \
      CASE WHEN NOT pg_catalog.pg_is_in_recovery() \
           THEN pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()) END";

@@ -78,6 +78,8 @@ pub struct Sticky {
     /// each has its post-commit position, the scope reads from the primary
     /// (with a user scope, another connection may read in between).
     in_flight: u32,
+    /// `wrote_at` before the writes in flight began, for [`Sticky::abandon_write`].
+    wrote_before: Option<Instant>,
 }
 
 impl Sticky {
@@ -89,8 +91,20 @@ impl Sticky {
 
     /// A write is about to be sent to the primary.
     pub fn begin_write(&mut self, now: Instant) {
+        if self.in_flight == 0 {
+            self.wrote_before = self.wrote_at;
+        }
         self.in_flight += 1;
         self.wrote_at = Some(now);
+    }
+
+    /// A write begun with [`Sticky::begin_write`] never reached a server (no
+    /// server connection was to be had): the scope is as it was.
+    pub fn abandon_write(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.in_flight == 0 {
+            self.wrote_at = self.wrote_before;
+        }
     }
 
     /// A write begun with [`Sticky::begin_write`] is settled: with `lsn`, the

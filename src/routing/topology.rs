@@ -183,9 +183,10 @@ impl Topology {
         })
     }
 
-    /// The latest decision (lock-free).
-    pub fn decision(&self) -> Arc<Decision> {
-        self.decision.load_full()
+    /// The latest decision (lock-free, no reference count touched: read
+    /// once per routed request).
+    pub fn decision(&self) -> arc_swap::Guard<Arc<Decision>> {
+        self.decision.load()
     }
 
     /// Times the primary moved to another node since this topology started.

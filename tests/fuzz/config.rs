@@ -130,6 +130,7 @@ pub(crate) const CONFIG_KEYS: &[&str] = &[
     "dbname",
     "primary",
     "replicas",
+    "hosts",
     "pool_size",
     "min_pool_size",
     "password",

@@ -66,6 +66,24 @@ pub struct StatementScope<'a> {
     pub max_query_size: usize,
 }
 
+/// What a client whose server was lost mid-transaction is owed: Postgres's
+/// answer to an error in each request it sent (ErrorResponse, then
+/// ReadyForQuery), the transaction being gone.
+#[derive(Debug)]
+pub struct Lost {
+    /// Requests sent and not answered (each owes a ReadyForQuery).
+    pub owed: usize,
+    /// Extended-protocol messages sent after the last Sync: the server
+    /// would skip the client's messages up to its next Sync.
+    pub unsynced: bool,
+    pub code: String,
+    pub message: String,
+    /// The client was inside a transaction block: it is aborted now.
+    pub in_transaction: bool,
+    /// Some request ended (and may have committed) before the loss.
+    pub completed: bool,
+}
+
 /// What the relay knows about the backend's protocol state while linked.
 #[derive(Debug)]
 pub struct Link {
@@ -99,6 +117,13 @@ pub struct Link {
     /// The server sent a FATAL (or PANIC) error: it closes next, and the
     /// client must get nothing after it.
     pub server_fatal: bool,
+    /// Transaction mode, nothing held for a retry: if the server is lost,
+    /// the client may keep its connection ([`Link::lost`]).
+    pub survive_loss: bool,
+    /// The server's FATAL (SQLSTATE, message), withheld under `survive_loss`.
+    pub fatal_seen: Option<(String, String)>,
+    /// A request ended outside a transaction block (it may have committed).
+    pub completed: bool,
     /// The server sent something pgmux cannot pool (CopyBoth, or a stray ReadyForQuery).
     pub unpoolable: bool,
     /// The backend holds the client's unnamed statement.
@@ -152,6 +177,9 @@ impl Link {
             broken: None,
             skipping: false,
             server_fatal: false,
+            survive_loss: false,
+            fatal_seen: None,
+            completed: false,
             unpoolable: false,
             unnamed_here: false,
             expect,
@@ -187,6 +215,53 @@ impl Link {
             && self.server_scan.at_boundary()
             && self.client_ready == 0
             && self.expect.is_empty()
+    }
+
+    /// The server is gone mid-transaction: what the client is owed, if its
+    /// connection can stay (transaction mode, no session state on the lost
+    /// backend, not inside COPY, no client message cut in half), else `None`.
+    /// Bytes of the client's next message already read move to `pending`.
+    pub fn lost(
+        &mut self,
+        to_server: &mut BytesMut,
+        pending: &mut BytesMut,
+        client: &mut ClientStatements,
+    ) -> Option<Lost> {
+        let keep = self.survive_loss
+            && self.pin.is_none()
+            && !self.reset_session
+            && !self.copy_in
+            && !self.unpoolable
+            && !self.terminated
+            && self.broken.is_none()
+            && self.client_body_remaining == 0;
+        if !keep {
+            return None;
+        }
+        let owed = owed_to_client(&self.expect);
+        // A Parse the server never confirmed created nothing, for the client either.
+        for e in self.expect.drain(..) {
+            if let Expect::Parse { statement: Some(st), client_name: Some(name), .. } = e
+                && client.get(&name).is_some_and(|cur| Arc::ptr_eq(cur, &st))
+            {
+                client.remove(&name);
+            }
+        }
+        // Not scanned yet (a message not whole): the start of the client's next request.
+        pending.extend_from_slice(&to_server[self.client_ready.min(to_server.len())..]);
+        to_server.clear();
+        let (code, message) = self
+            .fatal_seen
+            .take()
+            .unwrap_or_else(|| (SqlState::CONNECTION_FAILURE.code().to_owned(), "server connection lost".to_owned()));
+        Some(Lost {
+            owed,
+            unsynced: self.unsynced,
+            code,
+            message,
+            in_transaction: self.status != msg::IDLE,
+            completed: self.completed,
+        })
     }
 
     /// The queue's allocation, for the session's next link.
@@ -333,6 +408,10 @@ impl Link {
             traffic,
             skipping,
             server_fatal,
+            survive_loss,
+            fatal_seen,
+            pin,
+            completed,
             ..
         } = self;
         drops.clear();
@@ -396,6 +475,19 @@ impl Link {
                         }
                         if matches!(err.severity.as_str(), "FATAL" | "PANIC") {
                             *server_fatal = true;
+                            match f.start {
+                                // The client may keep its connection: the error
+                                // is withheld, and answers what the client had
+                                // sent once the server has closed (`Link::lost`).
+                                // Forwarded now, the client could react to it
+                                // before pgmux knows what it owes.
+                                Some(s) if *survive_loss && pin.is_none() => {
+                                    drops.push((s, f.end, None));
+                                    *fatal_seen = Some((err.code.clone(), err.message.clone()));
+                                }
+                                // Partly sent already: it goes as the server wrote it.
+                                _ => *survive_loss = false,
+                            }
                         }
                         if let Some(Expect::DuplicateParse { client_name }) = expect.front()
                             && err.code == SqlState::DUPLICATE_PREPARED_STATEMENT.code()
@@ -446,6 +538,7 @@ impl Link {
                         }
                         *pending_ready = pending_ready.saturating_sub(1);
                         *status = f.body.and_then(|b| b.first().copied()).unwrap_or(msg::FAILED_TRANSACTION);
+                        *completed |= *status == msg::IDLE;
                         *copy_in = false;
                     }
                     tag::COPY_IN_RESPONSE => *copy_in = true,
@@ -552,6 +645,11 @@ fn skip_to_sync(
             _ => {}
         }
     }
+}
+
+/// ReadyForQuery messages the client waits for (pgmux's own Syncs aside).
+fn owed_to_client(expect: &VecDeque<Expect>) -> usize {
+    expect.iter().filter(|e| matches!(e, Expect::Ready { forward: true, .. })).count()
 }
 
 /// How many bytes of a Bind body hold its portal and statement names (what
