@@ -138,13 +138,19 @@ impl SessionRouting {
         now: Instant,
     ) -> (Intent, Route) {
         let intent = crate::routing::intent_of(Request::new(pending).sql(statements), &self.write_functions);
+        if let Some(route) = crate::routing::route::fixed(intent) {
+            return (intent, route);
+        }
         let decision = self.topology.decision();
+        let primary = self.primary(&decision);
         let candidates: Vec<Candidate> = self
             .replicas
             .iter()
+            .enumerate()
             .zip(&decision.fenced)
-            .map(|(r, &fenced)| {
-                let mut view = r.node.view();
+            .map(|((i, r), &fenced)| {
+                // The primary's view is already in hand: one lock less per read.
+                let mut view = if decision.primary == Some(i) { primary.view } else { r.node.view() };
                 let mut active = 0;
                 if let Some(pool) = r.pool.get() {
                     let s = pool.stats();
@@ -155,7 +161,6 @@ impl SessionRouting {
                 Candidate { view, fenced, active, weight: r.weight }
             })
             .collect();
-        let primary = self.primary(&decision);
         let mut sticky = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
         let route = crate::routing::route::route(
             intent,

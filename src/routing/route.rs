@@ -215,6 +215,17 @@ pub fn out_of_rotation(policy: &Policy, replica: &Candidate, primary: &PrimaryVi
     }
 }
 
+/// The route of an intent that goes to the primary whatever the nodes say:
+/// the caller need not gather candidates for it.
+pub fn fixed(intent: Intent) -> Option<Route> {
+    match intent {
+        Intent::Write => Some(Route::primary(RouteReason::Write)),
+        Intent::Transaction => Some(Route::primary(RouteReason::Transaction)),
+        Intent::HintPrimary => Some(Route::primary(RouteReason::Hint)),
+        Intent::Read | Intent::HintReplica => None,
+    }
+}
+
 /// Decides where a request goes. `spin` is a caller-kept counter (round
 /// robin) or random value (random).
 pub fn route(
@@ -226,16 +237,18 @@ pub fn route(
     now: Instant,
     spin: usize,
 ) -> Route {
-    let (lsn_ok, reason_if_none): (Option<u64>, RouteReason) = match intent {
-        Intent::Write => return Route::primary(RouteReason::Write),
-        Intent::Transaction => return Route::primary(RouteReason::Transaction),
-        Intent::HintPrimary => return Route::primary(RouteReason::Hint),
-        Intent::HintReplica => (None, RouteReason::Hint),
-        Intent::Read => match sticky.requirement(policy, primary, now) {
+    if let Some(route) = fixed(intent) {
+        return route;
+    }
+    // A hint to read from a replica overrides read-your-writes; a read does not.
+    let (lsn_ok, reason_if_none): (Option<u64>, RouteReason) = if intent == Intent::HintReplica {
+        (None, RouteReason::Hint)
+    } else {
+        match sticky.requirement(policy, primary, now) {
             Requirement::Primary => return Route::primary(RouteReason::Sticky),
             Requirement::Any => (None, RouteReason::Read),
             Requirement::ReplayedPast(lsn) => (Some(lsn), RouteReason::Read),
-        },
+        }
     };
     let healthy = |c: &Candidate| out_of_rotation(policy, c, primary).is_none();
     let eligible: Vec<usize> = (0..replicas.len())
