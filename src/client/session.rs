@@ -166,6 +166,18 @@ pub(super) async fn serve_request(
         stream.write_all(&answer).await?;
         return Ok(Step::Next);
     }
+    // A read that needs a write the replica's last sample predates: ask the
+    // replica now, and read from it if it has replayed the write in time.
+    if let (Some((_, route)), Some(routing)) = (&mut decided, &session.routing)
+        && let Target::CatchUp { replica, timeline, lsn } = route.target
+    {
+        let deadline = tokio::time::Instant::from_std(arrived) + routing.policy.max_replica_wait;
+        *route = if routing.replicas[replica].node.replayed_past(timeline, lsn, deadline).await {
+            Route { target: Target::Replica(replica), reason: RouteReason::CaughtUp }
+        } else {
+            Route::primary(RouteReason::ReplicaLagging)
+        };
+    }
     // The PAUSE gate; SHOW CLIENTS state "waiting".
     let database = info.login().map_or("", |l| l.database.as_str());
     let arrived = match info.wait_turn(&shared.pause, database, arrived).await {

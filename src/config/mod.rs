@@ -257,6 +257,11 @@ pub struct RoutingConfig {
     #[serde(with = "duration::serde_duration")]
     pub max_replica_lag: Duration,
     pub max_replica_lag_bytes: Option<u64>,
+    /// How long a read that needs a write the replicas have not shown yet
+    /// may wait for one of them to replay it (asked on demand) before it
+    /// goes to the primary. Zero: never wait.
+    #[serde(with = "duration::serde_duration")]
+    pub max_replica_wait: Duration,
     pub load_balance: LoadBalance,
     #[serde(with = "duration::serde_duration")]
     pub monitor_interval: Duration,
@@ -272,6 +277,7 @@ impl Default for RoutingConfig {
             sticky_scope: StickyScope::Connection,
             max_replica_lag: Duration::from_secs(2),
             max_replica_lag_bytes: None,
+            max_replica_wait: Duration::from_millis(10),
             load_balance: LoadBalance::LeastConnections,
             monitor_interval: Duration::from_millis(20),
             write_functions: Vec::new(),

@@ -108,6 +108,7 @@ impl Config {
                     sticky_scope,
                     max_replica_lag,
                     max_replica_lag_bytes,
+                    max_replica_wait,
                     load_balance,
                     monitor_interval,
                     write_functions,

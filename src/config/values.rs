@@ -100,6 +100,7 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ),
         ("routing.max_replica_lag", format_duration(r.max_replica_lag)),
         ("routing.max_replica_lag_bytes", r.max_replica_lag_bytes.map(|b| b.to_string()).unwrap_or_default()),
+        ("routing.max_replica_wait", format_duration(r.max_replica_wait)),
         (
             "routing.load_balance",
             match r.load_balance {

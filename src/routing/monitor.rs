@@ -48,6 +48,10 @@ pub struct NodeState {
     stopped: AtomicBool,
     /// Woken when a sample fails: requests waiting on this node give up on it.
     down: tokio::sync::Notify,
+    /// A read waits for this node's position: sample now, not at the next tick.
+    wanted: tokio::sync::Notify,
+    /// Woken after every sample, for the reads waiting on a position.
+    sampled: tokio::sync::Notify,
 }
 
 impl NodeState {
@@ -57,6 +61,8 @@ impl NodeState {
             view: Mutex::new(NodeView::UNKNOWN),
             stopped: AtomicBool::new(false),
             down: tokio::sync::Notify::new(),
+            wanted: tokio::sync::Notify::new(),
+            sampled: tokio::sync::Notify::new(),
         })
     }
 
@@ -66,11 +72,40 @@ impl NodeState {
 
     fn publish(&self, v: NodeView) {
         *self.view.lock().unwrap_or_else(|e| e.into_inner()) = v;
+        self.sampled.notify_waiters();
+    }
+
+    /// Whether the node has replayed past `lsn` of `timeline`, asking it
+    /// again at once (not at the next tick) until it has or `deadline`
+    /// passes. Concurrent waiters share each sample: one taken while others
+    /// wait serves them all, so a read waits about one round trip plus the
+    /// node's real replay latency, however many reads wait.
+    pub async fn replayed_past(&self, timeline: u32, lsn: u64, deadline: tokio::time::Instant) -> bool {
+        loop {
+            // Registered before the view is read: a sample published in
+            // between still wakes this waiter.
+            let sampled = self.sampled.notified();
+            tokio::pin!(sampled);
+            sampled.as_mut().enable();
+            let v = self.view();
+            if v.healthy && v.in_recovery && v.timeline == timeline && v.lsn >= lsn {
+                return true;
+            }
+            if !v.healthy || self.stopped.load(Ordering::Relaxed) {
+                return false;
+            }
+            self.wanted.notify_one();
+            tokio::select! {
+                _ = sampled => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
     }
 
     /// Takes the node out of the rotation: new requests go elsewhere.
     fn mark_unhealthy(&self) {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).healthy = false;
+        self.sampled.notify_waiters();
     }
 
     /// The node is lost, not just slow: its connection broke, or a new one
@@ -149,7 +184,11 @@ pub async fn run(state: Arc<NodeState>, login: MonitorLogin, interval: Duration)
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !state.stopped.load(Ordering::Relaxed) {
-            tick.tick().await;
+            // The next sample at the tick, or at once for a waiting read.
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = state.wanted.notified() => {}
+            }
             let sent = Instant::now();
             // A node that takes more than a second to answer a trivial query
             // is not one to send reads to.

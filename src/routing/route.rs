@@ -13,6 +13,15 @@ pub enum Target {
     Primary,
     /// Index into the replicas given to [`route`].
     Replica(usize),
+    /// Replica `replica` once it has replayed past `lsn` of `timeline`, if
+    /// it does within `max_replica_wait`; else the primary. It is in the
+    /// rotation and replaying promptly, but its last sample predates the
+    /// scope's write.
+    CatchUp {
+        replica: usize,
+        timeline: u32,
+        lsn: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +173,7 @@ pub struct Policy {
     pub sticky_window: Duration,
     pub max_replica_lag: Duration,
     pub max_replica_lag_bytes: Option<u64>,
+    pub max_replica_wait: Duration,
     pub load_balance: LoadBalance,
 }
 
@@ -185,6 +195,7 @@ impl Policy {
             sticky_window: r.sticky_window,
             max_replica_lag: r.max_replica_lag,
             max_replica_lag_bytes: r.max_replica_lag_bytes,
+            max_replica_wait: r.max_replica_wait,
             load_balance: r.load_balance,
         }
     }
@@ -255,6 +266,20 @@ pub fn route(
         .filter(|&i| healthy(&replicas[i]) && lsn_ok.is_none_or(|need| replicas[i].view.lsn >= need))
         .collect();
     if eligible.is_empty() {
+        // The replica furthest along, if it replays promptly, likely has the
+        // write already: ask it rather than send the read to the primary.
+        if let Some(need) = lsn_ok
+            && !policy.max_replica_wait.is_zero()
+            && let Some(i) = (0..replicas.len())
+                .filter(|&i| healthy(&replicas[i]) && replicas[i].view.replay_delay <= policy.max_replica_wait)
+                .max_by_key(|&i| replicas[i].view.lsn)
+        {
+            let timeline = if primary.timeline != 0 { primary.timeline } else { replicas[i].view.timeline };
+            return Route {
+                target: Target::CatchUp { replica: i, timeline, lsn: need },
+                reason: RouteReason::CaughtUp,
+            };
+        }
         let any_healthy = replicas.iter().any(|c| c.view.healthy && c.view.in_recovery);
         return Route::primary(if any_healthy { RouteReason::ReplicaLagging } else { RouteReason::NoReplica });
     }
@@ -291,6 +316,8 @@ mod tests {
             sticky_window: Duration::from_secs(1),
             max_replica_lag: Duration::from_secs(2),
             max_replica_lag_bytes: None,
+            // Without waiting, unless a test says otherwise.
+            max_replica_wait: Duration::ZERO,
             load_balance: LoadBalance::LeastConnections,
         }
     }
@@ -337,6 +364,33 @@ mod tests {
         );
         let caught_up = [Candidate { fenced: false, view: node(600, write_at, true), active: 0, weight: 1 }];
         assert_eq!(route(Intent::Read, &pol, &mut s, &p_new, &caught_up, write_at, 0).target, Target::Replica(0));
+    }
+
+    #[test]
+    fn a_prompt_replica_behind_the_write_is_asked_a_slow_one_is_not() {
+        let t = Instant::now();
+        let pol = Policy { max_replica_wait: Duration::from_millis(10), ..policy(ReadYourWrites::Lsn) };
+        let p = PrimaryView::of(node(100, t, false));
+        let mut s = Sticky::default();
+        s.begin_write(t);
+        s.end_write(t, Some(Position { timeline: 1, lsn: 900 }));
+        let behind = |lsn, delay_ms| Candidate {
+            fenced: false,
+            view: NodeView { replay_delay: Duration::from_millis(delay_ms), ..node(lsn, t, true) },
+            active: 0,
+            weight: 1,
+        };
+        // The furthest along of the prompt ones is asked for the write's position.
+        let r = [behind(800, 0), behind(850, 1), behind(890, 500)];
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p, &r, t, 0),
+            Route { target: Target::CatchUp { replica: 1, timeline: 1, lsn: 900 }, reason: RouteReason::CaughtUp }
+        );
+        // Only one replaying half a second late: the read goes to the primary at once.
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r[2..], t, 0), Route::primary(RouteReason::ReplicaLagging));
+        // Nothing to wait for without a write to see.
+        let mut fresh = Sticky::default();
+        assert_eq!(route(Intent::Read, &pol, &mut fresh, &p, &r, t, 0).target, Target::Replica(0));
     }
 
     #[test]

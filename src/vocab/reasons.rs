@@ -16,6 +16,9 @@ pub enum RouteReason {
     Sticky,
     /// A `/* pgmux:... */` hint decided.
     Hint,
+    /// A read that waited (up to `max_replica_wait`) for a replica to replay
+    /// the scope's write, and was served by it.
+    CaughtUp,
     /// Replicas are up but none has replayed far enough (or lags too much).
     ReplicaLagging,
     /// No healthy replica.
@@ -27,12 +30,13 @@ pub enum RouteReason {
 }
 
 impl RouteReason {
-    pub const ALL: [RouteReason; 9] = [
+    pub const ALL: [RouteReason; 10] = [
         RouteReason::Read,
         RouteReason::Write,
         RouteReason::Transaction,
         RouteReason::Sticky,
         RouteReason::Hint,
+        RouteReason::CaughtUp,
         RouteReason::ReplicaLagging,
         RouteReason::NoReplica,
         RouteReason::MisrouteRetry,
@@ -46,6 +50,7 @@ impl RouteReason {
             RouteReason::Transaction => "transaction",
             RouteReason::Sticky => "sticky",
             RouteReason::Hint => "hint",
+            RouteReason::CaughtUp => "caught_up",
             RouteReason::ReplicaLagging => "replica_lagging",
             RouteReason::NoReplica => "no_replica",
             RouteReason::MisrouteRetry => "misroute_retry",

@@ -122,6 +122,7 @@ pub(crate) const CONFIG_KEYS: &[&str] = &[
     "sticky_scope",
     "max_replica_lag",
     "max_replica_lag_bytes",
+    "max_replica_wait",
     "load_balance",
     "monitor_interval",
     "write_functions",
