@@ -36,17 +36,27 @@ fn main() {
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             cluster.binaries().version().unwrap_or_default().trim()
         );
-        println!("| target | ops/s | reads on replica | violations | replica-eligible after a write (median, p90) |");
-        println!("|---|---|---|---|---|");
-        for (label, with_replica) in [("pgmux, primary only", false), ("pgmux + replica (lsn)", true)] {
-            let (addr, stop) = start_pgmux(&cluster, with_replica).await;
-            let r = run(addr, cluster.replicas()[0].port(), clients, Duration::from_secs(seconds)).await;
+        println!(
+            "| target | ops/s | reads on replica | violations | read latency (median, p90) | replica-eligible after a write (median, p90) |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (label, with_replica, ryw) in [
+            ("pgmux, primary only", false, "lsn"),
+            ("pgmux + replica (lsn)", true, "lsn"),
+            ("pgmux + replica (global)", true, "global"),
+        ] {
+            let (addr, stop) = start_pgmux(&cluster, with_replica, ryw).await;
+            let mut r = run(addr, cluster.replicas()[0].port(), clients, Duration::from_secs(seconds)).await;
             let eligible = if with_replica { eligibility(addr, cluster.replicas()[0].port()).await } else { None };
+            r.read_latency.sort();
+            let at = |q: usize| r.read_latency.get(r.read_latency.len() * q / 100).copied().unwrap_or_default();
             println!(
-                "| {label} | {:.0} | {:.1}% | {} | {} |",
+                "| {label} | {:.0} | {:.1}% | {} | {:.3} ms, {:.3} ms | {} |",
                 r.ops as f64 / r.elapsed.as_secs_f64(),
                 100.0 * r.on_replica as f64 / r.reads.max(1) as f64,
                 r.violations,
+                ms(at(50)),
+                ms(at(90)),
                 eligible.map_or("-".to_owned(), |(m, p)| format!("{:.1} ms, {:.1} ms", ms(m), ms(p)))
             );
             let _ = stop.send(());
@@ -61,11 +71,12 @@ fn ms(d: Duration) -> f64 {
 async fn start_pgmux(
     cluster: &Cluster,
     with_replica: bool,
+    read_your_writes: &str,
 ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let replicas =
         if with_replica { format!("replicas = [\"{}\"]", cluster.replicas()[0].host_port()) } else { String::new() };
     let toml = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nquery_wait_timeout = \"30s\"\n[routing]\nmonitor_interval = \"10ms\"\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nquery_wait_timeout = \"30s\"\n[routing]\nmonitor_interval = \"10ms\"\nread_your_writes = \"{read_your_writes}\"\n\
          [[databases]]\nname = \"{DB}\"\nprimary = \"{}\"\n{replicas}\npool_size = 20\n\
          [[users]]\nname = \"{USER}\"\npassword = \"{PASSWORD}\"\n",
         cluster.primary().host_port()
@@ -108,6 +119,7 @@ struct Result {
     on_replica: usize,
     violations: usize,
     elapsed: Duration,
+    read_latency: Vec<Duration>,
 }
 
 async fn run(addr: std::net::SocketAddr, replica_port: u16, clients: usize, duration: Duration) -> Result {
@@ -125,17 +137,20 @@ async fn run(addr: std::net::SocketAddr, replica_port: u16, clients: usize, dura
         tasks.push(tokio::spawn(async move {
             let mut expected = 0;
             let mut n = 0usize;
+            let mut latency = Vec::new();
             c.simple_query(&format!("UPDATE kv SET v = 0 WHERE id = {id}")).await.expect("reset");
             while start.elapsed() < duration {
                 if n.is_multiple_of(10) {
                     expected += 1;
                     c.simple_query(&format!("UPDATE kv SET v = {expected} WHERE id = {id}")).await.expect("write");
                 } else {
+                    let sent = Instant::now();
                     let (v, port) = first_row(
                         &c.simple_query(&format!("SELECT v, inet_server_port() FROM kv WHERE id = {id}"))
                             .await
                             .expect("read"),
                     );
+                    latency.push(sent.elapsed());
                     reads.fetch_add(1, Ordering::Relaxed);
                     if v != expected.to_string() {
                         violations.fetch_add(1, Ordering::Relaxed);
@@ -147,10 +162,12 @@ async fn run(addr: std::net::SocketAddr, replica_port: u16, clients: usize, dura
                 n += 1;
                 ops.fetch_add(1, Ordering::Relaxed);
             }
+            latency
         }));
     }
+    let mut read_latency = Vec::new();
     for t in tasks {
-        t.await.expect("client task");
+        read_latency.extend(t.await.expect("client task"));
     }
     Result {
         ops: ops.load(Ordering::Relaxed),
@@ -158,6 +175,7 @@ async fn run(addr: std::net::SocketAddr, replica_port: u16, clients: usize, dura
         on_replica: on_replica.load(Ordering::Relaxed),
         violations: violations.load(Ordering::Relaxed),
         elapsed: start.elapsed(),
+        read_latency,
     }
 }
 

@@ -68,6 +68,11 @@ async fn cluster_of(f: fn() -> &'static Cluster) -> &'static Cluster {
 }
 
 async fn proxy(cluster: &Cluster, routing: &str) -> Proxy {
+    proxy_with(cluster, routing, "").await
+}
+
+/// [`proxy`] with extra lines for the `app` user's entry.
+async fn proxy_with(cluster: &Cluster, routing: &str, user_extra: &str) -> Proxy {
     let toml = format!(
         r#"
 [proxy]
@@ -87,6 +92,7 @@ pool_size = 10
 [[users]]
 name = "{user}"
 password = "{pw}"
+{user_extra}
 "#,
         primary = cluster.primary().host_port(),
         replica = cluster.replicas()[0].host_port(),
@@ -416,4 +422,220 @@ async fn asynchronous_commit_still_never_misses_a_write() {
         t.await.unwrap();
     }
     assert_eq!(violations.load(Ordering::Relaxed), 0);
+}
+
+/// Waits until `c`'s reads go to the replica: after an idle spell a delayed
+/// replica's replay delay (since its last replayed commit) can exceed
+/// `max_replica_lag` until the next write is replayed.
+async fn await_replica_reads(c: &tokio_postgres::Client, replica_port: &str) {
+    eventually(Duration::from_secs(10), "reads served by the replica", || async {
+        row(&c.simple_query("SELECT inet_server_port()").await.unwrap())[0] == replica_port
+    })
+    .await;
+}
+
+/// A client of `proxy` as `app`, with a startup `options` value.
+async fn app_with_options(proxy: &Proxy, options: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(proxy.addr.port()).user(APP.0).password(APP.1).dbname(DB).options(options);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Runs `sql` on a raw connection; returns the `pgmux.write_lsn` token it
+/// was handed, checking it came before the ReadyForQuery that ended the
+/// transaction (a driver reading it as its commit returns has it).
+async fn write_for_token(raw: &mut support::raw::Raw, sql: &str) -> Option<String> {
+    let msgs = raw.simple_query(sql).await;
+    assert!(msgs.iter().all(|m| m.tag != b'E'), "{sql}: {msgs:?}");
+    assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'));
+    msgs.iter().filter(|m| m.tag == b'S').find_map(|m| {
+        let mut parts = m.body[..].split(|&b| b == 0);
+        let name = parts.next()?;
+        let value = parts.next()?;
+        (name == b"pgmux.write_lsn").then(|| String::from_utf8_lossy(value).into_owned())
+    })
+}
+
+/// The `v` of row `id` and the port of the server that answered.
+async fn read_row(c: &tokio_postgres::Client, prefix: &str, id: i32) -> (String, String) {
+    let r =
+        row(&c.simple_query(&format!("{prefix}SELECT v, inet_server_port() FROM kv WHERE id = {id}")).await.unwrap());
+    (r[0].clone(), r[1].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_token_carries_read_your_writes_to_another_connection_on_another_instance() {
+    let cluster = cluster_of(delayed).await;
+    let (primary_port, replica_port) = (cluster.primary().port().to_string(), cluster.replicas()[0].port().to_string());
+    // Two instances that share nothing; the writer's logs in without a password (raw client).
+    let a = proxy_with(cluster, r#"read_your_writes = "lsn""#, r#"auth = "trust""#).await;
+    let b = proxy(cluster, r#"read_your_writes = "lsn""#).await;
+    let mut writer = support::raw::Raw::login(a.addr, APP.0, DB).await;
+    // Without asking, a session gets only what Postgres would send.
+    assert_eq!(write_for_token(&mut writer, "UPDATE kv SET v = 0 WHERE id = 60").await, None);
+    writer.simple_query("SET pgmux.write_token = on").await;
+    let reader = b.app().await;
+    let id = 60;
+    let mut violations = 0;
+    for n in 1..=24 {
+        let token = write_for_token(&mut writer, &format!("UPDATE kv SET v = {n} WHERE id = {id}"))
+            .await
+            .expect("a transaction that wrote gets a pgmux.write_lsn token");
+        // Each way a client can present it, in turn.
+        let (v, _) = match n % 3 {
+            0 => {
+                reader.simple_query(&format!("SET pgmux.read_after = '{token}'")).await.unwrap();
+                read_row(&reader, "", id).await
+            }
+            1 => read_row(&reader, &format!("/* pgmux:after={token} */ "), id).await,
+            _ => {
+                let c = app_with_options(&b, &format!("-c pgmux.read_after={token}")).await.unwrap();
+                read_row(&c, "", id).await
+            }
+        };
+        if v != n.to_string() {
+            violations += 1;
+        }
+    }
+    assert_eq!(violations, 0, "{violations} of 24 token reads on instance B missed the write made through A");
+
+    // Without the token, B's connection knows nothing of A's write: with the
+    // replica 500 ms behind its reads are stale (the assertion above can fail).
+    reader.simple_query("RESET pgmux.read_after").await.unwrap();
+    await_replica_reads(&reader, &replica_port).await;
+    let mut stale = 0;
+    for n in 100..110 {
+        write_for_token(&mut writer, &format!("UPDATE kv SET v = {n} WHERE id = {id}")).await;
+        let (v, port) = read_row(&reader, "", id).await;
+        if v != n.to_string() {
+            assert_eq!(port, replica_port, "only a replica read can be stale");
+            stale += 1;
+        }
+    }
+    assert!(stale > 0, "reads without the token never went stale: the check above proves nothing");
+
+    // A token the replicas cannot satisfy: one from another timeline, or a
+    // position far ahead. The read goes to the primary, never stale.
+    for token in ["99/0/1", "1/FF/0"] {
+        let (v, port) = read_row(&reader, &format!("/* pgmux:after={token} */ "), id).await;
+        assert_eq!((v.as_str(), port.as_str()), ("109", primary_port.as_str()), "token {token}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_lets_reads_use_the_replica_once_it_has_the_write() {
+    let cluster = cluster_of(prompt).await;
+    let replica_port = cluster.replicas()[0].port().to_string();
+    let a = proxy_with(cluster, r#"read_your_writes = "lsn""#, r#"auth = "trust""#).await;
+    let b = proxy(cluster, r#"read_your_writes = "lsn""#).await;
+    let mut writer = support::raw::Raw::login(a.addr, APP.0, DB).await;
+    writer.simple_query("SET pgmux.write_token = on").await;
+    let reader = b.app().await;
+    let mut on_replica = 0;
+    for n in 1..=20 {
+        let token = write_for_token(&mut writer, &format!("UPDATE kv SET v = {n} WHERE id = 61")).await.unwrap();
+        let (v, port) = read_row(&reader, &format!("/* pgmux:after={token} */ "), 61).await;
+        assert_eq!(v, n.to_string());
+        on_replica += usize::from(port == replica_port);
+    }
+    // The replica replays within a millisecond or so; asked at once, it serves the read.
+    assert!(on_replica >= 15, "only {on_replica} of 20 token reads on a prompt replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_tokens_get_postgres_answer_for_a_bad_setting_value() {
+    let cluster = cluster_of(prompt).await;
+    let proxy = proxy(cluster, r#"read_your_writes = "lsn""#).await;
+    let c = proxy.app().await;
+    // Postgres's own answer for a value a setting does not take, for comparison.
+    let direct = support::connect(cluster.primary(), APP.0, Some(APP.1), DB).await.unwrap();
+    let pg = direct.simple_query("SET work_mem = 'garbage'").await.unwrap_err();
+    let pg = pg.as_db_error().unwrap();
+    assert_eq!(pg.message(), r#"invalid value for parameter "work_mem": "garbage""#);
+
+    let e = c.simple_query("SET pgmux.read_after = 'garbage'").await.unwrap_err();
+    let e = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!((e.code(), e.severity()), (pg.code(), pg.severity()));
+    assert_eq!(e.message(), r#"invalid value for parameter "pgmux.read_after": "garbage""#);
+    // Refused before the server: the session has no token, reads work.
+    assert_eq!(read_row(&c, "", 1).await.0, "0");
+
+    let e = c.simple_query("/* pgmux:after=1/zz */ SELECT 1").await.unwrap_err();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("22023"), "{e:?}");
+    // A value that reached the session another way (set_config) fails the reads it would steer...
+    c.simple_query("SELECT set_config('pgmux.read_after', 'nope', false)").await.unwrap();
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(e.as_db_error().map(|d| d.message()), Some(r#"invalid value for parameter "pgmux.read_after": "nope""#));
+    // ...until it is reset.
+    c.simple_query("RESET pgmux.read_after").await.unwrap();
+    assert_eq!(read_row(&c, "", 1).await.0, "0");
+
+    // pgmux.write_token is a boolean, read as Postgres reads one.
+    let pg = direct.simple_query("SET enable_seqscan = 'maybe'").await.unwrap_err();
+    let e = c.simple_query("SET pgmux.write_token = 'maybe'").await.unwrap_err();
+    let (pg, e) = (pg.as_db_error().unwrap(), e.as_db_error().unwrap());
+    assert_eq!(pg.message(), r#"parameter "enable_seqscan" requires a Boolean value"#);
+    assert_eq!((e.code(), e.message()), (pg.code(), r#"parameter "pgmux.write_token" requires a Boolean value"#));
+    c.simple_query("SET pgmux.write_token = of").await.unwrap();
+
+    // At login, as Postgres refuses a bad startup option: FATAL 22023.
+    for options in ["-c pgmux.read_after=1/x", "-c pgmux.write_token=maybe"] {
+        let Err(e) = app_with_options(&proxy, options).await else { panic!("login accepted with {options}") };
+        let e = e.as_db_error().expect("an ErrorResponse");
+        assert_eq!((e.code().code(), e.severity()), ("22023", "FATAL"), "{options}");
+    }
+}
+
+/// Readers through two instances in `global` mode, a writer straight to the
+/// primary: every read sees every write committed before it was sent.
+async fn global_mode_readers(cluster: &Cluster, rounds: i32, pace: Duration) -> (usize, usize, usize) {
+    let replica_port = cluster.replicas()[0].port().to_string();
+    let a = proxy(cluster, r#"read_your_writes = "global""#).await;
+    let b = proxy(cluster, r#"read_your_writes = "global""#).await;
+    let writer = support::connect(cluster.primary(), APP.0, Some(APP.1), DB).await.unwrap();
+    let readers = [a.app().await, b.app().await, a.app().await, b.app().await];
+    let (mut reads, mut violations, mut on_replica) = (0, 0, 0);
+    for n in 1..=rounds {
+        writer.simple_query(&format!("UPDATE kv SET v = {n} WHERE id = 70")).await.unwrap();
+        for r in &readers {
+            let (v, port) = read_row(r, "", 70).await;
+            reads += 1;
+            violations += usize::from(v != n.to_string());
+            on_replica += usize::from(port == replica_port);
+            tokio::time::sleep(pace).await;
+        }
+    }
+    (reads, violations, on_replica)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_mode_sees_writes_made_by_anyone_even_straight_to_the_primary() {
+    let delayed = cluster_of(delayed).await;
+    let (reads, violations, _) = global_mode_readers(delayed, 10, Duration::ZERO).await;
+    assert_eq!(
+        violations, 0,
+        "{violations} of {reads} reads missed a write committed before them (replica 500 ms late)"
+    );
+    // The same readers in lsn mode do not know of a writer that bypasses
+    // pgmux: stale reads (the assertion above can fail).
+    let lsn = proxy(delayed, r#"read_your_writes = "lsn""#).await;
+    let writer = support::connect(delayed.primary(), APP.0, Some(APP.1), DB).await.unwrap();
+    let reader = lsn.app().await;
+    await_replica_reads(&reader, &delayed.replicas()[0].port().to_string()).await;
+    let mut stale = 0;
+    for n in 100..105 {
+        writer.simple_query(&format!("UPDATE kv SET v = {n} WHERE id = 70")).await.unwrap();
+        stale += usize::from(read_row(&reader, "", 70).await.0 != n.to_string());
+    }
+    assert!(stale > 0, "lsn mode never read stale after a direct write");
+
+    let prompt = cluster_of(prompt).await;
+    let (reads, violations, on_replica) = global_mode_readers(prompt, 60, Duration::from_millis(5)).await;
+    eprintln!(
+        "global mode, prompt replica, 5 ms pace: {on_replica} of {reads} reads on the replica, {violations} violations"
+    );
+    assert_eq!(violations, 0);
+    assert!(on_replica * 100 >= reads * 50, "only {on_replica} of {reads} reads on the replica");
 }

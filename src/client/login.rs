@@ -320,6 +320,13 @@ pub(super) async fn login(
             return Ok(None);
         }
     };
+    // A bad value of a startup option is FATAL, as from Postgres.
+    for name in [crate::routing::token::READ_AFTER, crate::routing::token::WRITE_TOKEN] {
+        if let Some(message) = params.get(name).and_then(|v| crate::routing::token::check(name, v)) {
+            fatal(stream, SqlState::INVALID_PARAMETER_VALUE, &message).await?;
+            return Ok(None);
+        }
+    }
     Ok(Some(Login::Pooled {
         session: Box::new(Session {
             force_primary: None,

@@ -2,8 +2,14 @@
 //! decision for each request ([`crate::routing`] decides; this adapts).
 
 use super::*;
-use crate::routing::route::PrimaryView;
+use crate::config::ReadYourWrites;
+use crate::routing::route::{Position, PrimaryView};
+use crate::routing::token;
 use crate::routing::topology::Topology;
+
+/// How long a read in `global` mode waits for the primary's position (a
+/// monitor sample's own bound) before it goes to the primary instead.
+const PRIMARY_POSITION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A session's view of its database's nodes.
 pub(super) struct SessionRouting {
@@ -123,26 +129,65 @@ impl SessionRouting {
             .clone()
     }
 
+    /// The primary's position from a sample sent after `after`: it covers
+    /// every transaction committed before then, through any connection.
+    /// Reads arriving together share one sample (see `NodeState::sample_after`).
+    async fn primary_position_after(&self, after: Instant) -> Option<Position> {
+        let p = self.topology.decision().primary?;
+        let deadline = tokio::time::Instant::now() + PRIMARY_POSITION_WAIT;
+        let v = self.replicas[p].node.sample_after(after, deadline).await?;
+        (!v.in_recovery).then_some(Position { timeline: v.timeline, lsn: v.lsn })
+    }
+
     /// The primary as `d` names it (unknown while there is none).
     fn primary(&self, d: &crate::routing::topology::Decision) -> PrimaryView {
         let view = d.primary.map_or(crate::routing::monitor::NodeView::UNKNOWN, |p| self.replicas[p].node.view());
         PrimaryView { view, timeline: d.timeline, timeline_start: d.timeline_start }
     }
 
-    /// Where the request unit at the front of `pending` goes.
-    pub(super) fn route(
+    /// Where the request unit at the front of `pending`, arrived at `now`, goes.
+    /// `read_after`: the session's `pgmux.read_after` token, if set. `Err`:
+    /// the message of a malformed token (22023).
+    pub(super) async fn route(
         &self,
         shared: &Shared,
         pending: &[u8],
         statements: &ClientStatements,
+        read_after: Option<&str>,
         now: Instant,
-    ) -> (Intent, Route) {
-        let intent = crate::routing::intent_of(Request::new(pending).sql(statements), &self.write_functions);
+    ) -> Result<(Intent, Route), String> {
+        let sql = Request::new(pending).sql(statements);
+        let intent = crate::routing::intent_of(sql.iter().copied(), &self.write_functions);
         if let Some(route) = crate::routing::route::fixed(intent) {
-            return (intent, route);
+            return Ok((intent, route));
+        }
+        // Positions this read must see besides its scope's own writes.
+        let mut floors = [None; 3];
+        if intent == Intent::Read {
+            if let Some(text) = read_after {
+                floors[0] = token::parse(text).map_err(|_| token::invalid(token::READ_AFTER, text))?;
+            }
+            if let Some(sql) = sql.first() {
+                floors[1] = token::after_hint(sql).transpose().map_err(|t| token::invalid("pgmux:after", &t))?;
+            }
+            if self.policy.read_your_writes == ReadYourWrites::Global {
+                match self.primary_position_after(now).await {
+                    Some(p) => floors[2] = Some(p),
+                    // What the primary has committed is unknown: only it surely has it.
+                    None => return Ok((intent, Route::primary(RouteReason::Sticky))),
+                }
+            }
         }
         let decision = self.topology.decision();
         let primary = self.primary(&decision);
+        let mut floor: Option<Position> = None;
+        for f in floors.into_iter().flatten() {
+            if decision.timeline != 0 && f.timeline != decision.timeline {
+                // A position of another timeline: only the primary surely has what it names.
+                return Ok((intent, Route::primary(RouteReason::Sticky)));
+            }
+            floor = Some(Position { lsn: floor.map_or(f.lsn, |g| g.lsn.max(f.lsn)), ..f });
+        }
         let candidates: Vec<Candidate> = self
             .replicas
             .iter()
@@ -168,9 +213,10 @@ impl SessionRouting {
             &mut sticky,
             &primary,
             &candidates,
+            floor,
             now,
             shared.routing.spin(),
         );
-        (intent, route)
+        Ok((intent, route))
     }
 }

@@ -2,6 +2,7 @@
 //! and one request's orchestration: route, check out, relay, release.
 
 use super::*;
+use crate::routing::token;
 
 /// The transaction loop: wait idle without a backend, take one when the
 /// client speaks, relay, give it back at the transaction boundary.
@@ -145,8 +146,31 @@ pub(super) async fn serve_request(
     // wait, the link and, when the backend comes back, the relay's last
     // reading serve every timestamp of the request.
     let arrived = Instant::now();
+    if session.routing.is_some()
+        && pending.first() == Some(&tag::QUERY)
+        && let Some((name, value)) =
+            Request::new(pending).sql(&session.statements).first().and_then(|s| token::set_value(s))
+        && let Some(message) = token::check(name, &value)
+    {
+        // Refused before it reaches the server, which would take any text.
+        return Ok(if reject_request(stream, pending, SqlState::INVALID_PARAMETER_VALUE, &message).await? {
+            Step::Next
+        } else {
+            Step::Done
+        });
+    }
     if let Some(routing) = &session.routing {
-        decided = Some(routing.route(shared, pending, &session.statements, arrived));
+        let read_after = session.params.get(token::READ_AFTER);
+        match routing.route(shared, pending, &session.statements, read_after, arrived).await {
+            Ok(d) => decided = Some(d),
+            Err(text) => {
+                return Ok(if reject_request(stream, pending, SqlState::INVALID_PARAMETER_VALUE, &text).await? {
+                    Step::Next
+                } else {
+                    Step::Done
+                });
+            }
+        }
         if let Some(reason) = session.force_primary.take()
             && let Some((intent, route)) = &mut decided
         {
@@ -262,6 +286,12 @@ pub(super) async fn serve_request(
         counters: pool.counters(),
         route: decided.map(|(_, route)| route.reason),
         node: replica_node.as_deref(),
+        // Transactions that write get a token before their ReadyForQuery, in
+        // sessions that asked for tokens (not a read re-run on the primary
+        // because its replica failed).
+        hold_final_ready: write_scope.is_some()
+            && !matches!(&decided, Some((_, r)) if r.reason == RouteReason::ReplicaFailed)
+            && token::wants_tokens(session.params.get(token::WRITE_TOKEN)),
     };
     // Not boxed apart: this future is already the boxed per-request one.
     let outcome =
@@ -272,7 +302,7 @@ pub(super) async fn serve_request(
         session.retries = 0;
     }
     match outcome {
-        Ended::Clean if write_scope.is_some() => {
+        Ended::Clean { ready_owed } if write_scope.is_some() => {
             // The primary's insert position, read on the same session right
             // after the commit, is exactly what a replica must have replayed.
             // One round trip before the backend goes back.
@@ -286,10 +316,23 @@ pub(super) async fn serve_request(
                 Ok((_, None)) => backend.release(Release::Clean(Instant::now())),
                 _ => backend.release(Release::Close(CloseReason::Dirty)),
             }
+            if ready_owed {
+                // The token before the commit's ReadyForQuery: a client that
+                // reads it as soon as its commit returns has this commit's.
+                let mut out = BytesMut::new();
+                if let Some(p) = position {
+                    msg::parameter_status(&mut out, token::WRITE_LSN, &token::format(p));
+                }
+                msg::ready_for_query(&mut out, msg::IDLE);
+                stream.write_all(&out).await?;
+            }
         }
-        Ended::Clean => {
+        Ended::Clean { ready_owed } => {
             settle(None);
             backend.release(Release::Clean(clock));
+            if ready_owed {
+                stream.write_all(&msg::READY_IDLE).await?;
+            }
         }
         Ended::Unused => {
             if let Some(sticky) = &write_scope {

@@ -5,8 +5,10 @@ use super::*;
 
 /// How a transaction on a backend ended, and what becomes of the backend.
 pub(super) enum Ended {
-    /// At a boundary: back to the pool as is.
-    Clean,
+    /// At a boundary: back to the pool as is. `ready_owed`: the final
+    /// ReadyForQuery (idle) was held back (`RelayOptions::hold_final_ready`)
+    /// and the caller sends it.
+    Clean { ready_owed: bool },
     /// The client is gone or being closed: clean the backend up in the
     /// background; tell the client why (if it is still there) and close.
     Recover(Box<Link>, Option<(SqlState, String)>),
@@ -113,6 +115,9 @@ pub(super) async fn transaction(
     }
     match outcome {
         Outcome::Boundary => {
+            // At a boundary only a held final ReadyForQuery can be left over.
+            let ready_owed = !backend.from_server.is_empty();
+            backend.from_server.clear();
             // A partial header of the client's next message stays with the client
             // (and is counted with the transaction it starts).
             if !backend.to_server.is_empty() {
@@ -126,13 +131,16 @@ pub(super) async fn transaction(
                 return Ended::Discard(None);
             }
             backend.spare_queue = link.into_spare();
-            Ended::Clean
+            Ended::Clean { ready_owed }
         }
         Outcome::Terminated | Outcome::ClientGone => {
             link.reset_session = link.pin.is_some() || session.mode == PoolMode::Session;
-            if link.at_transaction_boundary(&backend.from_server) && !link.reset_session {
+            // The client left: a final ReadyForQuery held for it goes nowhere.
+            let held = link.final_ready_held(opts.hold_final_ready, &backend.from_server);
+            if link.at_transaction_boundary_holding(&backend.from_server, held) && !link.reset_session {
                 backend.to_server.clear();
-                Ended::Clean
+                backend.from_server.clear();
+                Ended::Clean { ready_owed: false }
             } else {
                 Ended::Recover(Box::new(link), None)
             }

@@ -229,6 +229,9 @@ pub enum ReadYourWrites {
     Lsn,
     Window,
     Off,
+    /// Every read sees every transaction committed before it arrived, by
+    /// anyone: the primary's position is read after the read arrives.
+    Global,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -86,6 +86,7 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
                 ReadYourWrites::Lsn => "lsn",
                 ReadYourWrites::Window => "window",
                 ReadYourWrites::Off => "off",
+                ReadYourWrites::Global => "global",
             }
             .into(),
         ),

@@ -135,6 +135,9 @@ pub const IDLE: u8 = b'I';
 pub const IN_TRANSACTION: u8 = b'T';
 pub const FAILED_TRANSACTION: u8 = b'E';
 
+/// ReadyForQuery (idle) as it is on the wire.
+pub const READY_IDLE: [u8; 6] = [tag::READY_FOR_QUERY, 0, 0, 0, 5, IDLE];
+
 /// The fields of an ErrorResponse/NoticeResponse body that pgmux looks at.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ErrorFields {

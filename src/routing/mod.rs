@@ -3,6 +3,7 @@
 
 pub mod monitor;
 pub mod route;
+pub mod token;
 pub mod topology;
 
 use crate::sql::{Class, Hint, WriteFunctions, classify};

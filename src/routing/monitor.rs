@@ -75,6 +75,29 @@ impl NodeState {
         self.sampled.notify_waiters();
     }
 
+    /// The node's first sample sent after `after` (waiting at most until
+    /// `deadline`), asked for at once. Reads arriving while a sample is in
+    /// flight all wait for the next one: one query per batch of reads.
+    pub async fn sample_after(&self, after: Instant, deadline: tokio::time::Instant) -> Option<NodeView> {
+        loop {
+            let sampled = self.sampled.notified();
+            tokio::pin!(sampled);
+            sampled.as_mut().enable();
+            let v = self.view();
+            if v.healthy && v.sampled_at.is_some_and(|t| t > after) {
+                return Some(v);
+            }
+            if self.stopped.load(Ordering::Relaxed) {
+                return None;
+            }
+            self.wanted.notify_one();
+            tokio::select! {
+                _ = sampled => {}
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
     /// Whether the node has replayed past `lsn` of `timeline`, asking it
     /// again at once (not at the next tick) until it has or `deadline`
     /// passes. Concurrent waiters share each sample: one taken while others
@@ -183,17 +206,40 @@ pub async fn run(state: Arc<NodeState>, login: MonitorLogin, interval: Duration)
         };
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A position-only sample could not be had: the full one, at once.
+        let mut full_next = false;
         while !state.stopped.load(Ordering::Relaxed) {
-            // The next sample at the tick, or at once for a waiting read.
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = state.wanted.notified() => {}
-            }
+            // The next sample at the tick, or at once for a waiting read:
+            // then only the position, which is all a waiting read needs and
+            // costs the node a fraction of the full sample (under a write
+            // load, waiting reads ask for one back to back).
+            let on_demand = full_next
+                || tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = state.wanted.notified() => true,
+                };
+            let prev = state.view();
+            let position_only = on_demand && !full_next && prev.healthy;
+            full_next = false;
+            let sql = match (position_only, prev.in_recovery) {
+                (false, _) => SAMPLE_SQL,
+                (true, true) => "SELECT pg_catalog.pg_last_wal_replay_lsn()",
+                (true, false) => "SELECT pg_catalog.pg_current_wal_insert_lsn()",
+            };
             let sent = Instant::now();
             // A node that takes more than a second to answer a trivial query
             // is not one to send reads to.
-            let sample = tokio::time::timeout(Duration::from_secs(1), conn.query_row(SAMPLE_SQL)).await;
+            let sample = tokio::time::timeout(Duration::from_secs(1), conn.query_row(sql)).await;
             match sample {
+                Ok(Ok((row, None))) if position_only => {
+                    match row.first().and_then(|v| v.as_deref()).and_then(parse_lsn) {
+                        Some(lsn) => state.publish(NodeView { lsn, sampled_at: Some(sent), ..prev }),
+                        None => full_next = true,
+                    }
+                }
+                // The node's role changed since the last sample (a primary's
+                // position function fails in recovery): the full sample says how.
+                Ok(Ok((_, Some(_)))) if position_only => full_next = true,
                 Ok(Ok((row, None))) => match parse_sample(&row) {
                     Some((in_recovery, lsn, delay, timeline)) => state.publish(NodeView {
                         healthy: true,

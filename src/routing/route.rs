@@ -130,13 +130,38 @@ impl Sticky {
         };
     }
 
-    /// What a read of this scope needs now.
-    fn requirement(&mut self, policy: &Policy, primary: &PrimaryView, now: Instant) -> Requirement {
-        let Some(wrote_at) = self.wrote_at else { return Requirement::Any };
+    /// What a read of this scope needs now; `floor` is a position every read
+    /// must see besides the scope's own writes (see [`route`]).
+    fn requirement(
+        &mut self,
+        policy: &Policy,
+        primary: &PrimaryView,
+        floor: Option<Position>,
+        now: Instant,
+    ) -> Requirement {
         if self.in_flight > 0 && policy.read_your_writes != ReadYourWrites::Off {
             return Requirement::Primary;
         }
+        let own = self.own_requirement(policy, primary, now);
+        let Some(f) = floor else { return own };
+        // A floor from another timeline than the primary's is not comparable:
+        // only the primary surely has it.
+        if primary.timeline != 0 && f.timeline != primary.timeline {
+            return Requirement::Primary;
+        }
+        match own {
+            Requirement::Primary => Requirement::Primary,
+            Requirement::Any => Requirement::ReplayedPast(f.lsn),
+            Requirement::ReplayedPast(lsn) => Requirement::ReplayedPast(lsn.max(f.lsn)),
+        }
+    }
+
+    /// What a read needs to see this scope's own writes.
+    fn own_requirement(&mut self, policy: &Policy, primary: &PrimaryView, now: Instant) -> Requirement {
+        let Some(wrote_at) = self.wrote_at else { return Requirement::Any };
         match policy.read_your_writes {
+            // The floor, read after the read arrived, covers the scope's own writes too.
+            ReadYourWrites::Global => Requirement::Any,
             ReadYourWrites::Off => Requirement::Any,
             ReadYourWrites::Window if now < wrote_at + policy.sticky_window => Requirement::Primary,
             ReadYourWrites::Window => Requirement::Any,
@@ -237,14 +262,18 @@ pub fn fixed(intent: Intent) -> Option<Route> {
     }
 }
 
-/// Decides where a request goes. `spin` is a caller-kept counter (round
-/// robin) or random value (random).
+/// Decides where a request goes. `floor`: a position a read must see
+/// whatever its scope wrote — the primary's position read after the read
+/// arrived (`global`), or a token the client presented. `spin` is a
+/// caller-kept counter (round robin) or random value (random).
+#[allow(clippy::too_many_arguments)]
 pub fn route(
     intent: Intent,
     policy: &Policy,
     sticky: &mut Sticky,
     primary: &PrimaryView,
     replicas: &[Candidate],
+    floor: Option<Position>,
     now: Instant,
     spin: usize,
 ) -> Route {
@@ -255,7 +284,7 @@ pub fn route(
     let (lsn_ok, reason_if_none): (Option<u64>, RouteReason) = if intent == Intent::HintReplica {
         (None, RouteReason::Hint)
     } else {
-        match sticky.requirement(policy, primary, now) {
+        match sticky.requirement(policy, primary, floor, now) {
             Requirement::Primary => return Route::primary(RouteReason::Sticky),
             Requirement::Any => (None, RouteReason::Read),
             Requirement::ReplayedPast(lsn) => (Some(lsn), RouteReason::Read),
@@ -340,9 +369,12 @@ mod tests {
         let r = [Candidate { fenced: false, view: node(100, t, true), active: 0, weight: 1 }];
         let mut s = Sticky::default();
         let pol = policy(ReadYourWrites::Lsn);
-        assert_eq!(route(Intent::Write, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Write));
-        assert_eq!(route(Intent::Transaction, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Transaction));
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0).target, Target::Replica(0));
+        assert_eq!(route(Intent::Write, &pol, &mut s, &p, &r, None, t, 0), Route::primary(RouteReason::Write));
+        assert_eq!(
+            route(Intent::Transaction, &pol, &mut s, &p, &r, None, t, 0),
+            Route::primary(RouteReason::Transaction)
+        );
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, None, t, 0).target, Target::Replica(0));
     }
 
     #[test]
@@ -355,15 +387,18 @@ mod tests {
         // The primary's last sample predates the write: its LSN proves nothing.
         let p_old = PrimaryView::of(node(100, t0, false));
         let r = [Candidate { fenced: false, view: node(500, t0, true), active: 0, weight: 1 }];
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p_old, &r, write_at, 0), Route::primary(RouteReason::Sticky));
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p_old, &r, None, write_at, 0),
+            Route::primary(RouteReason::Sticky)
+        );
         // A sample taken after the write: the replica must reach it.
         let p_new = PrimaryView::of(node(600, write_at + Duration::from_millis(5), false));
         assert_eq!(
-            route(Intent::Read, &pol, &mut s, &p_new, &r, write_at, 0),
+            route(Intent::Read, &pol, &mut s, &p_new, &r, None, write_at, 0),
             Route::primary(RouteReason::ReplicaLagging)
         );
         let caught_up = [Candidate { fenced: false, view: node(600, write_at, true), active: 0, weight: 1 }];
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p_new, &caught_up, write_at, 0).target, Target::Replica(0));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p_new, &caught_up, None, write_at, 0).target, Target::Replica(0));
     }
 
     #[test]
@@ -383,14 +418,45 @@ mod tests {
         // The furthest along of the prompt ones is asked for the write's position.
         let r = [behind(800, 0), behind(850, 1), behind(890, 500)];
         assert_eq!(
-            route(Intent::Read, &pol, &mut s, &p, &r, t, 0),
+            route(Intent::Read, &pol, &mut s, &p, &r, None, t, 0),
             Route { target: Target::CatchUp { replica: 1, timeline: 1, lsn: 900 }, reason: RouteReason::CaughtUp }
         );
         // Only one replaying half a second late: the read goes to the primary at once.
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r[2..], t, 0), Route::primary(RouteReason::ReplicaLagging));
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p, &r[2..], None, t, 0),
+            Route::primary(RouteReason::ReplicaLagging)
+        );
         // Nothing to wait for without a write to see.
         let mut fresh = Sticky::default();
-        assert_eq!(route(Intent::Read, &pol, &mut fresh, &p, &r, t, 0).target, Target::Replica(0));
+        assert_eq!(route(Intent::Read, &pol, &mut fresh, &p, &r, None, t, 0).target, Target::Replica(0));
+    }
+
+    #[test]
+    fn a_floor_is_what_every_read_must_see_whoever_wrote() {
+        let t = Instant::now();
+        let pol = policy(ReadYourWrites::Global);
+        let p = PrimaryView::of(node(1000, t, false));
+        let r = [Candidate { fenced: false, view: node(500, t, true), active: 0, weight: 1 }];
+        let mut s = Sticky::default();
+        let floor = |lsn| Some(Position { timeline: 1, lsn });
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, floor(400), t, 0).target, Target::Replica(0));
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p, &r, floor(600), t, 0),
+            Route::primary(RouteReason::ReplicaLagging)
+        );
+        // The scope's own write, settled at 700, is covered by a floor past it, not by one before.
+        s.begin_write(t);
+        s.end_write(t, Some(Position { timeline: 1, lsn: 700 }));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, floor(400), t, 0).target, Target::Replica(0));
+        let lsn_pol = policy(ReadYourWrites::Lsn);
+        assert_eq!(
+            route(Intent::Read, &lsn_pol, &mut s, &p, &r, floor(400), t, 0),
+            Route::primary(RouteReason::ReplicaLagging),
+            "in lsn mode the scope's own write still counts"
+        );
+        // A floor from another timeline: only the primary surely has it.
+        let other = Some(Position { timeline: 2, lsn: 1 });
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, other, t, 0), Route::primary(RouteReason::Sticky));
     }
 
     #[test]
@@ -401,12 +467,12 @@ mod tests {
         let r = [Candidate { fenced: false, view: node(1000, t, true), active: 0, weight: 1 }];
         let mut s = Sticky::default();
         s.begin_write(t);
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Sticky));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, None, t, 0), Route::primary(RouteReason::Sticky));
         s.end_write(t, Some(Position { timeline: 1, lsn: 900 }));
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0).target, Target::Replica(0));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, None, t, 0).target, Target::Replica(0));
         s.begin_write(t);
         s.end_write(t, Some(Position { timeline: 1, lsn: 2000 }));
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::ReplicaLagging));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, None, t, 0), Route::primary(RouteReason::ReplicaLagging));
     }
 
     #[test]
@@ -417,9 +483,15 @@ mod tests {
         let mut s = Sticky::default();
         s.wrote(t);
         let pol = policy(ReadYourWrites::Window);
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t, 0), Route::primary(RouteReason::Sticky));
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, t + Duration::from_secs(2), 0).target, Target::Replica(0));
-        assert_eq!(route(Intent::Read, &policy(ReadYourWrites::Off), &mut s, &p, &r, t, 0).target, Target::Replica(0));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, None, t, 0), Route::primary(RouteReason::Sticky));
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p, &r, None, t + Duration::from_secs(2), 0).target,
+            Target::Replica(0)
+        );
+        assert_eq!(
+            route(Intent::Read, &policy(ReadYourWrites::Off), &mut s, &p, &r, None, t, 0).target,
+            Target::Replica(0)
+        );
     }
 
     #[test]
@@ -437,6 +509,7 @@ mod tests {
                 &mut s,
                 &p,
                 &[Candidate { fenced: false, view: down, active: 0, weight: 1 }],
+                None,
                 t,
                 0
             ),
@@ -451,6 +524,7 @@ mod tests {
                 &mut s,
                 &p,
                 &[Candidate { fenced: false, view: slow, active: 0, weight: 1 }],
+                None,
                 t,
                 0
             ),
@@ -459,14 +533,18 @@ mod tests {
         pol.max_replica_lag_bytes = Some(100);
         let behind = Candidate { fenced: false, view: node(800, t, true), active: 0, weight: 1 };
         let near = Candidate { fenced: false, view: node(950, t, true), active: 5, weight: 1 };
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[behind, near], t, 0).target, Target::Replica(1));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[behind, near], None, t, 0).target, Target::Replica(1));
         let idle = Candidate { fenced: false, view: node(950, t, true), active: 1, weight: 1 };
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[near, idle], t, 0).target, Target::Replica(1));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[near, idle], None, t, 0).target, Target::Replica(1));
         // A promoted "replica" (not in recovery) never takes reads meant for replicas.
         let promoted = Candidate { fenced: false, view: node(1000, t, false), active: 0, weight: 1 };
-        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &[promoted], t, 0), Route::primary(RouteReason::NoReplica));
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &p, &[promoted], None, t, 0),
+            Route::primary(RouteReason::NoReplica)
+        );
         pol.load_balance = LoadBalance::RoundRobin;
-        let picks: Vec<_> = (0..4).map(|i| route(Intent::Read, &pol, &mut s, &p, &[near, idle], t, i).target).collect();
+        let picks: Vec<_> =
+            (0..4).map(|i| route(Intent::Read, &pol, &mut s, &p, &[near, idle], None, t, i).target).collect();
         assert_eq!(picks, [Target::Replica(0), Target::Replica(1), Target::Replica(0), Target::Replica(1)]);
     }
 
@@ -488,13 +566,16 @@ mod tests {
         let old = node(9000, t, true);
         // On the new timeline, before the switch point: no.
         let r = [Candidate { fenced: false, view: behind, active: 0, weight: 1 }];
-        assert_eq!(route(Intent::Read, &pol, &mut s, &promoted, &r, t, 0), Route::primary(RouteReason::ReplicaLagging));
+        assert_eq!(
+            route(Intent::Read, &pol, &mut s, &promoted, &r, None, t, 0),
+            Route::primary(RouteReason::ReplicaLagging)
+        );
         // Still on the old timeline, however far: out of rotation.
         let c = Candidate { fenced: false, view: old, active: 0, weight: 1 };
         assert_eq!(out_of_rotation(&pol, &c, &promoted), Some("timeline"));
         // Past the switch point on the new timeline: yes (5000 on timeline 1 means nothing there).
         let r = [Candidate { fenced: false, view: past, active: 0, weight: 1 }];
-        assert_eq!(route(Intent::Read, &pol, &mut s, &promoted, &r, t, 0).target, Target::Replica(0));
+        assert_eq!(route(Intent::Read, &pol, &mut s, &promoted, &r, None, t, 0).target, Target::Replica(0));
         let fenced = Candidate { fenced: true, view: past, active: 0, weight: 1 };
         assert_eq!(out_of_rotation(&pol, &fenced, &promoted), Some("fenced"));
     }

@@ -305,21 +305,26 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
     out
 }
 
+/// The text of the comment `sql` starts with (after white space), without
+/// its `/* */` or `--`: where pgmux looks for directives.
+pub fn first_comment(sql: &[u8]) -> Option<&[u8]> {
+    let i = skip_space(sql, 0);
+    let rest = &sql[i..];
+    if rest.starts_with(b"/*") {
+        let end = block_comment_end(sql, i)?;
+        Some(&sql[i + 2..end - 2])
+    } else if rest.starts_with(b"--") {
+        Some(&sql[i + 2..line_comment_end(sql, i)])
+    } else {
+        None
+    }
+}
+
 /// The hint in the first comment, if it comes before the first token and
 /// says exactly `pgmux:primary` or `pgmux:replica` (ASCII case and
 /// whitespace around the words ignored). `-- pgmux:replica` works too.
 fn hint(sql: &[u8]) -> Option<Hint> {
-    let i = skip_space(sql, 0);
-    let rest = &sql[i..];
-    let body = if rest.starts_with(b"/*") {
-        let end = block_comment_end(sql, i)?;
-        &sql[i + 2..end - 2]
-    } else if rest.starts_with(b"--") {
-        &sql[i + 2..line_comment_end(sql, i)]
-    } else {
-        return None;
-    };
-    let body = body.trim_ascii();
+    let body = first_comment(sql)?.trim_ascii();
     let (word, rest) = body.split_at_checked(5)?;
     if !word.eq_ignore_ascii_case(b"pgmux") {
         return None;

@@ -128,6 +128,8 @@ pub struct Link {
     pub unpoolable: bool,
     /// The backend holds the client's unnamed statement.
     unnamed_here: bool,
+    /// The last frame scanned from the server is a ReadyForQuery the client gets.
+    ends_with_ready: bool,
     expect: VecDeque<Expect>,
     /// Server frames to cut out of the current chunk (responses to injected
     /// messages), or to replace (a reworded error).
@@ -182,6 +184,7 @@ impl Link {
             completed: false,
             unpoolable: false,
             unnamed_here: false,
+            ends_with_ready: false,
             expect,
             drops: Vec::new(),
             param_changes: Vec::new(),
@@ -200,6 +203,30 @@ impl Link {
     /// outside a transaction, and no partial message in flight either way.
     pub fn at_transaction_boundary(&self, from_server: &BytesMut) -> bool {
         self.at_transaction_boundary_ignoring_output() && self.server_ready == 0 && from_server.is_empty()
+    }
+
+    /// How many bytes at the end of what is ready for the client are the
+    /// ReadyForQuery (idle) that ended the transaction, when the caller asked
+    /// to send that one itself (`RelayOptions::hold_final_ready`): 6 or 0.
+    /// Only at a boundary, where the relay returns once the rest is written:
+    /// a ReadyForQuery held while the link goes on could be one the client
+    /// waits for before it sends more.
+    pub fn final_ready_held(&self, hold_final_ready: bool, from_server: &BytesMut) -> usize {
+        let n = msg::READY_IDLE.len();
+        let held = hold_final_ready
+            && self.ends_with_ready
+            && self.pin.is_none()
+            && self.at_transaction_boundary_ignoring_output()
+            && from_server.len() == self.server_ready
+            && self.server_ready >= n
+            && from_server[self.server_ready - n..self.server_ready] == msg::READY_IDLE;
+        if held { n } else { 0 }
+    }
+
+    /// [`Link::at_transaction_boundary`] with `held` bytes of the answer
+    /// (the final ReadyForQuery) left for the caller to send.
+    pub fn at_transaction_boundary_holding(&self, from_server: &BytesMut, held: usize) -> bool {
+        self.at_transaction_boundary_ignoring_output() && self.server_ready == held && from_server.len() == held
     }
 
     /// Like [`Link::at_transaction_boundary`], for a held answer that is
@@ -412,6 +439,7 @@ impl Link {
             fatal_seen,
             pin,
             completed,
+            ends_with_ready,
             ..
         } = self;
         drops.clear();
@@ -419,6 +447,7 @@ impl Link {
             &from_server[self.server_ready..],
             |t| matches!(t, tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE),
             |f| {
+                *ends_with_ready = false;
                 if *hold && !*misrouted {
                     match f.tag {
                         // Nothing the client can act on yet: keep holding.
@@ -532,6 +561,7 @@ impl Link {
                                 if !forward {
                                     drops.extend(f.start.map(|s| (s, f.end, None)));
                                 }
+                                *ends_with_ready = forward && f.start.is_some();
                             }
                             // A ReadyForQuery nobody asked for: our count is off, never pool this backend.
                             _ => *unpoolable = true,

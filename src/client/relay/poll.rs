@@ -52,6 +52,10 @@ pub struct RelayOptions<'a> {
     /// The replica's health, when the transaction runs on one: a request
     /// waiting on it gives up when its monitor marks it down.
     pub node: Option<&'a crate::routing::monitor::NodeState>,
+    /// Leave the ReadyForQuery that ends the transaction in `from_server`
+    /// for the caller, who sends something before it (a write token: the
+    /// client must have it when its commit returns).
+    pub hold_final_ready: bool,
 }
 
 /// Adds the tally of the transaction that just ended to its pool (and its
@@ -125,7 +129,9 @@ pub async fn relay(
             link.client_ready += to_server.len() - before;
             link.copy_in = false;
         }
-        if opts.release_at_boundary && link.pin.is_none() && link.at_transaction_boundary(from_server) {
+        let hold_final_ready = opts.hold_final_ready && opts.release_at_boundary && !link.hold;
+        let held = link.final_ready_held(hold_final_ready, from_server);
+        if opts.release_at_boundary && link.pin.is_none() && link.at_transaction_boundary_holding(from_server, held) {
             return Outcome::Boundary;
         }
         let idle_in_txn = link.pending_ready == 0
@@ -145,7 +151,7 @@ pub async fn relay(
             {
                 return Poll::Ready(Event::ServerWritable(r));
             }
-            if ((link.server_ready > 0 && !link.hold) || client.wants_write())
+            if ((link.server_ready > held && !link.hold) || client.wants_write())
                 && let Poll::Ready(r) = client.poll_write_ready(cx)
             {
                 return Poll::Ready(Event::ClientWritable(r));
@@ -200,9 +206,9 @@ pub async fn relay(
                 }
             }
             Event::ClientWritable(r) => {
-                let mut held = 0;
-                let ready = if link.hold { &mut held } else { &mut link.server_ready };
-                if r.and_then(|_| flush(client, from_server, ready)).is_err() {
+                let mut none = 0;
+                let ready = if link.hold { &mut none } else { &mut link.server_ready };
+                if r.and_then(|_| flush_holding(client, from_server, ready, held)).is_err() {
                     return Outcome::ClientGone;
                 }
             }
@@ -219,7 +225,8 @@ pub async fn relay(
                 if link.misrouted && link.pending_ready == 0 && link.server_scan.at_boundary() {
                     return Outcome::Misrouted;
                 }
-                if !link.hold && flush(client, from_server, &mut link.server_ready).is_err() {
+                let held = link.final_ready_held(hold_final_ready, from_server);
+                if !link.hold && flush_holding(client, from_server, &mut link.server_ready, held).is_err() {
                     return Outcome::ClientGone;
                 }
                 if link.pending_ready < owed {
@@ -300,6 +307,14 @@ async fn deliver_rest(client: &mut Stream, from_server: &BytesMut, ready: &mut u
     })
     .await;
     *ready = 0;
+}
+
+/// [`flush`], keeping the last `held` of the `*ready` bytes back.
+fn flush_holding(stream: &mut Stream, buf: &mut BytesMut, ready: &mut usize, held: usize) -> std::io::Result<()> {
+    let mut sendable = *ready - held;
+    let r = flush(stream, buf, &mut sendable);
+    *ready = sendable + held;
+    r
 }
 
 /// Writes as much of the first `*ready` bytes of `buf` as the socket takes
