@@ -126,7 +126,7 @@ impl Proxy {
                 let stopped = async {
                     let _ = stopped.await;
                 };
-                let options = pgmux::server::Options { config_path, metrics: metrics_listener };
+                let options = pgmux::server::Options { config_path, metrics: metrics_listener, ..Default::default() };
                 pgmux::server::run(Arc::new(config), listener, stopped, options).await
             });
             let _ = done.send(result);
