@@ -162,12 +162,15 @@ impl Shared {
     /// Live state for `config`, served by `pools`; `config_path` is the file
     /// a reload re-reads (`None` refuses reloading).
     pub fn new(config: Arc<Settings>, pools: Arc<Pools>, config_path: Option<PathBuf>) -> Shared {
+        // Validated to 16383 at most; peer_id is restart-only, so keys issued
+        // under it stay valid for the process's life.
+        let peer_id = u16::try_from(config.proxy.peer_id).unwrap_or(0);
         Shared {
             config: ArcSwap::new(config),
             config_path,
             reload_lock: std::sync::Mutex::new(()),
             pools,
-            cancels: CancelRegistry::default(),
+            cancels: CancelRegistry::new(peer_id),
             clients: ClientRegistry::default(),
             stats: Stats::default(),
             pause: Pause::default(),
