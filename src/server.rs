@@ -114,7 +114,7 @@ where
     }
     match wait {
         Wait::No => {}
-        // A SIGTERM meanwhile drains them after all.
+        // A signal meanwhile drains them after all.
         Wait::Unbounded => {
             wait_for_clients(&shared, None, async {
                 (&mut shutdown).await;

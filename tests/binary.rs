@@ -1,6 +1,7 @@
 //! The `pgmux` binary as ops run it: a config file, the runtime `[proxy]
-//! workers` asks for, traffic from several clients, SIGTERM. (Every other
-//! test runs the proxy inside the test process.)
+//! workers` asks for, traffic from several clients, SIGTERM once they left.
+//! (Every other test runs the proxy inside the test process;
+//! tests/scale_out.rs runs several binaries on one port.)
 
 mod support;
 

@@ -67,6 +67,15 @@ fn shipped_proxy_toml_parses() {
     assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
     assert_eq!(c.proxy.metrics_listen, Some("127.0.0.1:9930".parse().unwrap()));
     assert_eq!(c.routing.monitor_interval, Duration::from_millis(20));
+    // The commented-out scale-out lines are valid as they stand once uncommented.
+    let mut uncommented = text.to_owned();
+    for line in ["# peer_listen =", "# peer_id =", "# [[peers]]", "# id = 2", "# addr = "] {
+        assert!(uncommented.contains(line), "{line}");
+        uncommented = uncommented.replace(line, &line[2..]);
+    }
+    let c = parse_ok(&uncommented);
+    assert_eq!((c.proxy.peer_id, c.peers.len()), (1, 1));
+    assert_eq!(c.proxy.peer_listen, Some("127.0.0.1:6433".parse().unwrap()));
 }
 
 #[test]

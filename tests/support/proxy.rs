@@ -171,7 +171,7 @@ impl Proxy {
         self.connect(APP.0, Some(APP.1), DB).await.expect("connect through pgmux as app")
     }
 
-    /// Triggers shutdown (as SIGTERM would) without waiting for it.
+    /// Triggers the drain (as SIGINT would) without waiting for it.
     pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
