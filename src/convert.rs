@@ -289,6 +289,8 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
             "reserve_pool_timeout" => time("reserve_pool_timeout", &mut proxy, &mut skip),
             "max_db_client_connections" => proxy.push(format!("max_db_client_connections = {v}")),
             "max_user_client_connections" => proxy.push(format!("max_user_client_connections = {v}")),
+            "so_reuseport" => proxy.push(format!("so_reuseport = {}", v == "1")),
+            "peer_id" => proxy.push(format!("peer_id = {v}")),
             "logfile" | "syslog" | "syslog_ident" | "syslog_facility" | "log_connections" | "log_disconnections"
             | "log_pooler_errors" | "log_stats" | "verbose" => {
                 skip(key, "pgmux logs to stderr; RUST_LOG or --log-level sets the level")
@@ -436,8 +438,29 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
     for (user, _) in ini.sections.get("users").unwrap_or(&empty) {
         skip(&format!("users {user}"), "per-user pool settings have no equivalent");
     }
-    if ini.sections.contains_key("peers") {
-        skip("[peers]", "several pgmux instances do not forward cancels to each other yet");
+    // [[peers]]: where cancels issued by the other instances are forwarded.
+    let mut peers_toml = String::new();
+    for (id, connstr) in ini.sections.get("peers").unwrap_or(&empty) {
+        let params = parse_connstr(connstr);
+        let param = |k: &str| params.iter().rev().find(|(pk, _)| pk == k).map(|(_, v)| v.as_str());
+        let host = param("host").unwrap_or("");
+        if id.parse::<u32>().is_err() {
+            skip(&format!("peers {id}"), "a peer id is a number");
+            continue;
+        }
+        if host.is_empty() || host.starts_with('/') {
+            skip(
+                &format!("peers {id}"),
+                "host is a Unix socket directory; pgmux forwards cancels over TCP to the peer's peer_listen",
+            );
+            continue;
+        }
+        let host = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
+        let port = param("port").unwrap_or("6432");
+        let _ = writeln!(peers_toml, "\n[[peers]]\nid = {id}\naddr = {}", quote(&format!("{host}:{port}")));
+        for (k, _) in params.iter().filter(|(k, _)| k != "host" && k != "port") {
+            skip(&format!("peers {id} {k}"), "pgmux opens a connection per forwarded cancel, no pool");
+        }
     }
 
     let mut toml = String::from("# proxy.toml converted from a PgBouncer configuration by `pgmux convert`.\n");
@@ -458,6 +481,7 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
     }
     toml.push_str(&dbs_toml);
     toml.push_str(&users_toml);
+    toml.push_str(&peers_toml);
     Converted { toml, skipped }
 }
 

@@ -137,9 +137,20 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Arc<Config>, path: PathBuf) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.proxy.listen).await?;
-    tracing::info!(listen = %config.proxy.listen, "pgmux listening");
-    let metrics = match config.proxy.metrics_listen {
+    let proxy = &config.proxy;
+    let listener = pgmux::server::bind(proxy.listen, proxy.so_reuseport)?;
+    tracing::info!(listen = %proxy.listen, so_reuseport = proxy.so_reuseport, "pgmux listening");
+    // This instance's own address: never shared, so a peer's forwarded
+    // cancel or an operator's console session reaches this very process.
+    let peer = match proxy.peer_listen {
+        Some(addr) => {
+            let l = pgmux::server::bind(addr, false)?;
+            tracing::info!(listen = %l.local_addr()?, peer_id = proxy.peer_id, "peer_listen: this instance's own address");
+            Some(l)
+        }
+        None => None,
+    };
+    let metrics = match proxy.metrics_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(listen = %l.local_addr()?, "metrics listening");
@@ -148,6 +159,6 @@ async fn serve(config: Arc<Config>, path: PathBuf) -> std::io::Result<()> {
         None => None,
     };
     // SIGHUP and the admin console's RELOAD re-read this file.
-    let options = pgmux::server::Options { config_path: Some(path), metrics };
+    let options = pgmux::server::Options { config_path: Some(path), metrics, peer };
     pgmux::server::run(config, listener, pgmux::server::shutdown_signal(), options).await
 }

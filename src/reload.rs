@@ -22,8 +22,10 @@
 //!   database's, and it takes no more reads, even from clients that
 //!   logged in before. A replica added serves clients that log in after.
 //! - `[routing]`, TLS keys: swapped in with the rest.
-//! - `[proxy] listen`, `metrics_listen`: need a restart; the old ones stay
-//!   (and `SHOW CONFIG` keeps showing them).
+//! - `[[peers]]`: the next cancel request forwarded uses the new list.
+//! - `[proxy] listen`, `metrics_listen`, `peer_listen`, `so_reuseport`,
+//!   `peer_id`, `workers`: need a restart; the old values stay (and
+//!   `SHOW CONFIG` keeps showing them).
 
 use std::path::Path;
 
@@ -55,25 +57,21 @@ pub enum ReloadError {
 /// config keeps `old`'s values of the settings that need a restart.
 pub fn prepare(old: &Config, path: &Path) -> Result<(Settings, Reloaded), ReloadError> {
     let mut new = Config::load(path)?;
+    let (was, wanted) = (crate::config::values::config_values(old), crate::config::values::config_values(&new));
+    let value = |values: &[(&str, String)], key: &str| {
+        values.iter().find(|(k, _)| *k == key).map_or("unset".to_owned(), |(_, v)| shown(v).to_owned())
+    };
     let needs_restart = diff_requires_restart(old, &new)
         .into_iter()
         .map(|key| {
-            let (was, wanted) = match key {
-                "proxy.listen" => (old.proxy.listen.to_string(), new.proxy.listen.to_string()),
-                _ => (opt_addr(old.proxy.metrics_listen), opt_addr(new.proxy.metrics_listen)),
-            };
+            let (was, wanted) = (value(&was, key), value(&wanted, key));
             format!("{key} changed to {wanted} but needs a restart; still {was}")
         })
         .collect();
-    new.proxy.listen = old.proxy.listen;
-    new.proxy.metrics_listen = old.proxy.metrics_listen;
+    new.keep_restart_settings(old);
     let changes = changes(old, &new);
     let new = Settings::build(new).map_err(ReloadError::Tls)?;
     Ok((new, Reloaded { changes, needs_restart }))
-}
-
-fn opt_addr(a: Option<std::net::SocketAddr>) -> String {
-    a.map(|a| a.to_string()).unwrap_or_else(|| "unset".to_owned())
 }
 
 /// What differs between two configurations, one line per setting. Users'
@@ -89,6 +87,10 @@ pub fn changes(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.admin.users != new.admin.users {
         out.push(format!("admin.users: {:?} -> {:?}", old.admin.users, new.admin.users));
+    }
+    if old.peers != new.peers {
+        let peers = |c: &Config| c.peers.iter().map(|p| format!("{}={}", p.id, p.addr)).collect::<Vec<_>>().join(", ");
+        out.push(format!("peers: [{}] -> [{}]", peers(old), peers(new)));
     }
     for db in &old.databases {
         match new.database(&db.name) {
@@ -197,11 +199,24 @@ password = "secret-one"
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");
         let old = Config::parse(BASE, "old.toml").unwrap();
-        std::fs::write(&path, BASE.replace("6432", "7777")).unwrap();
+        let text = BASE.replace("6432", "7777").replace(
+            "query_wait_timeout = \"5s\"",
+            "query_wait_timeout = \"5s\"\nworkers = 2\nso_reuseport = true\npeer_id = 3\npeer_listen = \"127.0.0.1:7778\"",
+        );
+        std::fs::write(&path, text).unwrap();
         let (new, report) = prepare(&old, &path).unwrap();
         assert_eq!(new.proxy.listen, old.proxy.listen);
-        assert_eq!(report.needs_restart.len(), 1);
-        assert!(report.needs_restart[0].contains("proxy.listen changed to 127.0.0.1:7777"), "{report:?}");
+        assert_eq!((new.proxy.workers, new.proxy.so_reuseport), (1, false));
+        assert_eq!((new.proxy.peer_id, new.proxy.peer_listen), (0, None));
+        let restart = &report.needs_restart;
+        assert_eq!(restart.len(), 5, "{report:?}");
+        assert!(restart[0].contains("proxy.listen changed to 127.0.0.1:7777"), "{report:?}");
+        assert!(restart.contains(&"proxy.workers changed to 2 but needs a restart; still 1".to_owned()), "{report:?}");
+        assert!(
+            restart
+                .contains(&"proxy.peer_listen changed to 127.0.0.1:7778 but needs a restart; still unset".to_owned()),
+            "{report:?}"
+        );
         assert!(report.changes.is_empty(), "{report:?}");
     }
 

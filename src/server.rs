@@ -1,14 +1,16 @@
 //! Listener, accept loop, shutdown and drain.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::Config;
 use crate::live::Shared;
@@ -27,18 +29,55 @@ pub struct Options {
     /// The `/metrics` listener, bound by the caller (`main` binds
     /// `[proxy] metrics_listen`; tests bind port 0 and need the port).
     pub metrics: Option<TcpListener>,
+    /// `[proxy] peer_listen`'s listener: this instance's own address, served
+    /// exactly as the client listener is.
+    pub peer: Option<TcpListener>,
 }
 
-/// Serves clients on `listener` until `shutdown` resolves (or an admin runs
-/// SHUTDOWN), then drains: stop accepting, let open transactions finish
-/// within `shutdown_timeout`, then close everyone with 57P01.
-pub async fn run(
-    config: Arc<Config>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    options: Options,
-) -> std::io::Result<()> {
-    let Options { config_path, metrics } = options;
+/// How a shutdown begins: what the future given to [`run`] resolves to.
+pub enum Shutdown {
+    /// Stop accepting; idle clients get `57P01` at once, open transactions
+    /// finish within `shutdown_timeout`, then everyone is closed (SIGINT,
+    /// the admin console's SHUTDOWN).
+    Drain,
+    /// Stop accepting and go on serving the connected clients until they
+    /// leave by themselves (SIGTERM, as PgBouncer and Postgres's smart
+    /// shutdown): closing an idle client always races the query it may be
+    /// sending, so only waiting fails nothing. [`Shutdown::Drain`] follows
+    /// after `shutdown_timeout`, or when the future resolves (a second signal).
+    WaitForClients(Escalation),
+}
+
+/// Resolves when a shutdown that waits for clients should drain them after all.
+pub type Escalation = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A shutdown future resolving to `()` asks for the drain, as it always has.
+impl From<()> for Shutdown {
+    fn from((): ()) -> Shutdown {
+        Shutdown::Drain
+    }
+}
+
+impl std::fmt::Debug for Shutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Shutdown::Drain => "Drain",
+            Shutdown::WaitForClients(_) => "WaitForClients",
+        })
+    }
+}
+
+/// Serves clients on `listener` (and `options.peer`) until `shutdown`
+/// resolves (or an admin runs SHUTDOWN), then stops accepting and shuts
+/// down as [`Shutdown`] says: waiting for the clients first, or draining at
+/// once (let open transactions finish within `shutdown_timeout`, then close
+/// everyone with 57P01).
+pub async fn run<F>(config: Arc<Config>, listener: TcpListener, shutdown: F, options: Options) -> std::io::Result<()>
+where
+    F: Future,
+    F::Output: Into<Shutdown>,
+{
+    let Options { config_path, metrics, peer } = options;
     let config = Settings::build(Arc::unwrap_or_clone(config))
         .map(Arc::new)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS: {e}")))?;
@@ -51,22 +90,39 @@ pub async fn run(
     let metrics = metrics.map(|l| tokio::spawn(crate::admin::metrics::serve(l, shared.clone())));
     let sighup = config_reloadable.then(|| reload_on_sighup(shared.clone()));
 
+    let listeners: Vec<TcpListener> = std::iter::once(listener).chain(peer).collect();
+    let next_id = AtomicU64::new(1);
     tokio::pin!(shutdown);
-    tokio::select! {
-        _ = accept_loop(&listener, &shared) => {}
-        _ = &mut shutdown => {}
-        _ = shared.shutdown_requested() => tracing::info!("SHUTDOWN from the admin console"),
+    let wait = tokio::select! {
+        _ = accept_loop(&listeners, &shared, &next_id) => Wait::No,
+        mode = &mut shutdown => match mode.into() {
+            Shutdown::Drain => Wait::No,
+            Shutdown::WaitForClients(escalate) => Wait::Bounded(escalate),
+        },
+        _ = shared.shutdown_requested() => {
+            tracing::info!("SHUTDOWN from the admin console");
+            if shared.waits_for_clients() { Wait::Unbounded } else { Wait::No }
+        }
+    };
+    // Connections the kernel has queued already are reset when their
+    // listener closes (unless Linux moves them to another SO_REUSEPORT
+    // listener): take them first, they are served like any other.
+    let queued: usize = listeners.iter().map(|l| accept_queued(l, &shared, &next_id)).sum();
+    drop(listeners);
+    if queued > 0 {
+        tracing::info!(clients = queued, "accepted the connections queued before the listener closed");
     }
-    drop(listener);
-    if shared.waits_for_clients() {
-        tracing::info!(
-            clients = shared.connected(),
-            "not accepting clients; exiting once the connected ones have left"
-        );
-        tokio::select! {
-            _ = shared.all_gone() => {}
-            // A SIGTERM meanwhile drains them after all.
-            _ = &mut shutdown => tracing::info!("draining the remaining clients"),
+    match wait {
+        Wait::No => {}
+        // A signal meanwhile drains them after all.
+        Wait::Unbounded => {
+            wait_for_clients(&shared, None, async {
+                (&mut shutdown).await;
+            })
+            .await
+        }
+        Wait::Bounded(escalate) => {
+            wait_for_clients(&shared, Some(shared.config().proxy.shutdown_timeout), escalate).await;
         }
     }
     // Clients (admin sessions included) learn it through their Signal:
@@ -92,6 +148,93 @@ pub async fn run(
     shared.routing.stop_monitors();
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Whether the shutdown under way waits for the clients before draining them.
+enum Wait {
+    No,
+    /// SIGTERM: at most `shutdown_timeout`, or until the escalation resolves.
+    Bounded(Escalation),
+    /// `SHUTDOWN WAIT_FOR_CLIENTS`: as long as they stay, unless a signal comes.
+    Unbounded,
+}
+
+/// Returns once every client has left, `bound` has passed, `escalate`
+/// resolved, or an admin asked for a plain SHUTDOWN (a `SHUTDOWN
+/// WAIT_FOR_CLIENTS` lifts the bound instead). The listeners are closed.
+async fn wait_for_clients(shared: &Shared, bound: Option<Duration>, escalate: impl Future<Output = ()>) {
+    tracing::info!(
+        clients = shared.connected(),
+        bound = ?bound,
+        "not accepting clients; exiting once the connected ones have left"
+    );
+    let mut deadline = bound.map(|b| tokio::time::Instant::now() + b);
+    tokio::pin!(escalate);
+    loop {
+        tokio::select! {
+            _ = shared.all_gone() => return,
+            _ = &mut escalate => {
+                tracing::info!(remaining = shared.connected(), "draining the remaining clients");
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                tracing::info!(remaining = shared.connected(), "shutdown_timeout passed; draining the remaining clients");
+                return;
+            }
+            _ = shared.shutdown_requested() => {
+                if !shared.waits_for_clients() {
+                    tracing::info!(remaining = shared.connected(), "SHUTDOWN from the admin console: draining the remaining clients");
+                    return;
+                }
+                deadline = None;
+            }
+        }
+    }
+}
+
+/// Binds a client listener (`[proxy] listen`, `peer_listen`). With
+/// `so_reuseport`, other processes may bind the same address and the kernel
+/// spreads new connections over all of them: several pgmux on one port.
+pub fn bind(addr: SocketAddr, so_reuseport: bool) -> std::io::Result<TcpListener> {
+    let bound = || {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        // As TcpListener::bind: a restart need not wait out TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        if so_reuseport {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    let listener = bound().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    if so_reuseport {
+        warn_unless_queued_connections_migrate();
+    }
+    Ok(listener)
+}
+
+/// The listen queue's length, as tokio's and Postgres's default.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// When one of several SO_REUSEPORT listeners closes (a rolling restart),
+/// Linux resets the connections queued on it, unless
+/// `net.ipv4.tcp_migrate_req` is 1 (Linux 5.14 and later), which moves them
+/// to the other listeners of the group.
+fn warn_unless_queued_connections_migrate() {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::read_to_string(SYSCTL) {
+        Ok(v) if v.trim() == "0" => tracing::warn!(
+            "so_reuseport: net.ipv4.tcp_migrate_req is 0, so connections queued on this instance when it stops \
+             are reset instead of moving to the other instances; for rolling restarts run \
+             `sysctl -w net.ipv4.tcp_migrate_req=1`"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "so_reuseport: cannot read {SYSCTL} (Linux before 5.14?): connections queued on this instance when it \
+             stops may be reset instead of moving to the other instances"
+        ),
+    }
 }
 
 /// The runtime `[proxy] workers` asks for. One worker is a current-thread
@@ -132,40 +275,82 @@ fn reload_on_sighup(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
-    let next_id = AtomicU64::new(1);
+/// Accepts on every listener until the future is dropped.
+async fn accept_loop(listeners: &[TcpListener], shared: &Arc<Shared>, next_id: &AtomicU64) {
     let mut backoff = Duration::from_millis(5);
+    let mut turn = 0usize;
     loop {
         // SUSPENDed: connections wait in the listen queue until RESUME.
         if shared.is_suspended() {
             shared.not_suspended().await;
         }
-        let (stream, _) = match listener.accept().await {
-            Ok(c) => {
+        // Each listener gets the first look in turn: a busy shared port must
+        // not starve `peer_listen`, where the peers' cancels arrive.
+        turn = turn.wrapping_add(1);
+        let accepted = std::future::poll_fn(|cx| {
+            for i in 0..listeners.len() {
+                if let Poll::Ready(r) = listeners[(turn + i) % listeners.len()].poll_accept(cx) {
+                    return Poll::Ready(r);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match accepted {
+            Ok((stream, _)) => {
                 backoff = Duration::from_millis(5);
-                c
+                admit(stream, shared, next_id);
             }
             Err(e) => {
                 // Usually EMFILE: wait for descriptors to free rather than spin.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
+            }
+        }
+    }
+}
+
+/// Accepts what the kernel has queued on `listener` without waiting (an
+/// `accept` call each, not tokio's cached readiness, which may not know of
+/// them yet); returns how many.
+fn accept_queued(listener: &TcpListener, shared: &Arc<Shared>, next_id: &AtomicU64) -> usize {
+    let mut accepted = 0;
+    loop {
+        let socket = match socket2::SockRef::from(listener).accept() {
+            Ok((socket, _)) => socket,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::warn!(error = %e, "accept of a queued connection failed");
+                }
+                return accepted;
             }
         };
-        let id = next_id.fetch_add(1, Ordering::Relaxed);
-        match shared.take_slot() {
-            Some(slot) => {
-                tokio::spawn(crate::client::serve(stream, slot, id));
+        match socket.set_nonblocking(true).and_then(|()| TcpStream::from_std(socket.into())) {
+            Ok(stream) => {
+                admit(stream, shared, next_id);
+                accepted += 1;
             }
-            None => {
-                tracing::warn!("max_client_conn reached; refusing a client");
-                tokio::spawn(refuse(
-                    stream,
-                    SqlState::TOO_MANY_CONNECTIONS,
-                    "no more connections allowed (max_client_conn)",
-                ));
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot serve a queued connection"),
+        }
+    }
+}
+
+/// Hands an accepted connection to a client task, or refuses it at `max_client_conn`.
+fn admit(stream: TcpStream, shared: &Arc<Shared>, next_id: &AtomicU64) {
+    let id = next_id.fetch_add(1, Ordering::Relaxed);
+    match shared.take_slot() {
+        Some(slot) => {
+            tokio::spawn(crate::client::serve(stream, slot, id));
+        }
+        None => {
+            tracing::warn!("max_client_conn reached; refusing a client");
+            tokio::spawn(refuse(
+                stream,
+                SqlState::TOO_MANY_CONNECTIONS,
+                "no more connections allowed (max_client_conn)",
+            ));
         }
     }
 }
@@ -176,15 +361,28 @@ async fn refuse(mut stream: TcpStream, code: SqlState, text: &'static str) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Resolves on SIGTERM, to [`Shutdown::WaitForClients`] (a second SIGTERM,
+/// or a SIGINT, drains the clients still connected), or on SIGINT, to
+/// [`Shutdown::Drain`].
+pub async fn shutdown_signal() -> Shutdown {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers the proxy still serves; it just cannot drain on a signal.
         return std::future::pending().await;
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: shutting down once the connected clients have left (SIGINT or SIGTERM again: drain them now)");
+            Shutdown::WaitForClients(Box::pin(async move {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM again"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+            }))
+        }
+        _ = int.recv() => {
+            tracing::info!("SIGINT: shutting down");
+            Shutdown::Drain
+        }
     }
 }

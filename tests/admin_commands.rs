@@ -87,7 +87,7 @@ async fn shutdown_wait_for_clients() {
         .expect("pgmux exits once the clients have left");
 }
 
-/// SHUTDOWN WAIT_FOR_SERVERS: the graceful shutdown of SIGTERM.
+/// SHUTDOWN WAIT_FOR_SERVERS: the drain of SIGINT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_wait_for_servers() {
     let cluster = support::cluster_async().await;

@@ -1,6 +1,7 @@
 //! The `pgmux` binary as ops run it: a config file, the runtime `[proxy]
-//! workers` asks for, traffic from several clients, SIGTERM. (Every other
-//! test runs the proxy inside the test process.)
+//! workers` asks for, traffic from several clients, SIGTERM once they left.
+//! (Every other test runs the proxy inside the test process;
+//! tests/scale_out.rs runs several binaries on one port.)
 
 mod support;
 
@@ -87,6 +88,10 @@ async fn serve_with_workers(workers: usize) -> usize {
     });
     assert_eq!(shown.as_deref(), Some(workers.to_string().as_str()));
 
+    // SIGTERM waits for the connected clients to leave (within
+    // shutdown_timeout, 30 s here, longer than the exit is given below):
+    // the last one leaves, and pgmux exits on its own.
+    drop(admin);
     // SAFETY: signalling our own child by its pid.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
     let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output()).await.expect("exits").unwrap();

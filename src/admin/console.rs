@@ -246,7 +246,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "SHUTDOWN",
         arg: Arg::Optional("WAIT_FOR_SERVERS | WAIT_FOR_CLIENTS"),
-        help: "graceful shutdown as on SIGTERM (also WAIT_FOR_SERVERS); WAIT_FOR_CLIENTS: stop accepting, exit once every client has left",
+        help: "drain as on SIGINT: open transactions finish, then everyone is closed (also WAIT_FOR_SERVERS); WAIT_FOR_CLIENTS: stop accepting, exit once every client has left",
         run: shutdown,
     },
     Command {

@@ -440,6 +440,15 @@ impl Collector for PgmuxCollector {
         )?;
         counters(
             &mut enc,
+            "pgmux_cancel_requests",
+            "CancelRequests received: for a client here (local), sent on to the peer that issued the key (forwarded), or for nobody (dropped: no such key, a peer not listed, or forwarded already).",
+            crate::live::cancel::CancelOutcome::ALL
+                .iter()
+                .zip(&shared.stats.cancel_requests)
+                .map(|(o, n)| (vec![("result", o.as_str())], n.load(Ordering::Relaxed))),
+        )?;
+        counters(
+            &mut enc,
             "pgmux_config_reloads",
             "Configuration reloads (SIGHUP, admin RELOAD): applied (ok) or refused for an unreadable or invalid file (failed).",
             [("ok", &shared.stats.reloads_ok), ("failed", &shared.stats.reloads_failed)]

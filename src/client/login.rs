@@ -152,10 +152,7 @@ pub(super) async fn login(
                 stream.write_all(b"N").await?;
             }
             StartupPacket::Cancel { pid, secret } => {
-                if let Some(t) = shared.cancels.target(pid, secret) {
-                    tracing::debug!(client, backend_pid = t.pid, "forwarding cancel request");
-                    relay::cancel_backend(t.addr, t.pid, t.secret).await;
-                }
+                super::cancel::cancel(shared, config, client, pid, secret).await;
                 return Ok(None);
             }
             StartupPacket::Startup(s) => break s,

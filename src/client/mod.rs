@@ -2,6 +2,7 @@
 //! that takes a backend for each transaction and gives it back.
 
 mod auth_query;
+mod cancel;
 mod local;
 mod login;
 mod lost;

@@ -36,6 +36,9 @@ pub struct Config {
     pub databases: Vec<DatabaseConfig>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// The other pgmux instances cancel requests may be forwarded to.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,6 +80,17 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     #[serde(deserialize_with = "addr::opt_socket_addr")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Bind `listen` with SO_REUSEPORT, so that several pgmux processes
+    /// share the address (the kernel spreads connections over them).
+    pub so_reuseport: bool,
+    /// This instance's own address, never shared: the one its peers forward
+    /// cancel requests to, and an operator reaches this very instance on
+    /// (its admin console). Serves exactly what `listen` serves.
+    #[serde(deserialize_with = "addr::opt_socket_addr")]
+    pub peer_listen: Option<SocketAddr>,
+    /// This instance's number among its peers, carried in every cancel key
+    /// it issues (1..=16383); 0 turns peering off.
+    pub peer_id: u32,
     /// Threads serving connections: 1 runs everything on one thread (a
     /// current-thread runtime, like PgBouncer's single process), N > 1 a
     /// work-stealing runtime of N threads, 0 one thread per CPU core.
@@ -185,6 +199,9 @@ impl Default for ProxyConfig {
         ProxyConfig {
             listen: "127.0.0.1:6432".parse().expect("literal address"),
             metrics_listen: None,
+            so_reuseport: false,
+            peer_listen: None,
+            peer_id: 0,
             workers: 1,
             pool_mode: PoolMode::Transaction,
             max_client_conn: 10_000,
@@ -286,6 +303,20 @@ impl Default for RoutingConfig {
             write_functions: Vec::new(),
         }
     }
+}
+
+/// The largest `peer_id`: cancel keys carry it in 14 bits (PgBouncer's range).
+pub const MAX_PEER_ID: u32 = 16383;
+
+/// Another pgmux instance: `{ id = 2, addr = "10.0.0.2:6433" }`, `addr`
+/// being where it accepts forwarded cancel requests (its `peer_listen`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u32,
+    /// `host:port`; a name is resolved at each forward, like server addresses.
+    #[serde(deserialize_with = "addr::host_port")]
+    pub addr: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -495,20 +526,46 @@ fn toml_error(loc: &Locator<'_>, e: &toml::de::Error, prefix: &str) -> String {
     loc.error(span.start, &path, &format!("{prefix}{message}")).1
 }
 
-/// Names of settings that differ between `old` and `new` and only take
-/// effect after a restart (a reload cannot re-bind listening sockets).
+/// The `[proxy]` keys only a restart applies: a reload cannot re-bind
+/// listening sockets or rebuild the runtime, and the cancel keys already
+/// issued carry the peer id.
+pub const RESTART_ONLY: &[&str] = &["listen", "metrics_listen", "workers", "so_reuseport", "peer_listen", "peer_id"];
+
+/// Names (`proxy.x`) of settings that differ between `old` and `new` and
+/// only take effect after a restart ([`RESTART_ONLY`]).
 pub fn diff_requires_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if old.proxy.listen != new.proxy.listen {
-        changed.push("proxy.listen");
+    let (o, n) = (&old.proxy, &new.proxy);
+    let differs = [
+        o.listen != n.listen,
+        o.metrics_listen != n.metrics_listen,
+        o.workers != n.workers,
+        o.so_reuseport != n.so_reuseport,
+        o.peer_listen != n.peer_listen,
+        o.peer_id != n.peer_id,
+    ];
+    const KEYS: [&str; 6] = [
+        "proxy.listen",
+        "proxy.metrics_listen",
+        "proxy.workers",
+        "proxy.so_reuseport",
+        "proxy.peer_listen",
+        "proxy.peer_id",
+    ];
+    KEYS.into_iter().zip(differs).filter_map(|(k, d)| d.then_some(k)).collect()
+}
+
+impl Config {
+    /// Puts back `running`'s values of the [`RESTART_ONLY`] settings: what a
+    /// reload applies keeps what the process actually runs with.
+    pub fn keep_restart_settings(&mut self, running: &Config) {
+        let (p, r) = (&mut self.proxy, &running.proxy);
+        p.listen = r.listen;
+        p.metrics_listen = r.metrics_listen;
+        p.workers = r.workers;
+        p.so_reuseport = r.so_reuseport;
+        p.peer_listen = r.peer_listen;
+        p.peer_id = r.peer_id;
     }
-    if old.proxy.metrics_listen != new.proxy.metrics_listen {
-        changed.push("proxy.metrics_listen");
-    }
-    if old.proxy.workers != new.proxy.workers {
-        changed.push("proxy.workers");
-    }
-    changed
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,11 +2,7 @@
 //! parsed by the same types and checked by the same rules as the file.
 
 use super::locate::Locator;
-use super::{Config, ConfigError, ProxyConfig, RoutingConfig, toml_error, validate};
-
-/// Settings a `SET` may change: those a reload applies. The listening
-/// addresses and the thread count need a restart.
-const RESTART_ONLY: &[&str] = &["listen", "metrics_listen", "workers"];
+use super::{Config, ConfigError, ProxyConfig, RESTART_ONLY, RoutingConfig, toml_error, validate};
 
 /// Copies field `key` from `from` to `to`; `false` for a key not listed.
 macro_rules! copy_field {
@@ -19,6 +15,8 @@ macro_rules! copy_field {
 }
 
 impl Config {
+    /// Settings a `SET` may change are those a reload applies: not [`RESTART_ONLY`].
+    ///
     /// This configuration with `key` (`proxy.x`, `routing.x`, or a bare
     /// `[proxy]` key) set to `value`, written as in proxy.toml (`"5s"`,
     /// `100`, `true`; a bare word is taken as a string). A number for a
@@ -171,6 +169,8 @@ mod tests {
         let c = base();
         let msg = |r: Result<Config, ConfigError>| r.unwrap_err().to_string();
         assert!(msg(c.with_setting("listen", "0.0.0.0:1")).contains("needs a restart"));
+        assert!(msg(c.with_setting("proxy.peer_id", "3")).contains("needs a restart"));
+        assert!(msg(c.with_setting("so_reuseport", "true")).contains("needs a restart"));
         assert!(msg(c.with_setting("no_such_key", "1")).contains("no_such_key"));
         assert!(msg(c.with_setting("nosection.x", "1")).contains("unknown setting"));
         assert!(msg(c.with_setting("pool_mode", "statement")).contains("pool_mode"));

@@ -67,6 +67,15 @@ fn shipped_proxy_toml_parses() {
     assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
     assert_eq!(c.proxy.metrics_listen, Some("127.0.0.1:9930".parse().unwrap()));
     assert_eq!(c.routing.monitor_interval, Duration::from_millis(20));
+    // The commented-out scale-out lines are valid as they stand once uncommented.
+    let mut uncommented = text.to_owned();
+    for line in ["# peer_listen =", "# peer_id =", "# [[peers]]", "# id = 2", "# addr = "] {
+        assert!(uncommented.contains(line), "{line}");
+        uncommented = uncommented.replace(line, &line[2..]);
+    }
+    let c = parse_ok(&uncommented);
+    assert_eq!((c.proxy.peer_id, c.peers.len()), (1, 1));
+    assert_eq!(c.proxy.peer_listen, Some("127.0.0.1:6433".parse().unwrap()));
 }
 
 #[test]
@@ -500,6 +509,95 @@ fn restart_diff() {
     assert_eq!(diff_requires_restart(&old, &new), ["proxy.listen", "proxy.metrics_listen"]);
     new.proxy.workers = 4;
     assert_eq!(diff_requires_restart(&old, &new), ["proxy.listen", "proxy.metrics_listen", "proxy.workers"]);
+    let mut new = old.clone();
+    new.proxy.so_reuseport = true;
+    new.proxy.peer_listen = Some("127.0.0.1:6433".parse().unwrap());
+    new.proxy.peer_id = 2;
+    new.peers.push(PeerConfig { id: 3, addr: "127.0.0.1:6434".into() });
+    assert_eq!(diff_requires_restart(&old, &new), ["proxy.so_reuseport", "proxy.peer_listen", "proxy.peer_id"]);
+    // The peer list is reloadable; what the process runs with stays.
+    new.keep_restart_settings(&old);
+    assert!(diff_requires_restart(&old, &new).is_empty());
+    assert_eq!(new.peers.len(), 1);
+}
+
+#[test]
+fn scale_out_keys_parse() {
+    let c = parse_ok(&base_with(
+        "listen = \"127.0.0.1:6432\"",
+        "listen = \"0.0.0.0:6432\"\nso_reuseport = true\npeer_listen = \"10.0.0.1:6433\"\npeer_id = 1",
+    ));
+    assert!(c.proxy.so_reuseport);
+    assert_eq!(c.proxy.peer_listen, Some("10.0.0.1:6433".parse().unwrap()));
+    assert_eq!(c.proxy.peer_id, 1);
+    assert!(c.peers.is_empty());
+    let c = parse_ok(&format!(
+        "{}[[peers]]\nid = 2\naddr = \"pgmux-2.internal:6433\"\n\n[[peers]]\nid = 16383\naddr = \"[::1]:6433\"\n",
+        base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\npeer_id = 1")
+    ));
+    assert_eq!(
+        c.peers,
+        [
+            PeerConfig { id: 2, addr: "pgmux-2.internal:6433".into() },
+            PeerConfig { id: 16383, addr: "[::1]:6433".into() }
+        ]
+    );
+    // Off by default.
+    let c = parse_ok(BASE);
+    assert!(!c.proxy.so_reuseport && c.proxy.peer_listen.is_none() && c.proxy.peer_id == 0);
+}
+
+#[test]
+fn scale_out_keys_are_validated_naming_the_key() {
+    let with_id =
+        |id: &str| base_with("listen = \"127.0.0.1:6432\"", &format!("listen = \"127.0.0.1:6432\"\npeer_id = {id}"));
+    // Line numbers: peer_id is line 3; BASE has 11 lines after the insertion, peers start at 12.
+    parse_err(&with_id("16384"), 3, "proxy.peer_id", "from 0 (peering off) to 16383");
+    parse_err(&with_id("-1"), 3, "proxy.peer_id", "invalid value");
+    parse_err(
+        &base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\npeer_listen = \"127.0.0.1:6432\""),
+        3,
+        "proxy.peer_listen",
+        "must differ from listen",
+    );
+    parse_err(
+        &base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\npeer_listen = \"pgmux:6433\""),
+        3,
+        "proxy.peer_listen",
+        "expected ip:port",
+    );
+    parse_err(
+        &base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\nso_reuseport = \"yes\""),
+        3,
+        "proxy.so_reuseport",
+        "invalid type",
+    );
+    let peers = |own: &str, entries: &[&str]| {
+        let mut text = with_id(own);
+        for e in entries {
+            text.push_str(&format!("\n[[peers]]\n{e}\n"));
+        }
+        text
+    };
+    // Without an id of its own, an instance cannot take part.
+    parse_err(
+        &peers("0", &["id = 2\naddr = \"127.0.0.1:6433\""]),
+        3,
+        "proxy.peer_id",
+        "needs this instance's own peer_id",
+    );
+    parse_err(&peers("1", &["id = 0\naddr = \"127.0.0.1:6433\""]), 14, "peers[0].id", "from 1 to 16383");
+    parse_err(&peers("1", &["id = 20000\naddr = \"127.0.0.1:6433\""]), 14, "peers[0].id", "from 1 to 16383");
+    parse_err(&peers("1", &["id = 1\naddr = \"127.0.0.1:6433\""]), 14, "peers[0].id", "this instance's own");
+    parse_err(
+        &peers("1", &["id = 2\naddr = \"127.0.0.1:6433\"", "id = 2\naddr = \"127.0.0.1:6434\""]),
+        18,
+        "peers[1].id",
+        "duplicate peer id 2 (first in peers[0])",
+    );
+    parse_err(&peers("1", &["id = 2\naddr = \"127.0.0.1\""]), 15, "peers[0].addr", "no port");
+    parse_err(&peers("1", &["id = 2"]), 13, "peers[0].addr", "missing required key");
+    parse_err(&peers("1", &["id = 2\naddr = \"127.0.0.1:6433\"\nweight = 2"]), 16, "peers[0].weight", "unknown field");
 }
 
 #[test]

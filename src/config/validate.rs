@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::env::VarError;
 
 use super::locate::{KeyPath, Locator};
-use super::{AuthMethod, Config, ServerTlsMode, TlsMode, UserConfig};
+use super::{AuthMethod, Config, MAX_PEER_ID, ServerTlsMode, TlsMode, UserConfig};
 
 pub(super) type Env<'e> = &'e dyn Fn(&str) -> Result<String, VarError>;
 
@@ -46,6 +46,13 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
             err(KeyPath::new("proxy").key("server_tcp_keepalive_count"), "must be from 1 to 127".into());
         }
     }
+    if proxy.peer_listen.is_some_and(|a| a == proxy.listen) {
+        err(
+            KeyPath::new("proxy").key("peer_listen"),
+            "must differ from listen: it is this instance's own address, never shared".into(),
+        );
+    }
+    peering(config, &mut err);
     // tokio's interval() panics on a zero period, and polling in a busy loop is never intended.
     if config.routing.monitor_interval.is_zero() {
         err(KeyPath::new("routing").key("monitor_interval"), "must be greater than 0".into());
@@ -142,6 +149,34 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
     }
 
     errors
+}
+
+/// `[proxy] peer_id` and `[[peers]]`: ids in range and unique, none this
+/// instance's own, and a list only when this instance has an id (a peer
+/// forwards a cancel by the id in its key, which only an id'd instance issues).
+fn peering(config: &Config, err: &mut impl FnMut(KeyPath, String)) {
+    let own = config.proxy.peer_id;
+    if own > MAX_PEER_ID {
+        err(KeyPath::new("proxy").key("peer_id"), format!("must be from 0 (peering off) to {MAX_PEER_ID}"));
+    }
+    if own == 0 && !config.peers.is_empty() {
+        err(
+            KeyPath::new("proxy").key("peer_id"),
+            "[[peers]] needs this instance's own peer_id (1 to 16383): cancel keys must name the instance that issued them"
+                .into(),
+        );
+    }
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    for (i, peer) in config.peers.iter().enumerate() {
+        let path = KeyPath::new("peers").index(i).key("id");
+        if !(1..=MAX_PEER_ID).contains(&peer.id) {
+            err(path, format!("must be from 1 to {MAX_PEER_ID}"));
+        } else if peer.id == own {
+            err(path, format!("{} is this instance's own [proxy] peer_id: list only the other instances", peer.id));
+        } else if let Some(first) = seen.insert(peer.id, i) {
+            err(path, format!("duplicate peer id {} (first in peers[{first}])", peer.id));
+        }
+    }
 }
 
 /// Replaces `env:VAR` with the variable's value.

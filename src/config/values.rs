@@ -39,6 +39,9 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
     vec![
         ("proxy.listen", p.listen.to_string()),
         ("proxy.metrics_listen", p.metrics_listen.map(|a| a.to_string()).unwrap_or_default()),
+        ("proxy.so_reuseport", p.so_reuseport.to_string()),
+        ("proxy.peer_listen", p.peer_listen.map(|a| a.to_string()).unwrap_or_default()),
+        ("proxy.peer_id", p.peer_id.to_string()),
         ("proxy.workers", p.workers.to_string()),
         ("proxy.pool_mode", mode_str(p.pool_mode).into()),
         ("proxy.max_client_conn", p.max_client_conn.to_string()),

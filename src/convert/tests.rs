@@ -138,3 +138,18 @@ fn times_are_seconds_and_bad_values_are_reported() {
     assert!(out.skipped.iter().any(|s| s.starts_with("query_timeout")), "{:?}", out.skipped);
     assert!(out.toml.contains("listen = \"127.0.0.1:6432\""));
 }
+
+#[test]
+fn peering_converts_to_peer_id_and_peers() {
+    let ini = "[databases]\napp = host=10.0.0.9\n\n[pgbouncer]\nlisten_addr = *\nso_reuseport = 1\npeer_id = 1\n\n\
+               [peers]\n2 = host=10.0.0.2 port=6433 pool_size=4\n3 = host=pgmux-3.internal\n4 = host=/tmp\nx = host=h\n";
+    let out = convert(ini, Some("\"app\" \"pw\""));
+    let config = Config::parse(&out.toml, "converted.toml").unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+    assert!(config.proxy.so_reuseport);
+    assert_eq!(config.proxy.peer_id, 1);
+    let peers: Vec<(u32, &str)> = config.peers.iter().map(|p| (p.id, p.addr.as_str())).collect();
+    assert_eq!(peers, [(2, "10.0.0.2:6433"), (3, "pgmux-3.internal:6432")]);
+    for what in ["peers 2 pool_size", "peers 4", "peers x"] {
+        assert!(out.skipped.iter().any(|s| s.starts_with(what)), "{what}: {:#?}", out.skipped);
+    }
+}

@@ -47,7 +47,8 @@ pub struct Shared {
     pub stats: Stats,
     /// Databases held by the admin PAUSE command.
     pub pause: Pause,
-    /// The admin SHUTDOWN command; `run` treats it like SIGTERM.
+    /// The admin SHUTDOWN command; `run` treats it like SIGINT (or SIGTERM,
+    /// with WAIT_FOR_CLIENTS).
     shutdown_request: Notify,
     /// Set by `SHUTDOWN WAIT_FOR_CLIENTS`: stop accepting, then wait for
     /// the clients to leave by themselves instead of draining them.
@@ -124,14 +125,15 @@ impl Shared {
         Ok(changes)
     }
 
-    /// Starts the same graceful shutdown as SIGTERM.
+    /// Starts the drain of SIGINT: open transactions finish, then everyone is closed.
     pub fn request_shutdown(&self) {
         // notify_one keeps a permit, so a request is never lost.
         self.shutdown_request.notify_one();
     }
 
     /// PgBouncer's `SHUTDOWN WAIT_FOR_CLIENTS`: stop accepting; exit once
-    /// every client has left by itself (a SIGTERM meanwhile drains them).
+    /// every client has left by itself, however long that takes (a signal
+    /// meanwhile drains them).
     pub fn request_shutdown_waiting_for_clients(&self) {
         self.wait_for_clients.store(true, Ordering::SeqCst);
         self.shutdown_request.notify_one();
@@ -162,12 +164,15 @@ impl Shared {
     /// Live state for `config`, served by `pools`; `config_path` is the file
     /// a reload re-reads (`None` refuses reloading).
     pub fn new(config: Arc<Settings>, pools: Arc<Pools>, config_path: Option<PathBuf>) -> Shared {
+        // Validated to 16383 at most; peer_id is restart-only, so keys issued
+        // under it stay valid for the process's life.
+        let peer_id = u16::try_from(config.proxy.peer_id).unwrap_or(0);
         Shared {
             config: ArcSwap::new(config),
             config_path,
             reload_lock: std::sync::Mutex::new(()),
             pools,
-            cancels: CancelRegistry::default(),
+            cancels: CancelRegistry::new(peer_id),
             clients: ClientRegistry::default(),
             stats: Stats::default(),
             pause: Pause::default(),

@@ -18,6 +18,9 @@ pub struct Stats {
     pub pinned: [AtomicU64; 5],
     /// Statements refused under `on_session_state = "error"`, same indexing.
     pub session_state_refused: [AtomicU64; 5],
+    /// CancelRequests by what became of them, indexed as
+    /// [`super::cancel::CancelOutcome::ALL`].
+    pub cancel_requests: [AtomicU64; 3],
     /// Configuration reloads (SIGHUP, RELOAD) that were applied.
     pub reloads_ok: AtomicU64,
     /// Configuration reloads refused (unreadable or invalid file).

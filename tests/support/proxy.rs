@@ -126,7 +126,7 @@ impl Proxy {
                 let stopped = async {
                     let _ = stopped.await;
                 };
-                let options = pgmux::server::Options { config_path, metrics: metrics_listener };
+                let options = pgmux::server::Options { config_path, metrics: metrics_listener, ..Default::default() };
                 pgmux::server::run(Arc::new(config), listener, stopped, options).await
             });
             let _ = done.send(result);
@@ -171,7 +171,7 @@ impl Proxy {
         self.connect(APP.0, Some(APP.1), DB).await.expect("connect through pgmux as app")
     }
 
-    /// Triggers shutdown (as SIGTERM would) without waiting for it.
+    /// Triggers the drain (as SIGINT would) without waiting for it.
     pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -13,9 +13,9 @@ use crate::live::Shared;
 /// PgBouncer 1.25 `admin_show_config`.
 pub(super) const CONFIG: Spec = Spec { types: "ssss", names: &["key", "value", "default", "changeable"] };
 
-/// Keys only a restart changes; a reload (SIGHUP, RELOAD) applies the rest.
-const RESTART_ONLY: &[&str] =
-    &["proxy.listen", "proxy.metrics_listen", "proxy.workers", "listen_addr", "listen_port", "stats_period"];
+/// PgBouncer-named keys only a restart changes, besides pgmux's own
+/// [`crate::config::RESTART_ONLY`]; a reload (SIGHUP, RELOAD) applies the rest.
+const RESTART_ONLY: &[&str] = &["listen_addr", "listen_port", "peer_id", "so_reuseport", "stats_period"];
 
 /// PgBouncer settings pgmux has no knob for, shown with the value that
 /// describes pgmux: no per-database or per-user server connection cap (0 is
@@ -31,7 +31,11 @@ pub fn config(shared: &Shared) -> ResultSet {
     let current = config_values(&config).into_iter().chain(pgbouncer_values(&config));
     let default = config_values(&defaults).into_iter().chain(pgbouncer_values(&defaults));
     for ((key, value), (_, default)) in current.zip(default) {
-        let changeable = !RESTART_ONLY.contains(&key) && !FIXED.contains(&key);
+        let restart = match key.strip_prefix("proxy.") {
+            Some(k) => crate::config::RESTART_ONLY.contains(&k),
+            None => RESTART_ONLY.contains(&key),
+        };
+        let changeable = !restart && !FIXED.contains(&key);
         rs.push(row!(key, value, default, if changeable { "yes" } else { "no" }));
     }
     rs
@@ -59,6 +63,7 @@ fn pgbouncer_values(c: &Config) -> Vec<(&'static str, String)> {
         ("max_db_connections", "0".into()),
         ("max_prepared_statements", p.max_prepared_statements.to_string()),
         ("max_user_connections", "0".into()),
+        ("peer_id", p.peer_id.to_string()),
         ("pool_mode", mode_str(p.pool_mode).into()),
         ("query_timeout", seconds(p.query_timeout)),
         ("query_wait_timeout", seconds(p.query_wait_timeout)),
@@ -67,6 +72,7 @@ fn pgbouncer_values(c: &Config) -> Vec<(&'static str, String)> {
         ("server_lifetime", seconds(p.server_lifetime)),
         ("server_tls_ca_file", path(&p.server_tls_ca)),
         ("server_tls_sslmode", server_tls_mode(p.server_tls).into()),
+        ("so_reuseport", u8::from(p.so_reuseport).to_string()),
         ("stats_period", super::STATS_PERIOD.as_secs().to_string()),
     ]
 }

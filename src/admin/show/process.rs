@@ -40,9 +40,10 @@ pub fn state(shared: &Shared) -> ResultSet {
 }
 
 /// Live object counts, in PgBouncer's rows. pgmux keeps no free lists of
-/// client or server objects (each is freed when its connection ends), has no
-/// peers, and resolves host names when it connects, without a DNS cache: those
-/// rows are 0.
+/// client or server objects (each is freed when its connection ends), no
+/// pools for peers (it only forwards their cancels: `peers` counts
+/// `[[peers]]`), and resolves host names when it connects, without a DNS
+/// cache: those rows are 0.
 pub fn lists(shared: &Shared) -> ResultSet {
     let config = shared.config();
     let views = pool_views(shared);
@@ -56,7 +57,7 @@ pub fn lists(shared: &Shared) -> ResultSet {
     for (list, items) in [
         ("databases", config.databases.len()),
         ("users", config.users.len()),
-        ("peers", 0),
+        ("peers", config.peers.len()),
         ("pools", pairs.len()),
         ("peer_pools", 0),
         ("free_clients", 0),

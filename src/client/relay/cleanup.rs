@@ -118,7 +118,9 @@ pub fn apply_param_changes(backend: &mut Backend, link: &mut Link) {
 
 /// Sends a CancelRequest for `pid` to the server at `addr` and waits until the
 /// server has taken it (it closes the connection after signalling the backend).
-pub async fn cancel_backend(addr: std::net::SocketAddr, pid: i32, secret: i32) {
+/// Also how a cancel is forwarded to the pgmux peer that issued its key,
+/// whose `host:port` is resolved here, at each forward.
+pub async fn cancel_backend(addr: impl tokio::net::ToSocketAddrs, pid: i32, secret: i32) {
     let attempt = async {
         let mut s = TcpStream::connect(addr).await?;
         let mut buf = BytesMut::new();
