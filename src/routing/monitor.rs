@@ -79,13 +79,36 @@ impl NodeState {
     /// `deadline`), asked for at once. Reads arriving while a sample is in
     /// flight all wait for the next one: one query per batch of reads.
     pub async fn sample_after(&self, after: Instant, deadline: tokio::time::Instant) -> Option<NodeView> {
+        self.ask_until(deadline, |v| (v.healthy && v.sampled_at.is_some_and(|t| t > after)).then_some(*v)).await
+    }
+
+    /// Whether the node has replayed past `lsn` of `timeline`, asking it
+    /// again at once (not at the next tick) until it has or `deadline`
+    /// passes; a node that fails a sample meanwhile has not.
+    pub async fn replayed_past(&self, timeline: u32, lsn: u64, deadline: tokio::time::Instant) -> bool {
+        let has = |v: &NodeView| v.in_recovery && v.timeline == timeline && v.lsn >= lsn;
+        self.ask_until(deadline, |v| if v.healthy { has(v).then_some(true) } else { Some(false) }).await == Some(true)
+    }
+
+    /// The first answer `decide` gives on the node's view, asking for a
+    /// sample at once (not at the next tick) after each view it declines,
+    /// until `deadline`. Concurrent waiters share each sample: one taken
+    /// while others wait serves them all, so a read waits about one round
+    /// trip (plus, for a replay position, the node's real replay latency)
+    /// however many reads wait.
+    async fn ask_until<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        mut decide: impl FnMut(&NodeView) -> Option<T>,
+    ) -> Option<T> {
         loop {
+            // Registered before the view is read: a sample published in
+            // between still wakes this waiter.
             let sampled = self.sampled.notified();
             tokio::pin!(sampled);
             sampled.as_mut().enable();
-            let v = self.view();
-            if v.healthy && v.sampled_at.is_some_and(|t| t > after) {
-                return Some(v);
+            if let Some(answer) = decide(&self.view()) {
+                return Some(answer);
             }
             if self.stopped.load(Ordering::Relaxed) {
                 return None;
@@ -94,33 +117,6 @@ impl NodeState {
             tokio::select! {
                 _ = sampled => {}
                 _ = tokio::time::sleep_until(deadline) => return None,
-            }
-        }
-    }
-
-    /// Whether the node has replayed past `lsn` of `timeline`, asking it
-    /// again at once (not at the next tick) until it has or `deadline`
-    /// passes. Concurrent waiters share each sample: one taken while others
-    /// wait serves them all, so a read waits about one round trip plus the
-    /// node's real replay latency, however many reads wait.
-    pub async fn replayed_past(&self, timeline: u32, lsn: u64, deadline: tokio::time::Instant) -> bool {
-        loop {
-            // Registered before the view is read: a sample published in
-            // between still wakes this waiter.
-            let sampled = self.sampled.notified();
-            tokio::pin!(sampled);
-            sampled.as_mut().enable();
-            let v = self.view();
-            if v.healthy && v.in_recovery && v.timeline == timeline && v.lsn >= lsn {
-                return true;
-            }
-            if !v.healthy || self.stopped.load(Ordering::Relaxed) {
-                return false;
-            }
-            self.wanted.notify_one();
-            tokio::select! {
-                _ = sampled => {}
-                _ = tokio::time::sleep_until(deadline) => return false,
             }
         }
     }
