@@ -542,6 +542,19 @@ async fn a_token_lets_reads_use_the_replica_once_it_has_the_write() {
     }
     // The replica replays within a millisecond or so; asked at once, it serves the read.
     assert!(on_replica >= 15, "only {on_replica} of 20 token reads on a prompt replica");
+
+    // Extended protocol, two transactions pipelined in one request: the
+    // token comes once, after the first ReadyForQuery and before the last.
+    let mut out = bytes::BytesMut::new();
+    support::raw::extended_query(&mut out, "UPDATE kv SET v = 100 WHERE id = 61");
+    support::raw::extended_query(&mut out, "UPDATE kv SET v = 101 WHERE id = 61");
+    writer.send(&out).await;
+    let mut msgs = writer.until_ready().await;
+    msgs.extend(writer.until_ready().await);
+    assert_eq!(support::raw::tags(&msgs), "12CZ12CSZ", "{msgs:?}");
+    let token = String::from_utf8_lossy(&msgs[7].body).split('\0').nth(1).unwrap().to_owned();
+    let (v, _) = read_row(&reader, &format!("/* pgmux:after={token} */ "), 61).await;
+    assert_eq!(v, "101");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
