@@ -128,8 +128,6 @@ pub struct Link {
     pub unpoolable: bool,
     /// The backend holds the client's unnamed statement.
     unnamed_here: bool,
-    /// The last frame scanned from the server is a ReadyForQuery the client gets.
-    ends_with_ready: bool,
     expect: VecDeque<Expect>,
     /// Server frames to cut out of the current chunk (responses to injected
     /// messages), or to replace (a reworded error).
@@ -184,7 +182,6 @@ impl Link {
             completed: false,
             unpoolable: false,
             unnamed_here: false,
-            ends_with_ready: false,
             expect,
             drops: Vec::new(),
             param_changes: Vec::new(),
@@ -211,10 +208,14 @@ impl Link {
     /// Only at a boundary, where the relay returns once the rest is written:
     /// a ReadyForQuery held while the link goes on could be one the client
     /// waits for before it sends more.
+    ///
+    /// The last six bytes say it: at a boundary every ReadyForQuery owed has
+    /// come, and what a server may send after the last one unasked (Notice,
+    /// ParameterStatus, NotificationResponse) ends with a string's 0 byte,
+    /// never with `I`, and a server sends nothing else unasked.
     pub fn final_ready_held(&self, hold_final_ready: bool, from_server: &BytesMut) -> usize {
         let n = msg::READY_IDLE.len();
         let held = hold_final_ready
-            && self.ends_with_ready
             && self.pin.is_none()
             && self.at_transaction_boundary_ignoring_output()
             && from_server.len() == self.server_ready
@@ -439,7 +440,6 @@ impl Link {
             fatal_seen,
             pin,
             completed,
-            ends_with_ready,
             ..
         } = self;
         drops.clear();
@@ -447,7 +447,6 @@ impl Link {
             &from_server[self.server_ready..],
             |t| matches!(t, tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE),
             |f| {
-                *ends_with_ready = false;
                 if *hold && !*misrouted {
                     match f.tag {
                         // Nothing the client can act on yet: keep holding.
@@ -561,7 +560,6 @@ impl Link {
                                 if !forward {
                                     drops.extend(f.start.map(|s| (s, f.end, None)));
                                 }
-                                *ends_with_ready = forward && f.start.is_some();
                             }
                             // A ReadyForQuery nobody asked for: our count is off, never pool this backend.
                             _ => *unpoolable = true,
