@@ -376,7 +376,7 @@ async fn writes_wait_for_a_primary_then_fail_with_53300() {
         match c.query_one("SELECT count(*) FROM accounts", &[]).await {
             Ok(_) => true,
             Err(e) => {
-                eprintln!("read: {e}");
+                eprintln!("read: {}", support::code(&e));
                 false
             }
         }
