@@ -529,7 +529,9 @@ async fn a_token_lets_reads_use_the_replica_once_it_has_the_write() {
     let cluster = cluster_of(prompt).await;
     let replica_port = cluster.replicas()[0].port().to_string();
     let a = proxy_with(cluster, r#"read_your_writes = "lsn""#, r#"auth = "trust""#).await;
-    let b = proxy(cluster, r#"read_your_writes = "lsn""#).await;
+    // Waits long enough for the replica's replay on a loaded machine: what
+    // is under test is that a token lets the read there, not how fast.
+    let b = proxy(cluster, "read_your_writes = \"lsn\"\nmax_replica_wait = \"500ms\"").await;
     let mut writer = support::raw::Raw::login(a.addr, APP.0, DB).await;
     writer.simple_query("SET pgmux.write_token = on").await;
     let reader = b.app().await;
@@ -651,4 +653,48 @@ async fn global_mode_sees_writes_made_by_anyone_even_straight_to_the_primary() {
     );
     assert_eq!(violations, 0);
     assert!(on_replica * 100 >= reads * 50, "only {on_replica} of {reads} reads on the replica");
+}
+
+/// A write pipelined behind a read (one buffer, as tokio-postgres, pgx and
+/// libpq's pipeline mode send them) runs where Postgres would run it: on the
+/// primary, and read-your-writes counts it. Before, it went with the read
+/// to the replica and failed with 25006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_pipelined_behind_a_read_runs_on_the_primary() {
+    let cluster = cluster_of(delayed).await;
+    let (primary_port, replica_port) = (cluster.primary().port().to_string(), cluster.replicas()[0].port().to_string());
+    let proxy = proxy_with(cluster, r#"read_your_writes = "lsn""#, r#"auth = "trust""#).await;
+    let probe = proxy.app().await;
+    await_replica_reads(&probe, &replica_port).await;
+    let mut raw = support::raw::Raw::login(proxy.addr, APP.0, DB).await;
+    for n in 1..=5 {
+        let mut out = bytes::BytesMut::new();
+        support::raw::extended_query(&mut out, "SELECT inet_server_port()");
+        postgres_protocol::message::frontend::query(
+            &format!("BEGIN; UPDATE kv SET v = {n} WHERE id = 90; COMMIT"),
+            &mut out,
+        )
+        .unwrap();
+        raw.send(&out).await;
+        let (read, write) = (raw.until_ready().await, raw.until_ready().await);
+        assert_eq!(support::raw::tags(&read), "12DCZ");
+        assert_eq!(support::raw::tags(&write), "CCCZ", "{:?}", write.iter().find(|m| m.tag == b'E').map(|m| m.error()));
+        // The write counted: with the replica 500 ms behind, the next read is the primary's.
+        let msgs = raw.simple_query("SELECT v, inet_server_port() FROM kv WHERE id = 90").await;
+        assert_eq!(data_row(&msgs[1].body), [n.to_string(), primary_port.clone()]);
+    }
+}
+
+/// The text columns of a DataRow body.
+fn data_row(body: &[u8]) -> Vec<String> {
+    let mut at = 2;
+    let mut out = Vec::new();
+    for _ in 0..u16::from_be_bytes([body[0], body[1]]) {
+        let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
+        at += 4;
+        let len = usize::try_from(len).unwrap_or(0);
+        out.push(String::from_utf8_lossy(&body[at..at + len]).into_owned());
+        at += len;
+    }
+    out
 }

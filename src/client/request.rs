@@ -32,6 +32,12 @@ impl<'a> Request<'a> {
         Messages::new(self.buf, MAX_MESSAGE_LEN).take_while(move |m| !std::mem::replace(&mut ended, ends_unit(m.tag)))
     }
 
+    /// Whether more than the request is buffered: requests the client
+    /// pipelined after it, which its routing decision did not look at.
+    pub fn followed(self) -> bool {
+        self.messages().last().is_some_and(|m| m.end < self.buf.len())
+    }
+
     /// The SQL texts the request runs: each Query's and Parse's, and the
     /// statement's a Bind or Describe names (the client's own statements,
     /// `statements`). Each text is cut at its NUL.

@@ -176,10 +176,13 @@ pub(super) async fn serve_request(
         {
             *intent = Intent::Write;
             *route = Route::primary(reason);
-        } else if unit == Unit::Open
+        } else if (unit == Unit::Open || Request::new(pending).followed())
             && let Some((intent, route)) = &mut decided
         {
-            // What was not read may write: the primary, as for any write.
+            // What was not read may write: the primary, as for any write
+            // (read-your-writes counts it). So may requests pipelined behind
+            // this one, which go to the same server connection (on a replica
+            // a write among them would fail with 25006).
             *intent = Intent::Write;
             *route = Route::primary(RouteReason::Write);
         }

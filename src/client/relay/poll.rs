@@ -161,7 +161,11 @@ pub async fn relay(
             {
                 return Poll::Ready(Event::ServerRead(r));
             }
+            // On a replica, what the client sends while a read is answered
+            // waits in the socket: it is routed on its own once this one is
+            // done (unless a read-only transaction goes on here).
             if link.may_read_client(to_server.len())
+                && !(opts.node.is_some() && link.pending_ready > 0)
                 && let Poll::Ready(r) = client.poll_read_buf(cx, to_server)
             {
                 return Poll::Ready(Event::ClientRead(r));
