@@ -104,9 +104,10 @@ struct Session {
     force_primary: Option<RouteReason>,
     /// The server was lost mid-transaction: what the client's next requests
     /// are answered with until it ends its (aborted) transaction block.
-    lost: Option<lost::LostState>,
+    /// Boxed: rare, and every idle client carries the field.
+    lost: Option<Box<lost::LostState>>,
     /// Backends in a row that failed before this client's request was sent.
-    retries: u32,
+    retries: u8,
     /// Read/write splitting, when the database has replicas (boxed: most sessions have none).
     routing: Option<Box<SessionRouting>>,
     statements: ClientStatements,

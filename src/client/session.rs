@@ -115,7 +115,7 @@ fn parse_position(row: &[Option<String>]) -> Option<Position> {
 
 /// How many backends in a row may fail before a request was sent to them
 /// (each failure closes the pool's idle ones too) before the client is told.
-const MAX_UNUSED_RETRIES: u32 = 3;
+const MAX_UNUSED_RETRIES: u8 = 3;
 
 /// One request unit (transaction mode: a transaction; session mode: the
 /// rest of the session): route it, take a backend, relay, give it back.
@@ -128,8 +128,8 @@ pub(super) async fn serve_request(
     info: &ClientInfo,
 ) -> std::io::Result<Step> {
     if let Some(state) = session.lost.take() {
-        let (more, state) = Box::pin(lost::answer_next(stream, pending, &session.statements, state)).await?;
-        session.lost = state;
+        let (more, state) = Box::pin(lost::answer_next(stream, pending, &session.statements, *state)).await?;
+        session.lost = state.map(Box::new);
         return Ok(if more { Step::Next } else { Step::Done });
     }
     // Routing needs the whole request unit to classify it.
@@ -398,7 +398,7 @@ pub(super) async fn serve_request(
             backend.release(Release::Close(CloseReason::Dead));
             tracing::info!(client = info.id, owed = lost.owed, code = %lost.code, "server lost mid-transaction; the client keeps its connection");
             let (out, state) = lost::answer_loss(lost);
-            session.lost = state;
+            session.lost = state.map(Box::new);
             stream.write_all(&out).await?;
             return Ok(Step::Next);
         }
