@@ -147,7 +147,7 @@ impl SessionRouting {
 
     /// Where the request unit at the front of `pending`, arrived at `now`, goes.
     /// `read_after`: the session's `pgmux.read_after` token, if set. `Err`:
-    /// the message of a malformed token (22023).
+    /// the message of a malformed token (22023), presented or being SET.
     pub(super) async fn route(
         &self,
         shared: &Shared,
@@ -157,6 +157,13 @@ impl SessionRouting {
         now: Instant,
     ) -> Result<(Intent, Route), String> {
         let sql = Request::new(pending).sql(statements);
+        if pending.first() == Some(&crate::protocol::tag::QUERY)
+            && let Some((name, value)) = sql.first().and_then(|s| token::set_value(s))
+            && let Some(message) = token::check(name, &value)
+        {
+            // Refused before it reaches the server, which would take any text.
+            return Err(message);
+        }
         let intent = crate::routing::intent_of(sql.iter().copied(), &self.write_functions);
         if let Some(route) = crate::routing::route::fixed(intent) {
             return Ok((intent, route));

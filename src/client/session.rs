@@ -146,19 +146,6 @@ pub(super) async fn serve_request(
     // wait, the link and, when the backend comes back, the relay's last
     // reading serve every timestamp of the request.
     let arrived = Instant::now();
-    if session.routing.is_some()
-        && pending.first() == Some(&tag::QUERY)
-        && let Some((name, value)) =
-            Request::new(pending).sql(&session.statements).first().and_then(|s| token::set_value(s))
-        && let Some(message) = token::check(name, &value)
-    {
-        // Refused before it reaches the server, which would take any text.
-        return Ok(if reject_request(stream, pending, SqlState::INVALID_PARAMETER_VALUE, &message).await? {
-            Step::Next
-        } else {
-            Step::Done
-        });
-    }
     if let Some(routing) = &session.routing {
         let read_after = session.params.get(token::READ_AFTER);
         match routing.route(shared, pending, &session.statements, read_after, arrived).await {
