@@ -549,29 +549,15 @@ fn scale_out_keys_parse() {
 
 #[test]
 fn scale_out_keys_are_validated_naming_the_key() {
-    let with_id =
-        |id: &str| base_with("listen = \"127.0.0.1:6432\"", &format!("listen = \"127.0.0.1:6432\"\npeer_id = {id}"));
+    // One [proxy] line after `listen`: it is line 3.
+    let with = |line: &str| base_with("listen = \"127.0.0.1:6432\"", &format!("listen = \"127.0.0.1:6432\"\n{line}"));
+    let with_id = |id: &str| with(&format!("peer_id = {id}"));
     // Line numbers: peer_id is line 3; BASE has 11 lines after the insertion, peers start at 12.
     parse_err(&with_id("16384"), 3, "proxy.peer_id", "from 0 (peering off) to 16383");
     parse_err(&with_id("-1"), 3, "proxy.peer_id", "invalid value");
-    parse_err(
-        &base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\npeer_listen = \"127.0.0.1:6432\""),
-        3,
-        "proxy.peer_listen",
-        "must differ from listen",
-    );
-    parse_err(
-        &base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\npeer_listen = \"pgmux:6433\""),
-        3,
-        "proxy.peer_listen",
-        "expected ip:port",
-    );
-    parse_err(
-        &base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\nso_reuseport = \"yes\""),
-        3,
-        "proxy.so_reuseport",
-        "invalid type",
-    );
+    parse_err(&with("peer_listen = \"127.0.0.1:6432\""), 3, "proxy.peer_listen", "must differ from listen");
+    parse_err(&with("peer_listen = \"pgmux:6433\""), 3, "proxy.peer_listen", "expected ip:port");
+    parse_err(&with("so_reuseport = \"yes\""), 3, "proxy.so_reuseport", "invalid type");
     let peers = |own: &str, entries: &[&str]| {
         let mut text = with_id(own);
         for e in entries {
