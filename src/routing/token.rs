@@ -48,13 +48,7 @@ pub fn parse(text: &str) -> Result<Option<Position>, Malformed> {
 /// The token of a `/* pgmux:after=TOKEN */` (or `-- pgmux:after=TOKEN`)
 /// first comment: `None` without one, `Some(Err(text))` for a malformed one.
 pub fn after_hint(sql: &[u8]) -> Option<Result<Position, String>> {
-    let body = crate::sql::first_comment(sql)?.trim_ascii();
-    let (word, rest) = body.split_at_checked(5)?;
-    if !word.eq_ignore_ascii_case(b"pgmux") {
-        return None;
-    }
-    let rest = rest.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
-    let (key, value) = rest.split_at_checked(5)?;
+    let (key, value) = crate::sql::directive(sql)?.split_at_checked(5)?;
     if !key.eq_ignore_ascii_case(b"after") {
         return None;
     }

@@ -307,7 +307,7 @@ pub fn classify(sql: &[u8], write_functions: &WriteFunctions) -> Classified {
 
 /// The text of the comment `sql` starts with (after white space), without
 /// its `/* */` or `--`: where pgmux looks for directives.
-pub fn first_comment(sql: &[u8]) -> Option<&[u8]> {
+fn first_comment(sql: &[u8]) -> Option<&[u8]> {
     let i = skip_space(sql, 0);
     let rest = &sql[i..];
     if rest.starts_with(b"/*") {
@@ -320,16 +320,22 @@ pub fn first_comment(sql: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// The hint in the first comment, if it comes before the first token and
-/// says exactly `pgmux:primary` or `pgmux:replica` (ASCII case and
-/// whitespace around the words ignored). `-- pgmux:replica` works too.
-fn hint(sql: &[u8]) -> Option<Hint> {
+/// What follows `pgmux:` in the comment `sql` starts with (white space
+/// around both trimmed): a directive to pgmux, such as a routing hint.
+pub fn directive(sql: &[u8]) -> Option<&[u8]> {
     let body = first_comment(sql)?.trim_ascii();
     let (word, rest) = body.split_at_checked(5)?;
     if !word.eq_ignore_ascii_case(b"pgmux") {
         return None;
     }
-    let rest = rest.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
+    Some(rest.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start())
+}
+
+/// The hint in the first comment, if it comes before the first token and
+/// says exactly `pgmux:primary` or `pgmux:replica` (ASCII case and
+/// whitespace around the words ignored). `-- pgmux:replica` works too.
+fn hint(sql: &[u8]) -> Option<Hint> {
+    let rest = directive(sql)?;
     if rest.eq_ignore_ascii_case(b"primary") {
         Some(Hint::Primary)
     } else if rest.eq_ignore_ascii_case(b"replica") {

@@ -17,7 +17,7 @@ mod fuzz_tests;
 #[cfg(test)]
 mod tests;
 
-pub use classify::{Class, Classified, Hint, WriteFunctions, classify, first_comment};
+pub use classify::{Class, Classified, Hint, WriteFunctions, classify, directive};
 
 use crate::vocab::reasons::PinReason;
 
