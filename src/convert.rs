@@ -193,11 +193,15 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
     // [proxy]
     let mut proxy: Vec<String> = Vec::new();
     let port = get("listen_port").unwrap_or("6432");
+    // PgBouncer's own default directory, /tmp, when the file names none; "" turns the socket off.
+    let socket_dir = get("unix_socket_dir").map(str::trim).unwrap_or("/tmp");
     let addr = match get("listen_addr").map(str::trim) {
-        None | Some("") => {
-            skip("listen_addr", "unset (Unix socket only); pgmux listens on TCP: 127.0.0.1");
+        None | Some("") if socket_dir.is_empty() => {
+            skip("listen_addr", "unset, and so is unix_socket_dir: pgmux listens on 127.0.0.1");
             "127.0.0.1".to_owned()
         }
+        // Unix socket only.
+        None | Some("") => socket_dir.to_owned(),
         Some(list) => {
             let first = list.split(',').next().unwrap_or("").trim();
             if list.contains(',') {
@@ -212,6 +216,18 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
         }
     };
     proxy.push(format!("listen = {}", quote(&format!("{addr}:{port}"))));
+    let beside_tcp = !addr.starts_with('/') && get("unix_socket_dir").is_some_and(|d| !d.trim().is_empty());
+    if beside_tcp {
+        proxy.push(format!("unix_socket_dir = {}", quote(socket_dir)));
+    }
+    if addr.starts_with('/') || beside_tcp {
+        if let Some(mode) = get("unix_socket_mode") {
+            proxy.push(format!("unix_socket_mode = {}", quote(mode.trim())));
+        }
+        if let Some(group) = get("unix_socket_group").map(str::trim).filter(|g| !g.is_empty()) {
+            proxy.push(format!("unix_socket_group = {}", quote(group)));
+        }
+    }
     let mut default_pool_size = "20".to_owned();
     let mut min_pool_size = "0".to_owned();
     let mut auth_type = "md5".to_owned();
@@ -296,7 +312,7 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
                 skip(key, "pgmux logs to stderr; RUST_LOG or --log-level sets the level")
             }
             "pidfile" | "user" => skip(key, "pgmux runs in the foreground: leave it to the service manager"),
-            "unix_socket_dir" | "unix_socket_mode" | "unix_socket_group" => skip(key, "pgmux listens on TCP only"),
+            "unix_socket_dir" | "unix_socket_mode" | "unix_socket_group" => {}
             "server_reset_query" | "server_reset_query_always" => skip(
                 key,
                 "pgmux resets server connections itself (transaction mode needs none; session state is tracked)",
@@ -366,8 +382,8 @@ pub fn convert(ini_text: &str, userlist: Option<&str>) -> Converted {
         let host = param("host").unwrap_or("127.0.0.1");
         let hosts: Vec<&str> = host.split(',').map(str::trim).collect();
         let port = param("port").unwrap_or("5432");
-        if hosts[0].starts_with('/') || hosts[0].is_empty() {
-            skip(&format!("databases {name}"), "host is a Unix socket directory; pgmux connects over TCP");
+        if hosts[0].is_empty() {
+            skip(&format!("databases {name}"), "no host: name Postgres's socket directory or address");
             continue;
         }
         if hosts.len() > 1 {

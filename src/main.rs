@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use pgmux::config::Config;
+use pgmux::config::{Config, Listen};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -138,8 +138,21 @@ fn main() -> ExitCode {
 
 async fn serve(config: Arc<Config>, path: PathBuf) -> std::io::Result<()> {
     let proxy = &config.proxy;
-    let listener = pgmux::server::bind(proxy.listen, proxy.so_reuseport)?;
+    let group = proxy.unix_socket_group.as_deref();
+    let listener = match &proxy.listen {
+        Listen::Tcp(addr) => pgmux::server::bind(*addr, proxy.so_reuseport)?.into(),
+        Listen::Unix(path) => pgmux::server::bind_unix(path, proxy.unix_socket_mode, group)?,
+    };
     tracing::info!(listen = %proxy.listen, so_reuseport = proxy.so_reuseport, "pgmux listening");
+    let unix_socket = match &proxy.unix_socket_dir {
+        Some(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{}", proxy.listen.port()));
+            let l = pgmux::server::bind_unix(&path, proxy.unix_socket_mode, group)?;
+            tracing::info!(listen = %path.display(), "unix_socket_dir: listening");
+            Some(l)
+        }
+        None => None,
+    };
     // This instance's own address: never shared, so a peer's forwarded
     // cancel or an operator's console session reaches this very process.
     let peer = match proxy.peer_listen {
@@ -159,6 +172,6 @@ async fn serve(config: Arc<Config>, path: PathBuf) -> std::io::Result<()> {
         None => None,
     };
     // SIGHUP and the admin console's RELOAD re-read this file.
-    let options = pgmux::server::Options { config_path: Some(path), metrics, peer };
+    let options = pgmux::server::Options { config_path: Some(path), metrics, peer, unix_socket };
     pgmux::server::run(config, listener, pgmux::server::shutdown_signal(), options).await
 }

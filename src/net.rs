@@ -1,5 +1,6 @@
-//! A connection that is either plain TCP or TLS over TCP, with the
-//! poll-based reads and non-blocking writes the relay uses on `TcpStream`.
+//! A connection that is plain TCP, TLS over TCP or a Unix-domain socket,
+//! with the poll-based reads and non-blocking writes the relay uses on
+//! `TcpStream`; and where server connections go ([`connect`], [`ServerAddr`]).
 //!
 //! TLS uses rustls' sans-I/O connection directly over the socket, so the
 //! relay keeps its shape: [`Stream::poll_read_buf`] and `try_write` on the
@@ -13,17 +14,20 @@
 //!   ([`Stream::wants_write`]) and goes out with the next write or
 //!   [`Stream::try_flush`].
 //!
-//! The plain path is one enum match away from `TcpStream`.
+//! The plain path is one enum match away from `TcpStream`. Unix-domain
+//! sockets never carry TLS, as in Postgres: nothing crosses the machine.
 
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 /// Room made in a read buffer before each read: a smaller read would cost a
 /// syscall per few bytes.
@@ -36,6 +40,7 @@ const READ_CHUNK: usize = 8 * 1024;
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream>),
+    Unix(UnixStream),
 }
 
 /// rustls over a non-blocking socket.
@@ -191,6 +196,7 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.try_write(data),
             Stream::Tls(t) => t.try_write(data),
+            Stream::Unix(s) => s.try_write(data),
         }
     }
 
@@ -198,7 +204,7 @@ impl Stream {
     #[inline]
     pub fn wants_write(&self) -> bool {
         match self {
-            Stream::Plain(_) => false,
+            Stream::Plain(_) | Stream::Unix(_) => false,
             Stream::Tls(t) => t.conn.wants_write(),
         }
     }
@@ -207,7 +213,7 @@ impl Stream {
     #[inline]
     pub fn try_flush(&mut self) -> io::Result<()> {
         match self {
-            Stream::Plain(_) => Ok(()),
+            Stream::Plain(_) | Stream::Unix(_) => Ok(()),
             Stream::Tls(t) => match t.write_pending() {
                 Err(e) if !would_block(&e) => Err(e),
                 _ => Ok(()),
@@ -238,19 +244,25 @@ impl Stream {
             Stream::Plain(s) => s.poll_read_ready(cx),
             Stream::Tls(t) if t.plain > 0 || t.eof => Poll::Ready(Ok(())),
             Stream::Tls(t) => t.io.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
         }
     }
 
     /// Readiness for a write (registers `cx` when not ready).
     #[inline]
     pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.tcp().poll_write_ready(cx)
+        match self {
+            Stream::Plain(s) => s.poll_write_ready(cx),
+            Stream::Tls(t) => t.io.poll_write_ready(cx),
+            Stream::Unix(s) => s.poll_write_ready(cx),
+        }
     }
 
     /// Writes all of `data` and, for TLS, every encrypted byte it produced.
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.write_all(data).await,
+            Stream::Unix(s) => s.write_all(data).await,
             Stream::Tls(_) => {
                 AsyncWriteExt::write_all(self, data).await?;
                 AsyncWriteExt::flush(self).await
@@ -261,12 +273,14 @@ impl Stream {
     /// For an idle server connection: true while nothing at all arrived.
     /// Any readable byte (even a TLS record) or EOF means "discard".
     pub fn is_quiet(&self) -> bool {
-        let (io, buffered) = match self {
-            Stream::Plain(s) => (s, false),
-            Stream::Tls(t) => (&t.io, t.plain > 0 || t.eof),
-        };
         let mut probe = [0u8; 1];
-        !buffered && matches!(io.try_read(&mut probe), Err(e) if would_block(&e))
+        let probed = match self {
+            Stream::Plain(s) => s.try_read(&mut probe),
+            Stream::Tls(t) if t.plain > 0 || t.eof => return false,
+            Stream::Tls(t) => t.io.try_read(&mut probe),
+            Stream::Unix(s) => s.try_read(&mut probe),
+        };
+        matches!(probed, Err(e) if would_block(&e))
     }
 
     /// Best-effort last words, without waiting: `data`, then close_notify for TLS.
@@ -278,11 +292,17 @@ impl Stream {
         }
     }
 
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket under a plain or TLS stream (`None` for a Unix socket).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(t) => &t.io,
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(t) => Some(&t.io),
+            Stream::Unix(_) => None,
         }
+    }
+
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Stream::Unix(_))
     }
 
     /// `TLSv1_3/TLS13_AES_256_GCM_SHA384`-style protocol and cipher suite; `None` for plain.
@@ -297,12 +317,13 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp().peer_addr()
+    /// The TCP peer's address; `None` for a Unix socket (or a socket already reset).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.tcp()?.peer_addr().ok()
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp().local_addr()
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp()?.local_addr().ok()
     }
 }
 
@@ -310,6 +331,7 @@ impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(t) => loop {
                 match t.fill() {
                     Ok(()) if t.plain == 0 => return Poll::Ready(Ok(())),
@@ -331,6 +353,7 @@ impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, data),
             Stream::Tls(t) => loop {
                 match t.try_write(data) {
                     Err(e) if would_block(&e) => ready!(t.io.poll_write_ready(cx))?,
@@ -343,6 +366,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(t) => loop {
                 match t.write_pending() {
                     Err(e) if would_block(&e) => ready!(t.io.poll_write_ready(cx))?,
@@ -362,8 +386,74 @@ impl AsyncWrite for Stream {
         ready!(self.as_mut().poll_flush(cx))?;
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(t) => Pin::new(&mut t.io).poll_shutdown(cx),
         }
+    }
+}
+
+/// Where a server connection was opened to. Cancel requests for it go to
+/// this very place: the address the name resolved to then, not the name again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    /// The socket file itself (`/dir/.s.PGSQL.5432`).
+    Unix(Arc<Path>),
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Tcp(a) => a.fmt(f),
+            ServerAddr::Unix(p) => p.display().fmt(f),
+        }
+    }
+}
+
+impl ServerAddr {
+    /// A new connection to the same place (a cancel request's).
+    pub async fn connect(&self) -> io::Result<Stream> {
+        match self {
+            ServerAddr::Tcp(a) => Ok(Stream::Plain(TcpStream::connect(a).await?)),
+            ServerAddr::Unix(p) => connect_unix(p).await,
+        }
+    }
+}
+
+/// The Unix-domain socket a server address names: `/dir:port` is where
+/// Postgres listens (and libpq's `host=/dir port=port` looks),
+/// `/dir/.s.PGSQL.port`. `None` for `host:port`.
+pub fn unix_socket(addr: &str) -> Option<PathBuf> {
+    if !addr.starts_with('/') {
+        return None;
+    }
+    let (dir, port) = addr.rsplit_once(':')?;
+    Some(Path::new(dir).join(format!(".s.PGSQL.{port}")))
+}
+
+/// The longest socket path the kernel takes (`sun_path` less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Opens a connection to a server address as proxy.toml writes it:
+/// `host:port` (a name resolved now, each of its addresses tried in turn;
+/// TCP_NODELAY set, as request/response traffic must never wait for Nagle),
+/// or `/dir:port` for Postgres's Unix-domain socket in `/dir`.
+pub async fn connect(addr: &str) -> io::Result<(Stream, ServerAddr)> {
+    if let Some(path) = unix_socket(addr) {
+        let stream = connect_unix(&path).await?;
+        return Ok((stream, ServerAddr::Unix(path.into())));
+    }
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let peer = tcp.peer_addr()?;
+    Ok((Stream::Plain(tcp), ServerAddr::Tcp(peer)))
+}
+
+/// With the path in the error, as libpq's `connection to server on socket "…" failed`.
+async fn connect_unix(path: &Path) -> io::Result<Stream> {
+    match UnixStream::connect(path).await {
+        Ok(s) => Ok(Stream::Unix(s)),
+        Err(e) => Err(io::Error::new(e.kind(), format!("socket \"{}\": {e}", path.display()))),
     }
 }
 

@@ -2,19 +2,19 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 
 use crate::config::Config;
 use crate::live::Shared;
 use crate::live::registry::Signal;
+use crate::net::Stream;
 use crate::pool::Pools;
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::sqlstate::SqlState;
@@ -32,6 +32,73 @@ pub struct Options {
     /// `[proxy] peer_listen`'s listener: this instance's own address, served
     /// exactly as the client listener is.
     pub peer: Option<TcpListener>,
+    /// The Unix-domain socket in `[proxy] unix_socket_dir`, served exactly
+    /// as the client listener is.
+    pub unix_socket: Option<Listener>,
+}
+
+/// A listening socket clients connect to.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixSocket),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Listener {
+        Listener::Tcp(l)
+    }
+}
+
+/// A listening Unix-domain socket; its file goes when it closes, as
+/// Postgres's does, so that clients find nothing rather than a dead socket.
+#[derive(Debug)]
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// The file's identity at bind: a later process's socket of the same
+    /// name is not ours to remove.
+    inode: (u64, u64),
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Listener {
+    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<Stream>> {
+        match self {
+            Listener::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| Stream::Plain(s)),
+            Listener::Unix(u) => u.listener.poll_accept(cx).map_ok(|(s, _)| Stream::Unix(s)),
+        }
+    }
+
+    /// One `accept` call, without waiting.
+    fn accept_now(&self) -> std::io::Result<Stream> {
+        let socket = match self {
+            Listener::Tcp(l) => socket2::SockRef::from(l).accept(),
+            Listener::Unix(u) => socket2::SockRef::from(&u.listener).accept(),
+        }?
+        .0;
+        socket.set_nonblocking(true)?;
+        Ok(match self {
+            Listener::Tcp(_) => Stream::Plain(TcpStream::from_std(socket.into())?),
+            Listener::Unix(_) => Stream::Unix(UnixStream::from_std(socket.into())?),
+        })
+    }
+
+    /// Where it listens, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(u) => u.path.display().to_string(),
+        }
+    }
 }
 
 /// How a shutdown begins: what the future given to [`run`] resolves to.
@@ -72,12 +139,17 @@ impl std::fmt::Debug for Shutdown {
 /// down as [`Shutdown`] says: waiting for the clients first, or draining at
 /// once (let open transactions finish within `shutdown_timeout`, then close
 /// everyone with 57P01).
-pub async fn run<F>(config: Arc<Config>, listener: TcpListener, shutdown: F, options: Options) -> std::io::Result<()>
+pub async fn run<F>(
+    config: Arc<Config>,
+    listener: impl Into<Listener>,
+    shutdown: F,
+    options: Options,
+) -> std::io::Result<()>
 where
     F: Future,
     F::Output: Into<Shutdown>,
 {
-    let Options { config_path, metrics, peer } = options;
+    let Options { config_path, metrics, peer, unix_socket } = options;
     let config = Settings::build(Arc::unwrap_or_clone(config))
         .map(Arc::new)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS: {e}")))?;
@@ -90,7 +162,8 @@ where
     let metrics = metrics.map(|l| tokio::spawn(crate::admin::metrics::serve(l, shared.clone())));
     let sighup = config_reloadable.then(|| reload_on_sighup(shared.clone()));
 
-    let listeners: Vec<TcpListener> = std::iter::once(listener).chain(peer).collect();
+    let listeners: Vec<Listener> =
+        std::iter::once(listener.into()).chain(peer.map(Listener::Tcp)).chain(unix_socket).collect();
     let next_id = AtomicU64::new(1);
     tokio::pin!(shutdown);
     let wait = tokio::select! {
@@ -213,6 +286,57 @@ pub fn bind(addr: SocketAddr, so_reuseport: bool) -> std::io::Result<TcpListener
     Ok(listener)
 }
 
+/// Binds a Unix-domain socket at `path` with the file's `mode` and `group`
+/// (`[proxy] listen` or `unix_socket_dir`). A socket file already there is
+/// taken over when nothing answers on it (left by a process that died, as
+/// Postgres does with its own); one that answers belongs to a running
+/// process, and binding fails.
+pub fn bind_unix(path: &Path, mode: u32, group: Option<&str>) -> std::io::Result<Listener> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let fail = |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display()));
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(fail(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is there",
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(fail(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another process listens there")));
+        }
+        std::fs::remove_file(path).map_err(fail)?;
+    }
+    let listener = UnixListener::bind(path).map_err(fail)?;
+    // Built before anything can fail below, so that a failure removes the file again.
+    let mut socket = UnixSocket { listener, path: path.to_owned(), inode: (0, 0) };
+    let meta = std::fs::symlink_metadata(path).map_err(fail)?;
+    socket.inode = (meta.dev(), meta.ino());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    if let Some(group) = group {
+        std::os::unix::fs::chown(path, None, Some(group_id(group).map_err(fail)?)).map_err(fail)?;
+    }
+    Ok(Listener::Unix(socket))
+}
+
+/// A group's id from its name (or its number).
+fn group_id(name: &str) -> std::io::Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let not_found = || std::io::Error::new(std::io::ErrorKind::NotFound, format!("no group named {name:?}"));
+    let cname = std::ffi::CString::new(name).map_err(|_| not_found())?;
+    // SAFETY: getgrnam_r writes only into `group` and `buf`, whose length it is given.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    let mut found = std::ptr::null_mut();
+    let rc = unsafe { libc::getgrnam_r(cname.as_ptr(), &mut group, buf.as_mut_ptr(), buf.len(), &mut found) };
+    match rc {
+        0 if found.is_null() => Err(not_found()),
+        0 => Ok(group.gr_gid),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// The listen queue's length, as tokio's and Postgres's default.
 const LISTEN_BACKLOG: u32 = 1024;
 
@@ -276,7 +400,7 @@ fn reload_on_sighup(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
 }
 
 /// Accepts on every listener until the future is dropped.
-async fn accept_loop(listeners: &[TcpListener], shared: &Arc<Shared>, next_id: &AtomicU64) {
+async fn accept_loop(listeners: &[Listener], shared: &Arc<Shared>, next_id: &AtomicU64) {
     let mut backoff = Duration::from_millis(5);
     let mut turn = 0usize;
     loop {
@@ -297,7 +421,7 @@ async fn accept_loop(listeners: &[TcpListener], shared: &Arc<Shared>, next_id: &
         })
         .await;
         match accepted {
-            Ok((stream, _)) => {
+            Ok(stream) => {
                 backoff = Duration::from_millis(5);
                 admit(stream, shared, next_id);
             }
@@ -314,11 +438,14 @@ async fn accept_loop(listeners: &[TcpListener], shared: &Arc<Shared>, next_id: &
 /// Accepts what the kernel has queued on `listener` without waiting (an
 /// `accept` call each, not tokio's cached readiness, which may not know of
 /// them yet); returns how many.
-fn accept_queued(listener: &TcpListener, shared: &Arc<Shared>, next_id: &AtomicU64) -> usize {
+fn accept_queued(listener: &Listener, shared: &Arc<Shared>, next_id: &AtomicU64) -> usize {
     let mut accepted = 0;
     loop {
-        let socket = match socket2::SockRef::from(listener).accept() {
-            Ok((socket, _)) => socket,
+        match listener.accept_now() {
+            Ok(stream) => {
+                admit(stream, shared, next_id);
+                accepted += 1;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -326,19 +453,12 @@ fn accept_queued(listener: &TcpListener, shared: &Arc<Shared>, next_id: &AtomicU
                 }
                 return accepted;
             }
-        };
-        match socket.set_nonblocking(true).and_then(|()| TcpStream::from_std(socket.into())) {
-            Ok(stream) => {
-                admit(stream, shared, next_id);
-                accepted += 1;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot serve a queued connection"),
         }
     }
 }
 
 /// Hands an accepted connection to a client task, or refuses it at `max_client_conn`.
-fn admit(stream: TcpStream, shared: &Arc<Shared>, next_id: &AtomicU64) {
+fn admit(stream: Stream, shared: &Arc<Shared>, next_id: &AtomicU64) {
     let id = next_id.fetch_add(1, Ordering::Relaxed);
     match shared.take_slot() {
         Some(slot) => {
@@ -355,7 +475,7 @@ fn admit(stream: TcpStream, shared: &Arc<Shared>, next_id: &AtomicU64) {
     }
 }
 
-async fn refuse(mut stream: TcpStream, code: SqlState, text: &'static str) {
+async fn refuse(mut stream: Stream, code: SqlState, text: &'static str) {
     let mut out = BytesMut::new();
     msg::error_response(&mut out, Severity::Fatal, code, text);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;

@@ -26,7 +26,7 @@ pub(super) async fn cancel(shared: &Shared, config: &Settings, client: u64, pid:
         CancelRoute::Local(None) => tracing::debug!(client, "cancel request for a client without a server connection"),
         CancelRoute::Forward { peer, addr, pid, secret } => {
             tracing::debug!(client, peer, addr, "forwarding cancel request to the instance that issued its key");
-            super::relay::cancel_backend(addr, pid, secret).await;
+            super::relay::forward_cancel(addr, pid, secret).await;
         }
         CancelRoute::Drop(why) => tracing::debug!(client, why, "cancel request dropped"),
     }

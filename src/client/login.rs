@@ -20,15 +20,16 @@ pub(super) type Established = (Stream, BytesMut, Box<Session>, Arc<Settings>);
 /// Startup, TLS and authentication, up to a pooled session (`None` when the
 /// connection ended, or was an admin console session, served here).
 pub(super) async fn establish(
-    tcp: TcpStream,
+    mut stream: Stream,
     shared: &Shared,
     info: &ClientInfo,
 ) -> std::io::Result<Option<Established>> {
-    let _ = tcp.set_nodelay(true);
+    if let Some(tcp) = stream.tcp() {
+        let _ = tcp.set_nodelay(true);
+    }
     let config = shared.config();
     let mut buf = BytesMut::new();
     let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
-    let mut stream = Stream::Plain(tcp);
     let login = loop {
         let login = tokio::time::timeout_at(deadline, login(&mut stream, &mut buf, shared, &config, info)).await;
         if !matches!(login, Ok(Ok(Some(Login::StartTls)))) {
@@ -141,7 +142,9 @@ pub(super) async fn login(
                         .await?;
                     return Ok(None);
                 }
+                // As Postgres: never over a Unix-domain socket.
                 let offer_tls = matches!(packet, StartupPacket::SslRequest)
+                    && !stream.is_unix()
                     && config.proxy.tls_mode != TlsMode::Disable
                     && config.tls.server.is_some();
                 if offer_tls {
@@ -158,8 +161,9 @@ pub(super) async fn login(
             StartupPacket::Startup(s) => break s,
         }
     };
-    if config.proxy.tls_mode == TlsMode::Require && !stream.is_tls() {
-        // Like a `hostssl`-only pg_hba.conf: plaintext logins are refused.
+    if config.proxy.tls_mode == TlsMode::Require && !stream.is_tls() && !stream.is_unix() {
+        // Like a `hostssl`-only pg_hba.conf: plaintext logins over TCP are
+        // refused (a `local` line's Unix socket never carries TLS).
         tracing::info!(client, ?peer, "login refused: TLS required");
         fatal(stream, SqlState::INVALID_AUTHORIZATION, "TLS required").await?;
         return Ok(None);

@@ -23,7 +23,6 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::config::{PoolMode, TlsMode};
 use crate::live::Shared;
@@ -64,14 +63,14 @@ const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// costs. Log lines carry `client = id` instead of a per-client span, which
 /// would cost an allocation per client and an enter/exit per poll.
 #[allow(clippy::manual_async_fn)] // deliberate: see above
-pub fn serve(tcp: TcpStream, slot: ClientSlot, client_id: u64) -> impl Future<Output = ()> + Send + 'static {
+pub fn serve(stream: Stream, slot: ClientSlot, client_id: u64) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let shared = slot.shared();
         // Listed in the live registry (SHOW CLIENTS, KILL_CLIENT, drain) while the connection lives.
-        let info = shared.clients.register(&shared.stats, client_id, tcp.peer_addr().ok(), tcp.local_addr().ok());
+        let info = shared.clients.register(&shared.stats, client_id, stream.peer_addr(), stream.local_addr());
         // Boxed: startup, TLS and authentication state is large and short-lived;
         // it is freed before the session starts instead of sizing the task.
-        let (mut stream, pending, session, config) = match Box::pin(establish(tcp, shared, &info)).await {
+        let (mut stream, pending, session, config) = match Box::pin(establish(stream, shared, &info)).await {
             Ok(Some(established)) => established,
             Ok(None) => return,
             Err(e) => {

@@ -158,7 +158,7 @@ pub(super) async fn transaction(
             tracing::warn!(client = opts.client, pid = backend.pid, timeout = ?opts.query_timeout, "query_timeout: closing the server connection");
             // Cancelled, so the server stops working for nobody; closed, since
             // what it will still send is unknown.
-            tokio::spawn(relay::cancel_backend(backend.addr, backend.pid, backend.secret));
+            tokio::spawn(relay::cancel_backend(backend.addr.clone(), backend.pid, backend.secret));
             Ended::Discard(Some((
                 SqlState::QUERY_CANCELED,
                 format!("canceling statement due to query_timeout ({:?})", opts.query_timeout),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use addr::check_host_port;
+pub use addr::{Listen, check_host_port};
 pub use duration::parse_duration;
 use locate::Locator;
 
@@ -76,8 +76,18 @@ pub enum ServerTlsMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
-    #[serde(deserialize_with = "addr::socket_addr")]
-    pub listen: SocketAddr,
+    /// `ip:port`, or a Unix-domain socket (`"/dir:port"` or a file's path).
+    #[serde(deserialize_with = "addr::listen")]
+    pub listen: Listen,
+    /// A Unix-domain socket beside a TCP `listen`, as PgBouncer's
+    /// `unix_socket_dir`: `<dir>/.s.PGSQL.<listen's port>`.
+    pub unix_socket_dir: Option<PathBuf>,
+    /// The socket file's permissions (PgBouncer's default, 0777: the
+    /// directory's and the password check do the guarding).
+    #[serde(deserialize_with = "addr::file_mode")]
+    pub unix_socket_mode: u32,
+    /// The socket file's group (a name or a number); the process's when unset.
+    pub unix_socket_group: Option<String>,
     #[serde(deserialize_with = "addr::opt_socket_addr")]
     pub metrics_listen: Option<SocketAddr>,
     /// Bind `listen` with SO_REUSEPORT, so that several pgmux processes
@@ -197,7 +207,10 @@ impl ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
-            listen: "127.0.0.1:6432".parse().expect("literal address"),
+            listen: Listen::Tcp("127.0.0.1:6432".parse().expect("literal address")),
+            unix_socket_dir: None,
+            unix_socket_mode: 0o777,
+            unix_socket_group: None,
             metrics_listen: None,
             so_reuseport: false,
             peer_listen: None,
@@ -529,7 +542,17 @@ fn toml_error(loc: &Locator<'_>, e: &toml::de::Error, prefix: &str) -> String {
 /// The `[proxy]` keys only a restart applies: a reload cannot re-bind
 /// listening sockets or rebuild the runtime, and the cancel keys already
 /// issued carry the peer id.
-pub const RESTART_ONLY: &[&str] = &["listen", "metrics_listen", "workers", "so_reuseport", "peer_listen", "peer_id"];
+pub const RESTART_ONLY: &[&str] = &[
+    "listen",
+    "unix_socket_dir",
+    "unix_socket_mode",
+    "unix_socket_group",
+    "metrics_listen",
+    "workers",
+    "so_reuseport",
+    "peer_listen",
+    "peer_id",
+];
 
 /// Names (`proxy.x`) of settings that differ between `old` and `new` and
 /// only take effect after a restart ([`RESTART_ONLY`]).
@@ -537,14 +560,20 @@ pub fn diff_requires_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.proxy, &new.proxy);
     let differs = [
         o.listen != n.listen,
+        o.unix_socket_dir != n.unix_socket_dir,
+        o.unix_socket_mode != n.unix_socket_mode,
+        o.unix_socket_group != n.unix_socket_group,
         o.metrics_listen != n.metrics_listen,
         o.workers != n.workers,
         o.so_reuseport != n.so_reuseport,
         o.peer_listen != n.peer_listen,
         o.peer_id != n.peer_id,
     ];
-    const KEYS: [&str; 6] = [
+    const KEYS: [&str; 9] = [
         "proxy.listen",
+        "proxy.unix_socket_dir",
+        "proxy.unix_socket_mode",
+        "proxy.unix_socket_group",
         "proxy.metrics_listen",
         "proxy.workers",
         "proxy.so_reuseport",
@@ -559,7 +588,10 @@ impl Config {
     /// reload applies keeps what the process actually runs with.
     pub fn keep_restart_settings(&mut self, running: &Config) {
         let (p, r) = (&mut self.proxy, &running.proxy);
-        p.listen = r.listen;
+        p.listen.clone_from(&r.listen);
+        p.unix_socket_dir.clone_from(&r.unix_socket_dir);
+        p.unix_socket_mode = r.unix_socket_mode;
+        p.unix_socket_group.clone_from(&r.unix_socket_group);
         p.metrics_listen = r.metrics_listen;
         p.workers = r.workers;
         p.so_reuseport = r.so_reuseport;

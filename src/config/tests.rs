@@ -291,6 +291,61 @@ fn durations() {
 }
 
 #[test]
+fn unix_sockets_listen_and_serve() {
+    let listen = |v: &str| parse_ok(&base_with(r#"listen = "127.0.0.1:6432""#, &format!("listen = \"{v}\""))).proxy;
+    let p = listen("/run/pgmux:6432");
+    assert_eq!(p.listen, Listen::Unix("/run/pgmux/.s.PGSQL.6432".into()));
+    assert_eq!(p.listen.port(), 6432);
+    assert_eq!(listen("/run/pgmux/app.sock").listen, Listen::Unix("/run/pgmux/app.sock".into()));
+    assert_eq!(p.unix_socket_mode, 0o777, "PgBouncer's default");
+    let c = parse_ok(&base_with(
+        "[[databases]]",
+        "unix_socket_dir = \"/run/pgmux\"\nunix_socket_mode = \"0770\"\nunix_socket_group = \"pgmux\"\n[[databases]]",
+    ));
+    assert_eq!(c.proxy.unix_socket_dir.as_deref(), Some(std::path::Path::new("/run/pgmux")));
+    assert_eq!(c.proxy.unix_socket_mode, 0o770);
+    assert_eq!(
+        parse_ok(&base_with("[[databases]]", "unix_socket_mode = 0o700\n[[databases]]")).proxy.unix_socket_mode,
+        0o700
+    );
+    let c = parse_ok(&base_with(r#"primary = "127.0.0.1:5432""#, r#"primary = "/var/run/postgresql:5432""#));
+    assert_eq!(c.databases[0].primary, "/var/run/postgresql:5432");
+
+    let long = format!("/{}:6432", "d".repeat(100));
+    parse_err(
+        &base_with(r#"listen = "127.0.0.1:6432""#, &format!("listen = \"{long}\"")),
+        2,
+        "proxy.listen",
+        "at most 107",
+    );
+    parse_err(
+        &base_with(r#"primary = "127.0.0.1:5432""#, &format!("primary = \"{long}\"")),
+        6,
+        "databases[0].primary",
+        "at most 107",
+    );
+    parse_err(&base_with(r#"listen = "127.0.0.1:6432""#, r#"listen = "/run/pgmux:0""#), 2, "proxy.listen", "1-65535");
+    parse_err(
+        &base_with("[[databases]]", "unix_socket_mode = \"0999\"\n[[databases]]"),
+        4,
+        "proxy.unix_socket_mode",
+        "octal",
+    );
+    parse_err(
+        &base_with(r#"listen = "127.0.0.1:6432""#, "listen = \"/run/pgmux:6432\"\nunix_socket_dir = \"/run/x\""),
+        3,
+        "proxy.unix_socket_dir",
+        "listen is a Unix socket already",
+    );
+    parse_err(
+        &base_with(r#"listen = "127.0.0.1:6432""#, "listen = \"/run/pgmux:6432\"\nso_reuseport = true"),
+        3,
+        "proxy.so_reuseport",
+        "one process owns",
+    );
+}
+
+#[test]
 fn bad_listen_addresses() {
     parse_err(
         &base_with(r#"listen = "127.0.0.1:6432""#, r#"listen = "localhost:6432""#),

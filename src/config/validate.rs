@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::env::VarError;
 
 use super::locate::{KeyPath, Locator};
-use super::{AuthMethod, Config, MAX_PEER_ID, ServerTlsMode, TlsMode, UserConfig};
+use super::{AuthMethod, Config, Listen, MAX_PEER_ID, ServerTlsMode, TlsMode, UserConfig};
 
 pub(super) type Env<'e> = &'e dyn Fn(&str) -> Result<String, VarError>;
 
@@ -46,7 +46,25 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
             err(KeyPath::new("proxy").key("server_tcp_keepalive_count"), "must be from 1 to 127".into());
         }
     }
-    if proxy.peer_listen.is_some_and(|a| a == proxy.listen) {
+    match (&proxy.listen, &proxy.unix_socket_dir) {
+        (Listen::Unix(_), Some(_)) => err(
+            KeyPath::new("proxy").key("unix_socket_dir"),
+            "adds a Unix socket beside a TCP listen; listen is a Unix socket already".into(),
+        ),
+        (Listen::Tcp(a), Some(dir)) => {
+            if let Err(e) = super::addr::socket_path(dir.join(format!(".s.PGSQL.{}", a.port()))) {
+                err(KeyPath::new("proxy").key("unix_socket_dir"), e);
+            }
+        }
+        _ => {}
+    }
+    if proxy.so_reuseport && matches!(proxy.listen, Listen::Unix(_)) {
+        err(
+            KeyPath::new("proxy").key("so_reuseport"),
+            "shares a TCP port between processes; listen is a Unix socket, which one process owns".into(),
+        );
+    }
+    if proxy.peer_listen.is_some_and(|a| Some(a) == proxy.listen.tcp()) {
         err(
             KeyPath::new("proxy").key("peer_listen"),
             "must differ from listen: it is this instance's own address, never shared".into(),

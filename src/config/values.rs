@@ -38,6 +38,9 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     vec![
         ("proxy.listen", p.listen.to_string()),
+        ("proxy.unix_socket_dir", path(&p.unix_socket_dir)),
+        ("proxy.unix_socket_mode", format!("{:04o}", p.unix_socket_mode)),
+        ("proxy.unix_socket_group", p.unix_socket_group.clone().unwrap_or_default()),
         ("proxy.metrics_listen", p.metrics_listen.map(|a| a.to_string()).unwrap_or_default()),
         ("proxy.so_reuseport", p.so_reuseport.to_string()),
         ("proxy.peer_listen", p.peer_listen.map(|a| a.to_string()).unwrap_or_default()),

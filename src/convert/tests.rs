@@ -62,6 +62,7 @@ fn realistic_configuration_converts_to_a_valid_proxy_toml() {
     let config = Config::parse(&out.toml, "converted.toml").unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
     let p = &config.proxy;
     assert_eq!(p.listen.to_string(), "0.0.0.0:6432");
+    assert_eq!(p.unix_socket_dir.as_deref(), Some(std::path::Path::new("/var/run/postgresql")));
     assert_eq!(p.pool_mode, PoolMode::Transaction);
     assert_eq!(p.max_client_conn, 2000);
     assert_eq!(p.server_lifetime.as_secs(), 1800);
@@ -83,7 +84,7 @@ fn realistic_configuration_converts_to_a_valid_proxy_toml() {
     assert_eq!(reports.primary, "10.1.0.6:5432");
     assert_eq!(reports.pool_size, 25, "default_pool_size applies");
     assert_eq!(reports.pool_mode, Some(PoolMode::Session));
-    assert!(config.database("local").is_none());
+    assert_eq!(config.database("local").expect("a socket directory converts").primary, "/var/run/postgresql:5432");
     assert_eq!(config.database("*").expect("the wildcard carried over").primary, "10.1.0.5:5433");
 
     assert_eq!(config.user("admin").unwrap().auth, AuthMethod::ScramSha256);
@@ -98,12 +99,10 @@ fn realistic_configuration_converts_to_a_valid_proxy_toml() {
     for what in [
         "logfile",
         "pidfile",
-        "unix_socket_dir",
         "stats_users",
         "server_reset_query",
         "ignore_startup_parameters",
         "admin_users ghost",
-        "databases local",
         "databases reports host",
         "databases reports user",
         "databases reports password",
@@ -127,6 +126,22 @@ fn connection_strings_and_userlists_parse_like_pgbouncer() {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
     );
     assert_eq!(parse_userlist("\"a\"\"b\" \"p\"\"w\" extra\n; comment\n\"x\"\n"), [("a\"b".into(), "p\"w".into())]);
+}
+
+#[test]
+fn unix_sockets_carry_over() {
+    // Unix socket only: listen_addr unset, in PgBouncer's default directory or the one named.
+    for (ini, listen, mode) in [
+        ("[pgbouncer]\nlisten_port = 6000\n", "/tmp/.s.PGSQL.6000", 0o777),
+        ("[pgbouncer]\nunix_socket_dir = /run/pgb\nunix_socket_mode = 0770\n", "/run/pgb/.s.PGSQL.6432", 0o770),
+    ] {
+        let out = convert(&format!("[databases]\nx = host=/run/pg\n{ini}"), Some("\"u\" \"p\"\n"));
+        let config = Config::parse(&out.toml, "converted.toml").unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+        assert_eq!(config.proxy.listen.to_string(), listen);
+        assert_eq!(config.proxy.unix_socket_dir, None);
+        assert_eq!(config.proxy.unix_socket_mode, mode);
+        assert_eq!(config.database("x").unwrap().primary, "/run/pg:5432");
+    }
 }
 
 #[test]

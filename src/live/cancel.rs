@@ -14,7 +14,6 @@
 //! bit is clear, and the low 2 bits of the secret's last byte are a TTL, 1
 //! when issued: a cancel is forwarded at most once, and never loops.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -26,9 +25,9 @@ use crate::config::PeerConfig;
 const TTL_MASK: i32 = 0b11;
 
 /// Where a cancel for a client must go at this moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub addr: SocketAddr,
+    pub addr: crate::net::ServerAddr,
     pub pid: i32,
     pub secret: i32,
 }

@@ -68,12 +68,12 @@ pub struct LoginInfo {
 }
 
 /// The backend a client holds, for SHOW SERVERS and SHOW CLIENTS' `link`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LinkInfo {
     pub pid: i32,
     /// The backend's cancel secret: a CancelRequest for this client goes there.
     pub secret: i32,
-    pub addr: SocketAddr,
+    pub addr: crate::net::ServerAddr,
     pub connected: Instant,
     /// Which pool the backend came from (the primary's or a replica's), as
     /// [`pool_id`]: an identity to match pools by, never dereferenced.
@@ -156,7 +156,7 @@ impl ClientInfo {
     }
 
     pub fn link(&self) -> Option<LinkInfo> {
-        *self.link.lock().unwrap_or_else(|e| e.into_inner())
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// KILL_CLIENT named this client (SHOW CLIENTS' `close_needed`).
@@ -234,7 +234,7 @@ impl ClientInfo {
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(LinkInfo {
             pid: backend.pid,
             secret: backend.secret,
-            addr: backend.addr,
+            addr: backend.addr.clone(),
             connected: backend.created(),
             pool: pool_id(pool),
         });

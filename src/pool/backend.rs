@@ -2,18 +2,16 @@
 //! it itself (parameter sync, rollback, reset). The relay borrows its socket
 //! and buffers while a client holds it.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
 use super::PoolError;
 use super::inner::Aged;
 use super::statements::PreparedSet;
 use crate::auth;
-use crate::net::Stream;
+use crate::net::{ServerAddr, Stream};
 use crate::protocol::backend::{self as msg, ErrorFields};
 use crate::protocol::frame::split_frame;
 use crate::protocol::{frontend, tag};
@@ -28,10 +26,10 @@ const INITIAL_BUFFER: usize = 8 * 1024;
 /// A server connection. Owned by the pool while idle, by one client task while checked out.
 #[derive(Debug)]
 pub struct Backend {
-    /// Plain or TLS, as `server_tls` and the server decided.
+    /// Plain or TLS, as `server_tls` and the server decided; or a Unix socket.
     pub stream: Stream,
     /// The server's address, where cancel requests for this backend go.
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub pid: i32,
     pub secret: i32,
     created: Instant,
@@ -99,16 +97,21 @@ pub struct LoginParams<'a> {
 impl Backend {
     pub async fn connect(login: &LoginParams<'_>) -> Result<Backend, PoolError> {
         let connect = async {
-            let tcp = TcpStream::connect(login.addr).await.map_err(PoolError::Connect)?;
-            // Small request/response messages: never wait for Nagle.
-            tcp.set_nodelay(true).map_err(PoolError::Connect)?;
-            if let Some(k) = login.keepalive {
-                let keepalive =
-                    socket2::TcpKeepalive::new().with_time(k.idle).with_interval(k.interval).with_retries(k.count);
-                socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive).map_err(PoolError::Connect)?;
-            }
-            let addr = tcp.peer_addr().map_err(PoolError::Connect)?;
-            let mut stream = crate::tls::connect(tcp, login.tls, login.addr).await.map_err(PoolError::Connect)?;
+            let (stream, addr) = crate::net::connect(login.addr).await.map_err(PoolError::Connect)?;
+            let mut stream = match stream {
+                Stream::Plain(tcp) => {
+                    if let Some(k) = login.keepalive {
+                        let keepalive = socket2::TcpKeepalive::new()
+                            .with_time(k.idle)
+                            .with_interval(k.interval)
+                            .with_retries(k.count);
+                        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive).map_err(PoolError::Connect)?;
+                    }
+                    crate::tls::connect(tcp, login.tls, login.addr).await.map_err(PoolError::Connect)?
+                }
+                // As libpq: no TLS (nor keepalives) on a Unix-domain socket.
+                other => other,
+            };
             let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.credential, login.params)
                 .await
                 .map_err(PoolError::Login)?;

@@ -135,7 +135,7 @@ pub struct PoolStats {
 #[derive(Debug, Clone)]
 pub struct IdleBackend {
     pub pid: i32,
-    pub addr: std::net::SocketAddr,
+    pub addr: crate::net::ServerAddr,
     /// pgmux's end of the connection.
     pub local: Option<std::net::SocketAddr>,
     /// TLS protocol and cipher suite; `None` for plain.
@@ -368,8 +368,8 @@ impl Pool {
             .idle()
             .map(|b| IdleBackend {
                 pid: b.pid,
-                addr: b.addr,
-                local: b.stream.local_addr().ok(),
+                addr: b.addr.clone(),
+                local: b.stream.local_addr(),
                 tls: b.stream.tls_description(),
                 created: b.created(),
                 last_used: b.last_used(),

@@ -57,7 +57,7 @@ fn pgbouncer_values(c: &Config) -> Vec<(&'static str, String)> {
         ("client_tls_key_file", path(&p.tls_key)),
         ("client_tls_sslmode", tls_mode(p.tls_mode).into()),
         ("idle_transaction_timeout", seconds(p.idle_transaction_timeout)),
-        ("listen_addr", p.listen.ip().to_string()),
+        ("listen_addr", p.listen.tcp().map(|a| a.ip().to_string()).unwrap_or_default()),
         ("listen_port", p.listen.port().to_string()),
         ("max_client_conn", p.max_client_conn.to_string()),
         ("max_db_connections", "0".into()),
@@ -74,7 +74,19 @@ fn pgbouncer_values(c: &Config) -> Vec<(&'static str, String)> {
         ("server_tls_sslmode", server_tls_mode(p.server_tls).into()),
         ("so_reuseport", u8::from(p.so_reuseport).to_string()),
         ("stats_period", super::STATS_PERIOD.as_secs().to_string()),
+        ("unix_socket_dir", unix_socket_dir(p)),
+        ("unix_socket_group", p.unix_socket_group.clone().unwrap_or_default()),
+        ("unix_socket_mode", format!("{:04o}", p.unix_socket_mode)),
     ]
+}
+
+/// The directory clients find pgmux's socket in: `unix_socket_dir`, or that of a Unix `listen`.
+fn unix_socket_dir(p: &crate::config::ProxyConfig) -> String {
+    match (&p.unix_socket_dir, &p.listen) {
+        (Some(dir), _) => dir.display().to_string(),
+        (None, crate::config::Listen::Unix(path)) => path.parent().map(|d| d.display().to_string()).unwrap_or_default(),
+        (None, crate::config::Listen::Tcp(_)) => String::new(),
+    }
 }
 
 #[cfg(test)]

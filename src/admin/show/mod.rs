@@ -190,6 +190,18 @@ pub(crate) fn split_addr(a: Option<SocketAddr>) -> (String, u16) {
     a.map(|a| (a.ip().to_string(), a.port())).unwrap_or_default()
 }
 
+/// A server connection's address as PgBouncer shows it: IP and port, or
+/// `unix` and the port of the socket's `.s.PGSQL.<port>` name.
+pub(crate) fn server_addr(a: &crate::net::ServerAddr) -> (String, u16) {
+    match a {
+        crate::net::ServerAddr::Tcp(a) => split_addr(Some(*a)),
+        crate::net::ServerAddr::Unix(p) => {
+            let port = p.file_name().and_then(|n| n.to_str()?.strip_prefix(".s.PGSQL.")?.parse().ok());
+            ("unix".to_owned(), port.unwrap_or_default())
+        }
+    }
+}
+
 /// `host:port` or `[v6]:port` from the config, as host and port.
 pub(crate) fn split_host_port(s: &str) -> (String, Option<u16>) {
     match s.rsplit_once(':') {

@@ -6,14 +6,14 @@
 //! and each one's `link` is the other's `ptr`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::pools::{NODE, PoolView, pool_views};
-use super::{ResultSet, Row, Spec, format_time, row, split_addr};
+use super::{ResultSet, Row, Spec, format_time, row, server_addr, split_addr};
 use crate::live::Shared;
 use crate::live::registry::{ClientInfo, ClientState, pool_id, wall_time};
+use crate::net::ServerAddr;
 
 /// PgBouncer 1.25 `socket_header` (SKF_STD).
 pub(super) const SOCKET: Spec = Spec {
@@ -173,7 +173,7 @@ struct Server<'a> {
 fn server_socket(
     v: &PoolView,
     state: &'static str,
-    addr: SocketAddr,
+    addr: &ServerAddr,
     connected: Instant,
     request: Instant,
     pid: i32,
@@ -183,7 +183,7 @@ fn server_socket(
         user: v.user.clone(),
         database: v.database.clone(),
         state,
-        addr: split_addr(Some(addr)),
+        addr: server_addr(addr),
         local: (String::new(), 0),
         connect_time: wall_time(connected),
         request_time: wall_time(request),
@@ -209,14 +209,14 @@ fn server_sockets<'a>(views: &'a [PoolView], clients: &[Arc<ClientInfo>]) -> Vec
         let Some(link) = c.link() else { continue };
         // A retired pool (its database removed by a reload) is in no view.
         let Some(v) = by_id.get(&link.pool) else { continue };
-        let mut socket = server_socket(v, "active", link.addr, link.connected, c.since(), link.pid);
+        let mut socket = server_socket(v, "active", &link.addr, link.connected, c.since(), link.pid);
         socket.link = client_ptr(c.id);
         socket.application_name = c.login().map(|l| l.application_name.clone()).unwrap_or_default();
         out.push(Server { v, socket });
     }
     for v in views {
         for b in v.pool.idle_backends() {
-            let mut socket = server_socket(v, "idle", b.addr, b.created, b.last_used, b.pid);
+            let mut socket = server_socket(v, "idle", &b.addr, b.created, b.last_used, b.pid);
             socket.local = split_addr(b.local);
             socket.tls = b.tls.unwrap_or_default();
             socket.prepared = b.prepared;

@@ -74,7 +74,7 @@ async fn recover_inner(backend: &mut Backend, link: &mut Link, registry: &Regist
             None => Some(backend.stream.read_buf(&mut backend.from_server).await?),
         };
         let Some(read) = read else {
-            cancel_backend(backend.addr, backend.pid, backend.secret).await;
+            cancel_backend(backend.addr.clone(), backend.pid, backend.secret).await;
             next_cancel = Some(tokio::time::Instant::now() + backoff);
             backoff = (backoff * 2).min(Duration::from_millis(500));
             continue;
@@ -118,11 +118,19 @@ pub fn apply_param_changes(backend: &mut Backend, link: &mut Link) {
 
 /// Sends a CancelRequest for `pid` to the server at `addr` and waits until the
 /// server has taken it (it closes the connection after signalling the backend).
-/// Also how a cancel is forwarded to the pgmux peer that issued its key,
-/// whose `host:port` is resolved here, at each forward.
-pub async fn cancel_backend(addr: impl tokio::net::ToSocketAddrs, pid: i32, secret: i32) {
+pub async fn cancel_backend(addr: ServerAddr, pid: i32, secret: i32) {
+    send_cancel(addr.connect(), pid, secret).await
+}
+
+/// How a cancel is forwarded to the pgmux peer that issued its key, whose
+/// `host:port` is resolved here, at each forward.
+pub async fn forward_cancel(addr: &str, pid: i32, secret: i32) {
+    send_cancel(async { Ok(crate::net::connect(addr).await?.0) }, pid, secret).await
+}
+
+async fn send_cancel(connect: impl Future<Output = std::io::Result<Stream>>, pid: i32, secret: i32) {
     let attempt = async {
-        let mut s = TcpStream::connect(addr).await?;
+        let mut s = connect.await?;
         let mut buf = BytesMut::new();
         frontend::cancel_request(&mut buf, pid, secret);
         s.write_all(&buf).await?;

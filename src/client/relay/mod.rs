@@ -15,7 +15,7 @@ mod cleanup;
 mod poll;
 mod rewrite;
 
-pub use cleanup::{apply_param_changes, cancel_backend, recover};
+pub use cleanup::{apply_param_changes, cancel_backend, forward_cancel, recover};
 pub use poll::{Outcome, RelayOptions, record_traffic, relay};
 
 use std::collections::VecDeque;
@@ -28,14 +28,13 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::pinning::{self, PinReason};
 use super::statements::{self, ClientStatements};
 use crate::config::OnSessionState;
 use crate::live::registry::Signal;
 use crate::live::stats::{Stats, sqlstate_class};
-use crate::net::Stream;
+use crate::net::{ServerAddr, Stream};
 use crate::pool::expect::{Expect, SpareQueue};
 use crate::pool::statements::{PreparedSet, Registry, Statement};
 use crate::pool::{Backend, PoolCounters, Traffic};
