@@ -15,6 +15,9 @@
 #   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
 #   SCALE=10                              pgbench -i scale factor
 #   DOC=docs/benchmarks.md                where the results block is written ("" to skip)
+#   SOCKETS=tcp                           "tcp unix" adds cells (script named select/unix, ...) where
+#                                         pgbench -> proxy -> Postgres are both Unix-domain sockets
+#                                         (direct: pgbench -> Postgres's socket; floor is TCP-only)
 #
 # Quick check that everything works end to end:
 #   benches/load.sh SCRIPTS=select MODES=simple CLIENTS=8 DURATION=2 ROUNDS=1
@@ -56,9 +59,10 @@ LATENCY_MODES=${LATENCY_MODES-simple extended}
 POOL_SIZE=${POOL_SIZE:-20}
 SCALE=${SCALE:-10}
 DOC=${DOC-docs/benchmarks.md}
+SOCKETS=${SOCKETS:-tcp}
 for arg in "$@"; do
     case $arg in
-        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=*)
+        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=* | SOCKETS=*)
             printf -v "${arg%%=*}" '%s' "${arg#*=}" ;;
         SECONDS=*) DURATION=${arg#*=} ;;
         -h | --help) sed -n '2,/^set -euo/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -67,6 +71,10 @@ for arg in "$@"; do
 done
 for s in $SCRIPTS; do case $s in select | tpcb) ;; *) echo "SCRIPTS: select or tpcb, not $s" >&2; exit 2 ;; esac; done
 for m in $MODES $LATENCY_MODES; do case $m in simple | extended | prepared) ;; *) echo "MODES: simple, extended or prepared, not $m" >&2; exit 2 ;; esac; done
+for k in $SOCKETS; do case $k in tcp | unix) ;; *) echo "SOCKETS: tcp or unix, not $k" >&2; exit 2 ;; esac; done
+# What the report calls each script of each socket kind: select, select/unix, ...
+script_labels=""
+for k in $SOCKETS; do for s in $SCRIPTS; do script_labels+=" $s$(if [ "$k" = unix ]; then echo /unix; fi)"; done; done
 
 source benches/lib.sh
 require_postgres
@@ -142,6 +150,7 @@ if has_target pgmux; then
     cat >"$work/proxy.toml" <<CONF
 [proxy]
 listen = "127.0.0.1:$mux_port"
+unix_socket_dir = "$work"
 max_client_conn = $((max_clients + 100))
 query_wait_timeout = "120s"
 server_tls = "disable"
@@ -149,6 +158,13 @@ server_tls = "disable"
 [[databases]]
 name = "postgres"
 primary = "127.0.0.1:$pg_port"
+pool_size = $POOL_SIZE
+
+# The unix cells: Postgres's own socket.
+[[databases]]
+name = "postgres_unix"
+dbname = "postgres"
+primary = "$work:$pg_port"
 pool_size = $POOL_SIZE
 
 [[users]]
@@ -165,10 +181,11 @@ if has_target pgbouncer; then
     cat >"$work/pgbouncer.ini" <<CONF
 [databases]
 postgres = host=127.0.0.1 port=$pg_port dbname=postgres
+postgres_unix = host=$work port=$pg_port dbname=postgres
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $bouncer_port
-unix_socket_dir =
+unix_socket_dir = $work
 auth_type = trust
 auth_file = $work/userlist.txt
 pool_mode = transaction
@@ -235,9 +252,13 @@ results="$work/results.tsv" # kind script mode clients round target tps xacts fa
 : >"$results"
 
 # Runs pgbench once and appends one line to $results.
-run() { # kind script mode clients round target
-    local kind=$1 script=$2 mode=$3 clients=$4 round=$5 target=$6
-    local pid logs out c0 c1 g0 g1 b0 b1 n0 rc=0 script_args=() shell=$BASHPID
+run() { # kind script mode clients round target [socket]
+    local kind=$1 script=$2 mode=$3 clients=$4 round=$5 target=$6 socket=${7:-tcp}
+    local pid logs out c0 c1 g0 g1 b0 b1 n0 rc=0 script_args=() shell=$BASHPID host=127.0.0.1 db=postgres label=$2
+    if [ "$socket" = unix ]; then
+        host=$work label="$script/unix"
+        [ "$target" = direct ] || db=postgres_unix
+    fi
     case $script in
         select) script_args=(-S) ;;
         tpcb) script_args=() ;;
@@ -254,8 +275,8 @@ run() { # kind script mode clients round target
     n0=$(pgrep -c -P "$postmaster" || true)
     c0=$(cpu_ticks "$pid") g0=$(pg_ticks) b0=$(children_ticks "$shell")
     # A proxy that stalls fails its run instead of hanging the benchmark.
-    timeout -k 5 $((2 * DURATION + 90)) pgbench -n -h 127.0.0.1 -p "$(port_of "$target")" -U postgres -c "$clients" -j $((clients < 2 ? clients : 2)) \
-        -T "$DURATION" -M "$mode" -l --log-prefix="$logs/tx" "${script_args[@]}" postgres >"$out" 2>&1 &
+    timeout -k 5 $((2 * DURATION + 90)) pgbench -n -h "$host" -p "$(port_of "$target")" -U postgres -c "$clients" -j $((clients < 2 ? clients : 2)) \
+        -T "$DURATION" -M "$mode" -l --log-prefix="$logs/tx" "${script_args[@]}" "$db" >"$out" 2>&1 &
     # In the background, so that INT/TERM interrupt `wait` and clean up at once.
     bench_pid=$!
     wait "$bench_pid" || rc=$?
@@ -289,7 +310,7 @@ run() { # kind script mode clients round target
     local lat
     lat=$({ cat "$logs"/tx.* 2>/dev/null || true; } | awk '$3 ~ /^[0-9]+$/ {print $3}' | sort -n |
         awk '{v[NR] = $1; s += $1} END {if (NR) {i = int(NR * 0.99); if (i < NR * 0.99) i++; printf "%.1f %d", s / NR, v[i]} else print "nan nan"}')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$script" "$mode" "$clients" "$round" "$target" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$label" "$mode" "$clients" "$round" "$target" \
         "$tps" "$xacts" "${failed:-0}" "${lat% *}" "${lat#* }" $((c1 - c0)) $((g1 - g0)) $((b1 - b0)) >>"$results"
     printf '  %-9s %9.0f tps  avg %7.3f ms  p99 %7.3f ms%s\n' "$target" "$tps" \
         "$(awk -v a="${lat% *}" 'BEGIN {print a / 1000}')" "$(awk -v a="${lat#* }" 'BEGIN {print a / 1000}')" \
@@ -298,9 +319,10 @@ run() { # kind script mode clients round target
 
 # Targets of one cell, in an order rotated each round so no target always
 # runs first (or right after the same neighbour).
-cell_targets() { # mode round
+cell_targets() { # mode round [socket]
     local list=() t i n
     for t in "${targets[@]}"; do
+        [ "$t" = floor ] && [ "${3:-tcp}" = unix ] && continue
         # PgBouncer 1.18 does not support named prepared statements in transaction mode.
         [ "$t" = pgbouncer ] && [ "$1" = prepared ] && continue
         list+=("$t")
@@ -310,17 +332,19 @@ cell_targets() { # mode round
 }
 
 cells=0
-for s in $SCRIPTS; do for m in $MODES; do for c in $CLIENTS; do cells=$((cells + $(cell_targets "$m" 1 | wc -l))); done; done; done
+for k in $SOCKETS; do for s in $SCRIPTS; do for m in $MODES; do for c in $CLIENTS; do cells=$((cells + $(cell_targets "$m" 1 "$k" | wc -l))); done; done; done; done
 for m in $LATENCY_MODES; do cells=$((cells + $(cell_targets "$m" 1 | wc -l))); done
 echo "$cells pgbench runs of ${DURATION}s per round, $ROUNDS rounds: about $((cells * ROUNDS * (DURATION + 1) / 60 + 1)) minutes" >&2
 
 started=$(date -u '+%F %H:%M UTC')
 for round in $(seq "$ROUNDS"); do
-    for s in $SCRIPTS; do
-        for m in $MODES; do
-            for c in $CLIENTS; do
-                echo "round $round/$ROUNDS: $s, $m, $c clients" >&2
-                for t in $(cell_targets "$m" "$round"); do run load "$s" "$m" "$c" "$round" "$t"; done
+    for k in $SOCKETS; do
+        for s in $SCRIPTS; do
+            for m in $MODES; do
+                for c in $CLIENTS; do
+                    echo "round $round/$ROUNDS: $s, $m, $c clients, $k" >&2
+                    for t in $(cell_targets "$m" "$round" "$k"); do run load "$s" "$m" "$c" "$round" "$t" "$k"; done
+                done
             done
         done
     done
@@ -345,7 +369,7 @@ report="$work/report.md"
         echo "> **Short run** (DURATION=$DURATION, ROUNDS=$ROUNDS): it shows the benchmark works, it measures little."
         echo
     fi
-    echo "- Settings: SCRIPTS=\"$SCRIPTS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION ROUNDS=$ROUNDS LATENCY_MODES=\"$LATENCY_MODES\" POOL_SIZE=$POOL_SIZE SCALE=$SCALE"
+    echo "- Settings: SCRIPTS=\"$SCRIPTS\" SOCKETS=\"$SOCKETS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION ROUNDS=$ROUNDS LATENCY_MODES=\"$LATENCY_MODES\" POOL_SIZE=$POOL_SIZE SCALE=$SCALE"
     echo "- Machine: $(nproc) cores, ${cpu_model:-unknown CPU}, $(uname -sr)"
     echo "- PostgreSQL $pg_version (fsync off, max_connections $((max_clients + 2 * POOL_SIZE + 20))); $(pgbench --version)"
     echo "- pgmux $pgmux_rev (release build); ${bouncer_version}"
@@ -357,7 +381,7 @@ report="$work/report.md"
     echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     # Medians of per-round values; CPU is total proxy ticks over all rounds
     # divided by total transactions.
-    awk -F'\t' -v hz="$hz" -v order="$SCRIPTS|$MODES|$CLIENTS|${targets[*]}" '
+    awk -F'\t' -v hz="$hz" -v order="$script_labels|$MODES|$CLIENTS|${targets[*]}" '
         function median(list,    n, a, i, j, x) {
             n = split(list, a, " ")
             for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j + 1] = a[j]; a[j + 1] = x }
@@ -408,7 +432,7 @@ report="$work/report.md"
         echo
         echo "| script | mode | clients | target | proxy | Postgres | pgbench | sum |"
         echo "|---|---|---:|---|---:|---:|---:|---:|"
-        awk -F'\t' -v hz="$hz" -v order="$SCRIPTS|$MODES|$CLIENTS|${targets[*]}" -v ceiling="$work/ceiling.md" '
+        awk -F'\t' -v hz="$hz" -v order="$script_labels|$MODES|$CLIENTS|${targets[*]}" -v ceiling="$work/ceiling.md" '
             $1 == "load" && $4 > 1 && $8 > 0 {
                 k = $2 SUBSEP $3 SUBSEP $4 SUBSEP $6
                 xacts[k] += $8; px[k] += $12; pg[k] += $13; bn[k] += $14; seen[k] = 1
