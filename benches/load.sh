@@ -10,7 +10,8 @@
 #   CLIENTS="1 64 512"                    pgbench -c; -j is min(2, clients)
 #   DURATION=8                            seconds per pgbench run (SECONDS=8 works too)
 #   ROUNDS=3                              rounds; each round runs every cell on every target
-#   TARGETS="direct pgmux pgbouncer floor"  pgbouncer is skipped when not installed; floor: see below
+#   TARGETS="direct pgmux pgbouncer floor"  pgbouncer is skipped when not installed; floor: see below;
+#                                         pgmux2: pgmux with `workers = 2` (a multi-thread runtime)
 #   LATENCY_MODES="simple extended"       1-client `SELECT 1` added-latency runs ("" skips them)
 #   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
 #   SCALE=10                              pgbench -i scale factor
@@ -82,9 +83,9 @@ bouncer_bin=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true
 targets=""
 for t in $TARGETS; do
     case $t in
-        direct | pgmux | floor) targets+=" $t" ;;
+        direct | pgmux | pgmux2 | floor) targets+=" $t" ;;
         pgbouncer) if [ -n "$bouncer_bin" ]; then targets+=" $t"; else echo "PgBouncer not installed (apt-get install pgbouncer): skipped" >&2; fi ;;
-        *) echo "TARGETS: direct, pgmux, pgbouncer or floor, not $t" >&2; exit 2 ;;
+        *) echo "TARGETS: direct, pgmux, pgmux2, pgbouncer or floor, not $t" >&2; exit 2 ;;
     esac
 done
 read -r -a targets <<<"$targets"
@@ -103,11 +104,12 @@ if [ "$(id -u)" = 0 ]; then
     chown postgres "$work"
     as_pg=(runuser -u postgres --)
 fi
-pg_started="" mux_pid="" bouncer_pid="" floor_pid="" bench_pid=""
+pg_started="" mux_pid="" mux2_pid="" bouncer_pid="" floor_pid="" bench_pid=""
 cleanup() {
     set +e
     [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
     [ -n "$mux_pid" ] && kill "$mux_pid" 2>/dev/null
+    [ -n "$mux2_pid" ] && kill "$mux2_pid" 2>/dev/null
     [ -n "$bouncer_pid" ] && kill "$bouncer_pid" 2>/dev/null
     [ -n "$floor_pid" ] && kill "$floor_pid" 2>/dev/null
     [ -n "$pg_started" ] && "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" stop -m immediate >/dev/null 2>&1
@@ -117,7 +119,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port pg_port; free_port mux_port; free_port bouncer_port; free_port floor_port
+free_port pg_port; free_port mux_port; free_port mux2_port; free_port bouncer_port; free_port floor_port
 max_clients=$(printf '%s\n' $CLIENTS 1 | sort -n | tail -1)
 
 wait_port() { # port name
@@ -146,11 +148,12 @@ pgbench -i -s "$SCALE" -q -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/
 pg_version=$(psql_direct -At -c 'SHOW server_version')
 
 # ---------------------------------------------------------------- pgmux
-if has_target pgmux; then
-    cat >"$work/proxy.toml" <<CONF
+start_pgmux() { # port workers name
+    cat >"$work/$3.toml" <<CONF
 [proxy]
-listen = "127.0.0.1:$mux_port"
+listen = "127.0.0.1:$1"
 unix_socket_dir = "$work"
+workers = $2
 max_client_conn = $((max_clients + 100))
 query_wait_timeout = "120s"
 server_tls = "disable"
@@ -171,9 +174,17 @@ pool_size = $POOL_SIZE
 name = "postgres"
 auth = "trust"
 CONF
-    "${CARGO_TARGET_DIR:-target}/release/pgmux" --config "$work/proxy.toml" --log-level warn 2>"$work/pgmux.log" &
+    "${CARGO_TARGET_DIR:-target}/release/pgmux" --config "$work/$3.toml" --log-level warn 2>"$work/$3.log" &
+}
+if has_target pgmux; then
+    start_pgmux "$mux_port" 1 pgmux
     mux_pid=$!
     wait_port "$mux_port" pgmux
+fi
+if has_target pgmux2; then
+    start_pgmux "$mux2_port" 2 pgmux2
+    mux2_pid=$!
+    wait_port "$mux2_port" "pgmux (workers = 2)"
 fi
 
 # ---------------------------------------------------------------- PgBouncer
@@ -216,8 +227,8 @@ if has_target floor; then
 fi
 
 # ---------------------------------------------------------------- runs
-port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; esac; }
-pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; *) echo "" ;; esac; }
+port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; esac; }
+pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; *) echo "" ;; esac; }
 # The sum of fields of /proc/PID/stat, numbered after "pid (comm) " (12 utime,
 # 13 stime, 14 cutime, 15 cstime: clock ticks); prints nothing, and does not
 # fail, when the process is gone.
