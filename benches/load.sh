@@ -11,7 +11,8 @@
 #   DURATION=8                            seconds per pgbench run (SECONDS=8 works too)
 #   ROUNDS=3                              rounds; each round runs every cell on every target
 #   TARGETS="direct pgmux pgbouncer floor"  pgbouncer is skipped when not installed; floor: see below;
-#                                         pgmux2: pgmux with `workers = 2` (a multi-thread runtime)
+#                                         pgmux2: pgmux with `workers = 2` (a multi-thread runtime);
+#                                         uring, uring-ms: the floor relay on io_uring (see below)
 #   LATENCY_MODES="simple extended"       1-client `SELECT 1` added-latency runs ("" skips them)
 #   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
 #   SCALE=10                              pgbench -i scale factor
@@ -42,6 +43,12 @@
 # (socket calls, loopback TCP, waking the peer); a proxy's excess over it is
 # its own code. Its TPS at many clients is not comparable: Postgres runs one
 # backend per client behind it.
+#
+# `uring` is the same relay on io_uring (examples/floor_relay_uring.rs): the
+# receives and sends of every ready connection batched into one
+# io_uring_enter; `uring-ms` with a standing multishot receive per socket
+# drawing from provided buffers. They ask whether io_uring makes the
+# kernel's part cheaper here; skipped, with a note, where io_uring is refused.
 set -euo pipefail
 self=$(realpath "$0")
 cd "$(dirname "$self")/.."
@@ -83,9 +90,9 @@ bouncer_bin=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true
 targets=""
 for t in $TARGETS; do
     case $t in
-        direct | pgmux | pgmux2 | floor) targets+=" $t" ;;
+        direct | pgmux | pgmux2 | floor | uring | uring-ms) targets+=" $t" ;;
         pgbouncer) if [ -n "$bouncer_bin" ]; then targets+=" $t"; else echo "PgBouncer not installed (apt-get install pgbouncer): skipped" >&2; fi ;;
-        *) echo "TARGETS: direct, pgmux, pgmux2, pgbouncer or floor, not $t" >&2; exit 2 ;;
+        *) echo "TARGETS: direct, pgmux, pgmux2, pgbouncer, floor, uring or uring-ms, not $t" >&2; exit 2 ;;
     esac
 done
 read -r -a targets <<<"$targets"
@@ -97,6 +104,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo build --release --quiet
 has_target floor && cargo build --release --quiet --example floor_relay
+{ has_target uring || has_target uring-ms; } && cargo build --release --quiet --example floor_relay_uring
 work=$(mktemp -d /tmp/pgmux-load.XXXXXX)
 chmod 755 "$work"
 as_pg=()
@@ -104,7 +112,7 @@ if [ "$(id -u)" = 0 ]; then
     chown postgres "$work"
     as_pg=(runuser -u postgres --)
 fi
-pg_started="" mux_pid="" mux2_pid="" bouncer_pid="" floor_pid="" bench_pid=""
+pg_started="" mux_pid="" mux2_pid="" bouncer_pid="" floor_pid="" uring_pid="" uring_ms_pid="" bench_pid=""
 cleanup() {
     set +e
     [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
@@ -112,6 +120,8 @@ cleanup() {
     [ -n "$mux2_pid" ] && kill "$mux2_pid" 2>/dev/null
     [ -n "$bouncer_pid" ] && kill "$bouncer_pid" 2>/dev/null
     [ -n "$floor_pid" ] && kill "$floor_pid" 2>/dev/null
+    [ -n "$uring_pid" ] && kill "$uring_pid" 2>/dev/null
+    [ -n "$uring_ms_pid" ] && kill "$uring_ms_pid" 2>/dev/null
     [ -n "$pg_started" ] && "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" stop -m immediate >/dev/null 2>&1
     wait 2>/dev/null
     rm -rf "$work"
@@ -119,7 +129,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port pg_port; free_port mux_port; free_port mux2_port; free_port bouncer_port; free_port floor_port
+free_port pg_port; free_port mux_port; free_port mux2_port; free_port bouncer_port; free_port floor_port; free_port uring_port; free_port uring_ms_port
 max_clients=$(printf '%s\n' $CLIENTS 1 | sort -n | tail -1)
 
 wait_port() { # port name
@@ -132,12 +142,15 @@ wait_port() { # port name
 }
 
 # ---------------------------------------------------------------- Postgres
+# Room for the direct (or floor) run's clients beside every pool a proxy
+# keeps open: pgmux, pgmux2 and PgBouncer, each with a TCP and a unix pool.
+max_connections=$((max_clients + 6 * POOL_SIZE + 20))
 "${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust >/dev/null
 cat >>"$work/data/postgresql.conf" <<CONF
 port = $pg_port
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$work'
-max_connections = $((max_clients + 2 * POOL_SIZE + 20))
+max_connections = $max_connections
 fsync = off
 CONF
 "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
@@ -226,9 +239,29 @@ if has_target floor; then
     wait_port "$floor_port" floor_relay
 fi
 
+# ---------------------------------------------------------------- io_uring floor relays
+# Started like the floor; one that exits at once (status 3: io_uring refused
+# here) is dropped from the targets with its reason.
+start_uring() { # target port pid_variable [--multishot]
+    local t=$1 port=$2
+    local -n pid_out=$3
+    shift 3
+    "${CARGO_TARGET_DIR:-target}/release/examples/floor_relay_uring" "127.0.0.1:$port" "127.0.0.1:$pg_port" "$@" 2>"$work/$t.log" &
+    pid_out=$!
+    if ! wait_port "$port" "$t" 2>/dev/null; then
+        echo "$t skipped: $(cat "$work/$t.log")" >&2
+        pid_out=""
+        local kept=() x
+        for x in "${targets[@]}"; do [ "$x" = "$t" ] || kept+=("$x"); done
+        targets=("${kept[@]}")
+    fi
+}
+if has_target uring; then start_uring uring "$uring_port" uring_pid; fi
+if has_target uring-ms; then start_uring uring-ms "$uring_ms_port" uring_ms_pid --multishot; fi
+
 # ---------------------------------------------------------------- runs
-port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; esac; }
-pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; *) echo "" ;; esac; }
+port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; uring) echo "$uring_port" ;; uring-ms) echo "$uring_ms_port" ;; esac; }
+pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; uring) echo "$uring_pid" ;; uring-ms) echo "$uring_ms_pid" ;; *) echo "" ;; esac; }
 # The sum of fields of /proc/PID/stat, numbered after "pid (comm) " (12 utime,
 # 13 stime, 14 cutime, 15 cstime: clock ticks); prints nothing, and does not
 # fail, when the process is gone.
@@ -296,7 +329,7 @@ run() { # kind script mode clients round target [socket]
     # Backends of clients that connected straight to Postgres (direct, floor)
     # exit with pgbench: their CPU counts once the postmaster has reaped them
     # (and must not spill into the next run). 512 of them can take seconds.
-    if [ "$target" = direct ] || [ "$target" = floor ]; then
+    if [ "$target" = direct ] || [ "$target" = floor ] || [ "$target" = uring ] || [ "$target" = uring-ms ]; then
         for _ in $(seq 300); do
             [ "$(pgrep -c -P "$postmaster" || true)" -le "$n0" ] && break
             sleep 0.05
@@ -333,7 +366,7 @@ run() { # kind script mode clients round target [socket]
 cell_targets() { # mode round [socket]
     local list=() t i n
     for t in "${targets[@]}"; do
-        [ "$t" = floor ] && [ "${3:-tcp}" = unix ] && continue
+        case $t in floor | uring | uring-ms) [ "${3:-tcp}" = unix ] && continue ;; esac
         # PgBouncer 1.18 does not support named prepared statements in transaction mode.
         [ "$t" = pgbouncer ] && [ "$1" = prepared ] && continue
         list+=("$t")
@@ -382,7 +415,7 @@ report="$work/report.md"
     fi
     echo "- Settings: SCRIPTS=\"$SCRIPTS\" SOCKETS=\"$SOCKETS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION ROUNDS=$ROUNDS LATENCY_MODES=\"$LATENCY_MODES\" POOL_SIZE=$POOL_SIZE SCALE=$SCALE"
     echo "- Machine: $(nproc) cores, ${cpu_model:-unknown CPU}, $(uname -sr)"
-    echo "- PostgreSQL $pg_version (fsync off, max_connections $((max_clients + 2 * POOL_SIZE + 20))); $(pgbench --version)"
+    echo "- PostgreSQL $pg_version (fsync off, max_connections $max_connections); $(pgbench --version)"
     echo "- pgmux $pgmux_rev (release build); ${bouncer_version}"
     echo "- pgbench -n -j min(2, clients) -T $DURATION, per-transaction logs (-l) for latencies; the proxy and Postgres share the machine with pgbench."
     echo
@@ -465,17 +498,18 @@ report="$work/report.md"
                     if (!(kb in seen)) continue
                     bp = us(px[kb], kb); rest = us(pg[kb], kb) + us(bn[kb], kb)
                     need = (bp + rest) / 1.15 - rest
-                    kf = base SUBSEP "floor"; km = base SUBSEP "pgmux"
+                    kf = base SUBSEP "floor"; km = base SUBSEP "pgmux"; ku = base SUBSEP "uring"; kv = base SUBSEP "uring-ms"
                     if (need < 0) need = 0
-                    printf("| %s | %s | %s | %.0f%% | %.2f | %.1f | %s | %s |\n", S[a], M[b], C[c], 100 * bp / (bp + rest),
+                    printf("| %s | %s | %s | %.0f%% | %.2f | %.1f | %s | %s | %s | %s |\n", S[a], M[b], C[c], 100 * bp / (bp + rest),
                         (bp + rest) / rest, need, (kf in seen) ? sprintf("%.1f", us(px[kf], kf)) : "–",
+                        (ku in seen) ? sprintf("%.1f", us(px[ku], ku)) : "–", (kv in seen) ? sprintf("%.1f", us(px[kv], kv)) : "–",
                         (km in seen) ? sprintf("%.1f", us(px[km], km)) : "–") >> ceiling
                 }
             }' "$results"
         if [ -s "$work/ceiling.md" ]; then
             echo
-            echo "| script | mode | clients | PgBouncer's share of the CPU | TPS × PgBouncer of a proxy costing nothing | proxy µs per xact for 1.15× | floor relay µs per xact | pgmux µs per xact |"
-            echo "|---|---|---:|---:|---:|---:|---:|---:|"
+            echo "| script | mode | clients | PgBouncer's share of the CPU | TPS × PgBouncer of a proxy costing nothing | proxy µs per xact for 1.15× | floor relay µs per xact | io_uring floor µs per xact | io_uring multishot floor µs per xact | pgmux µs per xact |"
+            echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
             cat "$work/ceiling.md"
         fi
     fi
