@@ -20,7 +20,7 @@
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -420,19 +420,7 @@ impl ServerAddr {
     }
 }
 
-/// The Unix-domain socket a server address names: `/dir:port` is where
-/// Postgres listens (and libpq's `host=/dir port=port` looks),
-/// `/dir/.s.PGSQL.port`. `None` for `host:port`.
-pub fn unix_socket(addr: &str) -> Option<PathBuf> {
-    if !addr.starts_with('/') {
-        return None;
-    }
-    let (dir, port) = addr.rsplit_once(':')?;
-    Some(Path::new(dir).join(format!(".s.PGSQL.{port}")))
-}
-
-/// The longest socket path the kernel takes (`sun_path` less its NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub use crate::vocab::socket::{MAX_SOCKET_PATH, unix_socket};
 
 /// Opens a connection to a server address as proxy.toml writes it:
 /// `host:port` (a name resolved now, each of its addresses tried in turn;

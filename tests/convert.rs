@@ -44,7 +44,9 @@ fn debian_packaged_configuration() {
     let (toml, stderr) = convert(ini, userlist.exists().then_some(userlist));
     // listen_addr = localhost, listen_port = 6432.
     assert!(toml.contains("listen = \"127.0.0.1:6432\""), "{toml}");
-    for key in ["logfile", "pidfile", "unix_socket_dir", "[databases]"] {
+    // Its Unix socket carries over, beside the TCP address.
+    assert!(toml.contains("unix_socket_dir = \"/var/run/postgresql\""), "{toml}");
+    for key in ["logfile", "pidfile", "[databases]"] {
         assert!(stderr.contains(&format!("  {key}: ")), "{key} not reported: {stderr}");
         assert!(toml.contains(&format!("#   {key}: ")), "{key} not in the output: {toml}");
     }
@@ -79,9 +81,11 @@ async fn converted_configuration_serves_clients() {
     std::fs::write(&userlist, format!("\"{}\" \"{}\"\n", APP.0, APP.1)).unwrap();
 
     let (toml, stderr) = convert(&ini, Some(&userlist));
-    for key in ["databases other", "server_reset_query", "logfile"] {
+    for key in ["server_reset_query", "logfile"] {
         assert!(stderr.contains(&format!("  {key}")), "{key} not reported: {stderr}");
     }
+    // A database on a Unix socket carries over as its socket directory.
+    assert!(toml.contains("primary = \"/tmp:5432\""), "{toml}");
     let checked = check(&toml);
     assert!(checked.status.success(), "pgmux check refused the output: {checked:?}\n{toml}");
 

@@ -26,7 +26,7 @@ pub fn check_host_port(s: &str) -> Result<(), String> {
     }
     if host.starts_with('/') {
         // Postgres's Unix-domain socket in that directory.
-        let path = crate::net::unix_socket(s).expect("an absolute path with a port");
+        let path = crate::vocab::socket::unix_socket(s).expect("an absolute path with a port");
         return socket_path(path).map(drop);
     }
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
@@ -88,11 +88,11 @@ impl fmt::Display for Listen {
 /// A socket file's path, checked against the kernel's length limit.
 pub fn socket_path(path: PathBuf) -> Result<PathBuf, String> {
     let len = path.as_os_str().len();
-    if len > crate::net::MAX_SOCKET_PATH {
+    if len > crate::vocab::socket::MAX_SOCKET_PATH {
         return Err(format!(
             "socket path {} is {len} bytes; the kernel takes at most {}",
             path.display(),
-            crate::net::MAX_SOCKET_PATH
+            crate::vocab::socket::MAX_SOCKET_PATH
         ));
     }
     Ok(path)
