@@ -462,7 +462,7 @@ fn admit(stream: Stream, shared: &Arc<Shared>, next_id: &AtomicU64) {
     let id = next_id.fetch_add(1, Ordering::Relaxed);
     match shared.take_slot() {
         Some(slot) => {
-            tokio::spawn(crate::client::serve(stream, slot, id));
+            tokio::spawn(crate::client::serve(Box::new(crate::client::Accepted { stream, id }), slot));
         }
         None => {
             tracing::warn!("max_client_conn reached; refusing a client");

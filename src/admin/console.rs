@@ -365,7 +365,7 @@ fn kill_database(s: &Shared, db: Option<&str>) -> Reply {
     // connection between the kills and the closes. Already paused is fine.
     let _ = s.pause.pause(Some(db));
     for client in s.clients.snapshot() {
-        if client.login().is_some_and(|l| l.database == db) {
+        if client.login().is_some_and(|l| l.database() == db) {
             client.kill();
         }
     }

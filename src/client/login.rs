@@ -7,7 +7,9 @@ use crate::config::UserConfig;
 /// What a successful login leads to.
 pub(super) enum Login {
     /// A pooled session on a configured database.
-    Pooled { session: Box<Session>, user: String, database: String },
+    /// `server_params` are the server's defaults, announced in the greeting
+    /// (kept out of `Session`, which every idle client carries).
+    Pooled { session: Box<Session>, server_params: crate::pool::ServerParams, user: String, database: String },
     /// The admin console (database `pgmux` or `pgbouncer`, an `[admin] users` member).
     Admin { user: String, database: String },
     /// The client asked for TLS and got `S`: handshake, then log in again over TLS.
@@ -15,15 +17,18 @@ pub(super) enum Login {
 }
 
 /// A logged-in pooled client, ready for its session.
-pub(super) type Established = (Stream, BytesMut, Box<Session>, Arc<Settings>);
+/// A greeted pooled client, ready for its session; its cancel key is
+/// registered while the tuple (the key) lives.
+pub(super) type Established<'a> = (Stream, BytesMut, Box<Session>, Arc<Settings>, CancelKey<'a>);
 
-/// Startup, TLS and authentication, up to a pooled session (`None` when the
+/// Startup, TLS, authentication and the greeting, up to a pooled session (`None` when the
 /// connection ended, or was an admin console session, served here).
-pub(super) async fn establish(
-    mut stream: Stream,
-    shared: &Shared,
-    info: &ClientInfo,
-) -> std::io::Result<Option<Established>> {
+pub(super) async fn establish<'a>(
+    accepted: Box<Accepted>,
+    shared: &'a Shared,
+    info: &Arc<ClientInfo>,
+) -> std::io::Result<Option<Established<'a>>> {
+    let mut stream = accepted.stream;
     if let Some(tcp) = stream.tcp() {
         let _ = tcp.set_nodelay(true);
     }
@@ -42,7 +47,6 @@ pub(super) async fn establish(
             Ok(Ok(s)) => {
                 if let Some(d) = s.tls_description() {
                     tracing::debug!(client = info.id, tls = %d, "client TLS handshake done");
-                    info.tls_established(d);
                 }
                 s
             }
@@ -56,11 +60,13 @@ pub(super) async fn establish(
             }
         };
     };
-    let (session, user, database) = match login {
-        Ok(Ok(Some(Login::Pooled { session, user, database }))) => (session, user, database),
+    let (session, server_params, user, database) = match login {
+        Ok(Ok(Some(Login::Pooled { session, server_params, user, database }))) => {
+            (session, server_params, user, database)
+        }
         Ok(Ok(Some(Login::Admin { user, database }))) => {
             tracing::info!(client = info.id, peer = ?info.peer, user = %user, "admin console login");
-            info.logged_in(&user, &database, "", None);
+            info.logged_in(&user, &database, "", &stream.tls_description().unwrap_or_default(), None);
             crate::admin::serve(&mut stream, buf, shared, info).await?;
             return Ok(None);
         }
@@ -76,18 +82,26 @@ pub(super) async fn establish(
     tracing::info!(client = info.id, peer = ?info.peer, user = %user, database = %database, "client logged in");
     let app = session.params.get("application_name").unwrap_or_default();
     // The names live here only (not in the session as well): SHOW CLIENTS and the PAUSE gate read them.
-    info.logged_in(&user, &database, app, Some(session.pool.clone()));
+    let tls = stream.tls_description().unwrap_or_default();
+    info.logged_in(&user, &database, app, &tls, Some(session.pool.clone()));
     // The login buffer shares its allocation with the startup packet's
     // pieces: an idle client keeps neither unless a request already follows.
     let buf = if buf.is_empty() { BytesMut::new() } else { buf };
-    Ok(Some((stream, buf, session, config)))
+    let key = shared.cancels.issue(info);
+    greet(&mut stream, &session, &server_params, &key).await?;
+    Ok(Some((stream, buf, session, config, key)))
 }
 
 /// AuthenticationOk, the session's parameters, the cancel key, ReadyForQuery.
-pub(super) async fn greet(stream: &mut Stream, session: &Session, key: &CancelKey<'_>) -> std::io::Result<()> {
+async fn greet(
+    stream: &mut Stream,
+    session: &Session,
+    server_params: &[(String, String)],
+    key: &CancelKey<'_>,
+) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     msg::authentication_ok(&mut out);
-    for (k, v) in session.params.announce(&session.server_params) {
+    for (k, v) in session.params.announce(server_params) {
         msg::parameter_status(&mut out, &k, &v);
     }
     msg::backend_key_data(&mut out, key.pid, key.secret);
@@ -346,10 +360,10 @@ pub(super) async fn login(
             statements: ClientStatements::default(),
             mode: config.pool_mode(db),
             pool,
-            server_params,
             params,
             _counted: counted,
         }),
+        server_params,
         user: user.name.clone(),
         database,
     }))

@@ -11,25 +11,34 @@ use crate::routing::token;
 /// in [`serve_request`], boxed per request. A task is sized for its largest
 /// await, and an idle client should cost its task header and this loop.
 #[allow(clippy::manual_async_fn)] // deliberate: see `serve`
-pub(super) fn run_session(
-    stream: &mut Stream,
-    mut pending: BytesMut,
-    shared: &Shared,
-    config: &Settings,
-    mut session: Box<Session>,
-    info: &ClientInfo,
-) -> impl Future<Output = std::io::Result<()>> + Send {
+///
+/// It owns what login established (rather than borrowing it from `serve`):
+/// each value then has one place in the task, not a place in `serve` and a
+/// reference here, and the task stays within 384 bytes (docs/benchmarks.md).
+pub(super) fn run_session<'a>(
+    established: login::Established<'a>,
+    shared: &'a Shared,
+    info: &'a ClientInfo,
+) -> impl Future<Output = std::io::Result<()>> + Send + 'a {
+    // Taken apart out here: the block captures each piece once, where
+    // moving them out of a captured tuple inside would store both.
+    let (mut stream, mut pending, mut session, config, key) = established;
     // An `async move` block, not an `async fn`: see `serve`.
     async move {
+        // The cancel key stays registered while the session runs (captured,
+        // not bound: a reference kept across the awaits would cost 8 bytes).
+        let _ = &key;
         loop {
             if pending.is_empty() {
                 // Idle: no backend and no buffer; wait for the client (or shutdown,
                 // or KILL_CLIENT). The request's first bytes go into a small buffer
                 // made only once they are there, then into the backend's buffer; a
                 // lone Terminate (or EOF) needs no backend.
-                match std::future::poll_fn(|cx| poll_idle(stream, cx, &mut pending, info.signal())).await {
+                match std::future::poll_fn(|cx| poll_idle(&mut stream, cx, &mut pending, info.signal())).await {
                     // KILL_CLIENT.
-                    Idle::Signal(flags) => return fatal(stream, SqlState::ADMIN_SHUTDOWN, Signal::reason(flags)).await,
+                    Idle::Signal(flags) => {
+                        return fatal(&mut stream, SqlState::ADMIN_SHUTDOWN, Signal::reason(flags)).await;
+                    }
                     Idle::Read(read) => {
                         if read? == 0 {
                             return Ok(());
@@ -42,7 +51,7 @@ pub(super) fn run_session(
             // Leftover bytes of the next request: decide on a whole header.
             // An invalid type needs no backend to be refused (as Postgres: by type first).
             if let Some(&t) = pending.first().filter(|t| !tag::is_frontend(**t)) {
-                return fatal(stream, SqlState::PROTOCOL_VIOLATION, &FrameError::InvalidType(t).to_string()).await;
+                return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, &FrameError::InvalidType(t).to_string()).await;
             }
             match Header::parse(&pending, MAX_MESSAGE_LEN) {
                 Ok(Some(h)) if h.tag == tag::TERMINATE => return Ok(()),
@@ -53,14 +62,14 @@ pub(super) fn run_session(
                     }
                     continue;
                 }
-                Err(e) => return fatal(stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
+                Err(e) => return fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, &e.to_string()).await,
             }
-            let step = Box::pin(serve_request(stream, &mut pending, shared, config, &mut session, info)).await?;
+            let step = Box::pin(serve_request(&mut stream, &mut pending, shared, &config, &mut session, info)).await?;
             if step == Step::Done {
                 return Ok(());
             }
             if info.signal().raised(Signal::DRAIN | Signal::FORCE_CLOSE) != 0 {
-                return fatal(stream, SqlState::ADMIN_SHUTDOWN, SHUTTING_DOWN).await;
+                return fatal(&mut stream, SqlState::ADMIN_SHUTDOWN, SHUTTING_DOWN).await;
             }
         }
     }
@@ -193,7 +202,7 @@ pub(super) async fn serve_request(
         };
     }
     // The PAUSE gate; SHOW CLIENTS state "waiting".
-    let database = info.login().map_or("", |l| l.database.as_str());
+    let database = info.login().map_or("", crate::live::registry::LoginInfo::database);
     let arrived = match info.wait_turn(&shared.pause, database, arrived).await {
         Ok(at) => at,
         Err(why) => return fatal(stream, SqlState::ADMIN_SHUTDOWN, why).await.map(|()| Step::Done),

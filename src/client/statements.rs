@@ -5,18 +5,34 @@
 //! frames, and only the name; everything else in the stream is forwarded as is.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::hash::{BuildHasher, DefaultHasher, RandomState};
+use std::sync::{Arc, LazyLock};
 
 use bytes::BytesMut;
 
 use crate::pool::statements::Statement;
+
+/// std's SipHash under keys drawn once per process: no bytes in each
+/// client's map (a `RandomState` there costs every idle client 16), and
+/// still keyed, so client-chosen statement names cannot flood a bucket.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcessKeys;
+
+impl BuildHasher for ProcessKeys {
+    type Hasher = DefaultHasher;
+
+    fn build_hasher(&self) -> DefaultHasher {
+        static KEYS: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+        KEYS.build_hasher()
+    }
+}
 
 /// Owned by the client task; survives backend changes.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     /// The client's name → the interned statement (each entry holds one of
     /// the statement's user counts).
-    named: HashMap<Box<[u8]>, Arc<Statement>>,
+    named: HashMap<Box<[u8]>, Arc<Statement>, ProcessKeys>,
     /// The client's unnamed statement (Parse body after the name), re-created
     /// on a new backend when the client binds it across a Sync.
     pub unnamed: Option<Vec<u8>>,

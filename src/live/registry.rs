@@ -58,13 +58,54 @@ impl ClientState {
 }
 
 /// Who the client logged in as; set once, after authentication.
+///
+/// The names (and the TLS description) share one allocation: every idle
+/// client carries this, and three strings cost three allocations and 72
+/// bytes inline where one costs 16 (see docs/benchmarks.md, idle memory).
 #[derive(Debug)]
 pub struct LoginInfo {
-    pub user: String,
-    pub database: String,
-    pub application_name: String,
+    /// user, database, application_name and the TLS description, back to back.
+    names: Box<str>,
+    /// Where user, database and application_name end in `names`.
+    ends: [u32; 3],
     /// `None` for admin console sessions.
     pub pool: Option<Arc<Pool>>,
+}
+
+impl LoginInfo {
+    fn new(user: &str, database: &str, application_name: &str, tls: &str, pool: Option<Arc<Pool>>) -> LoginInfo {
+        let names: Box<str> = [user, database, application_name, tls].concat().into();
+        let end = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let ends = [
+            end(user.len()),
+            end(user.len() + database.len()),
+            end(user.len() + database.len() + application_name.len()),
+        ];
+        LoginInfo { names, ends, pool }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let from = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        let to = self.ends.get(i).map_or(self.names.len(), |&e| e as usize);
+        self.names.get(from..to).unwrap_or_default()
+    }
+
+    pub fn user(&self) -> &str {
+        self.part(0)
+    }
+
+    pub fn database(&self) -> &str {
+        self.part(1)
+    }
+
+    pub fn application_name(&self) -> &str {
+        self.part(2)
+    }
+
+    /// The TLS protocol and cipher suite; empty for plaintext clients.
+    pub fn tls(&self) -> &str {
+        self.part(3)
+    }
 }
 
 /// The backend a client holds, for SHOW SERVERS and SHOW CLIENTS' `link`.
@@ -74,7 +115,8 @@ pub struct LinkInfo {
     /// The backend's cancel secret: a CancelRequest for this client goes there.
     pub secret: i32,
     pub addr: crate::net::ServerAddr,
-    pub connected: Instant,
+    /// When the backend was opened, as microseconds since [`base`].
+    connected_us: u64,
     /// Which pool the backend came from (the primary's or a replica's), as
     /// [`pool_id`]: an identity to match pools by, never dereferenced.
     pub pool: usize,
@@ -91,7 +133,8 @@ pub struct ClientInfo {
     pub id: u64,
     pub peer: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
-    pub connect_time: SystemTime,
+    /// Microseconds since [`base`] of the connection's arrival.
+    connect_us: u64,
     login: OnceLock<LoginInfo>,
     state: AtomicU8,
     /// Microseconds since [`base`] of the last state change (request_time, wait start).
@@ -99,8 +142,13 @@ pub struct ClientInfo {
     link: Mutex<Option<LinkInfo>>,
     /// KILL_CLIENT and shutdown, as seen by this client's task.
     signal: Signal,
-    /// The TLS protocol and cipher suite, once the client's handshake is done.
-    tls: OnceLock<String>,
+}
+
+impl LinkInfo {
+    /// When the backend was opened.
+    pub fn connected(&self) -> Instant {
+        base() + Duration::from_micros(self.connected_us)
+    }
 }
 
 /// A process-wide monotonic origin, so a timestamp fits in an atomic.
@@ -132,14 +180,18 @@ impl ClientInfo {
             id,
             peer,
             local,
-            connect_time: SystemTime::now(),
+            connect_us: now_us(),
             login: OnceLock::new(),
             state: AtomicU8::new(ClientState::Login as u8),
             since_us: AtomicU64::new(now_us()),
             link: Mutex::new(None),
             signal: Signal::default(),
-            tls: OnceLock::new(),
         }
+    }
+
+    /// When the client connected (wall clock, for display).
+    pub fn connect_time(&self) -> SystemTime {
+        wall_time(base() + Duration::from_micros(self.connect_us))
     }
 
     pub fn login(&self) -> Option<&LoginInfo> {
@@ -174,25 +226,16 @@ impl ClientInfo {
         self.state.store(s as u8, Ordering::SeqCst);
     }
 
-    /// After authentication: a pooled client (with its pool) or an admin session.
-    /// The client's connection is encrypted: `description` is what SHOW CLIENTS shows.
-    pub fn tls_established(&self, description: String) {
-        let _ = self.tls.set(description);
-    }
-
-    /// Empty for plaintext clients.
+    /// Empty for plaintext clients (and until login).
     pub fn tls(&self) -> &str {
-        self.tls.get().map_or("", String::as_str)
+        self.login().map_or("", LoginInfo::tls)
     }
 
-    pub fn logged_in(&self, user: &str, database: &str, application_name: &str, pool: Option<Arc<Pool>>) {
+    /// After authentication: a pooled client (with its pool) or an admin
+    /// session; `tls` is the connection's TLS description ("" for plaintext).
+    pub fn logged_in(&self, user: &str, database: &str, application_name: &str, tls: &str, pool: Option<Arc<Pool>>) {
         let admin = pool.is_none();
-        let _ = self.login.set(LoginInfo {
-            user: user.to_owned(),
-            database: database.to_owned(),
-            application_name: application_name.to_owned(),
-            pool,
-        });
+        let _ = self.login.set(LoginInfo::new(user, database, application_name, tls, pool));
         self.set_state(if admin { ClientState::Admin } else { ClientState::Idle });
     }
 
@@ -235,7 +278,7 @@ impl ClientInfo {
             pid: backend.pid,
             secret: backend.secret,
             addr: backend.addr.clone(),
-            connected: backend.created(),
+            connected_us: micros_since_base(backend.created()),
             pool: pool_id(pool),
         });
         self.set_state_at(ClientState::Active, micros_since_base(at));
@@ -397,7 +440,7 @@ impl ClientRegistry {
             .filter(|c| matches!(c.state(), ClientState::Waiting | ClientState::Active))
             .filter(|c| match (database, c.login()) {
                 (None, _) => true,
-                (Some(db), Some(l)) => l.database == db,
+                (Some(db), Some(l)) => l.database() == db,
                 (Some(_), None) => false,
             })
             .count()

@@ -81,7 +81,7 @@ fn live_counts(shared: &Shared, by_user: bool) -> (HashMap<String, usize>, HashM
     let mut clients: HashMap<String, usize> = HashMap::new();
     for c in shared.clients.snapshot() {
         if let Some(l) = c.login().filter(|_| c.state() != ClientState::Admin) {
-            *clients.entry(pick(&l.database, &l.user)).or_default() += 1;
+            *clients.entry(pick(l.database(), l.user())).or_default() += 1;
         }
     }
     (servers, clients)

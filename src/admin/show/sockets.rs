@@ -143,12 +143,12 @@ fn client_socket(c: &ClientInfo, state: &'static str) -> Socket {
     Socket {
         server: false,
         // PgBouncer's placeholders for a client still logging in.
-        user: login.map_or("(nouser)".into(), |l| l.user.clone()),
-        database: login.map_or("(nodb)".into(), |l| l.database.clone()),
+        user: login.map_or("(nouser)".into(), |l| l.user().to_owned()),
+        database: login.map_or("(nodb)".into(), |l| l.database().to_owned()),
         state,
         addr: split_addr(c.peer),
         local: split_addr(c.local),
-        connect_time: c.connect_time,
+        connect_time: c.connect_time(),
         request_time: wall_time(c.since()),
         wait: if waiting { c.since().elapsed() } else { Duration::ZERO },
         close_needed: c.close_needed(),
@@ -157,7 +157,7 @@ fn client_socket(c: &ClientInfo, state: &'static str) -> Socket {
         // Only known for Unix-socket clients, which pgmux does not accept.
         remote_pid: 0,
         tls: c.tls().to_owned(),
-        application_name: login.map(|l| l.application_name.clone()).unwrap_or_default(),
+        application_name: login.map(|l| l.application_name().to_owned()).unwrap_or_default(),
         // A client's statements live in its own task: not counted here.
         prepared: 0,
         id: c.id,
@@ -209,9 +209,9 @@ fn server_sockets<'a>(views: &'a [PoolView], clients: &[Arc<ClientInfo>]) -> Vec
         let Some(link) = c.link() else { continue };
         // A retired pool (its database removed by a reload) is in no view.
         let Some(v) = by_id.get(&link.pool) else { continue };
-        let mut socket = server_socket(v, "active", &link.addr, link.connected, c.since(), link.pid);
+        let mut socket = server_socket(v, "active", &link.addr, link.connected(), c.since(), link.pid);
         socket.link = client_ptr(c.id);
-        socket.application_name = c.login().map(|l| l.application_name.clone()).unwrap_or_default();
+        socket.application_name = c.login().map(|l| l.application_name().to_owned()).unwrap_or_default();
         out.push(Server { v, socket });
     }
     for v in views {
