@@ -12,6 +12,7 @@
 #   ROUNDS=3                              rounds; each round runs every cell on every target
 #   TARGETS="direct pgmux pgbouncer floor"  pgbouncer is skipped when not installed; floor: see below;
 #                                         pgmux2: pgmux with `workers = 2` (a multi-thread runtime);
+#                                         pgmux-uring: pgmux with `io = "uring"` (one worker);
 #                                         uring, uring-ms: the floor relay on io_uring (see below)
 #   LATENCY_MODES="simple extended"       1-client `SELECT 1` added-latency runs ("" skips them)
 #   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
@@ -90,9 +91,9 @@ bouncer_bin=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true
 targets=""
 for t in $TARGETS; do
     case $t in
-        direct | pgmux | pgmux2 | floor | uring | uring-ms) targets+=" $t" ;;
+        direct | pgmux | pgmux2 | pgmux-uring | floor | uring | uring-ms) targets+=" $t" ;;
         pgbouncer) if [ -n "$bouncer_bin" ]; then targets+=" $t"; else echo "PgBouncer not installed (apt-get install pgbouncer): skipped" >&2; fi ;;
-        *) echo "TARGETS: direct, pgmux, pgmux2, pgbouncer, floor, uring or uring-ms, not $t" >&2; exit 2 ;;
+        *) echo "TARGETS: direct, pgmux, pgmux2, pgmux-uring, pgbouncer, floor, uring or uring-ms, not $t" >&2; exit 2 ;;
     esac
 done
 read -r -a targets <<<"$targets"
@@ -112,12 +113,13 @@ if [ "$(id -u)" = 0 ]; then
     chown postgres "$work"
     as_pg=(runuser -u postgres --)
 fi
-pg_started="" mux_pid="" mux2_pid="" bouncer_pid="" floor_pid="" uring_pid="" uring_ms_pid="" bench_pid=""
+pg_started="" mux_pid="" mux2_pid="" muxu_pid="" bouncer_pid="" floor_pid="" uring_pid="" uring_ms_pid="" bench_pid=""
 cleanup() {
     set +e
     [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
     [ -n "$mux_pid" ] && kill "$mux_pid" 2>/dev/null
     [ -n "$mux2_pid" ] && kill "$mux2_pid" 2>/dev/null
+    [ -n "$muxu_pid" ] && kill "$muxu_pid" 2>/dev/null
     [ -n "$bouncer_pid" ] && kill "$bouncer_pid" 2>/dev/null
     [ -n "$floor_pid" ] && kill "$floor_pid" 2>/dev/null
     [ -n "$uring_pid" ] && kill "$uring_pid" 2>/dev/null
@@ -129,7 +131,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port pg_port; free_port mux_port; free_port mux2_port; free_port bouncer_port; free_port floor_port; free_port uring_port; free_port uring_ms_port
+free_port pg_port; free_port mux_port; free_port mux2_port; free_port muxu_port; free_port bouncer_port; free_port floor_port; free_port uring_port; free_port uring_ms_port
 max_clients=$(printf '%s\n' $CLIENTS 1 | sort -n | tail -1)
 
 wait_port() { # port name
@@ -143,8 +145,8 @@ wait_port() { # port name
 
 # ---------------------------------------------------------------- Postgres
 # Room for the direct (or floor) run's clients beside every pool a proxy
-# keeps open: pgmux, pgmux2 and PgBouncer, each with a TCP and a unix pool.
-max_connections=$((max_clients + 6 * POOL_SIZE + 20))
+# keeps open: pgmux, pgmux2, pgmux-uring and PgBouncer, each with a TCP and a unix pool.
+max_connections=$((max_clients + 8 * POOL_SIZE + 20))
 "${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust >/dev/null
 cat >>"$work/data/postgresql.conf" <<CONF
 port = $pg_port
@@ -161,12 +163,13 @@ pgbench -i -s "$SCALE" -q -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/
 pg_version=$(psql_direct -At -c 'SHOW server_version')
 
 # ---------------------------------------------------------------- pgmux
-start_pgmux() { # port workers name
+start_pgmux() { # port workers name [io]
     cat >"$work/$3.toml" <<CONF
 [proxy]
 listen = "127.0.0.1:$1"
 unix_socket_dir = "$work"
 workers = $2
+io = "${4:-epoll}"
 max_client_conn = $((max_clients + 100))
 query_wait_timeout = "120s"
 server_tls = "disable"
@@ -187,7 +190,7 @@ pool_size = $POOL_SIZE
 name = "postgres"
 auth = "trust"
 CONF
-    "${CARGO_TARGET_DIR:-target}/release/pgmux" --config "$work/$3.toml" --log-level warn 2>"$work/$3.log" &
+    RUST_LOG="warn,pgmux::server=info" "${CARGO_TARGET_DIR:-target}/release/pgmux" --config "$work/$3.toml" 2>"$work/$3.log" &
 }
 if has_target pgmux; then
     start_pgmux "$mux_port" 1 pgmux
@@ -198,6 +201,12 @@ if has_target pgmux2; then
     start_pgmux "$mux2_port" 2 pgmux2
     mux2_pid=$!
     wait_port "$mux2_port" "pgmux (workers = 2)"
+fi
+if has_target pgmux-uring; then
+    start_pgmux "$muxu_port" 1 pgmux-uring uring
+    muxu_pid=$!
+    wait_port "$muxu_port" "pgmux (io = uring)"
+    grep -h "data path" "$work/pgmux-uring.log" >&2 || true
 fi
 
 # ---------------------------------------------------------------- PgBouncer
@@ -260,8 +269,8 @@ if has_target uring; then start_uring uring "$uring_port" uring_pid; fi
 if has_target uring-ms; then start_uring uring-ms "$uring_ms_port" uring_ms_pid --multishot; fi
 
 # ---------------------------------------------------------------- runs
-port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; uring) echo "$uring_port" ;; uring-ms) echo "$uring_ms_port" ;; esac; }
-pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; uring) echo "$uring_pid" ;; uring-ms) echo "$uring_ms_pid" ;; *) echo "" ;; esac; }
+port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgmux-uring) echo "$muxu_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; uring) echo "$uring_port" ;; uring-ms) echo "$uring_ms_port" ;; esac; }
+pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgmux-uring) echo "$muxu_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; uring) echo "$uring_pid" ;; uring-ms) echo "$uring_ms_pid" ;; *) echo "" ;; esac; }
 # The sum of fields of /proc/PID/stat, numbered after "pid (comm) " (12 utime,
 # 13 stime, 14 cutime, 15 cstime: clock ticks); prints nothing, and does not
 # fail, when the process is gone.

@@ -29,6 +29,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+pub mod uring;
+
 /// Room made in a read buffer before each read: a smaller read would cost a
 /// syscall per few bytes.
 const MIN_READ_SPACE: usize = 1024;
@@ -41,6 +43,8 @@ pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream>),
     Unix(UnixStream),
+    /// A plain TCP or Unix socket on this thread's io_uring ([`Stream::adopt_uring`]).
+    Uring(uring::Socket),
 }
 
 /// rustls over a non-blocking socket.
@@ -197,14 +201,35 @@ impl Stream {
             Stream::Plain(s) => s.try_write(data),
             Stream::Tls(t) => t.try_write(data),
             Stream::Unix(s) => s.try_write(data),
+            Stream::Uring(s) => s.try_write(data),
         }
+    }
+
+    /// Moves a plain TCP or Unix socket onto this thread's io_uring, when
+    /// it runs one (`[proxy] io = "uring"`); anything else stays as it is.
+    /// Called once a connection is past its login: only pooled traffic
+    /// takes the new path.
+    pub fn adopt_uring(self) -> io::Result<Stream> {
+        if !uring::running() {
+            return Ok(self);
+        }
+        let (fd, unix): (std::os::fd::OwnedFd, bool) = match self {
+            Stream::Plain(s) => (s.into_std()?.into(), false),
+            Stream::Unix(s) => (s.into_std()?.into(), true),
+            other => return Ok(other),
+        };
+        Ok(match uring::Socket::adopt(fd, unix) {
+            Ok(s) => Stream::Uring(s),
+            Err(fd) if unix => Stream::Unix(UnixStream::from_std(fd.into())?),
+            Err(fd) => Stream::Plain(TcpStream::from_std(fd.into())?),
+        })
     }
 
     /// Encrypted output accepted but not yet taken by the socket.
     #[inline]
     pub fn wants_write(&self) -> bool {
         match self {
-            Stream::Plain(_) | Stream::Unix(_) => false,
+            Stream::Plain(_) | Stream::Unix(_) | Stream::Uring(_) => false,
             Stream::Tls(t) => t.conn.wants_write(),
         }
     }
@@ -213,7 +238,7 @@ impl Stream {
     #[inline]
     pub fn try_flush(&mut self) -> io::Result<()> {
         match self {
-            Stream::Plain(_) | Stream::Unix(_) => Ok(()),
+            Stream::Plain(_) | Stream::Unix(_) | Stream::Uring(_) => Ok(()),
             Stream::Tls(t) => match t.write_pending() {
                 Err(e) if !would_block(&e) => Err(e),
                 _ => Ok(()),
@@ -228,6 +253,9 @@ impl Stream {
     /// instead of spending a `recv` on `EAGAIN` (`try_read` keeps the stale
     /// readiness). That is one syscall saved per side per transaction.
     pub fn poll_read_buf(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+        if let Stream::Uring(s) = self {
+            return s.poll_read_buf(cx, buf);
+        }
         if buf.capacity() - buf.len() < MIN_READ_SPACE {
             buf.reserve(READ_CHUNK);
         }
@@ -245,6 +273,7 @@ impl Stream {
             Stream::Tls(t) if t.plain > 0 || t.eof => Poll::Ready(Ok(())),
             Stream::Tls(t) => t.io.poll_read_ready(cx),
             Stream::Unix(s) => s.poll_read_ready(cx),
+            Stream::Uring(s) => s.poll_read_ready(cx),
         }
     }
 
@@ -255,6 +284,7 @@ impl Stream {
             Stream::Plain(s) => s.poll_write_ready(cx),
             Stream::Tls(t) => t.io.poll_write_ready(cx),
             Stream::Unix(s) => s.poll_write_ready(cx),
+            Stream::Uring(s) => s.poll_write_ready(cx),
         }
     }
 
@@ -263,7 +293,8 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.write_all(data).await,
             Stream::Unix(s) => s.write_all(data).await,
-            Stream::Tls(_) => {
+            // Written behind: done when the kernel has it all, as for a socket.
+            Stream::Tls(_) | Stream::Uring(_) => {
                 AsyncWriteExt::write_all(self, data).await?;
                 AsyncWriteExt::flush(self).await
             }
@@ -279,6 +310,7 @@ impl Stream {
             Stream::Tls(t) if t.plain > 0 || t.eof => return false,
             Stream::Tls(t) => t.io.try_read(&mut probe),
             Stream::Unix(s) => s.try_read(&mut probe),
+            Stream::Uring(s) => return s.is_quiet(),
         };
         matches!(probed, Err(e) if would_block(&e))
     }
@@ -297,12 +329,16 @@ impl Stream {
         match self {
             Stream::Plain(s) => Some(s),
             Stream::Tls(t) => Some(&t.io),
-            Stream::Unix(_) => None,
+            Stream::Unix(_) | Stream::Uring(_) => None,
         }
     }
 
     pub fn is_unix(&self) -> bool {
-        matches!(self, Stream::Unix(_))
+        match self {
+            Stream::Unix(_) => true,
+            Stream::Uring(s) => s.is_unix(),
+            _ => false,
+        }
     }
 
     /// `TLSv1_3/TLS13_AES_256_GCM_SHA384`-style protocol and cipher suite; `None` for plain.
@@ -319,11 +355,17 @@ impl Stream {
 
     /// The TCP peer's address; `None` for a Unix socket (or a socket already reset).
     pub fn peer_addr(&self) -> Option<SocketAddr> {
-        self.tcp()?.peer_addr().ok()
+        match self {
+            Stream::Uring(s) if !s.is_unix() => socket2::SockRef::from(s).peer_addr().ok()?.as_socket(),
+            _ => self.tcp()?.peer_addr().ok(),
+        }
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.tcp()?.local_addr().ok()
+        match self {
+            Stream::Uring(s) if !s.is_unix() => socket2::SockRef::from(s).local_addr().ok()?.as_socket(),
+            _ => self.tcp()?.local_addr().ok(),
+        }
     }
 }
 
@@ -332,6 +374,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Uring(s) => s.poll_read(cx, buf),
             Stream::Tls(t) => loop {
                 match t.fill() {
                     Ok(()) if t.plain == 0 => return Poll::Ready(Ok(())),
@@ -354,6 +397,12 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, data),
+            Stream::Uring(s) => loop {
+                match s.try_write(data) {
+                    Err(e) if would_block(&e) => ready!(s.poll_write_ready(cx))?,
+                    r => return Poll::Ready(r),
+                }
+            },
             Stream::Tls(t) => loop {
                 match t.try_write(data) {
                     Err(e) if would_block(&e) => ready!(t.io.poll_write_ready(cx))?,
@@ -367,6 +416,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Uring(s) => s.poll_flush(cx),
             Stream::Tls(t) => loop {
                 match t.write_pending() {
                     Err(e) if would_block(&e) => ready!(t.io.poll_write_ready(cx))?,
@@ -387,6 +437,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Uring(s) => Poll::Ready(s.shutdown_write()),
             Stream::Tls(t) => Pin::new(&mut t.io).poll_shutdown(cx),
         }
     }

@@ -153,6 +153,7 @@ where
     let config = Settings::build(Arc::unwrap_or_clone(config))
         .map(Arc::new)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS: {e}")))?;
+    start_io(&config.proxy);
     let pools = Arc::new(Pools::default());
     pools.prewarm(&config);
     let janitor = tokio::spawn(pools.clone().janitor());
@@ -358,6 +359,27 @@ fn warn_unless_queued_connections_migrate() {
             "so_reuseport: cannot read {SYSCTL} (Linux before 5.14?): connections queued on this instance when it \
              stops may be reset instead of moving to the other instances"
         ),
+    }
+}
+
+/// Starts the io_uring data path when `[proxy] io` asks for it (before any
+/// server connection opens), and says which path runs.
+fn start_io(proxy: &crate::config::ProxyConfig) {
+    use crate::net::uring::{self, Started};
+    if proxy.io == crate::config::IoMode::Epoll {
+        tracing::debug!("data path: epoll");
+        return;
+    }
+    if tokio::runtime::Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+        tracing::warn!(
+            "io = \"uring\" needs workers = 1 (one ring per thread, tasks that stay on it); data path: epoll"
+        );
+        return;
+    }
+    match uring::start() {
+        Started::Running(flags) => tracing::info!(ring = flags, "data path: io_uring"),
+        Started::AlreadyRunning => {}
+        Started::Refused(e) => tracing::warn!(error = %e, "io_uring refused; data path: epoll"),
     }
 }
 

@@ -209,6 +209,12 @@ impl Collector for PgmuxCollector {
         )?;
         gauges(
             &mut enc,
+            "pgmux_io_uring_sockets",
+            "Client and server connections whose bytes go through io_uring ([proxy] io = \"uring\").",
+            [(Vec::new(), crate::net::uring::sockets())],
+        )?;
+        gauges(
+            &mut enc,
             "pgmux_pool_waiting_clients",
             "Clients waiting for a server connection (queued in the pool or held by PAUSE).",
             per_user.iter().map(|((db, user), p)| (vec![("database", *db), ("user", *user)], p.waiting as u64)),

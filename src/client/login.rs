@@ -89,6 +89,7 @@ pub(super) async fn establish<'a>(
     let buf = if buf.is_empty() { BytesMut::new() } else { buf };
     let key = shared.cancels.issue(info);
     greet(&mut stream, &session, &server_params, &key).await?;
+    let stream = stream.adopt_uring()?;
     Ok(Some((stream, buf, session, config, key)))
 }
 

@@ -50,6 +50,13 @@ pub enum PoolMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+pub enum IoMode {
+    Epoll,
+    Uring,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnSessionState {
     Pin,
     Error,
@@ -105,6 +112,10 @@ pub struct ProxyConfig {
     /// current-thread runtime, like PgBouncer's single process), N > 1 a
     /// work-stealing runtime of N threads, 0 one thread per CPU core.
     pub workers: usize,
+    /// How pooled connections' bytes move: `epoll` (readiness, then
+    /// `recv`/`send`) or `uring` (batched io_uring submissions; needs
+    /// `workers = 1`, falls back to epoll where the kernel refuses it).
+    pub io: IoMode,
     pub pool_mode: PoolMode,
     pub max_client_conn: usize,
     #[serde(with = "duration::serde_duration")]
@@ -216,6 +227,7 @@ impl Default for ProxyConfig {
             peer_listen: None,
             peer_id: 0,
             workers: 1,
+            io: IoMode::Epoll,
             pool_mode: PoolMode::Transaction,
             max_client_conn: 10_000,
             query_wait_timeout: Duration::from_secs(5),
@@ -549,6 +561,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "unix_socket_group",
     "metrics_listen",
     "workers",
+    "io",
     "so_reuseport",
     "peer_listen",
     "peer_id",
@@ -565,17 +578,19 @@ pub fn diff_requires_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         o.unix_socket_group != n.unix_socket_group,
         o.metrics_listen != n.metrics_listen,
         o.workers != n.workers,
+        o.io != n.io,
         o.so_reuseport != n.so_reuseport,
         o.peer_listen != n.peer_listen,
         o.peer_id != n.peer_id,
     ];
-    const KEYS: [&str; 9] = [
+    const KEYS: [&str; 10] = [
         "proxy.listen",
         "proxy.unix_socket_dir",
         "proxy.unix_socket_mode",
         "proxy.unix_socket_group",
         "proxy.metrics_listen",
         "proxy.workers",
+        "proxy.io",
         "proxy.so_reuseport",
         "proxy.peer_listen",
         "proxy.peer_id",
@@ -594,6 +609,7 @@ impl Config {
         p.unix_socket_group.clone_from(&r.unix_socket_group);
         p.metrics_listen = r.metrics_listen;
         p.workers = r.workers;
+        p.io = r.io;
         p.so_reuseport = r.so_reuseport;
         p.peer_listen = r.peer_listen;
         p.peer_id = r.peer_id;

@@ -115,6 +115,7 @@ impl Backend {
             let hello = auth::login_backend(&mut stream, login.user, login.dbname, login.credential, login.params)
                 .await
                 .map_err(PoolError::Login)?;
+            let stream = stream.adopt_uring().map_err(PoolError::Connect)?;
             let now = Instant::now();
             Ok(Backend {
                 stream,

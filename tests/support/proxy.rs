@@ -104,7 +104,13 @@ impl Proxy {
     /// suite exercises the runtime pgmux ships with, not the test's.
     async fn launch(toml: &str, with_metrics: bool, path: Option<&Path>) -> Proxy {
         let origin = path.map_or("test.toml".to_owned(), |p| p.display().to_string());
-        let config = Config::parse(toml, &origin).unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let mut config = Config::parse(toml, &origin).unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        // PGMUX_TEST_IO=uring runs a whole test binary on the io_uring data path.
+        match std::env::var("PGMUX_TEST_IO").as_deref() {
+            Ok("uring") => config.proxy.io = pgmux::config::IoMode::Uring,
+            Ok("epoll") => config.proxy.io = pgmux::config::IoMode::Epoll,
+            _ => {}
+        }
         let bind = || {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
             l.set_nonblocking(true).expect("non-blocking listener");

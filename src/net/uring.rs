@@ -1,0 +1,788 @@
+//! The io_uring data path (`[proxy] io = "uring"`): the plain TCP and Unix
+//! sockets of pooled sessions and their server connections, once logged in,
+//! are read and written through one io_uring per runtime thread instead of
+//! `recv`/`send` per readiness.
+//!
+//! The ring lives beside tokio, not instead of it: tokio still runs the
+//! tasks, the timers and everything else (logins, TLS, the admin console).
+//! A driver task owns the ring's side of the bargain:
+//! - **Submission is batched per scheduler turn.** An operation is queued
+//!   in the submission ring and the driver task woken; it runs after the
+//!   tasks already scheduled, so every send and receive those tasks queued
+//!   goes to the kernel in one `io_uring_enter`.
+//! - **Completion is signalled through an eventfd** registered with the ring
+//!   and watched by tokio's epoll: with deferred task work (Linux 6.1+) the
+//!   kernel signals it when completions are ready to be run, and the next
+//!   `io_uring_enter` runs them all at once.
+//! - **Receives draw from a ring of provided buffers**, one receive armed per
+//!   socket at a time: an idle connection holds no buffer, and a receive
+//!   whose task was dropped never names memory that could be freed. Data is
+//!   copied out of the buffer at once into the connection's inbox and the
+//!   buffer goes back, so slow readers cannot starve the ring.
+//! - **Sends are written behind**: `try_write` copies into the connection's
+//!   outbox and returns; the kernel takes it in the next batch. At most
+//!   [`WRITE_LIMIT`] bytes wait per connection (then `WouldBlock`, as a full
+//!   socket), and a failed send is reported by the next call.
+//!
+//! A connection's state stays in the driver until every operation naming it
+//! has completed, and only then is its descriptor closed: a completion never
+//! meets a reused number, a buffer is never freed under the kernel.
+//!
+//! Where io_uring is refused (`kernel.io_uring_disabled`, a seccomp profile
+//! such as Docker's default, a kernel before 6.0), [`start`] says so and
+//! nothing adopts sockets: the epoll path runs.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::task::{Context, Poll, Waker};
+
+use bytes::BytesMut;
+use io_uring::types::{BufRingEntry, Fd};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+use tokio::io::ReadBuf;
+use tokio::io::unix::AsyncFd;
+
+/// Bytes one receive may take.
+const BUF: usize = 16 * 1024;
+/// Provided buffers per thread (a power of two). Each returns to the ring as
+/// soon as its completion is reaped, so this bounds one batch, not the
+/// connections: a receive that finds none fails with `ENOBUFS` and is armed
+/// again.
+const BUFS: u16 = 128;
+const GROUP: u16 = 0;
+/// A connection's received bytes not yet read, beyond which no receive is
+/// armed (the relay's own high-water mark then holds it back, as a full
+/// socket buffer would).
+const INBOX_LIMIT: usize = 64 * 1024;
+/// Bytes a connection may have accepted but not yet sent.
+pub const WRITE_LIMIT: usize = 256 * 1024;
+/// Submission entries; a full ring is submitted at once, so this only sets the batch size.
+const SQ_ENTRIES: u32 = 1024;
+const CQ_ENTRIES: u32 = 8192;
+
+/// What a completion is for (the low bits of its user data; the connection's key above).
+const RECV: u64 = 0;
+const SEND: u64 = 1;
+const CANCEL: u64 = 2;
+
+fn user_data(key: u32, op: u64) -> u64 {
+    ((key as u64) << 2) | op
+}
+
+thread_local! {
+    static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
+}
+
+/// Which driver a socket belongs to: a socket met on another thread (or
+/// after its driver ended) is never looked up in the wrong table.
+static NEXT_DRIVER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Sockets on a ring (all threads): `pgmux_io_uring_sockets`.
+static SOCKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sockets whose I/O goes through io_uring now (every thread's ring).
+pub fn sockets() -> u64 {
+    SOCKETS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn closed(fd: RawFd) {
+    // SAFETY: called once per adopted descriptor, when nothing names it any more.
+    unsafe { libc::close(fd) };
+    SOCKETS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What [`start`] found.
+#[derive(Debug)]
+pub enum Started {
+    /// The ring runs; the text names its flags (for the log line).
+    Running(&'static str),
+    /// This thread already runs one.
+    AlreadyRunning,
+    /// io_uring is refused or lacks something needed; the epoll path runs.
+    Refused(io::Error),
+}
+
+/// Starts this thread's ring and its driver task (on the current-thread
+/// runtime this is called from). Sockets adopted afterwards on this thread
+/// use it; until then, and where it is refused, nothing changes.
+pub fn start() -> Started {
+    if DRIVER.with(|d| d.borrow().is_some()) {
+        return Started::AlreadyRunning;
+    }
+    let (driver, flags, events) = match Driver::new() {
+        Ok(d) => d,
+        Err(e) => return Started::Refused(e),
+    };
+    let id = driver.id;
+    DRIVER.with(|d| *d.borrow_mut() = Some(driver));
+    tokio::spawn(drive(events, id));
+    Started::Running(flags)
+}
+
+/// Whether this thread runs a ring (sockets adopted here use it).
+pub fn running() -> bool {
+    DRIVER.with(|d| d.borrow().is_some())
+}
+
+/// An eventfd the kernel signals when the ring has work for us.
+struct EventFd(OwnedFd);
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Submits what the scheduler turn queued and hands out completions, until
+/// the ring is idle; then waits for the eventfd or a newly queued entry.
+async fn drive(events: EventFd, id: u32) {
+    // When the runtime goes (and this task with it), so does the ring:
+    // nothing would submit for it any more.
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let driver = DRIVER.try_with(|d| {
+                let mut d = d.borrow_mut();
+                if d.as_ref().is_some_and(|d| d.id == self.0) { d.take() } else { None }
+            });
+            drop(driver);
+        }
+    }
+    let _stop = Stop(id);
+    // SAFETY: the eventfd is owned by `events` and closed only when it drops.
+    let events = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "io_uring: cannot watch the ring's eventfd; sockets stay on epoll");
+            return;
+        }
+    };
+    let mut wake = Vec::new();
+    std::future::poll_fn(|cx| {
+        // Rounds of submit-and-reap per poll before the woken tasks get
+        // their turn (a socket that keeps receiving must not starve them).
+        for _ in 0..8 {
+            // Readiness first, cleared before the ring is read: a signal
+            // after this point is seen by the next poll.
+            let signalled = match events.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut g)) => {
+                    g.clear_ready();
+                    true
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => false,
+            };
+            let Some(more) = with(id, |d| {
+                if d.task.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                    d.task = Some(cx.waker().clone());
+                }
+                d.kicked = false;
+                if !signalled && d.ring.submission().is_empty() {
+                    return false;
+                }
+                d.enter();
+                d.reap(&mut wake);
+                true
+            }) else {
+                return Poll::Ready(());
+            };
+            for w in wake.drain(..) {
+                w.wake();
+            }
+            if !more {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
+fn with<R>(id: u32, f: impl FnOnce(&mut Driver) -> R) -> Option<R> {
+    DRIVER.with(|d| match d.borrow_mut().as_mut() {
+        Some(d) if d.id == id => Some(f(d)),
+        _ => None,
+    })
+}
+
+struct Driver {
+    id: u32,
+    ring: IoUring,
+    bufs: BufRing,
+    /// Connections by key; `None` is a free key (also listed in `free`).
+    conns: Vec<Option<Conn>>,
+    free: Vec<u32>,
+    /// The driver task, woken when a scheduler turn queues its first entry.
+    task: Option<Waker>,
+    kicked: bool,
+    /// The driver is being dropped: nothing is armed or sent any more.
+    stopping: bool,
+    /// Completions copied out of the ring before they are handled (reused).
+    completed: Vec<(u64, i32, u32)>,
+    /// Kept open as long as the ring: its registration names it.
+    _events: OwnedFd,
+}
+
+/// One adopted socket's state.
+struct Conn {
+    fd: RawFd,
+    /// Received, not yet read.
+    inbox: BytesMut,
+    receiving: bool,
+    eof: bool,
+    read_error: Option<i32>,
+    /// The bytes of the send in flight (empty: none), and how many went.
+    sending: Vec<u8>,
+    sent: usize,
+    /// Accepted while a send was in flight: the next send.
+    staged: Vec<u8>,
+    write_error: Option<i32>,
+    /// Operations submitted (or queued) and not completed.
+    ops: u32,
+    /// The socket's owner dropped it: closed once `ops` is 0.
+    dropped: bool,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+impl Conn {
+    fn unsent(&self) -> usize {
+        self.sending.len() - self.sent + self.staged.len()
+    }
+}
+
+impl Driver {
+    fn new() -> io::Result<(Driver, &'static str, EventFd)> {
+        // Deferred task work: completions run in our `io_uring_enter`, in a
+        // batch, instead of interrupting the thread (or its epoll_wait).
+        let (ring, flags) = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES)
+        {
+            Ok(r) => (r, "deferred task work"),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+                IoUring::builder().setup_coop_taskrun().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES)?,
+                "cooperative task work",
+            ),
+            Err(e) => return Err(e),
+        };
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (code, name) in
+            [(opcode::Recv::CODE, "recv"), (opcode::Send::CODE, "send"), (opcode::AsyncCancel::CODE, "cancel")]
+        {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring lacks {name}")));
+            }
+        }
+        let bufs = BufRing::register(&ring)?;
+        // SAFETY: a plain eventfd(2) call; the descriptor is owned at once.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned nowhere else.
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let events = EventFd(efd.try_clone()?);
+        let id = NEXT_DRIVER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let driver = Driver {
+            id,
+            ring,
+            bufs,
+            conns: Vec::new(),
+            free: Vec::new(),
+            task: None,
+            kicked: false,
+            stopping: false,
+            completed: Vec::with_capacity(CQ_ENTRIES as usize),
+            _events: efd,
+        };
+        Ok((driver, flags, events))
+    }
+
+    /// Queues an entry; the first of a scheduler turn wakes the driver task.
+    fn push(&mut self, entry: squeue::Entry) {
+        // SAFETY: every buffer an entry names (an outbox, a provided buffer)
+        // stays allocated until its completion is reaped: connections are
+        // freed only with no operation outstanding.
+        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.enter();
+        }
+        if !self.kicked {
+            self.kicked = true;
+            if let Some(w) = &self.task {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Submits what is queued and runs the kernel's completion work.
+    fn enter(&mut self) {
+        let queued = self.ring.submission().len() as u32;
+        loop {
+            // SAFETY: no argument pointer is passed.
+            let r = unsafe {
+                self.ring.submitter().enter::<libc::sigset_t>(queued, 0, io_uring::EnterFlags::GETEVENTS.bits(), None)
+            };
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion ring is full: what is there gets reaped by
+                // the caller, and the rest is submitted next time.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring_enter failed");
+                    return;
+                }
+                Ok(_) => return,
+            }
+        }
+    }
+
+    fn reap(&mut self, wake: &mut Vec<Waker>) {
+        let mut completed = std::mem::take(&mut self.completed);
+        loop {
+            completed.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            if completed.is_empty() {
+                break;
+            }
+            for (data, result, flags) in completed.drain(..) {
+                self.complete(data, result, flags, wake);
+            }
+        }
+        self.completed = completed;
+    }
+
+    fn complete(&mut self, data: u64, result: i32, flags: u32, wake: &mut Vec<Waker>) {
+        let key = (data >> 2) as u32;
+        let buffer = cqueue::buffer_select(flags);
+        // Taken out while handled, so entries can be queued on `self`.
+        let Some(mut conn) = self.conns.get_mut(key as usize).and_then(Option::take) else {
+            if let Some(id) = buffer {
+                self.bufs.give_back(id);
+            }
+            return;
+        };
+        conn.ops -= 1;
+        match data & 3 {
+            RECV => {
+                conn.receiving = false;
+                if let Some(id) = buffer {
+                    if result > 0 && !conn.dropped {
+                        conn.inbox.extend_from_slice(self.bufs.get(id, result as usize));
+                    }
+                    self.bufs.give_back(id);
+                }
+                match result {
+                    // No buffer was free: armed again below.
+                    r if r == -libc::ENOBUFS => {}
+                    r if r == -libc::ECANCELED => {}
+                    r if r < 0 => conn.read_error = Some(-r),
+                    0 => conn.eof = true,
+                    _ => {}
+                }
+                if let Some(w) = conn.reader.take() {
+                    wake.push(w);
+                }
+                if !conn.dropped && !self.stopping {
+                    arm_recv(self, &mut conn, key);
+                }
+            }
+            SEND => {
+                if result < 0 {
+                    conn.write_error = Some(-result);
+                    conn.sending.clear();
+                    conn.staged.clear();
+                    conn.sent = 0;
+                } else {
+                    conn.sent += result as usize;
+                    if conn.sent >= conn.sending.len() {
+                        conn.sending.clear();
+                        conn.sent = 0;
+                        std::mem::swap(&mut conn.sending, &mut conn.staged);
+                    }
+                    // A short send goes on from where it stopped; then what was staged meanwhile.
+                    if !conn.sending.is_empty() && !conn.dropped && !self.stopping {
+                        send(self, &mut conn, key);
+                    }
+                }
+                if let Some(w) = conn.writer.take() {
+                    wake.push(w);
+                }
+            }
+            _ => {}
+        }
+        if conn.dropped && conn.ops == 0 {
+            closed(conn.fd);
+            self.free.push(key);
+            return;
+        }
+        self.conns[key as usize] = Some(conn);
+    }
+
+    fn adopt(&mut self, fd: RawFd) -> u32 {
+        let conn = Conn {
+            fd,
+            inbox: BytesMut::new(),
+            receiving: false,
+            eof: false,
+            read_error: None,
+            sending: Vec::new(),
+            sent: 0,
+            staged: Vec::new(),
+            write_error: None,
+            ops: 0,
+            dropped: false,
+            reader: None,
+            writer: None,
+        };
+        let key = match self.free.pop() {
+            Some(k) => {
+                self.conns[k as usize] = Some(conn);
+                k
+            }
+            None => {
+                self.conns.push(Some(conn));
+                (self.conns.len() - 1) as u32
+            }
+        };
+        SOCKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut conn = self.conns[key as usize].take().expect("just stored");
+        arm_recv(self, &mut conn, key);
+        self.conns[key as usize] = Some(conn);
+        key
+    }
+
+    /// The owner dropped the socket: what is queued to send still goes (a
+    /// last ErrorResponse, a Terminate), anything waiting on the peer is
+    /// cancelled, and the descriptor closes once nothing names it.
+    fn drop_conn(&mut self, key: u32) {
+        let Some(mut conn) = self.conns[key as usize].take() else { return };
+        if conn.ops == 0 {
+            closed(conn.fd);
+            self.free.push(key);
+            return;
+        }
+        conn.dropped = true;
+        conn.reader = None;
+        conn.writer = None;
+        conn.staged = Vec::new();
+        for (busy, op) in [(conn.receiving, RECV), (!conn.sending.is_empty(), SEND)] {
+            if busy {
+                conn.ops += 1;
+                self.push(opcode::AsyncCancel::new(user_data(key, op)).build().user_data(user_data(key, CANCEL)));
+            }
+        }
+        self.conns[key as usize] = Some(conn);
+    }
+}
+
+impl Drop for Driver {
+    /// The runtime is going: whatever is in flight is cancelled and waited
+    /// for (briefly), so that the sockets dropped meanwhile really close
+    /// and no buffer is freed under the kernel. Live sockets close when
+    /// their owners drop them.
+    fn drop(&mut self) {
+        self.stopping = true;
+        for key in 0..self.conns.len() as u32 {
+            let Some(mut conn) = self.conns[key as usize].take() else { continue };
+            for (busy, op) in [(conn.receiving, RECV), (!conn.sending.is_empty(), SEND)] {
+                if busy {
+                    conn.ops += 1;
+                    self.push(opcode::AsyncCancel::new(user_data(key, op)).build().user_data(user_data(key, CANCEL)));
+                }
+            }
+            self.conns[key as usize] = Some(conn);
+        }
+        let mut wake = Vec::new();
+        let pause = io_uring::types::Timespec::new().nsec(10_000_000);
+        for _ in 0..100 {
+            if !self.conns.iter().flatten().any(|c| c.ops > 0) {
+                break;
+            }
+            let args = io_uring::types::SubmitArgs::new().timespec(&pause);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            self.reap(&mut wake);
+            wake.clear();
+        }
+        for c in self.conns.iter().flatten().filter(|c| c.dropped && c.ops > 0) {
+            closed(c.fd);
+        }
+        if self.conns.iter().flatten().any(|c| c.ops > 0) {
+            // The kernel still names some buffers: leaked, not freed under it.
+            std::mem::forget(std::mem::take(&mut self.conns));
+            std::mem::forget(std::mem::replace(&mut self.bufs.memory, Box::new([])));
+        }
+    }
+}
+
+/// A socket whose reads and writes go through this thread's ring.
+#[derive(Debug)]
+pub struct Socket {
+    key: u32,
+    driver: u32,
+    fd: RawFd,
+    unix: bool,
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "io_uring socket used off its driver's thread")
+}
+
+impl Socket {
+    /// Takes over a connected socket when this thread runs a ring; gives it
+    /// back otherwise.
+    pub fn adopt(fd: OwnedFd, unix: bool) -> Result<Socket, OwnedFd> {
+        DRIVER.with(|d| match d.borrow_mut().as_mut() {
+            Some(d) => {
+                let raw = fd.into_raw_fd();
+                Ok(Socket { key: d.adopt(raw), driver: d.id, fd: raw, unix })
+            }
+            None => Err(fd),
+        })
+    }
+
+    pub fn is_unix(&self) -> bool {
+        self.unix
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Driver, &mut Conn) -> R) -> io::Result<R> {
+        with(self.driver, |d| {
+            // Taken out for the call, so `f` may queue entries on `d`.
+            let mut conn = d.conns[self.key as usize].take().expect("a live socket's key names its state");
+            let r = f(d, &mut conn);
+            d.conns[self.key as usize] = Some(conn);
+            r
+        })
+        .ok_or_else(gone)
+    }
+
+    /// Moves what was received into `buf` (all of it: at most
+    /// `INBOX_LIMIT` + `BUF`); `Ok(0)` at EOF.
+    pub fn poll_read_buf(&self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+        self.poll_take(cx, |inbox| {
+            let n = inbox.len();
+            buf.extend_from_slice(inbox);
+            n
+        })
+    }
+
+    pub fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.poll_take(cx, |inbox| {
+            let n = inbox.len().min(buf.remaining());
+            buf.put_slice(&inbox[..n]);
+            n
+        })
+        .map_ok(|_| ())
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>, take: impl FnOnce(&[u8]) -> usize) -> Poll<io::Result<usize>> {
+        let key = self.key;
+        self.with(|d, conn| {
+            if !conn.inbox.is_empty() {
+                let n = take(&conn.inbox);
+                // `advance`/`clear`, not `split_to`: no shared handle is
+                // made, and the allocation is reused in place.
+                if n == conn.inbox.len() {
+                    conn.inbox.clear();
+                } else {
+                    bytes::Buf::advance(&mut conn.inbox, n);
+                }
+                arm_recv(d, conn, key);
+                return Poll::Ready(Ok(n));
+            }
+            if let Some(e) = conn.read_error {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(e)));
+            }
+            if conn.eof {
+                return Poll::Ready(Ok(0));
+            }
+            register(&mut conn.reader, cx);
+            arm_recv(d, conn, key);
+            Poll::Pending
+        })?
+    }
+
+    /// Ready when received bytes (or EOF, or an error) wait.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|_, conn| {
+            if !conn.inbox.is_empty() || conn.eof || conn.read_error.is_some() {
+                return Poll::Ready(Ok(()));
+            }
+            register(&mut conn.reader, cx);
+            Poll::Pending
+        })?
+    }
+
+    /// Accepts what fits under [`WRITE_LIMIT`]; the kernel takes it in the
+    /// next batch. `WouldBlock` when full.
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        let key = self.key;
+        self.with(|d, conn| {
+            if let Some(e) = conn.write_error {
+                return Err(io::Error::from_raw_os_error(e));
+            }
+            let n = data.len().min(WRITE_LIMIT.saturating_sub(conn.unsent()));
+            if n == 0 && !data.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if conn.sending.is_empty() {
+                conn.sending.extend_from_slice(&data[..n]);
+                send(d, conn, key);
+            } else {
+                conn.staged.extend_from_slice(&data[..n]);
+            }
+            Ok(n)
+        })?
+    }
+
+    /// Ready when there is room to write (or an error to report).
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|_, conn| {
+            if conn.write_error.is_some() || conn.unsent() < WRITE_LIMIT {
+                return Poll::Ready(Ok(()));
+            }
+            register(&mut conn.writer, cx);
+            Poll::Pending
+        })?
+    }
+
+    /// Ready when the kernel has taken every accepted byte.
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|_, conn| {
+            if let Some(e) = conn.write_error {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(e)));
+            }
+            if conn.unsent() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            register(&mut conn.writer, cx);
+            Poll::Pending
+        })?
+    }
+
+    /// Half-closes after a flush (the caller flushed).
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        // SAFETY: our own descriptor.
+        if unsafe { libc::shutdown(self.fd, libc::SHUT_WR) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// True while nothing at all arrived (for an idle server connection).
+    pub fn is_quiet(&self) -> bool {
+        self.with(|_, conn| conn.inbox.is_empty() && !conn.eof && conn.read_error.is_none()).unwrap_or(false)
+    }
+}
+
+/// Sends (the rest of) `conn.sending`.
+fn send(d: &mut Driver, conn: &mut Conn, key: u32) {
+    let rest = &conn.sending[conn.sent..];
+    let entry = opcode::Send::new(Fd(conn.fd), rest.as_ptr(), rest.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(user_data(key, SEND));
+    conn.ops += 1;
+    d.push(entry);
+}
+
+/// Arms a receive unless one is in flight (or the inbox is full, or the peer is done).
+fn arm_recv(d: &mut Driver, conn: &mut Conn, key: u32) {
+    if conn.receiving || conn.eof || conn.read_error.is_some() || conn.inbox.len() >= INBOX_LIMIT {
+        return;
+    }
+    conn.receiving = true;
+    conn.ops += 1;
+    let entry = opcode::Recv::new(Fd(conn.fd), std::ptr::null_mut(), BUF as u32)
+        .buf_group(GROUP)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT)
+        .user_data(user_data(key, RECV));
+    d.push(entry);
+}
+
+fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if slot.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+        *slot = Some(cx.waker().clone());
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor stays open while the socket lives.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if with(self.driver, |d| d.drop_conn(self.key)).is_none() {
+            // Its driver is gone (the runtime ended): nothing names the
+            // descriptor any more but us.
+            closed(self.fd);
+        }
+    }
+}
+
+/// A ring of provided buffers registered with the kernel: each receive
+/// takes the next free one.
+struct BufRing {
+    /// `BUFS` entries, page-aligned as the kernel requires.
+    entries: *mut BufRingEntry,
+    memory: Box<[u8]>,
+    tail: u16,
+}
+
+impl BufRing {
+    fn register(ring: &IoUring) -> io::Result<BufRing> {
+        let layout = std::alloc::Layout::from_size_align(BUFS as usize * size_of::<BufRingEntry>(), 4096)
+            .map_err(io::Error::other)?;
+        // SAFETY: a non-zero layout; zeroed entries are valid (tail 0).
+        let entries = unsafe { std::alloc::alloc_zeroed(layout) } as *mut BufRingEntry;
+        if entries.is_null() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        // SAFETY: the entries live as long as the process (never freed: the
+        // kernel may read them until the ring is gone).
+        unsafe { ring.submitter().register_buf_ring_with_flags(entries as u64, BUFS, GROUP, 0)? };
+        let memory = vec![0u8; BUFS as usize * BUF].into_boxed_slice();
+        let mut bufs = BufRing { entries, memory, tail: 0 };
+        for id in 0..BUFS {
+            bufs.add(id);
+        }
+        bufs.publish();
+        Ok(bufs)
+    }
+
+    fn get(&self, id: u16, len: usize) -> &[u8] {
+        let start = id as usize * BUF;
+        &self.memory[start..start + len.min(BUF)]
+    }
+
+    fn add(&mut self, id: u16) {
+        let addr = self.memory[id as usize * BUF..].as_ptr() as u64;
+        // SAFETY: the index is masked into the ring.
+        let entry = unsafe { &mut *self.entries.add((self.tail & (BUFS - 1)) as usize) };
+        entry.set_addr(addr);
+        entry.set_len(BUF as u32);
+        entry.set_bid(id);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the added buffers visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the tail lives in the first entry's reserved field.
+        let tail = unsafe { BufRingEntry::tail(self.entries) } as *const std::sync::atomic::AtomicU16;
+        unsafe { &*tail }.store(self.tail, std::sync::atomic::Ordering::Release);
+    }
+
+    fn give_back(&mut self, id: u16) {
+        self.add(id);
+        self.publish();
+    }
+}
