@@ -43,24 +43,28 @@ fn main() {
     let mut table = String::from("| proxy | RSS before | RSS with clients | per idle client |\n|---|---:|---:|---:|\n");
     print!("{table}");
 
-    let port = pgmux::cluster::pick_port().expect("a free loopback port");
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\nmax_client_conn = {}\nserver_tls = \"disable\"\n[[databases]]\nname = \"postgres\"\nprimary = \"{primary}\"\npool_size = 5\n[[users]]\nname = \"postgres\"\nauth = \"trust\"\n",
-            clients + 100
-        ),
-    )
-    .expect("write config");
-    let child = Command::new(&pgmux_bin)
-        .args(["--config", config.to_str().expect("utf-8 path"), "--log-level", "error"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start pgmux");
-    let row = measure("pgmux", child, port, clients);
-    print!("{row}");
-    table.push_str(&row);
+    // pgmux on each data path: on io_uring an idle client's socket is a
+    // slot in the ring's table instead of a tokio registration.
+    for io in ["epoll", "uring"] {
+        let port = pgmux::cluster::pick_port().expect("a free loopback port");
+        let config = dir.path().join(format!("proxy-{io}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nio = \"{io}\"\nmax_client_conn = {}\nserver_tls = \"disable\"\n[[databases]]\nname = \"postgres\"\nprimary = \"{primary}\"\npool_size = 5\n[[users]]\nname = \"postgres\"\nauth = \"trust\"\n",
+                clients + 100
+            ),
+        )
+        .expect("write config");
+        let child = Command::new(&pgmux_bin)
+            .args(["--config", config.to_str().expect("utf-8 path"), "--log-level", "error"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start pgmux");
+        let row = measure(&format!("pgmux, io = \"{io}\""), child, port, clients);
+        print!("{row}");
+        table.push_str(&row);
+    }
 
     let mut bouncer_version = String::from("PgBouncer not installed");
     if let Ok(bouncer) = which("pgbouncer") {
