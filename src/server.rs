@@ -376,7 +376,8 @@ fn start_io(proxy: &crate::config::ProxyConfig) {
         );
         return;
     }
-    match uring::start() {
+    // Every client, and room for the server connections beside them.
+    match uring::start(proxy.max_client_conn + 1024) {
         Started::Running(flags) => tracing::info!(ring = flags, "data path: io_uring"),
         Started::AlreadyRunning => {}
         Started::Refused(e) => tracing::warn!(error = %e, "io_uring refused; data path: epoll"),

@@ -132,7 +132,10 @@ pub fn pool_id(pool: &Arc<Pool>) -> usize {
 pub struct ClientInfo {
     pub id: u64,
     pub peer: Option<SocketAddr>,
-    pub local: Option<SocketAddr>,
+    /// The address the client connected to, as an index into [`LOCALS`]
+    /// (0: none): a listener has one or a few, and 30 bytes less per
+    /// client keeps `ClientInfo` in a smaller allocation.
+    local: u16,
     /// Microseconds since [`base`] of the connection's arrival.
     connect_us: u64,
     login: OnceLock<LoginInfo>,
@@ -148,6 +151,27 @@ impl LinkInfo {
     /// When the backend was opened.
     pub fn connected(&self) -> Instant {
         base() + Duration::from_micros(self.connected_us)
+    }
+}
+
+/// Every local address clients connected to ([`ClientInfo::local`]).
+static LOCALS: std::sync::RwLock<Vec<SocketAddr>> = std::sync::RwLock::new(Vec::new());
+
+/// `addr`'s index in [`LOCALS`] plus one (0 once the table is full, which
+/// takes 65,535 distinct local addresses).
+fn intern_local(addr: SocketAddr) -> u16 {
+    let find = |v: &[SocketAddr]| v.iter().position(|a| *a == addr);
+    if let Some(i) = find(&LOCALS.read().unwrap_or_else(|e| e.into_inner())) {
+        return (i + 1) as u16;
+    }
+    let mut v = LOCALS.write().unwrap_or_else(|e| e.into_inner());
+    match find(&v) {
+        Some(i) => (i + 1) as u16,
+        None if v.len() < u16::MAX as usize => {
+            v.push(addr);
+            v.len() as u16
+        }
+        None => 0,
     }
 }
 
@@ -179,7 +203,7 @@ impl ClientInfo {
         ClientInfo {
             id,
             peer,
-            local,
+            local: local.map_or(0, intern_local),
             connect_us: now_us(),
             login: OnceLock::new(),
             state: AtomicU8::new(ClientState::Login as u8),
@@ -187,6 +211,12 @@ impl ClientInfo {
             link: Mutex::new(None),
             signal: Signal::default(),
         }
+    }
+
+    /// The address the client connected to (`None` over a Unix socket).
+    pub fn local(&self) -> Option<SocketAddr> {
+        let i = usize::from(self.local).checked_sub(1)?;
+        LOCALS.read().unwrap_or_else(|e| e.into_inner()).get(i).copied()
     }
 
     /// When the client connected (wall clock, for display).

@@ -106,11 +106,13 @@ pub enum Started {
 /// Starts this thread's ring and its driver task (on the current-thread
 /// runtime this is called from). Sockets adopted afterwards on this thread
 /// use it; until then, and where it is refused, nothing changes.
-pub fn start() -> Started {
+/// `sockets` sizes the table up front (untouched until used, so it costs
+/// address space, not memory): growing it later copies it.
+pub fn start(sockets: usize) -> Started {
     if DRIVER.with(|d| d.borrow().is_some()) {
         return Started::AlreadyRunning;
     }
-    let (driver, flags, events) = match Driver::new() {
+    let (driver, flags, events) = match Driver::new(sockets) {
         Ok(d) => d,
         Err(e) => return Started::Refused(e),
     };
@@ -225,36 +227,65 @@ struct Driver {
     _events: OwnedFd,
 }
 
-/// One adopted socket's state.
+/// One adopted socket's state: 64 bytes while it has moved no byte (an
+/// idle client costs that, not a tokio registration).
 struct Conn {
     fd: RawFd,
-    /// Received, not yet read.
-    inbox: BytesMut,
+    /// Operations submitted (or queued) and not completed.
+    ops: u8,
     receiving: bool,
     eof: bool,
-    read_error: Option<i32>,
-    /// The bytes of the send in flight (empty: none), and how many went.
-    sending: Vec<u8>,
-    sent: usize,
-    /// Accepted while a send was in flight: the next send.
-    staged: Vec<u8>,
-    write_error: Option<i32>,
-    /// Operations submitted (or queued) and not completed.
-    ops: u32,
     /// The socket's owner dropped it: closed once `ops` is 0.
     dropped: bool,
+    /// errno of a failed receive or send (0: none).
+    read_error: i32,
+    write_error: i32,
+    /// Bytes of `sending` already sent.
+    sent: u32,
+    /// Allocated with the first byte moved.
+    bufs: Option<Box<Bufs>>,
     reader: Option<Waker>,
     writer: Option<Waker>,
 }
 
+#[derive(Default)]
+struct Bufs {
+    /// Received, not yet read.
+    inbox: BytesMut,
+    /// The bytes of the send in flight (empty: none).
+    sending: Vec<u8>,
+    /// Accepted while a send was in flight: the next send.
+    staged: Vec<u8>,
+}
+
+/// Buffer capacity kept once drained; a larger one (a big answer went
+/// through) is given back, so an idle connection stays small.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
 impl Conn {
+    fn bufs(&mut self) -> &mut Bufs {
+        self.bufs.get_or_insert_default()
+    }
+
+    fn inbox_len(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.inbox.len())
+    }
+
+    fn sending(&self) -> bool {
+        self.bufs.as_ref().is_some_and(|b| !b.sending.is_empty())
+    }
+
     fn unsent(&self) -> usize {
-        self.sending.len() - self.sent + self.staged.len()
+        self.bufs.as_ref().map_or(0, |b| b.sending.len() - self.sent as usize + b.staged.len())
+    }
+
+    fn error(errno: i32) -> Option<io::Error> {
+        (errno != 0).then(|| io::Error::from_raw_os_error(errno))
     }
 }
 
 impl Driver {
-    fn new() -> io::Result<(Driver, &'static str, EventFd)> {
+    fn new(sockets: usize) -> io::Result<(Driver, &'static str, EventFd)> {
         // Deferred task work: completions run in our `io_uring_enter`, in a
         // batch, instead of interrupting the thread (or its epoll_wait).
         let (ring, flags) = match IoUring::builder()
@@ -294,7 +325,7 @@ impl Driver {
             id,
             ring,
             bufs,
-            conns: Vec::new(),
+            conns: Vec::with_capacity(sockets),
             free: Vec::new(),
             task: None,
             kicked: false,
@@ -373,7 +404,7 @@ impl Driver {
                 conn.receiving = false;
                 if let Some(id) = buffer {
                     if result > 0 && !conn.dropped {
-                        conn.inbox.extend_from_slice(self.bufs.get(id, result as usize));
+                        conn.bufs().inbox.extend_from_slice(self.bufs.get(id, result as usize));
                     }
                     self.bufs.give_back(id);
                 }
@@ -381,7 +412,7 @@ impl Driver {
                     // No buffer was free: armed again below.
                     r if r == -libc::ENOBUFS => {}
                     r if r == -libc::ECANCELED => {}
-                    r if r < 0 => conn.read_error = Some(-r),
+                    r if r < 0 => conn.read_error = -r,
                     0 => conn.eof = true,
                     _ => {}
                 }
@@ -394,19 +425,23 @@ impl Driver {
             }
             SEND => {
                 if result < 0 {
-                    conn.write_error = Some(-result);
-                    conn.sending.clear();
-                    conn.staged.clear();
+                    conn.write_error = -result;
+                    conn.bufs = None;
                     conn.sent = 0;
                 } else {
-                    conn.sent += result as usize;
-                    if conn.sent >= conn.sending.len() {
-                        conn.sending.clear();
+                    conn.sent += result as u32;
+                    let sent = conn.sent as usize;
+                    let b = conn.bufs();
+                    if sent >= b.sending.len() {
+                        b.sending.clear();
+                        if b.sending.capacity() > KEEP_CAPACITY {
+                            b.sending = Vec::new();
+                        }
+                        std::mem::swap(&mut b.sending, &mut b.staged);
                         conn.sent = 0;
-                        std::mem::swap(&mut conn.sending, &mut conn.staged);
                     }
                     // A short send goes on from where it stopped; then what was staged meanwhile.
-                    if !conn.sending.is_empty() && !conn.dropped && !self.stopping {
+                    if conn.sending() && !conn.dropped && !self.stopping {
                         send(self, &mut conn, key);
                     }
                 }
@@ -427,16 +462,14 @@ impl Driver {
     fn adopt(&mut self, fd: RawFd) -> u32 {
         let conn = Conn {
             fd,
-            inbox: BytesMut::new(),
+            ops: 0,
             receiving: false,
             eof: false,
-            read_error: None,
-            sending: Vec::new(),
-            sent: 0,
-            staged: Vec::new(),
-            write_error: None,
-            ops: 0,
             dropped: false,
+            read_error: 0,
+            write_error: 0,
+            sent: 0,
+            bufs: None,
             reader: None,
             writer: None,
         };
@@ -470,8 +503,11 @@ impl Driver {
         conn.dropped = true;
         conn.reader = None;
         conn.writer = None;
-        conn.staged = Vec::new();
-        for (busy, op) in [(conn.receiving, RECV), (!conn.sending.is_empty(), SEND)] {
+        if let Some(b) = conn.bufs.as_mut() {
+            b.staged = Vec::new();
+            b.inbox = BytesMut::new();
+        }
+        for (busy, op) in [(conn.receiving, RECV), (conn.sending(), SEND)] {
             if busy {
                 conn.ops += 1;
                 self.push(opcode::AsyncCancel::new(user_data(key, op)).build().user_data(user_data(key, CANCEL)));
@@ -490,7 +526,7 @@ impl Drop for Driver {
         self.stopping = true;
         for key in 0..self.conns.len() as u32 {
             let Some(mut conn) = self.conns[key as usize].take() else { continue };
-            for (busy, op) in [(conn.receiving, RECV), (!conn.sending.is_empty(), SEND)] {
+            for (busy, op) in [(conn.receiving, RECV), (conn.sending(), SEND)] {
                 if busy {
                     conn.ops += 1;
                     self.push(opcode::AsyncCancel::new(user_data(key, op)).build().user_data(user_data(key, CANCEL)));
@@ -583,20 +619,24 @@ impl Socket {
     fn poll_take(&self, cx: &mut Context<'_>, take: impl FnOnce(&[u8]) -> usize) -> Poll<io::Result<usize>> {
         let key = self.key;
         self.with(|d, conn| {
-            if !conn.inbox.is_empty() {
-                let n = take(&conn.inbox);
+            if conn.inbox_len() > 0 {
+                let inbox = &mut conn.bufs().inbox;
+                let n = take(inbox);
                 // `advance`/`clear`, not `split_to`: no shared handle is
                 // made, and the allocation is reused in place.
-                if n == conn.inbox.len() {
-                    conn.inbox.clear();
+                if n == inbox.len() {
+                    inbox.clear();
+                    if inbox.capacity() > KEEP_CAPACITY {
+                        *inbox = BytesMut::new();
+                    }
                 } else {
-                    bytes::Buf::advance(&mut conn.inbox, n);
+                    bytes::Buf::advance(inbox, n);
                 }
                 arm_recv(d, conn, key);
                 return Poll::Ready(Ok(n));
             }
-            if let Some(e) = conn.read_error {
-                return Poll::Ready(Err(io::Error::from_raw_os_error(e)));
+            if let Some(e) = Conn::error(conn.read_error) {
+                return Poll::Ready(Err(e));
             }
             if conn.eof {
                 return Poll::Ready(Ok(0));
@@ -610,7 +650,7 @@ impl Socket {
     /// Ready when received bytes (or EOF, or an error) wait.
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.with(|_, conn| {
-            if !conn.inbox.is_empty() || conn.eof || conn.read_error.is_some() {
+            if conn.inbox_len() > 0 || conn.eof || conn.read_error != 0 {
                 return Poll::Ready(Ok(()));
             }
             register(&mut conn.reader, cx);
@@ -623,18 +663,18 @@ impl Socket {
     pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
         let key = self.key;
         self.with(|d, conn| {
-            if let Some(e) = conn.write_error {
-                return Err(io::Error::from_raw_os_error(e));
+            if let Some(e) = Conn::error(conn.write_error) {
+                return Err(e);
             }
             let n = data.len().min(WRITE_LIMIT.saturating_sub(conn.unsent()));
             if n == 0 && !data.is_empty() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            if conn.sending.is_empty() {
-                conn.sending.extend_from_slice(&data[..n]);
-                send(d, conn, key);
+            if conn.sending() {
+                conn.bufs().staged.extend_from_slice(&data[..n]);
             } else {
-                conn.staged.extend_from_slice(&data[..n]);
+                conn.bufs().sending.extend_from_slice(&data[..n]);
+                send(d, conn, key);
             }
             Ok(n)
         })?
@@ -643,7 +683,7 @@ impl Socket {
     /// Ready when there is room to write (or an error to report).
     pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.with(|_, conn| {
-            if conn.write_error.is_some() || conn.unsent() < WRITE_LIMIT {
+            if conn.write_error != 0 || conn.unsent() < WRITE_LIMIT {
                 return Poll::Ready(Ok(()));
             }
             register(&mut conn.writer, cx);
@@ -654,8 +694,8 @@ impl Socket {
     /// Ready when the kernel has taken every accepted byte.
     pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.with(|_, conn| {
-            if let Some(e) = conn.write_error {
-                return Poll::Ready(Err(io::Error::from_raw_os_error(e)));
+            if let Some(e) = Conn::error(conn.write_error) {
+                return Poll::Ready(Err(e));
             }
             if conn.unsent() == 0 {
                 return Poll::Ready(Ok(()));
@@ -676,14 +716,15 @@ impl Socket {
 
     /// True while nothing at all arrived (for an idle server connection).
     pub fn is_quiet(&self) -> bool {
-        self.with(|_, conn| conn.inbox.is_empty() && !conn.eof && conn.read_error.is_none()).unwrap_or(false)
+        self.with(|_, conn| conn.inbox_len() == 0 && !conn.eof && conn.read_error == 0).unwrap_or(false)
     }
 }
 
 /// Sends (the rest of) `conn.sending`.
 fn send(d: &mut Driver, conn: &mut Conn, key: u32) {
-    let rest = &conn.sending[conn.sent..];
-    let entry = opcode::Send::new(Fd(conn.fd), rest.as_ptr(), rest.len() as u32)
+    let (sent, fd) = (conn.sent as usize, conn.fd);
+    let rest = &conn.bufs().sending[sent..];
+    let entry = opcode::Send::new(Fd(fd), rest.as_ptr(), rest.len() as u32)
         .flags(libc::MSG_NOSIGNAL)
         .build()
         .user_data(user_data(key, SEND));
@@ -693,7 +734,7 @@ fn send(d: &mut Driver, conn: &mut Conn, key: u32) {
 
 /// Arms a receive unless one is in flight (or the inbox is full, or the peer is done).
 fn arm_recv(d: &mut Driver, conn: &mut Conn, key: u32) {
-    if conn.receiving || conn.eof || conn.read_error.is_some() || conn.inbox.len() >= INBOX_LIMIT {
+    if conn.receiving || conn.eof || conn.read_error != 0 || conn.inbox_len() >= INBOX_LIMIT {
         return;
     }
     conn.receiving = true;
@@ -784,5 +825,16 @@ impl BufRing {
     fn give_back(&mut self, id: u16) {
         self.add(id);
         self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle client's socket costs its slot: keep it to one cache line.
+    #[test]
+    fn a_socket_slot_is_64_bytes() {
+        assert!(size_of::<Option<Conn>>() <= 64, "{}", size_of::<Option<Conn>>());
     }
 }

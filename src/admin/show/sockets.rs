@@ -147,7 +147,7 @@ fn client_socket(c: &ClientInfo, state: &'static str) -> Socket {
         database: login.map_or("(nodb)".into(), |l| l.database().to_owned()),
         state,
         addr: split_addr(c.peer),
-        local: split_addr(c.local),
+        local: split_addr(c.local()),
         connect_time: c.connect_time(),
         request_time: wall_time(c.since()),
         wait: if waiting { c.since().elapsed() } else { Duration::ZERO },
