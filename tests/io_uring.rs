@@ -97,6 +97,41 @@ async fn pooled_traffic_crosses_the_ring_intact_and_sockets_close_with_their_cli
     proxy.shutdown().await;
 }
 
+/// A client that sends without reading meets backpressure, as over epoll:
+/// its multishot receive is paused once a bounded inbox is full, so pgmux
+/// never buffers what the client sends faster than the server takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_without_reading_is_held_back() {
+    let cluster = support::cluster_async().await;
+    let proxy = Proxy::start_with_metrics(&standard_config(cluster, 2, "io = \"uring\"")).await;
+    let mut raw = support::raw::Raw::login(([127, 0, 0, 1], proxy.port()).into(), TRUST, DB).await;
+    // `SELECT 1` after `SELECT 1`, never reading: the answers fill the
+    // client's socket, the server blocks writing them, pgmux stops reading
+    // it, and then the client's writes must block in turn. What the kernel
+    // takes meanwhile is its socket buffers (a few MiB on loopback) and
+    // pgmux's bounded ones, not the 256 MiB offered.
+    let query = b"Q\0\0\0\x0dSELECT 1\0";
+    let chunk: Vec<u8> = query.iter().copied().cycle().take(query.len() * 4096).collect();
+    let mut accepted = 0usize;
+    while accepted < 256 << 20 {
+        match tokio::time::timeout(Duration::from_secs(1), raw.stream.write(&chunk)).await {
+            Ok(Ok(n)) => accepted += n,
+            Ok(Err(e)) => panic!("pgmux closed the flooding client instead of holding it back: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        accepted < 32 << 20,
+        "{} MiB went in without a byte read back: nothing held the client back",
+        accepted >> 20
+    );
+    drop(raw);
+    // The others are served meanwhile and after.
+    let c = proxy.connect(TRUST, None, DB).await.expect("another client");
+    assert_eq!(c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+    proxy.shutdown().await;
+}
+
 /// A seccomp filter that makes the io_uring system calls fail with EPERM,
 /// as Docker's default profile does (their numbers are the same on every
 /// architecture).

@@ -14,11 +14,14 @@
 //!   and watched by tokio's epoll: with deferred task work (Linux 6.1+) the
 //!   kernel signals it when completions are ready to be run, and the next
 //!   `io_uring_enter` runs them all at once.
-//! - **Receives draw from a ring of provided buffers**, one receive armed per
-//!   socket at a time: an idle connection holds no buffer, and a receive
-//!   whose task was dropped never names memory that could be freed. Data is
-//!   copied out of the buffer at once into the connection's inbox and the
-//!   buffer goes back, so slow readers cannot starve the ring.
+//! - **Receives are multishot and draw from a ring of provided buffers**:
+//!   one standing receive per socket (armed once, not per message), and an
+//!   idle connection holds no buffer; a receive whose task was dropped never
+//!   names memory that could be freed. Data is copied out of the buffer at
+//!   once into the connection's inbox and the buffer goes back, so slow
+//!   readers cannot starve the ring; an inbox past [`INBOX_LIMIT`] cancels
+//!   the receive until its reader catches up (backpressure, as a full
+//!   socket buffer gives on epoll).
 //! - **Sends are written behind**: `try_write` copies into the connection's
 //!   outbox and returns; the kernel takes it in the next batch. At most
 //!   [`WRITE_LIMIT`] bytes wait per connection (then `WouldBlock`, as a full
@@ -51,9 +54,9 @@ const BUF: usize = 16 * 1024;
 /// again.
 const BUFS: u16 = 128;
 const GROUP: u16 = 0;
-/// A connection's received bytes not yet read, beyond which no receive is
-/// armed (the relay's own high-water mark then holds it back, as a full
-/// socket buffer would).
+/// A connection's received bytes not yet read, beyond which its receive is
+/// cancelled until they are read (the relay's own high-water mark then holds
+/// the peer back, as a full socket buffer would).
 const INBOX_LIMIT: usize = 64 * 1024;
 /// Bytes a connection may have accepted but not yet sent.
 pub const WRITE_LIMIT: usize = 256 * 1024;
@@ -221,6 +224,8 @@ struct Driver {
     kicked: bool,
     /// The driver is being dropped: nothing is armed or sent any more.
     stopping: bool,
+    /// Receives are multishot (Linux 6.0+).
+    multishot: bool,
     /// Completions copied out of the ring before they are handled (reused).
     completed: Vec<(u64, i32, u32)>,
     /// Kept open as long as the ring: its registration names it.
@@ -233,7 +238,10 @@ struct Conn {
     fd: RawFd,
     /// Operations submitted (or queued) and not completed.
     ops: u8,
+    /// A receive is armed (multishot: until a completion without MORE).
     receiving: bool,
+    /// Its cancel is on the way (the inbox is full).
+    pausing: bool,
     eof: bool,
     /// The socket's owner dropped it: closed once `ops` is 0.
     dropped: bool,
@@ -330,6 +338,7 @@ impl Driver {
             task: None,
             kicked: false,
             stopping: false,
+            multishot: true,
             completed: Vec::with_capacity(CQ_ENTRIES as usize),
             _events: efd,
         };
@@ -398,10 +407,16 @@ impl Driver {
             }
             return;
         };
-        conn.ops -= 1;
+        // A multishot receive goes on (and stays counted) while flagged MORE.
+        let more = cqueue::more(flags);
+        if !more {
+            conn.ops -= 1;
+        }
         match data & 3 {
             RECV => {
-                conn.receiving = false;
+                if !more {
+                    conn.receiving = false;
+                }
                 if let Some(id) = buffer {
                     if result > 0 && !conn.dropped {
                         conn.bufs().inbox.extend_from_slice(self.bufs.get(id, result as usize));
@@ -412,6 +427,8 @@ impl Driver {
                     // No buffer was free: armed again below.
                     r if r == -libc::ENOBUFS => {}
                     r if r == -libc::ECANCELED => {}
+                    // A kernel before 6.0: no multishot receive; one-shot ones from now on.
+                    r if r == -libc::EINVAL && self.multishot => self.multishot = false,
                     r if r < 0 => conn.read_error = -r,
                     0 => conn.eof = true,
                     _ => {}
@@ -419,8 +436,18 @@ impl Driver {
                 if let Some(w) = conn.reader.take() {
                     wake.push(w);
                 }
-                if !conn.dropped && !self.stopping {
-                    arm_recv(self, &mut conn, key);
+                if conn.receiving && !conn.pausing && conn.inbox_len() >= INBOX_LIMIT {
+                    // The reader is behind: stop receiving until it catches
+                    // up (what arrives before the cancel still lands).
+                    conn.pausing = true;
+                    conn.ops += 1;
+                    self.push(opcode::AsyncCancel::new(user_data(key, RECV)).build().user_data(user_data(key, CANCEL)));
+                }
+                if !conn.receiving {
+                    conn.pausing = false;
+                    if !conn.dropped && !self.stopping {
+                        arm_recv(self, &mut conn, key);
+                    }
                 }
             }
             SEND => {
@@ -464,6 +491,7 @@ impl Driver {
             fd,
             ops: 0,
             receiving: false,
+            pausing: false,
             eof: false,
             dropped: false,
             read_error: 0,
@@ -739,12 +767,17 @@ fn arm_recv(d: &mut Driver, conn: &mut Conn, key: u32) {
     }
     conn.receiving = true;
     conn.ops += 1;
-    let entry = opcode::Recv::new(Fd(conn.fd), std::ptr::null_mut(), BUF as u32)
-        .buf_group(GROUP)
-        .build()
-        .flags(squeue::Flags::BUFFER_SELECT)
-        .user_data(user_data(key, RECV));
-    d.push(entry);
+    // Multishot: armed once, completing for every arrival until cancelled
+    // (one submission per socket instead of one per message).
+    let entry = if d.multishot {
+        opcode::RecvMulti::new(Fd(conn.fd), GROUP).build()
+    } else {
+        opcode::Recv::new(Fd(conn.fd), std::ptr::null_mut(), BUF as u32)
+            .buf_group(GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+    };
+    d.push(entry.user_data(user_data(key, RECV)));
 }
 
 fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
