@@ -22,8 +22,9 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 
-use io_uring::types::{BufRingEntry, Fd};
+use io_uring::types::Fd;
 use io_uring::{IoUring, cqueue, opcode, squeue};
+use pgmux::net::uring::BufRing;
 
 /// Bytes a receive may take: pgbench's messages are far smaller.
 const BUF: usize = 16 * 1024;
@@ -119,7 +120,7 @@ fn run(ring: IoUring, listen: SocketAddr, server: SocketAddr, multishot: bool) -
     let listener = TcpListener::bind(listen)?;
     let mut relay = Relay { ring, conns: Vec::new(), server, multishot, bufs: None };
     if multishot {
-        relay.bufs = Some(BufRing::register(&relay.ring)?);
+        relay.bufs = Some(BufRing::register(&relay.ring, RING_BUFS, BUF, GROUP)?);
     }
     let accept = opcode::AcceptMulti::new(Fd(listener.as_raw_fd())).build().user_data(user_data(ACCEPT, 0));
     relay.push(accept)?;
@@ -291,57 +292,5 @@ impl Relay {
             }
         }
         Ok(())
-    }
-}
-
-/// A ring of provided buffers, registered with the kernel: a multishot
-/// receive takes the next free one for each message it completes.
-struct BufRing {
-    /// The ring of `RING_BUFS` entries, page-aligned as the kernel requires.
-    entries: *mut BufRingEntry,
-    memory: Box<[u8]>,
-    tail: u16,
-}
-
-impl BufRing {
-    fn register(ring: &IoUring) -> io::Result<BufRing> {
-        let layout = std::alloc::Layout::from_size_align(RING_BUFS as usize * size_of::<BufRingEntry>(), 4096)
-            .map_err(io::Error::other)?;
-        // SAFETY: a non-zero layout; zeroed entries are valid (tail 0).
-        let entries = unsafe { std::alloc::alloc_zeroed(layout) } as *mut BufRingEntry;
-        // SAFETY: the ring memory lives as long as the process.
-        unsafe { ring.submitter().register_buf_ring_with_flags(entries as u64, RING_BUFS, GROUP, 0)? };
-        let memory = vec![0u8; RING_BUFS as usize * BUF].into_boxed_slice();
-        let mut bufs = BufRing { entries, memory, tail: 0 };
-        for id in 0..RING_BUFS {
-            bufs.add(id);
-        }
-        bufs.publish();
-        Ok(bufs)
-    }
-
-    fn ptr(&self, id: u16) -> *const u8 {
-        self.memory[id as usize * BUF..].as_ptr()
-    }
-
-    fn add(&mut self, id: u16) {
-        // SAFETY: the index is masked into the ring.
-        let entry = unsafe { &mut *self.entries.add((self.tail & (RING_BUFS - 1)) as usize) };
-        entry.set_addr(self.ptr(id) as u64);
-        entry.set_len(BUF as u32);
-        entry.set_bid(id);
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    /// Makes the added buffers visible to the kernel.
-    fn publish(&self) {
-        // SAFETY: the tail lives in the first entry's reserved field.
-        let tail = unsafe { BufRingEntry::tail(self.entries) } as *const std::sync::atomic::AtomicU16;
-        unsafe { &*tail }.store(self.tail, std::sync::atomic::Ordering::Release);
-    }
-
-    fn give_back(&mut self, id: u16) {
-        self.add(id);
-        self.publish();
     }
 }

@@ -318,7 +318,7 @@ impl Driver {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring lacks {name}")));
             }
         }
-        let bufs = BufRing::register(&ring)?;
+        let bufs = BufRing::register(&ring, BUFS, BUF, GROUP)?;
         // SAFETY: a plain eventfd(2) call; the descriptor is owned at once.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -579,7 +579,7 @@ impl Drop for Driver {
         if self.conns.iter().flatten().any(|c| c.ops > 0) {
             // The kernel still names some buffers: leaked, not freed under it.
             std::mem::forget(std::mem::take(&mut self.conns));
-            std::mem::forget(std::mem::replace(&mut self.bufs.memory, Box::new([])));
+            self.bufs.leak();
         }
     }
 }
@@ -803,18 +803,26 @@ impl Drop for Socket {
     }
 }
 
-/// A ring of provided buffers registered with the kernel: each receive
-/// takes the next free one.
-struct BufRing {
-    /// `BUFS` entries, page-aligned as the kernel requires.
+/// A ring of provided buffers registered with the kernel (a buffer group):
+/// each receive that selects a buffer takes the next free one, and gives it
+/// back with [`BufRing::give_back`]. Public for the io_uring floor relay
+/// (`examples/floor_relay_uring.rs`), which uses the same kind of ring.
+pub struct BufRing {
+    /// `count` entries, page-aligned as the kernel requires.
     entries: *mut BufRingEntry,
     memory: Box<[u8]>,
+    size: usize,
+    mask: u16,
     tail: u16,
 }
 
 impl BufRing {
-    fn register(ring: &IoUring) -> io::Result<BufRing> {
-        let layout = std::alloc::Layout::from_size_align(BUFS as usize * size_of::<BufRingEntry>(), 4096)
+    /// Registers `count` (a power of two) buffers of `size` bytes as buffer group `group`.
+    pub fn register(ring: &IoUring, count: u16, size: usize, group: u16) -> io::Result<BufRing> {
+        if !count.is_power_of_two() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a buffer ring's size is a power of two"));
+        }
+        let layout = std::alloc::Layout::from_size_align(count as usize * size_of::<BufRingEntry>(), 4096)
             .map_err(io::Error::other)?;
         // SAFETY: a non-zero layout; zeroed entries are valid (tail 0).
         let entries = unsafe { std::alloc::alloc_zeroed(layout) } as *mut BufRingEntry;
@@ -823,27 +831,33 @@ impl BufRing {
         }
         // SAFETY: the entries live as long as the process (never freed: the
         // kernel may read them until the ring is gone).
-        unsafe { ring.submitter().register_buf_ring_with_flags(entries as u64, BUFS, GROUP, 0)? };
-        let memory = vec![0u8; BUFS as usize * BUF].into_boxed_slice();
-        let mut bufs = BufRing { entries, memory, tail: 0 };
-        for id in 0..BUFS {
+        unsafe { ring.submitter().register_buf_ring_with_flags(entries as u64, count, group, 0)? };
+        let memory = vec![0u8; count as usize * size].into_boxed_slice();
+        let mut bufs = BufRing { entries, memory, size, mask: count - 1, tail: 0 };
+        for id in 0..count {
             bufs.add(id);
         }
         bufs.publish();
         Ok(bufs)
     }
 
-    fn get(&self, id: u16, len: usize) -> &[u8] {
-        let start = id as usize * BUF;
-        &self.memory[start..start + len.min(BUF)]
+    /// Where buffer `id` starts.
+    pub fn ptr(&self, id: u16) -> *const u8 {
+        self.memory[id as usize * self.size..].as_ptr()
+    }
+
+    /// The first `len` bytes of buffer `id`.
+    pub fn get(&self, id: u16, len: usize) -> &[u8] {
+        let start = id as usize * self.size;
+        &self.memory[start..start + len.min(self.size)]
     }
 
     fn add(&mut self, id: u16) {
-        let addr = self.memory[id as usize * BUF..].as_ptr() as u64;
+        let addr = self.ptr(id) as u64;
         // SAFETY: the index is masked into the ring.
-        let entry = unsafe { &mut *self.entries.add((self.tail & (BUFS - 1)) as usize) };
+        let entry = unsafe { &mut *self.entries.add((self.tail & self.mask) as usize) };
         entry.set_addr(addr);
-        entry.set_len(BUF as u32);
+        entry.set_len(self.size as u32);
         entry.set_bid(id);
         self.tail = self.tail.wrapping_add(1);
     }
@@ -855,9 +869,15 @@ impl BufRing {
         unsafe { &*tail }.store(self.tail, std::sync::atomic::Ordering::Release);
     }
 
-    fn give_back(&mut self, id: u16) {
+    /// Returns buffer `id` to the kernel.
+    pub fn give_back(&mut self, id: u16) {
         self.add(id);
         self.publish();
+    }
+
+    /// Never frees the buffers (the kernel may still write into them).
+    fn leak(&mut self) {
+        std::mem::forget(std::mem::replace(&mut self.memory, Box::new([])));
     }
 }
 
