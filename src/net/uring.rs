@@ -440,8 +440,7 @@ impl Driver {
                     // The reader is behind: stop receiving until it catches
                     // up (what arrives before the cancel still lands).
                     conn.pausing = true;
-                    conn.ops += 1;
-                    self.push(opcode::AsyncCancel::new(user_data(key, RECV)).build().user_data(user_data(key, CANCEL)));
+                    cancel(self, &mut conn, key, RECV);
                 }
                 if !conn.receiving {
                     conn.pausing = false;
@@ -535,12 +534,7 @@ impl Driver {
             b.staged = Vec::new();
             b.inbox = BytesMut::new();
         }
-        for (busy, op) in [(conn.receiving, RECV), (conn.sending(), SEND)] {
-            if busy {
-                conn.ops += 1;
-                self.push(opcode::AsyncCancel::new(user_data(key, op)).build().user_data(user_data(key, CANCEL)));
-            }
-        }
+        cancel_all(self, &mut conn, key);
         self.conns[key as usize] = Some(conn);
     }
 }
@@ -554,12 +548,7 @@ impl Drop for Driver {
         self.stopping = true;
         for key in 0..self.conns.len() as u32 {
             let Some(mut conn) = self.conns[key as usize].take() else { continue };
-            for (busy, op) in [(conn.receiving, RECV), (conn.sending(), SEND)] {
-                if busy {
-                    conn.ops += 1;
-                    self.push(opcode::AsyncCancel::new(user_data(key, op)).build().user_data(user_data(key, CANCEL)));
-                }
-            }
+            cancel_all(self, &mut conn, key);
             self.conns[key as usize] = Some(conn);
         }
         let mut wake = Vec::new();
@@ -745,6 +734,22 @@ impl Socket {
     /// True while nothing at all arrived (for an idle server connection).
     pub fn is_quiet(&self) -> bool {
         self.with(|_, conn| conn.inbox_len() == 0 && !conn.eof && conn.read_error == 0).unwrap_or(false)
+    }
+}
+
+/// Cancels `conn`'s operation `op` (its completion, and the cancel's own, still come).
+fn cancel(d: &mut Driver, conn: &mut Conn, key: u32, op: u64) {
+    conn.ops += 1;
+    d.push(opcode::AsyncCancel::new(user_data(key, op)).build().user_data(user_data(key, CANCEL)));
+}
+
+/// Cancels whatever `conn` has in flight: its receive and its send.
+fn cancel_all(d: &mut Driver, conn: &mut Conn, key: u32) {
+    if conn.receiving {
+        cancel(d, conn, key, RECV);
+    }
+    if conn.sending() {
+        cancel(d, conn, key, SEND);
     }
 }
 
