@@ -443,6 +443,43 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Addresses many connections share (the listeners' local addresses, the
+/// servers'), each kept once in a process-wide table and named by a 2-byte
+/// id, so a per-client record carries the id instead of a 32-byte address.
+/// Few distinct ones ever exist; past 65,535 an address gets id 0 (none).
+pub(crate) struct AddrTable<T>(std::sync::RwLock<Vec<T>>);
+
+impl<T: Clone + PartialEq> AddrTable<T> {
+    pub const fn new() -> Self {
+        AddrTable(std::sync::RwLock::new(Vec::new()))
+    }
+
+    /// `addr`'s id: its index plus one (0 once the table is full).
+    pub fn intern(&self, addr: &T) -> u16 {
+        let find = |v: &[T]| v.iter().position(|a| a == addr).map(|i| (i + 1) as u16);
+        if let Some(id) = find(&self.0.read().unwrap_or_else(|e| e.into_inner())) {
+            return id;
+        }
+        let mut v = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match find(&v) {
+            Some(id) => id,
+            None if v.len() < usize::from(u16::MAX) => {
+                v.push(addr.clone());
+                v.len() as u16
+            }
+            None => 0,
+        }
+    }
+
+    pub fn get(&self, id: u16) -> Option<T> {
+        let i = usize::from(id).checked_sub(1)?;
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(i).cloned()
+    }
+}
+
+/// Every server address a backend was opened to ([`ServerAddr::id`]).
+static SERVER_ADDRS: AddrTable<ServerAddr> = AddrTable::new();
+
 /// Where a server connection was opened to. Cancel requests for it go to
 /// this very place: the address the name resolved to then, not the name again.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -462,6 +499,15 @@ impl std::fmt::Display for ServerAddr {
 }
 
 impl ServerAddr {
+    /// A 2-byte name for this address ([`AddrTable`]); 0 names none.
+    pub fn id(&self) -> u16 {
+        SERVER_ADDRS.intern(self)
+    }
+
+    pub fn by_id(id: u16) -> Option<ServerAddr> {
+        SERVER_ADDRS.get(id)
+    }
+
     /// A new connection to the same place (a cancel request's).
     pub async fn connect(&self) -> io::Result<Stream> {
         match self {

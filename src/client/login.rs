@@ -51,11 +51,11 @@ pub(super) async fn establish<'a>(
                 s
             }
             Ok(Err(e)) => {
-                tracing::info!(client = info.id, peer = ?info.peer, error = %e, "client TLS handshake failed");
+                tracing::info!(client = info.id, peer = ?info.peer(), error = %e, "client TLS handshake failed");
                 return Ok(None);
             }
             Err(_) => {
-                tracing::info!(client = info.id, peer = ?info.peer, "client did not finish the TLS handshake in time");
+                tracing::info!(client = info.id, peer = ?info.peer(), "client did not finish the TLS handshake in time");
                 return Ok(None);
             }
         };
@@ -65,7 +65,7 @@ pub(super) async fn establish<'a>(
             (session, server_params, user, database)
         }
         Ok(Ok(Some(Login::Admin { user, database }))) => {
-            tracing::info!(client = info.id, peer = ?info.peer, user = %user, "admin console login");
+            tracing::info!(client = info.id, peer = ?info.peer(), user = %user, "admin console login");
             info.logged_in(&user, &database, "", &stream.tls_description().unwrap_or_default(), None);
             crate::admin::serve(&mut stream, buf, shared, info).await?;
             return Ok(None);
@@ -74,12 +74,12 @@ pub(super) async fn establish<'a>(
         Ok(Ok(Some(Login::StartTls))) => unreachable!("handled above"),
         Ok(Err(e)) => return Err(e),
         Err(_) => {
-            tracing::info!(client = info.id, peer = ?info.peer, "client did not finish login in time");
+            tracing::info!(client = info.id, peer = ?info.peer(), "client did not finish login in time");
             fatal(&mut stream, SqlState::PROTOCOL_VIOLATION, "login timed out").await?;
             return Ok(None);
         }
     };
-    tracing::info!(client = info.id, peer = ?info.peer, user = %user, database = %database, "client logged in");
+    tracing::info!(client = info.id, peer = ?info.peer(), user = %user, database = %database, "client logged in");
     let app = session.params.get("application_name").unwrap_or_default();
     // The names live here only (not in the session as well): SHOW CLIENTS and the PAUSE gate read them.
     let tls = stream.tls_description().unwrap_or_default();
@@ -119,7 +119,7 @@ pub(super) async fn login(
     config: &Settings,
     info: &ClientInfo,
 ) -> std::io::Result<Option<Login>> {
-    let (client, peer) = (info.id, info.peer);
+    let (client, peer) = (info.id, info.peer());
     let startup = loop {
         let packet = match startup::split_startup(buf) {
             Ok(Some(p)) => p,

@@ -131,9 +131,9 @@ struct Session {
 #[test]
 fn idle_client_structures_fit_their_size_classes() {
     assert!(std::mem::size_of::<Session>() <= 128, "Session: {} bytes", std::mem::size_of::<Session>());
-    // With the Arc's two counts: one 224-byte block.
+    // With the Arc's two counts: one 192-byte block.
     let info = std::mem::size_of::<crate::live::registry::ClientInfo>();
-    assert!(info + 16 <= 224, "ClientInfo: {info} bytes");
+    assert!(info + 16 <= 192, "ClientInfo: {info} bytes");
 }
 
 /// An idle client's task: tokio rounds a task to 128 bytes, with 104 of

@@ -143,11 +143,9 @@ impl CancelRegistry {
         let issuer = peer_of(pid);
         if self.peer_id == 0 || issuer == self.peer_id {
             return match self.keys.get(&slot(pid, secret)) {
-                Some(client) => CancelRoute::Local(client.link().map(|l| CancelTarget {
-                    addr: l.addr,
-                    pid: l.pid,
-                    secret: l.secret,
-                })),
+                Some(client) => CancelRoute::Local(
+                    client.link().and_then(|l| Some(CancelTarget { addr: l.addr()?, pid: l.pid, secret: l.secret })),
+                ),
                 None => CancelRoute::Drop("no client has this key"),
             };
         }

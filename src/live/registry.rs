@@ -14,6 +14,7 @@ use dashmap::DashMap;
 
 use super::pause::Pause;
 use super::stats::Stats;
+use crate::net::{AddrTable, ServerAddr};
 use crate::pool::{Backend, Pool};
 
 /// What SHOW CLIENTS reports for a client.
@@ -114,7 +115,8 @@ pub struct LinkInfo {
     pub pid: i32,
     /// The backend's cancel secret: a CancelRequest for this client goes there.
     pub secret: i32,
-    pub addr: crate::net::ServerAddr,
+    /// The backend's [`ServerAddr::id`]: 2 bytes where the address takes 32.
+    addr: u16,
     /// When the backend was opened, as microseconds since [`base`].
     connected_us: u64,
     /// Which pool the backend came from (the primary's or a replica's), as
@@ -131,8 +133,8 @@ pub fn pool_id(pool: &Arc<Pool>) -> usize {
 #[derive(Debug)]
 pub struct ClientInfo {
     pub id: u64,
-    pub peer: Option<SocketAddr>,
-    /// The address the client connected to, as an index into [`LOCALS`]
+    peer: Peer,
+    /// The address the client connected to, as its id in [`LOCALS`]
     /// (0: none): a listener has one or a few, and 30 bytes less per
     /// client keeps `ClientInfo` in a smaller allocation.
     local: u16,
@@ -148,6 +150,11 @@ pub struct ClientInfo {
 }
 
 impl LinkInfo {
+    /// Where the backend is (`None` only past 65,535 distinct server addresses).
+    pub fn addr(&self) -> Option<ServerAddr> {
+        ServerAddr::by_id(self.addr)
+    }
+
     /// When the backend was opened.
     pub fn connected(&self) -> Instant {
         base() + Duration::from_micros(self.connected_us)
@@ -155,23 +162,35 @@ impl LinkInfo {
 }
 
 /// Every local address clients connected to ([`ClientInfo::local`]).
-static LOCALS: std::sync::RwLock<Vec<SocketAddr>> = std::sync::RwLock::new(Vec::new());
+static LOCALS: AddrTable<SocketAddr> = AddrTable::new();
 
-/// `addr`'s index in [`LOCALS`] plus one (0 once the table is full, which
-/// takes 65,535 distinct local addresses).
-fn intern_local(addr: SocketAddr) -> u16 {
-    let find = |v: &[SocketAddr]| v.iter().position(|a| *a == addr);
-    if let Some(i) = find(&LOCALS.read().unwrap_or_else(|e| e.into_inner())) {
-        return (i + 1) as u16;
-    }
-    let mut v = LOCALS.write().unwrap_or_else(|e| e.into_inner());
-    match find(&v) {
-        Some(i) => (i + 1) as u16,
-        None if v.len() < u16::MAX as usize => {
-            v.push(addr);
-            v.len() as u16
+/// A client's address in 20 bytes where `Option<SocketAddr>` takes 32, which
+/// keeps [`ClientInfo`] in a smaller allocation. IPv4 is kept IPv4-mapped;
+/// an IPv6 flow label and scope id are not kept (only display would show them).
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    ip: [u8; 16],
+    port: u16,
+    /// 0: none (a Unix socket), 4 or 6.
+    family: u8,
+}
+
+impl Peer {
+    fn new(addr: Option<SocketAddr>) -> Peer {
+        match addr {
+            None => Peer { ip: [0; 16], port: 0, family: 0 },
+            Some(SocketAddr::V4(a)) => Peer { ip: a.ip().to_ipv6_mapped().octets(), port: a.port(), family: 4 },
+            Some(SocketAddr::V6(a)) => Peer { ip: a.ip().octets(), port: a.port(), family: 6 },
         }
-        None => 0,
+    }
+
+    fn get(self) -> Option<SocketAddr> {
+        let ip = std::net::Ipv6Addr::from(self.ip);
+        match self.family {
+            4 => Some(SocketAddr::new(ip.to_ipv4_mapped()?.into(), self.port)),
+            6 => Some(SocketAddr::new(ip.into(), self.port)),
+            _ => None,
+        }
     }
 }
 
@@ -202,8 +221,8 @@ impl ClientInfo {
     fn new(id: u64, peer: Option<SocketAddr>, local: Option<SocketAddr>) -> ClientInfo {
         ClientInfo {
             id,
-            peer,
-            local: local.map_or(0, intern_local),
+            peer: Peer::new(peer),
+            local: local.map_or(0, |a| LOCALS.intern(&a)),
             connect_us: now_us(),
             login: OnceLock::new(),
             state: AtomicU8::new(ClientState::Login as u8),
@@ -215,8 +234,12 @@ impl ClientInfo {
 
     /// The address the client connected to (`None` over a Unix socket).
     pub fn local(&self) -> Option<SocketAddr> {
-        let i = usize::from(self.local).checked_sub(1)?;
-        LOCALS.read().unwrap_or_else(|e| e.into_inner()).get(i).copied()
+        LOCALS.get(self.local)
+    }
+
+    /// The client's address (`None` over a Unix socket).
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer.get()
     }
 
     /// When the client connected (wall clock, for display).
@@ -307,7 +330,7 @@ impl ClientInfo {
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(LinkInfo {
             pid: backend.pid,
             secret: backend.secret,
-            addr: backend.addr.clone(),
+            addr: backend.addr_id,
             connected_us: micros_since_base(backend.created()),
             pool: pool_id(pool),
         });
@@ -474,5 +497,23 @@ impl ClientRegistry {
                 (Some(_), None) => false,
             })
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The compact peer address gives back what it was given (an IPv4
+    /// peer stays IPv4, not IPv4-mapped IPv6).
+    #[test]
+    fn peer_addresses_survive_compaction() {
+        for addr in ["10.1.2.3:5432", "[2001:db8::7]:60000", "[::ffff:10.1.2.3]:1", "[::1]:6432", "0.0.0.0:0"] {
+            let a: SocketAddr = addr.parse().unwrap();
+            let back = Peer::new(Some(a)).get().unwrap();
+            assert_eq!(back, a, "{addr}");
+            assert_eq!(back.is_ipv4(), a.is_ipv4(), "{addr}");
+        }
+        assert_eq!(Peer::new(None).get(), None);
     }
 }

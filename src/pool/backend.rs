@@ -30,6 +30,8 @@ pub struct Backend {
     pub stream: Stream,
     /// The server's address, where cancel requests for this backend go.
     pub addr: ServerAddr,
+    /// `addr`'s [`ServerAddr::id`], what a client's link records.
+    pub addr_id: u16,
     pub pid: i32,
     pub secret: i32,
     created: Instant,
@@ -119,6 +121,7 @@ impl Backend {
             let now = Instant::now();
             Ok(Backend {
                 stream,
+                addr_id: addr.id(),
                 addr,
                 pid: hello.pid,
                 secret: hello.secret,

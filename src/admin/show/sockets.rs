@@ -146,7 +146,7 @@ fn client_socket(c: &ClientInfo, state: &'static str) -> Socket {
         user: login.map_or("(nouser)".into(), |l| l.user().to_owned()),
         database: login.map_or("(nodb)".into(), |l| l.database().to_owned()),
         state,
-        addr: split_addr(c.peer),
+        addr: split_addr(c.peer()),
         local: split_addr(c.local()),
         connect_time: c.connect_time(),
         request_time: wall_time(c.since()),
@@ -209,7 +209,8 @@ fn server_sockets<'a>(views: &'a [PoolView], clients: &[Arc<ClientInfo>]) -> Vec
         let Some(link) = c.link() else { continue };
         // A retired pool (its database removed by a reload) is in no view.
         let Some(v) = by_id.get(&link.pool) else { continue };
-        let mut socket = server_socket(v, "active", &link.addr, link.connected(), c.since(), link.pid);
+        let Some(addr) = link.addr() else { continue };
+        let mut socket = server_socket(v, "active", &addr, link.connected(), c.since(), link.pid);
         socket.link = client_ptr(c.id);
         socket.application_name = c.login().map(|l| l.application_name().to_owned()).unwrap_or_default();
         out.push(Server { v, socket });
