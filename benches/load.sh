@@ -13,8 +13,13 @@
 #   TARGETS="direct pgmux pgbouncer floor"  pgbouncer is skipped when not installed; floor: see below;
 #                                         pgmux2: pgmux with `workers = 2` (a multi-thread runtime);
 #                                         pgmux-uring: pgmux with `io = "uring"` (one worker);
-#                                         uring, uring-ms: the floor relay on io_uring (see below)
+#                                         uring, uring-ms: the floor relay on io_uring (see below);
+#                                         pgmux-base: the pgmux binary at $BASE (another build, for
+#                                         before/after runs), `io = "epoll"`, one worker
+#   BASE=path                             that binary, e.g. after `git worktree add ../base REV` and
+#                                         `cargo build --release` there: ../base/target/release/pgmux
 #   LATENCY_MODES="simple extended"       1-client `SELECT 1` added-latency runs ("" skips them)
+#   LATENCY_ROUNDS=$ROUNDS                rounds of the latency runs (1-client cells are cheap and noisy)
 #   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
 #   SCALE=10                              pgbench -i scale factor
 #   DOC=docs/benchmarks.md                where the results block is written ("" to skip)
@@ -69,15 +74,18 @@ POOL_SIZE=${POOL_SIZE:-20}
 SCALE=${SCALE:-10}
 DOC=${DOC-docs/benchmarks.md}
 SOCKETS=${SOCKETS:-tcp}
+BASE=${BASE:-}
+LATENCY_ROUNDS=${LATENCY_ROUNDS:-}
 for arg in "$@"; do
     case $arg in
-        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=* | SOCKETS=*)
+        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=* | SOCKETS=* | BASE=* | LATENCY_ROUNDS=*)
             printf -v "${arg%%=*}" '%s' "${arg#*=}" ;;
         SECONDS=*) DURATION=${arg#*=} ;;
         -h | --help) sed -n '2,/^set -euo/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
+LATENCY_ROUNDS=${LATENCY_ROUNDS:-$ROUNDS}
 for s in $SCRIPTS; do case $s in select | tpcb) ;; *) echo "SCRIPTS: select or tpcb, not $s" >&2; exit 2 ;; esac; done
 for m in $MODES $LATENCY_MODES; do case $m in simple | extended | prepared) ;; *) echo "MODES: simple, extended or prepared, not $m" >&2; exit 2 ;; esac; done
 for k in $SOCKETS; do case $k in tcp | unix) ;; *) echo "SOCKETS: tcp or unix, not $k" >&2; exit 2 ;; esac; done
@@ -92,8 +100,9 @@ targets=""
 for t in $TARGETS; do
     case $t in
         direct | pgmux | pgmux2 | pgmux-uring | floor | uring | uring-ms) targets+=" $t" ;;
+        pgmux-base) [ -x "$BASE" ] || { echo "pgmux-base needs BASE=path to a pgmux binary" >&2; exit 2; }; targets+=" $t" ;;
         pgbouncer) if [ -n "$bouncer_bin" ]; then targets+=" $t"; else echo "PgBouncer not installed (apt-get install pgbouncer): skipped" >&2; fi ;;
-        *) echo "TARGETS: direct, pgmux, pgmux2, pgmux-uring, pgbouncer, floor, uring or uring-ms, not $t" >&2; exit 2 ;;
+        *) echo "TARGETS: direct, pgmux, pgmux2, pgmux-uring, pgmux-base, pgbouncer, floor, uring or uring-ms, not $t" >&2; exit 2 ;;
     esac
 done
 read -r -a targets <<<"$targets"
@@ -113,13 +122,14 @@ if [ "$(id -u)" = 0 ]; then
     chown postgres "$work"
     as_pg=(runuser -u postgres --)
 fi
-pg_started="" mux_pid="" mux2_pid="" muxu_pid="" bouncer_pid="" floor_pid="" uring_pid="" uring_ms_pid="" bench_pid=""
+pg_started="" mux_pid="" mux2_pid="" muxu_pid="" muxb_pid="" bouncer_pid="" floor_pid="" uring_pid="" uring_ms_pid="" bench_pid=""
 cleanup() {
     set +e
     [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
     [ -n "$mux_pid" ] && kill "$mux_pid" 2>/dev/null
     [ -n "$mux2_pid" ] && kill "$mux2_pid" 2>/dev/null
     [ -n "$muxu_pid" ] && kill "$muxu_pid" 2>/dev/null
+    [ -n "$muxb_pid" ] && kill "$muxb_pid" 2>/dev/null
     [ -n "$bouncer_pid" ] && kill "$bouncer_pid" 2>/dev/null
     [ -n "$floor_pid" ] && kill "$floor_pid" 2>/dev/null
     [ -n "$uring_pid" ] && kill "$uring_pid" 2>/dev/null
@@ -131,7 +141,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port pg_port; free_port mux_port; free_port mux2_port; free_port muxu_port; free_port bouncer_port; free_port floor_port; free_port uring_port; free_port uring_ms_port
+free_port pg_port; free_port mux_port; free_port mux2_port; free_port muxu_port; free_port muxb_port; free_port bouncer_port; free_port floor_port; free_port uring_port; free_port uring_ms_port
 max_clients=$(printf '%s\n' $CLIENTS 1 | sort -n | tail -1)
 
 wait_port() { # port name
@@ -145,8 +155,8 @@ wait_port() { # port name
 
 # ---------------------------------------------------------------- Postgres
 # Room for the direct (or floor) run's clients beside every pool a proxy
-# keeps open: pgmux, pgmux2, pgmux-uring and PgBouncer, each with a TCP and a unix pool.
-max_connections=$((max_clients + 8 * POOL_SIZE + 20))
+# keeps open: pgmux, pgmux2, pgmux-uring, pgmux-base and PgBouncer, each with a TCP and a unix pool.
+max_connections=$((max_clients + 10 * POOL_SIZE + 20))
 "${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust >/dev/null
 cat >>"$work/data/postgresql.conf" <<CONF
 port = $pg_port
@@ -163,7 +173,7 @@ pgbench -i -s "$SCALE" -q -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/
 pg_version=$(psql_direct -At -c 'SHOW server_version')
 
 # ---------------------------------------------------------------- pgmux
-start_pgmux() { # port workers name [io]
+start_pgmux() { # port workers name [io [binary]]
     cat >"$work/$3.toml" <<CONF
 [proxy]
 listen = "127.0.0.1:$1"
@@ -190,7 +200,7 @@ pool_size = $POOL_SIZE
 name = "postgres"
 auth = "trust"
 CONF
-    RUST_LOG="warn,pgmux::server=info" "${CARGO_TARGET_DIR:-target}/release/pgmux" --config "$work/$3.toml" 2>"$work/$3.log" &
+    RUST_LOG="warn,pgmux::server=info" "${5:-${CARGO_TARGET_DIR:-target}/release/pgmux}" --config "$work/$3.toml" 2>"$work/$3.log" &
 }
 if has_target pgmux; then
     start_pgmux "$mux_port" 1 pgmux
@@ -207,6 +217,11 @@ if has_target pgmux-uring; then
     muxu_pid=$!
     wait_port "$muxu_port" "pgmux (io = uring)"
     grep -h "data path" "$work/pgmux-uring.log" >&2 || true
+fi
+if has_target pgmux-base; then
+    start_pgmux "$muxb_port" 1 pgmux-base epoll "$BASE"
+    muxb_pid=$!
+    wait_port "$muxb_port" "pgmux ($BASE)"
 fi
 
 # ---------------------------------------------------------------- PgBouncer
@@ -269,8 +284,8 @@ if has_target uring; then start_uring uring "$uring_port" uring_pid; fi
 if has_target uring-ms; then start_uring uring-ms "$uring_ms_port" uring_ms_pid --multishot; fi
 
 # ---------------------------------------------------------------- runs
-port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgmux-uring) echo "$muxu_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; uring) echo "$uring_port" ;; uring-ms) echo "$uring_ms_port" ;; esac; }
-pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgmux-uring) echo "$muxu_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; uring) echo "$uring_pid" ;; uring-ms) echo "$uring_ms_pid" ;; *) echo "" ;; esac; }
+port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgmux-uring) echo "$muxu_port" ;; pgmux-base) echo "$muxb_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; uring) echo "$uring_port" ;; uring-ms) echo "$uring_ms_port" ;; esac; }
+pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgmux-uring) echo "$muxu_pid" ;; pgmux-base) echo "$muxb_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; uring) echo "$uring_pid" ;; uring-ms) echo "$uring_ms_pid" ;; *) echo "" ;; esac; }
 # The sum of fields of /proc/PID/stat, numbered after "pid (comm) " (12 utime,
 # 13 stime, 14 cutime, 15 cstime: clock ticks); prints nothing, and does not
 # fail, when the process is gone.
@@ -386,23 +401,28 @@ cell_targets() { # mode round [socket]
 
 cells=0
 for k in $SOCKETS; do for s in $SCRIPTS; do for m in $MODES; do for c in $CLIENTS; do cells=$((cells + $(cell_targets "$m" 1 "$k" | wc -l))); done; done; done; done
-for m in $LATENCY_MODES; do cells=$((cells + $(cell_targets "$m" 1 | wc -l))); done
-echo "$cells pgbench runs of ${DURATION}s per round, $ROUNDS rounds: about $((cells * ROUNDS * (DURATION + 1) / 60 + 1)) minutes" >&2
+lcells=0
+for m in $LATENCY_MODES; do lcells=$((lcells + $(cell_targets "$m" 1 | wc -l))); done
+echo "$((cells * ROUNDS + lcells * LATENCY_ROUNDS)) pgbench runs of ${DURATION}s: about $(((cells * ROUNDS + lcells * LATENCY_ROUNDS) * (DURATION + 1) / 60 + 1)) minutes" >&2
 
 started=$(date -u '+%F %H:%M UTC')
-for round in $(seq "$ROUNDS"); do
-    for k in $SOCKETS; do
-        for s in $SCRIPTS; do
-            for m in $MODES; do
-                for c in $CLIENTS; do
-                    echo "round $round/$ROUNDS: $s, $m, $c clients, $k" >&2
-                    for t in $(cell_targets "$m" "$round" "$k"); do run load "$s" "$m" "$c" "$round" "$t" "$k"; done
+all_rounds=$((ROUNDS > LATENCY_ROUNDS ? ROUNDS : LATENCY_ROUNDS))
+for round in $(seq "$all_rounds"); do
+    if [ "$round" -le "$ROUNDS" ]; then
+        for k in $SOCKETS; do
+            for s in $SCRIPTS; do
+                for m in $MODES; do
+                    for c in $CLIENTS; do
+                        echo "round $round/$ROUNDS: $s, $m, $c clients, $k" >&2
+                        for t in $(cell_targets "$m" "$round" "$k"); do run load "$s" "$m" "$c" "$round" "$t" "$k"; done
+                    done
                 done
             done
         done
-    done
+    fi
+    [ "$round" -le "$LATENCY_ROUNDS" ] || continue
     for m in $LATENCY_MODES; do
-        echo "round $round/$ROUNDS: SELECT 1 latency, $m, 1 client" >&2
+        echo "round $round/$LATENCY_ROUNDS: SELECT 1 latency, $m, 1 client" >&2
         for t in $(cell_targets "$m" "$round"); do run latency select1 "$m" 1 "$round" "$t"; done
     done
 done
@@ -422,7 +442,7 @@ report="$work/report.md"
         echo "> **Short run** (DURATION=$DURATION, ROUNDS=$ROUNDS): it shows the benchmark works, it measures little."
         echo
     fi
-    echo "- Settings: SCRIPTS=\"$SCRIPTS\" SOCKETS=\"$SOCKETS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION ROUNDS=$ROUNDS LATENCY_MODES=\"$LATENCY_MODES\" POOL_SIZE=$POOL_SIZE SCALE=$SCALE"
+    echo "- Settings: SCRIPTS=\"$SCRIPTS\" SOCKETS=\"$SOCKETS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION ROUNDS=$ROUNDS LATENCY_MODES=\"$LATENCY_MODES\" LATENCY_ROUNDS=$LATENCY_ROUNDS POOL_SIZE=$POOL_SIZE SCALE=$SCALE"
     echo "- Machine: $(nproc) cores, ${cpu_model:-unknown CPU}, $(uname -sr)"
     echo "- PostgreSQL $pg_version (fsync off, max_connections $max_connections); $(pgbench --version)"
     echo "- pgmux $pgmux_rev (release build); ${bouncer_version}"
@@ -526,8 +546,8 @@ report="$work/report.md"
         echo
         echo "#### Added latency per \`SELECT 1\` round trip (1 client)"
         echo
-        echo "| mode | target | avg µs (median) | added µs vs direct (median of per-round differences) | p99 µs |"
-        echo "|---|---|---:|---:|---:|"
+        echo "| mode | target | avg µs (median) | added µs vs direct (median of per-round differences) | µs vs PgBouncer (median of per-round differences) | p99 µs |"
+        echo "|---|---|---:|---:|---:|---:|"
         awk -F'\t' -v order="$LATENCY_MODES|${targets[*]}" '
             function median(list,    n, a, i, j, x) {
                 n = split(list, a, " ")
@@ -539,13 +559,15 @@ report="$work/report.md"
                 split(order, o, "|"); nm = split(o[1], M, " "); nt = split(o[2], T, " ")
                 for (b = 1; b <= nm; b++) for (t = 1; t <= nt; t++) {
                     if (!((M[b], T[t]) in seen)) continue
-                    all = ""; diff = ""
+                    all = ""; diff = ""; vsb = ""
                     for (r in rounds) {
                         if ((M[b], r, T[t]) in avg) all = all " " avg[M[b], r, T[t]]
                         if (((M[b], r, T[t]) in avg) && ((M[b], r, "direct") in avg)) diff = diff " " (avg[M[b], r, T[t]] - avg[M[b], r, "direct"])
+                        if (((M[b], r, T[t]) in avg) && ((M[b], r, "pgbouncer") in avg)) vsb = vsb " " (avg[M[b], r, T[t]] - avg[M[b], r, "pgbouncer"])
                     }
-                    printf "| %s | %s | %.1f | %s | %.0f |\n", M[b], T[t], median(all),
-                        T[t] == "direct" ? "–" : (diff == "" ? "–" : sprintf("%+.1f", median(diff))), median(p99[M[b], T[t]])
+                    printf "| %s | %s | %.1f | %s | %s | %.0f |\n", M[b], T[t], median(all),
+                        T[t] == "direct" ? "–" : (diff == "" ? "–" : sprintf("%+.1f", median(diff))),
+                        T[t] == "pgbouncer" || T[t] == "direct" || vsb == "" ? "–" : sprintf("%+.1f", median(vsb)), median(p99[M[b], T[t]])
                 }
             }' "$results"
     fi
