@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// gains nothing measurable from fewer TLB misses (docs/benchmarks.md, idle
 /// memory). mimalloc's `no_thp` feature stops it asking for huge pages
 /// (what a system in THP `madvise` mode needs); this covers `always` mode
-/// from here on. `MIMALLOC_ALLOW_THP=1` keeps them.
+/// from here on. With `MIMALLOC_ALLOW_THP` set, the system's policy stands.
 fn disable_huge_pages() {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
         // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointer.
