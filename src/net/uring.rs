@@ -894,11 +894,37 @@ impl BufRing {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// An idle client's socket costs its slot (docs/benchmarks.md, idle memory).
     #[test]
     fn a_socket_slot_is_48_bytes() {
         assert!(size_of::<Option<Conn>>() <= 48, "{}", size_of::<Option<Conn>>());
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// One waker per slot loses no wake-up: the task a second one displaces
+    /// is woken (to poll again), the same task re-registering is not.
+    #[test]
+    fn a_displaced_waker_is_woken() {
+        let (a, b) = (Arc::new(Count(0.into())), Arc::new(Count(0.into())));
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        let woken = |c: &Count| c.0.load(std::sync::atomic::Ordering::SeqCst);
+        let mut slot = None;
+        register(&mut slot, &Context::from_waker(&wa));
+        register(&mut slot, &Context::from_waker(&wa));
+        assert_eq!(woken(&a), 0, "re-registering the same task wakes nobody");
+        register(&mut slot, &Context::from_waker(&wb));
+        assert_eq!(woken(&a), 1, "the displaced task is woken");
+        assert_eq!(woken(&b), 0);
+        assert!(slot.as_ref().is_some_and(|w| w.will_wake(&wb)), "the newcomer is the one kept");
     }
 }
