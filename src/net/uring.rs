@@ -455,7 +455,12 @@ impl Driver {
             SEND => {
                 if result < 0 {
                     conn.write_error = -result;
-                    conn.bufs = None;
+                    // Unsendable now; what was received stays readable (a
+                    // server's FATAL sent before it closed), as on epoll.
+                    if let Some(b) = conn.bufs.as_mut() {
+                        b.sending = Vec::new();
+                        b.staged = Vec::new();
+                    }
                     conn.sent = 0;
                 } else {
                     conn.sent += result as u32;
