@@ -15,9 +15,10 @@
 #                                         pgmux-uring: pgmux with `io = "uring"` (one worker);
 #                                         uring, uring-ms: the floor relay on io_uring (see below);
 #                                         pgmux-base: the pgmux binary at $BASE (another build, for
-#                                         before/after runs), `io = "epoll"`, one worker
+#                                         before/after runs), `io = "$BASE_IO"`, one worker
 #   BASE=path                             that binary, e.g. after `git worktree add ../base REV` and
 #                                         `cargo build --release` there: ../base/target/release/pgmux
+#   BASE_IO=epoll                         pgmux-base's `io` ("uring": before/after of the io_uring path)
 #   LATENCY_MODES="simple extended"       1-client `SELECT 1` added-latency runs ("" skips them)
 #   LATENCY_ROUNDS=$ROUNDS                rounds of the latency runs (1-client cells are cheap and noisy)
 #   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
@@ -75,10 +76,11 @@ SCALE=${SCALE:-10}
 DOC=${DOC-docs/benchmarks.md}
 SOCKETS=${SOCKETS:-tcp}
 BASE=${BASE:-}
+BASE_IO=${BASE_IO:-epoll}
 LATENCY_ROUNDS=${LATENCY_ROUNDS:-}
 for arg in "$@"; do
     case $arg in
-        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=* | SOCKETS=* | BASE=* | LATENCY_ROUNDS=*)
+        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=* | SOCKETS=* | BASE=* | BASE_IO=* | LATENCY_ROUNDS=*)
             printf -v "${arg%%=*}" '%s' "${arg#*=}" ;;
         SECONDS=*) DURATION=${arg#*=} ;;
         -h | --help) sed -n '2,/^set -euo/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -219,9 +221,10 @@ if has_target pgmux-uring; then
     grep -h "data path" "$work/pgmux-uring.log" >&2 || true
 fi
 if has_target pgmux-base; then
-    start_pgmux "$muxb_port" 1 pgmux-base epoll "$BASE"
+    start_pgmux "$muxb_port" 1 pgmux-base "$BASE_IO" "$BASE"
     muxb_pid=$!
     wait_port "$muxb_port" "pgmux ($BASE)"
+    grep -h "data path" "$work/pgmux-base.log" >&2 || true
 fi
 
 # ---------------------------------------------------------------- PgBouncer
@@ -446,6 +449,7 @@ report="$work/report.md"
     echo "- Machine: $(nproc) cores, ${cpu_model:-unknown CPU}, $(uname -sr)"
     echo "- PostgreSQL $pg_version (fsync off, max_connections $max_connections); $(pgbench --version)"
     echo "- pgmux $pgmux_rev (release build); ${bouncer_version}"
+    if has_target pgmux-base; then echo "- pgmux-base: $BASE, \`io = \"$BASE_IO\"\`"; fi
     echo "- pgbench -n -j min(2, clients) -T $DURATION, per-transaction logs (-l) for latencies; the proxy and Postgres share the machine with pgbench."
     echo
     echo "#### Throughput and latency"

@@ -7,6 +7,9 @@
 //!   directions, and a client's socket is closed when it leaves.
 //! - Where io_uring is refused (here: a seccomp filter like Docker's default
 //!   profile, on the binary), pgmux says so and serves on epoll.
+//! - The runtime thread waits in the ring instead of in `epoll_wait`, and
+//!   still meets tokio's timers and its other descriptors there (new
+//!   clients); `PGMUX_IO_URING_PARK=off` keeps the eventfd.
 
 mod support;
 
@@ -164,6 +167,10 @@ fn refuse_io_uring() -> std::io::Result<()> {
 /// Starts the binary with `io = "uring"` (under the filter when `refused`),
 /// returns the "data path" log line, and checks a query through it.
 async fn binary_data_path(refused: bool) -> String {
+    binary_data_path_with(refused, None).await
+}
+
+async fn binary_data_path_with(refused: bool, park: Option<&str>) -> String {
     let cluster = support::cluster_async().await;
     let port = pgmux::cluster::pick_port().expect("a free loopback port");
     let config = standard_config(cluster, 2, "io = \"uring\"").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
@@ -172,6 +179,9 @@ async fn binary_data_path(refused: bool) -> String {
     std::fs::write(&path, config).unwrap();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgmux"));
     command.arg("--config").arg(&path).args(["--log-level", "info"]).stderr(Stdio::piped()).kill_on_drop(true);
+    if let Some(park) = park {
+        command.env("PGMUX_IO_URING_PARK", park);
+    }
     if refused {
         // SAFETY: the hook only calls prctl, which is async-signal-safe.
         unsafe { command.pre_exec(refuse_io_uring) };
@@ -205,7 +215,32 @@ async fn binary_data_path(refused: bool) -> String {
 #[tokio::test]
 async fn the_binary_says_it_runs_on_io_uring() {
     let line = binary_data_path(false).await;
-    assert!(line.contains("data path: io_uring"), "{line}");
+    assert!(line.contains("data path: io_uring") && line.contains("waits in the ring"), "{line}");
+}
+
+#[tokio::test]
+async fn the_binary_keeps_the_eventfd_when_told_not_to_wait_in_the_ring() {
+    let line = binary_data_path_with(false, Some("off")).await;
+    assert!(line.contains("data path: io_uring") && line.contains("eventfd"), "{line}");
+}
+
+/// A thread waiting in its ring still meets tokio's timers (the wait's
+/// timeout is tokio's next deadline) and tokio's own descriptors (a new
+/// client's connection, accepted by tokio while the ring waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_and_new_clients_are_met_while_the_thread_waits_in_the_ring() {
+    let cluster = support::cluster_async().await;
+    let proxy =
+        Proxy::start(&standard_config(cluster, 1, "io = \"uring\"\nidle_transaction_timeout = \"300ms\"")).await;
+    let waits = pgmux::net::uring::waits_in_ring();
+    let c = proxy.connect(APP.0, Some(APP.1), DB).await.expect("client through pgmux");
+    c.batch_execute("BEGIN").await.unwrap();
+    // Nothing moves on any socket now: only the timer can end the wait.
+    eventually(Duration::from_secs(5), "idle-in-transaction client disconnected", || async { c.is_closed() }).await;
+    assert!(pgmux::net::uring::waits_in_ring() > waits, "the proxy's thread waited in its ring");
+    let other = proxy.connect(APP.0, Some(APP.1), DB).await.expect("a client accepted while the ring waits");
+    assert_eq!(other.query_one("SELECT 6 * 7", &[]).await.unwrap().get::<_, i32>(0), 42);
+    proxy.shutdown().await;
 }
 
 #[tokio::test]

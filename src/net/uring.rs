@@ -10,10 +10,19 @@
 //!   in the submission ring and the driver task woken; it runs after the
 //!   tasks already scheduled, so every send and receive those tasks queued
 //!   goes to the kernel in one `io_uring_enter`.
-//! - **Completion is signalled through an eventfd** registered with the ring
-//!   and watched by tokio's epoll: with deferred task work (Linux 6.1+) the
-//!   kernel signals it when completions are ready to be run, and the next
-//!   `io_uring_enter` runs them all at once.
+//! - **The thread waits in the ring.** When tokio has nothing to run it
+//!   blocks in `epoll_wait`; pgmux defines that symbol (see [`epoll_wait`])
+//!   and, on a ring's thread, blocks in `io_uring_enter` instead: one call
+//!   submits the turn's entries, waits for the next completion (tokio's
+//!   epoll descriptor is polled through the ring, tokio's timer deadline is
+//!   the wait's timeout) and runs the completions. A transaction at one
+//!   client then costs two system calls, where `recv`/`send`/`epoll_wait`
+//!   cost six.
+//! - **Otherwise, completion is signalled through an eventfd** registered
+//!   with the ring and watched by tokio's epoll (where the symbol is not
+//!   ours, or `PGMUX_IO_URING_PARK=off`): with deferred task work (Linux
+//!   6.1+) the kernel signals it when completions are ready to be run, and
+//!   the next `io_uring_enter` runs them all at once.
 //! - **Receives are multishot and draw from a ring of provided buffers**:
 //!   one standing receive per socket (armed once, not per message), and an
 //!   idle connection holds no buffer; a receive whose task was dropped never
@@ -68,6 +77,8 @@ const CQ_ENTRIES: u32 = 8192;
 const RECV: u64 = 0;
 const SEND: u64 = 1;
 const CANCEL: u64 = 2;
+/// tokio's epoll descriptor became readable (no connection: key 0).
+const EPOLL: u64 = 3;
 
 fn user_data(key: u32, op: u64) -> u64 {
     ((key as u64) << 2) | op
@@ -75,6 +86,8 @@ fn user_data(key: u32, op: u64) -> u64 {
 
 thread_local! {
     static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
+    /// Set by [`epoll_wait`]: whether calls reach pgmux's definition.
+    static EPOLL_WAIT_SEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Which driver a socket belongs to: a socket met on another thread (or
@@ -87,6 +100,15 @@ static SOCKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// Sockets whose I/O goes through io_uring now (every thread's ring).
 pub fn sockets() -> u64 {
     SOCKETS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Times a runtime thread waited in its ring (every thread's).
+static WAITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times a runtime thread has waited in its ring instead of in
+/// `epoll_wait` (every thread's): it moves while a ring waits.
+pub fn waits_in_ring() -> u64 {
+    WAITS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn closed(fd: RawFd) {
@@ -115,13 +137,30 @@ pub fn start(sockets: usize) -> Started {
     if DRIVER.with(|d| d.borrow().is_some()) {
         return Started::AlreadyRunning;
     }
-    let (driver, flags, events) = match Driver::new(sockets) {
+    let (mut driver, deferred, events) = match Driver::new(sockets) {
         Ok(d) => d,
         Err(e) => return Started::Refused(e),
     };
-    let id = driver.id;
+    // Waiting in the ring needs deferred task work (cooperative task work
+    // does not wake a waiting thread: the kernel only flags it), a timeout
+    // on the wait (Linux 5.11+) and calls that reach our `epoll_wait`; the
+    // eventfd then only costs wake-ups.
+    driver.parks = deferred
+        && driver.ring.params().is_feature_ext_arg()
+        && std::env::var("PGMUX_IO_URING_PARK").map_or(true, |v| v != "off")
+        && interposed()
+        && driver.ring.submitter().unregister_eventfd().is_ok();
+    if driver.ring.params().is_feature_no_iowait() {
+        driver.wait_flags = io_uring::EnterFlags::NO_IOWAIT;
+    }
+    let flags = match (deferred, driver.parks) {
+        (_, true) => "deferred task work, waits in the ring",
+        (true, false) => "deferred task work, eventfd",
+        (false, false) => "cooperative task work, eventfd",
+    };
+    let (id, driver_parks) = (driver.id, driver.parks);
     DRIVER.with(|d| *d.borrow_mut() = Some(driver));
-    tokio::spawn(drive(events, id));
+    tokio::spawn(drive(events, id, driver_parks));
     Started::Running(flags)
 }
 
@@ -141,7 +180,7 @@ impl AsRawFd for EventFd {
 
 /// Submits what the scheduler turn queued and hands out completions, until
 /// the ring is idle; then waits for the eventfd or a newly queued entry.
-async fn drive(events: EventFd, id: u32) {
+async fn drive(events: EventFd, id: u32, parks: bool) {
     // When the runtime goes (and this task with it), so does the ring:
     // nothing would submit for it any more.
     struct Stop(u32);
@@ -155,6 +194,11 @@ async fn drive(events: EventFd, id: u32) {
         }
     }
     let _stop = Stop(id);
+    if parks {
+        // The thread's waits submit and reap (`park`): this task only
+        // holds the ring for the runtime's life.
+        return std::future::pending().await;
+    }
     // SAFETY: the eventfd is owned by `events` and closed only when it drops.
     let events = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
         Ok(e) => e,
@@ -224,6 +268,19 @@ struct Driver {
     kicked: bool,
     /// The driver is being dropped: nothing is armed or sent any more.
     stopping: bool,
+    /// The thread waits in the ring ([`epoll_wait`]), which submits what
+    /// is queued: the driver task is not woken for it.
+    parks: bool,
+    /// Flags for that wait (`NO_IOWAIT` where known: a proxy waiting for
+    /// its peers is idle, not waiting for a disk).
+    wait_flags: io_uring::EnterFlags,
+    /// tokio's epoll descriptor (-1 until its first wait), whether a poll
+    /// of it is armed on the ring, and whether that poll fired.
+    epoll: RawFd,
+    epoll_armed: bool,
+    epoll_ready: bool,
+    /// Wakers collected while the ring is borrowed (reused).
+    woken: Vec<Waker>,
     /// Receives are multishot (Linux 6.0+).
     multishot: bool,
     /// Completions copied out of the ring before they are handled (reused).
@@ -296,7 +353,8 @@ impl Conn {
 }
 
 impl Driver {
-    fn new(sockets: usize) -> io::Result<(Driver, &'static str, EventFd)> {
+    /// The driver, whether task work is deferred, and the eventfd.
+    fn new(sockets: usize) -> io::Result<(Driver, bool, EventFd)> {
         // Deferred task work: completions run in our `io_uring_enter`, in a
         // batch, instead of interrupting the thread (or its epoll_wait).
         let (ring, flags) = match IoUring::builder()
@@ -305,11 +363,10 @@ impl Driver {
             .setup_cqsize(CQ_ENTRIES)
             .build(SQ_ENTRIES)
         {
-            Ok(r) => (r, "deferred task work"),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
-                IoUring::builder().setup_coop_taskrun().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES)?,
-                "cooperative task work",
-            ),
+            Ok(r) => (r, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (IoUring::builder().setup_coop_taskrun().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES)?, false)
+            }
             Err(e) => return Err(e),
         };
         let mut probe = io_uring::Probe::new();
@@ -341,6 +398,12 @@ impl Driver {
             task: None,
             kicked: false,
             stopping: false,
+            parks: false,
+            wait_flags: io_uring::EnterFlags::empty(),
+            epoll: -1,
+            epoll_armed: false,
+            epoll_ready: false,
+            woken: Vec::new(),
             multishot: true,
             completed: Vec::with_capacity(CQ_ENTRIES as usize),
             _events: efd,
@@ -356,7 +419,7 @@ impl Driver {
         while unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.enter();
         }
-        if !self.kicked {
+        if !self.kicked && !self.parks {
             self.kicked = true;
             if let Some(w) = &self.task {
                 w.wake_by_ref();
@@ -386,6 +449,33 @@ impl Driver {
         }
     }
 
+    /// tokio's wait, in the ring: submits what is queued, waits up to
+    /// `timeout_ms` (-1: no limit; 0: not at all) for a completion, tokio's
+    /// epoll descriptor included, and runs the completions' task work.
+    fn wait(&mut self, epfd: RawFd, timeout_ms: i32) {
+        if !self.epoll_armed {
+            // One-shot, armed again after each firing: arming polls the
+            // descriptor at once, so events tokio left unread are seen.
+            self.epoll_armed = true;
+            let poll = opcode::PollAdd::new(Fd(epfd), libc::POLLIN as u32).build();
+            self.push(poll.user_data(user_data(0, EPOLL)));
+        }
+        if timeout_ms == 0 {
+            return self.enter();
+        }
+        WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let timeout = io_uring::types::Timespec::from(std::time::Duration::from_millis(timeout_ms as u64));
+        let args = io_uring::types::SubmitArgs::new();
+        let args = if timeout_ms > 0 { args.timespec(&timeout) } else { args };
+        match self.ring.submitter().submit_with_args_and_flags(1, &args, self.wait_flags) {
+            Ok(_) => {}
+            // The timer is due, a signal came, or the completion ring is
+            // full (reaped next): tokio's turn goes on either way.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
+            Err(e) => tracing::error!(error = %e, "io_uring_enter failed"),
+        }
+    }
+
     fn reap(&mut self, wake: &mut Vec<Waker>) {
         let mut completed = std::mem::take(&mut self.completed);
         loop {
@@ -401,6 +491,11 @@ impl Driver {
     }
 
     fn complete(&mut self, data: u64, result: i32, flags: u32, wake: &mut Vec<Waker>) {
+        if data & 3 == EPOLL {
+            self.epoll_armed = cqueue::more(flags);
+            self.epoll_ready = true;
+            return;
+        }
         let key = (data >> 2) as u32;
         let buffer = cqueue::buffer_select(flags);
         // Taken out while handled, so entries can be queued on `self`.
@@ -800,6 +895,76 @@ fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
     {
         old.wake();
     }
+}
+
+/// pgmux's own `epoll_wait(2)`. An executable's definition of a symbol is
+/// preferred to a shared library's, so every `epoll_wait` in the process
+/// comes here, tokio's (mio's) included: tokio offers no way to replace the
+/// call it blocks in, and this is the one place to wait in the ring instead
+/// (see the module notes). On a thread whose ring waits, the call is
+/// answered by [`park`]; every other call goes on, unchanged, to the
+/// kernel's `epoll_pwait` (what libc's `epoll_wait` is, with no signal mask).
+///
+/// # Safety
+/// As `epoll_wait(2)`: `events` must have room for `maxevents` entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: libc::c_int,
+    events: *mut libc::epoll_event,
+    maxevents: libc::c_int,
+    timeout: libc::c_int,
+) -> libc::c_int {
+    let _ = EPOLL_WAIT_SEEN.try_with(|seen| seen.set(true));
+    match park(epfd, timeout) {
+        // Nothing for tokio's own descriptors: as a timed-out wait.
+        Some(false) => 0,
+        // SAFETY: the caller's arguments; `Some(true)`: only what is there, without waiting.
+        Some(true) => unsafe { libc::epoll_pwait(epfd, events, maxevents, 0, std::ptr::null()) },
+        // SAFETY: the caller's arguments, passed on as they came.
+        None => unsafe { libc::epoll_pwait(epfd, events, maxevents, timeout, std::ptr::null()) },
+    }
+}
+
+/// tokio's wait on a ring's thread: in the ring, then the completions are
+/// handed out (their tasks are woken into tokio's local queue: tokio holds
+/// its scheduler in context while it waits). `Some(ready)`: whether tokio's
+/// epoll descriptor has events; `None`: not a ring's wait (another thread,
+/// another descriptor, the eventfd mode), left to the kernel.
+fn park(epfd: RawFd, timeout_ms: i32) -> Option<bool> {
+    let (ready, mut wake) = DRIVER
+        .try_with(|cell| {
+            let mut guard = cell.try_borrow_mut().ok()?;
+            let d = guard.as_mut().filter(|d| d.parks && (d.epoll == epfd || d.epoll < 0))?;
+            d.epoll = epfd;
+            d.wait(epfd, timeout_ms);
+            let mut wake = std::mem::take(&mut d.woken);
+            d.reap(&mut wake);
+            Some((std::mem::take(&mut d.epoll_ready), wake))
+        })
+        .ok()
+        .flatten()?;
+    for w in wake.drain(..) {
+        w.wake();
+    }
+    // The vector goes back for the next wait (its allocation kept).
+    let _ = DRIVER.try_with(|cell| {
+        if let Ok(mut d) = cell.try_borrow_mut()
+            && let Some(d) = d.as_mut()
+        {
+            d.woken = wake;
+        }
+    });
+    Some(ready)
+}
+
+/// Whether this thread's `epoll_wait` calls reach pgmux's definition (they
+/// would not if the binary were linked so that libc's came first).
+fn interposed() -> bool {
+    EPOLL_WAIT_SEEN.set(false);
+    let mut event = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: no descriptor -1: fails with EBADF, having written nothing.
+    unsafe { libc::epoll_wait(-1, &mut event, 1, 0) };
+    EPOLL_WAIT_SEEN.get()
 }
 
 impl AsFd for Socket {
