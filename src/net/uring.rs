@@ -13,11 +13,15 @@
 //! - **The thread waits in the ring.** When tokio has nothing to run it
 //!   blocks in `epoll_wait`; pgmux defines that symbol (see [`epoll_wait`])
 //!   and, on a ring's thread, blocks in `io_uring_enter` instead: one call
-//!   submits the turn's entries, waits for the next completion (tokio's
+//!   submits what is still queued, waits for the next completion (tokio's
 //!   epoll descriptor is polled through the ring, tokio's timer deadline is
 //!   the wait's timeout) and runs the completions. A transaction at one
-//!   client then costs two system calls, where `recv`/`send`/`epoll_wait`
-//!   cost six.
+//!   client then costs four `io_uring_enter` (the driver task's submission
+//!   and the wait, each way), where `recv`/`send`/`epoll_wait` cost six.
+//!   (Leaving the submission to the wait would save two, but the send
+//!   completes as it is submitted and its completion ends the wait; with
+//!   the driver task gone, loaded runs cost more CPU: sends waited for the
+//!   turn's end.)
 //! - **Otherwise, completion is signalled through an eventfd** registered
 //!   with the ring and watched by tokio's epoll (where the symbol is not
 //!   ours, or `PGMUX_IO_URING_PARK=off`): with deferred task work (Linux
@@ -194,17 +198,19 @@ async fn drive(events: EventFd, id: u32, parks: bool) {
         }
     }
     let _stop = Stop(id);
-    if parks {
-        // The thread's waits submit and reap (`park`): this task only
-        // holds the ring for the runtime's life.
-        return std::future::pending().await;
-    }
-    // SAFETY: the eventfd is owned by `events` and closed only when it drops.
-    let events = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(error = %e, "io_uring: cannot watch the ring's eventfd; sockets stay on epoll");
-            return;
+    // Where the thread waits in the ring, completions are met there; this
+    // task still submits mid-turn what the tasks before it queued, so that
+    // under load a send does not wait for the turn's end.
+    let events = if parks {
+        None
+    } else {
+        // SAFETY: the eventfd is owned by `events` and closed only when it drops.
+        match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring: cannot watch the ring's eventfd; sockets stay on epoll");
+                return;
+            }
         }
     };
     let mut wake = Vec::new();
@@ -214,13 +220,13 @@ async fn drive(events: EventFd, id: u32, parks: bool) {
         for _ in 0..8 {
             // Readiness first, cleared before the ring is read: a signal
             // after this point is seen by the next poll.
-            let signalled = match events.poll_read_ready(cx) {
-                Poll::Ready(Ok(mut g)) => {
+            let signalled = match events.as_ref().map(|e| e.poll_read_ready(cx)) {
+                Some(Poll::Ready(Ok(mut g))) => {
                     g.clear_ready();
                     true
                 }
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Pending => false,
+                Some(Poll::Ready(Err(_))) => return Poll::Ready(()),
+                Some(Poll::Pending) | None => false,
             };
             let Some(more) = with(id, |d| {
                 if d.task.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
@@ -269,7 +275,7 @@ struct Driver {
     /// The driver is being dropped: nothing is armed or sent any more.
     stopping: bool,
     /// The thread waits in the ring ([`epoll_wait`]), which submits what
-    /// is queued: the driver task is not woken for it.
+    /// is still queued and reaps: the eventfd is not registered.
     parks: bool,
     /// Flags for that wait (`NO_IOWAIT` where known: a proxy waiting for
     /// its peers is idle, not waiting for a disk).
@@ -419,7 +425,7 @@ impl Driver {
         while unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.enter();
         }
-        if !self.kicked && !self.parks {
+        if !self.kicked {
             self.kicked = true;
             if let Some(w) = &self.task {
                 w.wake_by_ref();
