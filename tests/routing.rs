@@ -51,7 +51,12 @@ fn stop_clusters_at_exit() {
 
 fn start(delay: Option<&str>) -> Cluster {
     stop_clusters_at_exit();
-    let mut spec = ClusterSpec::default().replicas(1).user(ClusterUser::scram(APP.0, APP.1)).database(DB, APP.0);
+    let mut spec = ClusterSpec::default()
+        .replicas(1)
+        .user(ClusterUser::scram(APP.0, APP.1))
+        .database(DB, APP.0)
+        .primary_setting("max_prepared_transactions", "4")
+        .replica_setting("max_prepared_transactions", "4");
     if let Some(d) = delay {
         spec = spec.replica_setting("recovery_min_apply_delay", d);
     }
@@ -250,6 +255,28 @@ async fn web_paced_mix(proxy: &Proxy, replica_port: u16) -> (usize, usize, usize
         }
         (reads.load(Ordering::Relaxed), violations.load(Ordering::Relaxed), on_replica.load(Ordering::Relaxed))
     }
+}
+
+/// A hot standby lists no prepared transactions: a transaction manager
+/// recovering 2PC through pgmux must see the primary's list, or it leaves
+/// them (and their locks) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_transactions_are_listed_as_the_primary_lists_them() {
+    let cluster = cluster_of(prompt).await;
+    let replica_port = cluster.replicas()[0].port().to_string();
+    let proxy = proxy(cluster, "").await;
+    let recovering = proxy.app().await;
+    await_replica_reads(&recovering, &replica_port).await;
+    let preparer = proxy.app().await;
+    preparer.batch_execute("BEGIN; SELECT 1; PREPARE TRANSACTION 'pgmux_2pc_probe'").await.unwrap();
+    let list = "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE 'pgmux_2pc%'";
+    let on_primary = cluster.primary().psql_db(DB, list).expect("psql on the primary");
+    assert_eq!(on_primary.trim(), "pgmux_2pc_probe");
+    let on_replica = cluster.replicas()[0].psql_db(DB, list).expect("psql on the replica");
+    assert_eq!(on_replica.trim(), "", "a standby lists none (the reason for this test)");
+    let through = recovering.simple_query(list).await.unwrap();
+    recovering.batch_execute("ROLLBACK PREPARED 'pgmux_2pc_probe'").await.unwrap();
+    assert_eq!(row(&through), vec!["pgmux_2pc_probe".to_string()], "as on the primary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

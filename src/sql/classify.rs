@@ -123,6 +123,7 @@ const BUILTIN_EXACT: &[&str] = &[
     "pg_is_in_recovery",
     "pg_log_backend_memory_contexts",
     "pg_notify",
+    "pg_prepared_xact", // what pg_prepared_xacts reads: empty on a standby
     "pg_promote",
     "pg_reload_conf",
     "pg_rotate_logfile",
@@ -165,6 +166,13 @@ const BUILTIN_PREFIXES: &[&str] = &[
 /// suite checks `transaction_read_only` after `SET SESSION CHARACTERISTICS`).
 fn node_setting(name: &[u8]) -> bool {
     [&b"transaction_read_only"[..], b"in_hot_standby"].iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// Catalog views whose rows are the node's: a hot standby lists no prepared
+/// transactions, so a transaction manager recovering 2PC from a replica
+/// would leave the primary's prepared ones (and their locks) for ever.
+fn node_relation(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"pg_prepared_xacts")
 }
 
 /// PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes.

@@ -444,6 +444,13 @@ UPDATE"#,
     (r#"SELECT current_setting('transaction_read_only')"#, W),
     (r#"SELECT setting FROM pg_settings WHERE name = 'in_hot_standby'"#, W),
     (r#"SELECT 'transaction_read_only is a setting'"#, R),
+    // A standby lists no prepared transactions: 2PC recovery (psycopg's
+    // tpc_recover, JDBC's XAResource.recover) must read the primary's.
+    (r#"select gid, prepared, owner, database from pg_prepared_xacts"#, W),
+    (r#"SELECT count(*) FROM pg_catalog.PG_PREPARED_XACTS WHERE database = $1"#, W),
+    (r#"SELECT * FROM "pg_prepared_xacts""#, W),
+    (r#"SELECT transaction FROM pg_prepared_xact()"#, W),
+    (r#"SELECT 'pg_prepared_xacts'"#, R),
     (r#"select current_setting($1), current_setting($2)"#, W),
     (r#"SELECT current_setting('search_path')"#, R),
     (r#"SHOW ALL"#, R),
