@@ -286,10 +286,7 @@ async fn read_only_transactions_and_hints() {
     let primary_port = cluster.primary().port().to_string();
     let proxy = proxy(cluster, "").await;
     let c = proxy.app().await;
-    eventually(Duration::from_secs(10), "replica in rotation", || async {
-        row(&c.simple_query("SELECT inet_server_port()").await.unwrap())[0] == replica_port
-    })
-    .await;
+    await_replica_reads(&c, &replica_port).await;
     c.batch_execute("BEGIN READ ONLY").await.unwrap();
     assert_eq!(row(&c.simple_query("SELECT inet_server_port()").await.unwrap())[0], replica_port);
     c.batch_execute("COMMIT").await.unwrap();
@@ -310,10 +307,7 @@ async fn replica_down_reads_fall_back_and_it_rejoins() {
     let replica_port = replica.port().to_string();
     let proxy = proxy(cluster, "").await;
     let c = proxy.app().await;
-    eventually(Duration::from_secs(10), "replica in rotation", || async {
-        row(&c.simple_query("SELECT inet_server_port()").await.unwrap())[0] == replica_port
-    })
-    .await;
+    await_replica_reads(&c, &replica_port).await;
     tokio::task::spawn_blocking({
         let r = replica.clone();
         move || r.stop_immediate().expect("stop replica")
@@ -350,10 +344,7 @@ async fn a_select_that_writes_is_retried_on_the_primary() {
     let replica_port = cluster.replicas()[0].port().to_string();
     let proxy = proxy(cluster, "").await;
     let c = proxy.app().await;
-    eventually(Duration::from_secs(10), "replica in rotation", || async {
-        row(&c.simple_query("SELECT inet_server_port()").await.unwrap())[0] == replica_port
-    })
-    .await;
+    await_replica_reads(&c, &replica_port).await;
     // bump() updates a row: classified as a read, refused by the replica
     // (25006), re-run on the primary before the client saw anything.
     let first: i32 = row(&c.simple_query("SELECT bump()").await.expect("retried on the primary"))[0].parse().unwrap();
@@ -403,10 +394,7 @@ async fn user_scope_shares_read_your_writes_across_connections() {
     // Connection scope: a second connection that never wrote reads the 500 ms-late replica.
     let per_connection = proxy(cluster, "sticky_scope = \"connection\"").await;
     let (writer, reader) = (per_connection.app().await, per_connection.app().await);
-    eventually(Duration::from_secs(10), "replica in rotation", || async {
-        row(&reader.simple_query("SELECT inet_server_port()").await.unwrap())[0] == replica_port
-    })
-    .await;
+    await_replica_reads(&reader, &replica_port).await;
     let mut stale = 0;
     for n in 1..=5 {
         writer.simple_query(&format!("UPDATE kv SET v = {n} WHERE id = 60")).await.unwrap();
@@ -459,9 +447,10 @@ async fn asynchronous_commit_still_never_misses_a_write() {
     assert_eq!(violations.load(Ordering::Relaxed), 0);
 }
 
-/// Waits until `c`'s reads go to the replica: after an idle spell a delayed
-/// replica's replay delay (since its last replayed commit) can exceed
-/// `max_replica_lag` until the next write is replayed.
+/// Waits until `c`'s reads go to the replica (in the rotation once the
+/// monitor has sampled it; after an idle spell a delayed replica's replay
+/// delay, since its last replayed commit, can exceed `max_replica_lag`
+/// until the next write is replayed).
 async fn await_replica_reads(c: &tokio_postgres::Client, replica_port: &str) {
     eventually(Duration::from_secs(10), "reads served by the replica", || async {
         row(&c.simple_query("SELECT inet_server_port()").await.unwrap())[0] == replica_port
