@@ -376,9 +376,6 @@ impl<'a> Cx<'a, '_> {
                 }
                 Tok::Word(w) => {
                     now = Prev::Name { raw: w, quoted: false, unicode: false };
-                    if node_relation(w) {
-                        raise(&mut class, Class::Write);
-                    }
                     // After a dot it is a column or function name, not a keyword.
                     if prev != Prev::Dot {
                         match pack(w) {
@@ -396,16 +393,17 @@ impl<'a> Cx<'a, '_> {
                         }
                     }
                 }
-                Tok::QIdent { raw, unicode } => {
-                    if node_relation(raw) {
-                        raise(&mut class, Class::Write);
-                    }
-                    now = Prev::Name { raw, quoted: true, unicode };
-                }
+                Tok::QIdent { raw, unicode } => now = Prev::Name { raw, quoted: true, unicode },
                 Tok::Dot => now = Prev::Dot,
                 // current_setting('transaction_read_only'), pg_settings rows.
                 Tok::Str(s) if node_setting(s) => raise(&mut class, Class::Write),
                 _ => {}
+            }
+            // A name, quoted or not, in any position: pg_prepared_xacts.
+            if let Prev::Name { raw, .. } = now
+                && node_relation(raw)
+            {
+                raise(&mut class, Class::Write);
             }
             prev = now;
             t = self.next();
