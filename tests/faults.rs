@@ -357,8 +357,11 @@ async fn server_connections_carry_the_configured_keepalive() {
         assert_eq!(tags(&msgs), "TDCZ");
         let body = &msgs[1].body;
         let port = String::from_utf8_lossy(&body[6..]).into_owned();
+        let server = cluster.primary().port();
         let out = std::process::Command::new("ss")
-            .args(["-tnoH", "state", "established", &format!("( sport = :{port} )")])
+            // The server's port too: the same local port may be another
+            // connection's, to another server, on a shared machine.
+            .args(["-tnoH", "state", "established", &format!("( sport = :{port} and dport = :{server} )")])
             .output()
             .expect("ss (iproute2)");
         let line = String::from_utf8_lossy(&out.stdout).into_owned();
