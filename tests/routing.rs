@@ -722,3 +722,49 @@ fn data_row(body: &[u8]) -> Vec<String> {
     }
     out
 }
+
+/// A write the client sends while a read routed to the primary is still
+/// being answered (after the read's buffer, so routing never saw it) is
+/// routed on its own: it runs as a write and read-your-writes counts it.
+/// Before, it rode along on the read's server connection uncounted, and the
+/// client's next reads went to a replica that did not have it yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_while_a_read_runs_on_the_primary_counts_as_a_write() {
+    let cluster = cluster_of(delayed).await;
+    let (primary_port, replica_port) = (cluster.primary().port().to_string(), cluster.replicas()[0].port().to_string());
+    // No waiting for the replica: a read it cannot serve goes to the primary.
+    let routing = "read_your_writes = \"lsn\"\nmax_replica_wait = \"0s\"";
+    let proxy = proxy_with(cluster, routing, r#"auth = "trust""#).await;
+    let probe = proxy.app().await;
+    await_replica_reads(&probe, &replica_port).await;
+    let mut raw = support::raw::Raw::login(proxy.addr, APP.0, DB).await;
+    let mut on_replica = 0;
+    for n in 1..=3 {
+        // A write the replica (500 ms behind) lacks: the next read is the primary's.
+        let first = format!("UPDATE kv SET v = {n}0 WHERE id = 91");
+        assert_eq!(support::raw::tags(&raw.simple_query(&first).await), "CZ");
+        let mut out = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query("SELECT pg_sleep(0.3), inet_server_port()", &mut out).unwrap();
+        raw.send(&out).await;
+        // The second write, sent while that read sleeps on the primary.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out.clear();
+        postgres_protocol::message::frontend::query(&format!("UPDATE kv SET v = {n}1 WHERE id = 91"), &mut out)
+            .unwrap();
+        raw.send(&out).await;
+        let read = raw.until_ready().await;
+        assert_eq!(data_row(&read[1].body)[1], primary_port, "the read went to the primary");
+        assert_eq!(support::raw::tags(&raw.until_ready().await), "CZ");
+        // Until the replica has replayed the second write, reads are the
+        // primary's; then the replica's. Either way they see it.
+        let until = std::time::Instant::now() + Duration::from_millis(1500);
+        while std::time::Instant::now() < until {
+            let msgs = raw.simple_query("SELECT v, inet_server_port() FROM kv WHERE id = 91").await;
+            let row = data_row(&msgs[1].body);
+            assert_eq!(row[0], format!("{n}1"), "round {n}: a read on port {} missed the second write", row[1]);
+            on_replica += usize::from(row[1] == replica_port);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(on_replica > 0, "no read was served by the replica");
+}

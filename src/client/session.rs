@@ -285,6 +285,7 @@ pub(super) async fn serve_request(
         counters: pool.counters(),
         route: decided.map(|(_, route)| route.reason),
         node: replica_node.as_deref(),
+        route_each: session.routing.is_some() && write_scope.is_none(),
         // Transactions that write get a token before their ReadyForQuery, in
         // sessions that asked for tokens (not a read re-run on the primary
         // because its replica failed).

@@ -52,6 +52,13 @@ pub struct RelayOptions<'a> {
     /// The replica's health, when the transaction runs on one: a request
     /// waiting on it gives up when its monitor marks it down.
     pub node: Option<&'a crate::routing::monitor::NodeState>,
+    /// Read nothing more from the client while answers are owed: what it
+    /// sends meanwhile waits in the socket and is routed on its own. Set
+    /// for routed requests that are not writes: a write the client sends
+    /// while a read is answered would otherwise ride along unrouted (on a
+    /// replica: refused with 25006; on the primary: uncounted by
+    /// read-your-writes, so the client's next reads could miss it).
+    pub route_each: bool,
     /// Leave the ReadyForQuery that ends the transaction in `from_server`
     /// for the caller, who sends something before it (a write token: the
     /// client must have it when its commit returns).
@@ -161,11 +168,10 @@ pub async fn relay(
             {
                 return Poll::Ready(Event::ServerRead(r));
             }
-            // On a replica, what the client sends while a read is answered
-            // waits in the socket: it is routed on its own once this one is
-            // done (unless a read-only transaction goes on here).
+            // See `route_each` (a read-only transaction goes on here: its
+            // next statement is read once the last one is answered).
             if link.may_read_client(to_server.len())
-                && !(opts.node.is_some() && link.pending_ready > 0)
+                && !(opts.route_each && link.pending_ready > 0)
                 && let Poll::Ready(r) = client.poll_read_buf(cx, to_server)
             {
                 return Poll::Ready(Event::ClientRead(r));
