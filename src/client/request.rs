@@ -38,6 +38,12 @@ impl<'a> Request<'a> {
         self.messages().last().is_some_and(|m| m.end < self.buf.len())
     }
 
+    /// Whether the request runs nothing: it only closes statements or
+    /// portals, or only syncs (or flushes).
+    pub fn runs_nothing(self) -> bool {
+        self.messages().all(|m| matches!(m.tag, tag::CLOSE | tag::SYNC | tag::FLUSH))
+    }
+
     /// The SQL texts the request runs: each Query's and Parse's, and the
     /// statement's a Bind or Describe names (the client's own statements,
     /// `statements`). Each text is cut at its NUL.

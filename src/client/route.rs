@@ -164,7 +164,11 @@ impl SessionRouting {
             // Refused before it reaches the server, which would take any text.
             return Err(message);
         }
-        let intent = crate::routing::intent_of(sql.iter().copied(), &self.write_functions);
+        let intent = if sql.is_empty() && Request::new(pending).runs_nothing() {
+            Intent::Inert
+        } else {
+            crate::routing::intent_of(sql.iter().copied(), &self.write_functions)
+        };
         if let Some(route) = crate::routing::route::fixed(intent) {
             return Ok((intent, route));
         }

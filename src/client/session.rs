@@ -267,7 +267,7 @@ pub(super) async fn serve_request(
     // Only a unit that a ReadyForQuery will answer: after a Flush the client
     // waits for the answer before it sends more, so holding it would hang.
     let retry_copy = match (&decided, &session.routing) {
-        (Some((Intent::Read | Intent::HintReplica, route)), Some(_))
+        (Some((Intent::Read | Intent::HintReplica | Intent::Inert, route)), Some(_))
             if route.target != Target::Primary && unit != Unit::Ends(tag::FLUSH) =>
         {
             Some(bytes::Bytes::copy_from_slice(pending))

@@ -47,6 +47,11 @@ pub enum Intent {
     Write,
     HintPrimary,
     HintReplica,
+    /// Runs nothing: only closes statements or portals, or only syncs
+    /// (drivers close a statement after each one-off query). Any node
+    /// answers it as the primary would, and it needs none of the scope's
+    /// writes: it must neither wait for a primary nor count as a write.
+    Inert,
 }
 
 /// A WAL position: comparable only within one timeline.
@@ -258,7 +263,7 @@ pub fn fixed(intent: Intent) -> Option<Route> {
         Intent::Write => Some(Route::primary(RouteReason::Write)),
         Intent::Transaction => Some(Route::primary(RouteReason::Transaction)),
         Intent::HintPrimary => Some(Route::primary(RouteReason::Hint)),
-        Intent::Read | Intent::HintReplica => None,
+        Intent::Read | Intent::HintReplica | Intent::Inert => None,
     }
 }
 
@@ -280,15 +285,16 @@ pub fn route(
     if let Some(route) = fixed(intent) {
         return route;
     }
-    // A hint to read from a replica overrides read-your-writes; a read does not.
-    let (lsn_ok, reason_if_none): (Option<u64>, RouteReason) = if intent == Intent::HintReplica {
-        (None, RouteReason::Hint)
-    } else {
-        match sticky.requirement(policy, primary, floor, now) {
+    // A hint to read from a replica overrides read-your-writes, and a
+    // request that runs nothing needs none; a read does not.
+    let (lsn_ok, reason_if_none): (Option<u64>, RouteReason) = match intent {
+        Intent::HintReplica => (None, RouteReason::Hint),
+        Intent::Inert => (None, RouteReason::Read),
+        _ => match sticky.requirement(policy, primary, floor, now) {
             Requirement::Primary => return Route::primary(RouteReason::Sticky),
             Requirement::Any => (None, RouteReason::Read),
             Requirement::ReplayedPast(lsn) => (Some(lsn), RouteReason::Read),
-        }
+        },
     };
     let healthy = |c: &Candidate| out_of_rotation(policy, c, primary).is_none();
     let eligible: Vec<usize> = (0..replicas.len())
@@ -473,6 +479,25 @@ mod tests {
         s.begin_write(t);
         s.end_write(t, Some(Position { timeline: 1, lsn: 2000 }));
         assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, None, t, 0), Route::primary(RouteReason::ReplicaLagging));
+    }
+
+    #[test]
+    fn a_request_that_runs_nothing_needs_no_write_and_no_primary() {
+        let t = Instant::now();
+        let pol = policy(ReadYourWrites::Lsn);
+        let r = [Candidate { fenced: false, view: node(1000, t, true), active: 0, weight: 1 }];
+        // The scope's write is unsettled and there is no primary at all.
+        let p = PrimaryView::of(NodeView::UNKNOWN);
+        let mut s = Sticky::default();
+        s.begin_write(t);
+        s.end_write(t, None);
+        assert_eq!(route(Intent::Read, &pol, &mut s, &p, &r, None, t, 0), Route::primary(RouteReason::Sticky));
+        assert_eq!(
+            route(Intent::Inert, &pol, &mut s, &p, &r, None, t, 0),
+            Route { target: Target::Replica(0), reason: RouteReason::Read }
+        );
+        // With no replica in the rotation it goes where everything goes.
+        assert_eq!(route(Intent::Inert, &pol, &mut s, &p, &[], None, t, 0).target, Target::Primary);
     }
 
     #[test]
