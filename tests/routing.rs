@@ -768,3 +768,71 @@ async fn a_write_sent_while_a_read_runs_on_the_primary_counts_as_a_write() {
     }
     assert!(on_replica > 0, "no read was served by the replica");
 }
+
+/// What a client sends after a request that ends with a Flush, or inside a
+/// read-only transaction, goes on that server connection (it may need the
+/// statement or the transaction there); but a request it pipelines after
+/// the Sync that ends the sequence is routed on its own: a write among
+/// them runs on the primary, as Postgres would run it, instead of failing
+/// with 25006 on the replica. Statements pipelined inside a read-only
+/// transaction on the replica are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_pipelined_after_a_flushed_read_runs_on_the_primary() {
+    use postgres_protocol::message::frontend;
+    let cluster = cluster_of(delayed).await;
+    let (primary_port, replica_port) = (cluster.primary().port().to_string(), cluster.replicas()[0].port().to_string());
+    let proxy = proxy_with(cluster, r#"read_your_writes = "lsn""#, r#"auth = "trust""#).await;
+    let probe = proxy.app().await;
+    await_replica_reads(&probe, &replica_port).await;
+    let mut raw = support::raw::Raw::login(proxy.addr, APP.0, DB).await;
+    for n in 1..=3 {
+        // A read that ends with a Flush (the client waits for its rows
+        // before it sends the Sync), on the replica once it has the last
+        // round's write.
+        let mut out = bytes::BytesMut::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            out.clear();
+            support::raw::extended_query(&mut out, "SELECT inet_server_port()");
+            out.truncate(out.len() - 5);
+            frontend::flush(&mut out);
+            raw.send(&out).await;
+            let mut got = Vec::new();
+            for _ in 0..4 {
+                got.push(raw.recv().await.expect("an answer before the Sync"));
+            }
+            assert_eq!(support::raw::tags(&got), "12DC");
+            if data_row(&got[2].body) == [replica_port.as_str()] {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no flushed read on the replica");
+            out.clear();
+            frontend::sync(&mut out);
+            raw.send(&out).await;
+            assert_eq!(support::raw::tags(&raw.until_ready().await), "Z");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The Sync, and a write pipelined right behind it.
+        out.clear();
+        frontend::sync(&mut out);
+        frontend::query(&format!("UPDATE kv SET v = {n} WHERE id = 92"), &mut out).unwrap();
+        raw.send(&out).await;
+        assert_eq!(support::raw::tags(&raw.until_ready().await), "Z");
+        let write = raw.until_ready().await;
+        assert_eq!(support::raw::tags(&write), "CZ", "{:?}", write.iter().find(|m| m.tag == b'E').map(|m| m.error()));
+        let msgs = raw.simple_query("SELECT v, inet_server_port() FROM kv WHERE id = 92").await;
+        assert_eq!(data_row(&msgs[1].body), [n.to_string(), primary_port.clone()], "the write counted");
+    }
+    // A read-only transaction on the replica, its statements pipelined.
+    let mut raw = support::raw::Raw::login(proxy.addr, APP.0, DB).await;
+    assert_eq!(support::raw::tags(&raw.simple_query("BEGIN READ ONLY").await), "CZ");
+    let mut out = bytes::BytesMut::new();
+    for sql in ["SELECT inet_server_port()", "SELECT 2", "COMMIT"] {
+        frontend::query(sql, &mut out).unwrap();
+    }
+    raw.send(&out).await;
+    let first = raw.until_ready().await;
+    assert_eq!(data_row(&first[1].body), [replica_port.as_str()]);
+    assert_eq!(support::raw::tags(&raw.until_ready().await), "TDCZ");
+    assert_eq!(support::raw::tags(&raw.until_ready().await), "CZ");
+}

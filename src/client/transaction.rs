@@ -80,6 +80,7 @@ pub(super) async fn transaction(
     }
     let mut link = Link::reusing(std::mem::take(&mut backend.spare_queue));
     link.hold = hold_for_retry;
+    link.route_each = opts.route_each;
     link.survive_loss = session.mode == PoolMode::Transaction && !hold_for_retry;
     // Copied, not swapped in: the backend keeps its grown buffer, and the
     // client's small one is freed while it idles.

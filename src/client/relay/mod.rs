@@ -148,6 +148,13 @@ pub struct Link {
     pub hold: bool,
     /// The replica refused a write; its answer is held, not forwarded.
     pub misrouted: bool,
+    /// Each request is routed on its own (`RelayOptions::route_each`): the
+    /// client's bytes after a request's end wait, unscanned and unsent,
+    /// until it is answered. Then they start the next request at a
+    /// boundary, or go on here if the link does.
+    pub route_each: bool,
+    /// Bytes after a request's end wait in `to_server` past `client_ready`.
+    pub unscanned: bool,
     /// This transaction's bytes, queries, cache hits and errors, counted in
     /// plain integers and added to the pool once ([`record_traffic`]).
     pub traffic: Traffic,
@@ -191,6 +198,8 @@ impl Link {
             pin_reported: false,
             hold: false,
             misrouted: false,
+            route_each: false,
+            unscanned: false,
             traffic: Traffic::default(),
         }
     }
@@ -337,6 +346,8 @@ impl Link {
             };
             let end = pos + header.frame_len();
             let whole = buf.len() >= end;
+            // A Sync or FunctionCall (a Query's end is checked after its rewrite).
+            let mut ends_request = false;
             if self.skipping && !matches!(header.tag, tag::SYNC | tag::TERMINATE) {
                 // The server discards it unread (an error came before, no Sync
                 // since): no answer to expect, nothing to rewrite.
@@ -368,6 +379,9 @@ impl Link {
                         }
                         self.need_whole_frame = false;
                         pos = self.inspect(buf, pos, end, header.tag, scope, prepared);
+                        if header.tag == tag::QUERY && self.pause_after(pos, buf.len()) {
+                            break;
+                        }
                         continue;
                     }
                     tag::TERMINATE => {
@@ -379,9 +393,11 @@ impl Link {
                     tag::FUNCTION_CALL => {
                         self.pending_ready += 1;
                         self.expect.push_back(Expect::QUERY);
+                        ends_request = true;
                     }
                     // During COPY FROM STDIN the server ignores Sync: no ReadyForQuery for it.
                     tag::SYNC if !self.copy_in => {
+                        ends_request = true;
                         self.pending_ready += 1;
                         self.unsynced = false;
                         self.skipping = false;
@@ -403,6 +419,9 @@ impl Link {
             }
             if whole {
                 pos = end;
+                if ends_request && self.pause_after(pos, buf.len()) {
+                    break;
+                }
             } else {
                 self.client_body_remaining = end - buf.len();
                 pos = buf.len();
@@ -410,6 +429,14 @@ impl Link {
         }
         self.client_ready = pos;
         Ok(())
+    }
+
+    /// Whether scanning stops at `pos`, a request's end, with more buffered
+    /// (see [`Link::route_each`]).
+    fn pause_after(&mut self, pos: usize, len: usize) -> bool {
+        let pause = self.route_each && pos < len;
+        self.unscanned |= pause;
+        pause
     }
 
     /// Scans newly read server bytes in `from_server[server_ready..]`,

@@ -141,6 +141,23 @@ pub async fn relay(
         if opts.release_at_boundary && link.pin.is_none() && link.at_transaction_boundary_holding(from_server, held) {
             return Outcome::Boundary;
         }
+        if link.unscanned && link.pending_ready == 0 {
+            // Answered, and the link goes on (a transaction, or an extended-
+            // protocol sequence before its Sync): what the client sent
+            // after the request belongs here.
+            link.unscanned = false;
+            link.hold = false;
+            link.misrouted = false;
+            if let Err(e) = link.scan_client(to_server, scope, prepared) {
+                return Outcome::ClientProtocol(e);
+            }
+            query_started = Instant::now();
+            idle_since = query_started;
+            if let Err(e) = flush(server, to_server, &mut link.client_ready) {
+                return Outcome::ServerGone(format!("write to server failed: {e}"));
+            }
+            continue;
+        }
         let idle_in_txn = link.pending_ready == 0
             && link.status != msg::IDLE
             && link.client_ready == 0
