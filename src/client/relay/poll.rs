@@ -146,16 +146,11 @@ pub async fn relay(
             // protocol sequence before its Sync): what the client sent
             // after the request belongs here.
             link.unscanned = false;
-            link.hold = false;
-            link.misrouted = false;
-            if let Err(e) = link.scan_client(to_server, scope, prepared) {
-                return Outcome::ClientProtocol(e);
+            if let Err(end) = take_client_bytes(link, server, to_server, scope, prepared) {
+                return end;
             }
             query_started = Instant::now();
             idle_since = query_started;
-            if let Err(e) = flush(server, to_server, &mut link.client_ready) {
-                return Outcome::ServerGone(format!("write to server failed: {e}"));
-            }
             continue;
         }
         let idle_in_txn = link.pending_ready == 0
@@ -188,7 +183,7 @@ pub async fn relay(
             // See `route_each` (a read-only transaction goes on here: its
             // next statement is read once the last one is answered).
             if link.may_read_client(to_server.len())
-                && !(opts.route_each && link.pending_ready > 0)
+                && !(link.route_each && link.pending_ready > 0)
                 && let Poll::Ready(r) = client.poll_read_buf(cx, to_server)
             {
                 return Poll::Ready(Event::ClientRead(r));
@@ -279,11 +274,8 @@ pub async fn relay(
             Event::ClientRead(Ok(n)) => {
                 link.traffic.bytes_in += n as u64;
                 let was_answered = link.pending_ready == 0;
-                // More requests on the link: the held answer can no longer be retried alone.
-                link.hold = false;
-                link.misrouted = false;
-                if let Err(e) = link.scan_client(to_server, scope, prepared) {
-                    return Outcome::ClientProtocol(e);
+                if let Err(end) = take_client_bytes(link, server, to_server, scope, prepared) {
+                    return end;
                 }
                 // A new request starts its queries' clock; bytes that complete
                 // no request (a message in pieces, Parse/Bind before their
@@ -295,9 +287,6 @@ pub async fn relay(
                     }
                     idle_since = now;
                 }
-                if let Err(e) = flush(server, to_server, &mut link.client_ready) {
-                    return Outcome::ServerGone(format!("write to server failed: {e}"));
-                }
             }
             Event::IdleTimeout => return Outcome::IdleInTransaction,
             Event::QueryTimeout => return Outcome::QueryTimeout,
@@ -306,6 +295,23 @@ pub async fn relay(
             Event::Killed => return Outcome::Killed,
         }
     }
+}
+
+/// Client bytes join the link (just read, or waiting since a request's
+/// end): scanned, and sent as far as the server's socket takes them.
+fn take_client_bytes(
+    link: &mut Link,
+    server: &mut Stream,
+    to_server: &mut BytesMut,
+    scope: &mut StatementScope<'_>,
+    prepared: &mut PreparedSet,
+) -> Result<(), Outcome> {
+    // More requests on the link: the held answer can no longer be retried alone.
+    link.hold = false;
+    link.misrouted = false;
+    link.scan_client(to_server, scope, prepared).map_err(Outcome::ClientProtocol)?;
+    flush(server, to_server, &mut link.client_ready)
+        .map_err(|e| Outcome::ServerGone(format!("write to server failed: {e}")))
 }
 
 /// What woke the relay.
