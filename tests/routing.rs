@@ -679,18 +679,25 @@ async fn global_mode_sees_writes_made_by_anyone_even_straight_to_the_primary() {
     assert!(on_replica * 100 >= reads * 50, "only {on_replica} of {reads} reads on the replica");
 }
 
+/// A proxy with `routing` on the delayed cluster, its reads already on the
+/// replica, and a raw connection through it (`app` trusted); the primary's
+/// and the replica's ports.
+async fn raw_on_delayed(routing: &str) -> (Proxy, support::raw::Raw, String, String) {
+    let cluster = cluster_of(delayed).await;
+    let (primary_port, replica_port) = (cluster.primary().port().to_string(), cluster.replicas()[0].port().to_string());
+    let proxy = proxy_with(cluster, routing, r#"auth = "trust""#).await;
+    await_replica_reads(&proxy.app().await, &replica_port).await;
+    let raw = support::raw::Raw::login(proxy.addr, APP.0, DB).await;
+    (proxy, raw, primary_port, replica_port)
+}
+
 /// A write pipelined behind a read (one buffer, as tokio-postgres, pgx and
 /// libpq's pipeline mode send them) runs where Postgres would run it: on the
 /// primary, and read-your-writes counts it. Before, it went with the read
 /// to the replica and failed with 25006.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_pipelined_behind_a_read_runs_on_the_primary() {
-    let cluster = cluster_of(delayed).await;
-    let (primary_port, replica_port) = (cluster.primary().port().to_string(), cluster.replicas()[0].port().to_string());
-    let proxy = proxy_with(cluster, r#"read_your_writes = "lsn""#, r#"auth = "trust""#).await;
-    let probe = proxy.app().await;
-    await_replica_reads(&probe, &replica_port).await;
-    let mut raw = support::raw::Raw::login(proxy.addr, APP.0, DB).await;
+    let (_proxy, mut raw, primary_port, _) = raw_on_delayed(r#"read_your_writes = "lsn""#).await;
     for n in 1..=5 {
         let mut out = bytes::BytesMut::new();
         support::raw::extended_query(&mut out, "SELECT inet_server_port()");
@@ -730,14 +737,9 @@ fn data_row(body: &[u8]) -> Vec<String> {
 /// client's next reads went to a replica that did not have it yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_sent_while_a_read_runs_on_the_primary_counts_as_a_write() {
-    let cluster = cluster_of(delayed).await;
-    let (primary_port, replica_port) = (cluster.primary().port().to_string(), cluster.replicas()[0].port().to_string());
     // No waiting for the replica: a read it cannot serve goes to the primary.
     let routing = "read_your_writes = \"lsn\"\nmax_replica_wait = \"0s\"";
-    let proxy = proxy_with(cluster, routing, r#"auth = "trust""#).await;
-    let probe = proxy.app().await;
-    await_replica_reads(&probe, &replica_port).await;
-    let mut raw = support::raw::Raw::login(proxy.addr, APP.0, DB).await;
+    let (_proxy, mut raw, primary_port, replica_port) = raw_on_delayed(routing).await;
     let mut on_replica = 0;
     for n in 1..=3 {
         // A write the replica (500 ms behind) lacks: the next read is the primary's.
@@ -779,12 +781,7 @@ async fn a_write_sent_while_a_read_runs_on_the_primary_counts_as_a_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_pipelined_after_a_flushed_read_runs_on_the_primary() {
     use postgres_protocol::message::frontend;
-    let cluster = cluster_of(delayed).await;
-    let (primary_port, replica_port) = (cluster.primary().port().to_string(), cluster.replicas()[0].port().to_string());
-    let proxy = proxy_with(cluster, r#"read_your_writes = "lsn""#, r#"auth = "trust""#).await;
-    let probe = proxy.app().await;
-    await_replica_reads(&probe, &replica_port).await;
-    let mut raw = support::raw::Raw::login(proxy.addr, APP.0, DB).await;
+    let (proxy, mut raw, primary_port, replica_port) = raw_on_delayed(r#"read_your_writes = "lsn""#).await;
     for n in 1..=3 {
         // A read that ends with a Flush (the client waits for its rows
         // before it sends the Sync), on the replica once it has the last
