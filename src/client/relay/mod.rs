@@ -743,6 +743,82 @@ mod tests {
         link
     }
 
+    /// One frontend message for [`pausing_at_request_ends_sends_the_same_bytes`].
+    fn message(kind: u8, n: u8, out: &mut BytesMut) {
+        use postgres_protocol::message::frontend;
+        let name = ["", "a", "b"][usize::from(n % 3)];
+        let sql = ["SELECT 1", "SET work_mem = '8MB'", "DEALLOCATE a", "UPDATE t SET v = 1"][usize::from(n % 4)];
+        match kind % 7 {
+            0 => frontend::query(sql, out).unwrap(),
+            1 => frontend::parse(name, sql, [], out).unwrap(),
+            // No parameter formats, no parameters, no result formats.
+            2 => crate::protocol::frontend::bind_raw(out, b"", name.as_bytes(), &[0; 6]),
+            3 => frontend::describe(b'S', name, out).unwrap(),
+            4 => frontend::execute("", 0, out).unwrap(),
+            5 => frontend::close(b'S', name, out).unwrap(),
+            _ => frontend::sync(out),
+        }
+    }
+
+    /// What a link sends for `stream`, read in `cuts` pieces: with
+    /// `route_each`, each request's end pauses the scan and the rest is
+    /// scanned once the request is (taken as) answered, as the relay does.
+    fn sent(stream: &[u8], cuts: &[usize], route_each: bool) -> Vec<u8> {
+        let (mut client, registry, mut prepared) =
+            (ClientStatements::default(), Registry::default(), PreparedSet::default());
+        let mut scope = StatementScope {
+            client: &mut client,
+            registry: &registry,
+            max_prepared: 2,
+            on_session_state: OnSessionState::Pin,
+            max_query_size: 1 << 20,
+        };
+        let mut link = Link::new();
+        link.route_each = route_each;
+        let (mut buf, mut out, mut at) = (BytesMut::new(), Vec::new(), 0);
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        bounds.push(stream.len());
+        bounds.sort_unstable();
+        for end in bounds {
+            buf.extend_from_slice(&stream[at..end.max(at)]);
+            at = at.max(end);
+            link.scan_client(&mut buf, &mut scope, &mut prepared).unwrap();
+            loop {
+                out.extend_from_slice(&buf.split_to(link.client_ready));
+                link.client_ready = 0;
+                if !std::mem::take(&mut link.unscanned) {
+                    break;
+                }
+                // Answered: the waiting requests are scanned.
+                link.pending_ready = 0;
+                link.scan_client(&mut buf, &mut scope, &mut prepared).unwrap();
+            }
+        }
+        out.extend_from_slice(&buf);
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// Pausing the scan at each request's end (`route_each`) changes
+        /// when bytes go, never which: the server gets the same stream,
+        /// rewrites included, however the client's bytes were cut.
+        #[test]
+        fn pausing_at_request_ends_sends_the_same_bytes(
+            msgs in proptest::collection::vec((0u8..7, proptest::prelude::any::<u8>()), 1..24),
+            cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..6),
+        ) {
+            let mut stream = BytesMut::new();
+            for (kind, n) in msgs {
+                message(kind, n, &mut stream);
+            }
+            let plain = sent(&stream, &cuts, false);
+            let paused = sent(&stream, &cuts, true);
+            proptest::prop_assert_eq!(plain, paused);
+        }
+    }
+
     #[test]
     fn a_repeated_unnamed_parse_is_inspected_unless_plain() {
         let mut client = ClientStatements::default();
