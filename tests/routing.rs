@@ -833,3 +833,26 @@ async fn a_write_pipelined_after_a_flushed_read_runs_on_the_primary() {
     assert_eq!(support::raw::tags(&raw.until_ready().await), "TDCZ");
     assert_eq!(support::raw::tags(&raw.until_ready().await), "CZ");
 }
+
+/// A message of an invalid type sent while a routed read is answered waits
+/// with the rest (see above): the client gets the read's answer, then the
+/// FATAL Postgres sends for it (as a direct connection does, see
+/// tests/protocol_safety.rs), and the next client's reads are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_message_sent_while_a_routed_read_runs_ends_that_client_only() {
+    let (proxy, mut raw, _, replica_port) = raw_on_delayed(r#"read_your_writes = "lsn""#).await;
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SELECT pg_sleep(0.2), inet_server_port()", &mut out).unwrap();
+    raw.send(&out).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    raw.send(&[b'r', 0, 0, 0, 4]).await;
+    let msgs = raw.until_closed().await;
+    assert_eq!(support::raw::tags(&msgs), "TDCZE");
+    assert_eq!(data_row(&msgs[1].body)[1], replica_port);
+    let fatal = msgs[4].error();
+    assert_eq!((fatal.code.as_str(), fatal.message.as_str()), ("08P01", "invalid frontend message type 114"));
+    let next = proxy.app().await;
+    for _ in 0..5 {
+        assert_eq!(row(&next.simple_query("SELECT count(*) FROM kv").await.unwrap()), ["100"]);
+    }
+}
