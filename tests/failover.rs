@@ -390,6 +390,12 @@ async fn writes_wait_for_a_primary_then_fail_with_53300() {
         }
     })
     .await;
+    // A new client of a pool that has met its server logs in with no
+    // primary (the pool keeps the server's parameters) and reads.
+    let late = proxy.app().await;
+    late.query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .expect("a read by a client that logged in with no primary");
     // Closing a statement, or a lone Sync, runs nothing: it is answered as
     // a replica answers it, at once, not after waiting for a primary (and it
     // does not count as a write of the scope: drivers close a statement
