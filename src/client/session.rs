@@ -94,10 +94,15 @@ pub(super) fn poll_idle(
     if let Poll::Ready(flags) = signal.poll(cx, Signal::ANY) {
         return Poll::Ready(Idle::Signal(flags));
     }
-    match std::pin::Pin::new(&mut *stream).poll_flush(cx) {
-        Poll::Ready(Ok(())) => {}
-        Poll::Ready(Err(e)) => return Poll::Ready(Idle::Read(Err(e))),
-        Poll::Pending => return Poll::Pending,
+    // Only TLS output waits here: what a plain socket accepted is on its
+    // way (on io_uring, waiting for the send's completion would cost a
+    // wake-up per request).
+    if stream.wants_write() {
+        match std::pin::Pin::new(&mut *stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Idle::Read(Err(e))),
+            Poll::Pending => return Poll::Pending,
+        }
     }
     poll_first_read(stream, cx, pending).map(Idle::Read)
 }
