@@ -8,20 +8,20 @@
 //! A driver task owns the ring's side of the bargain:
 //! - **Submission is batched per scheduler turn.** An operation is queued
 //!   in the submission ring and the driver task woken; it runs after the
-//!   tasks already scheduled, so every send and receive those tasks queued
-//!   goes to the kernel in one `io_uring_enter`.
+//!   tasks already scheduled, and submits what they queued in one
+//!   `io_uring_enter` once there are `SUBMIT_AT` entries. Fewer wait for
+//!   the thread's wait (next), which submits them and sleeps in one call.
 //! - **The thread waits in the ring.** When tokio has nothing to run it
 //!   blocks in `epoll_wait`; pgmux defines that symbol (see [`epoll_wait`])
 //!   and, on a ring's thread, blocks in `io_uring_enter` instead: one call
 //!   submits what is still queued, waits for the next completion (tokio's
 //!   epoll descriptor is polled through the ring, tokio's timer deadline is
 //!   the wait's timeout) and runs the completions. A transaction at one
-//!   client then costs four `io_uring_enter` (the driver task's submission
-//!   and the wait, each way), where `recv`/`send`/`epoll_wait` cost six.
-//!   (Leaving the submission to the wait would save two, but the send
-//!   completes as it is submitted and its completion ends the wait; with
-//!   the driver task gone, loaded runs cost more CPU: sends waited for the
-//!   turn's end.)
+//!   client then costs two `io_uring_enter` (one each way: the forwarded
+//!   bytes go out and the thread sleeps until the answer), where
+//!   `recv`/`send`/`epoll_wait` cost six. That needs sends whose success
+//!   posts no completion (else the send would end its own wait): see
+//!   `send`'s fast sends.
 //! - **Otherwise, completion is signalled through an eventfd** registered
 //!   with the ring and watched by tokio's epoll (where the symbol is not
 //!   ours, or `PGMUX_IO_URING_PARK=off`): with deferred task work (Linux
@@ -38,7 +38,10 @@
 //! - **Sends are written behind**: `try_write` copies into the connection's
 //!   outbox and returns; the kernel takes it in the next batch. At most
 //!   [`WRITE_LIMIT`] bytes wait per connection (then `WouldBlock`, as a full
-//!   socket), and a failed send is reported by the next call.
+//!   socket), and a failed send is reported by the next call. A send's
+//!   completion wakes its task only when it waits to write (room, or a
+//!   flush): a relay waiting for its server's answer is not polled again
+//!   because its own request went out.
 //!
 //! A connection's state stays in the driver until every operation naming it
 //! has completed, and only then is its descriptor closed: a completion never
@@ -76,6 +79,9 @@ pub const WRITE_LIMIT: usize = 256 * 1024;
 /// Submission entries; a full ring is submitted at once, so this only sets the batch size.
 const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
+/// Entries queued in a scheduler turn that the driver task submits at once
+/// rather than leave to the thread's wait (see [`drive`]).
+const SUBMIT_AT: usize = 8;
 
 /// What a completion is for (the low bits of its user data; the connection's key above).
 const RECV: u64 = 0;
@@ -83,9 +89,14 @@ const SEND: u64 = 1;
 const CANCEL: u64 = 2;
 /// tokio's epoll descriptor became readable (no connection: key 0).
 const EPOLL: u64 = 3;
+/// A send that completes as it is submitted, or fails (see [`send`]): a
+/// completion comes only when it did not send everything.
+const FAST_SEND: u64 = 4;
+const OP_BITS: u32 = 3;
+const OP_MASK: u64 = (1 << OP_BITS) - 1;
 
 fn user_data(key: u32, op: u64) -> u64 {
-    ((key as u64) << 2) | op
+    ((key as u64) << OP_BITS) | op
 }
 
 thread_local! {
@@ -104,6 +115,15 @@ static SOCKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// Sockets whose I/O goes through io_uring now (every thread's ring).
 pub fn sockets() -> u64 {
     SOCKETS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `io_uring_enter` calls made by runtime threads (every thread's).
+static ENTERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many `io_uring_enter` calls the rings have made (every thread's):
+/// the data path's system calls, as nothing else is called per message.
+pub fn enters() -> u64 {
+    ENTERS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Times a runtime thread waited in its ring (every thread's).
@@ -157,10 +177,13 @@ pub fn start(sockets: usize) -> Started {
     if driver.ring.params().is_feature_no_iowait() {
         driver.wait_flags = io_uring::EnterFlags::NO_IOWAIT;
     }
-    let flags = match (deferred, driver.parks) {
-        (_, true) => "deferred task work, waits in the ring",
-        (true, false) => "deferred task work, eventfd",
-        (false, false) => "cooperative task work, eventfd",
+    let flags = match (deferred, driver.parks, driver.fast_sends) {
+        (_, true, true) => "deferred task work, waits in the ring, sends complete as submitted",
+        (_, true, false) => "deferred task work, waits in the ring",
+        (true, false, true) => "deferred task work, eventfd, sends complete as submitted",
+        (true, false, false) => "deferred task work, eventfd",
+        (false, false, true) => "cooperative task work, eventfd, sends complete as submitted",
+        (false, false, false) => "cooperative task work, eventfd",
     };
     let (id, driver_parks) = (driver.id, driver.parks);
     DRIVER.with(|d| *d.borrow_mut() = Some(driver));
@@ -236,6 +259,13 @@ async fn drive(events: EventFd, id: u32, parks: bool) {
                 if !signalled && d.ring.submission().is_empty() {
                     return false;
                 }
+                // A few entries can wait for the thread's wait, which
+                // submits them and sleeps in one call (a fast send's success
+                // does not end it); the next entry queued this turn wakes
+                // this task again, and a busy turn still submits mid-way.
+                if !signalled && d.parks && d.fast_sends && d.ring.submission().len() < SUBMIT_AT {
+                    return false;
+                }
                 d.enter();
                 d.reap(&mut wake);
                 true
@@ -289,6 +319,13 @@ struct Driver {
     woken: Vec<Waker>,
     /// Receives are multishot (Linux 6.0+).
     multishot: bool,
+    /// Sends are submitted as [`FAST_SEND`]s (the probe in [`Driver::new`] passed).
+    fast_sends: bool,
+    /// Connections whose fast send is queued, maybe not yet submitted.
+    fast_queued: Vec<u32>,
+    /// ... submitted, and done unless a completion said otherwise: settled
+    /// once the completions of the call that submitted them are reaped.
+    fast_submitted: Vec<u32>,
     /// Completions copied out of the ring before they are handled (reused).
     completed: Vec<(u64, i32, u32)>,
     /// Kept open as long as the ring: its registration names it.
@@ -306,6 +343,13 @@ struct Conn {
     /// Its cancel is on the way (the inbox is full).
     pausing: bool,
     eof: bool,
+    /// Its send in flight is a fast one, not yet settled.
+    fast: bool,
+    /// The waiting task waits to write (room, or a flush), not only to
+    /// read: a send's completion wakes it. Otherwise a send completes
+    /// silently (a relay waiting for its server's answer is not polled
+    /// once more for its own request having gone out).
+    writer: bool,
     /// The socket's owner dropped it: closed once `ops` is 0.
     dropped: bool,
     /// errno of a failed receive or send (0: none).
@@ -384,6 +428,7 @@ impl Driver {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring lacks {name}")));
             }
         }
+        let fast_sends = ring.params().is_feature_skip_cqe_on_success() && fast_sends_work(&ring);
         let bufs = BufRing::register(&ring, BUFS, BUF, GROUP)?;
         // SAFETY: a plain eventfd(2) call; the descriptor is owned at once.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -411,6 +456,9 @@ impl Driver {
             epoll_ready: false,
             woken: Vec::new(),
             multishot: true,
+            fast_sends,
+            fast_queued: Vec::new(),
+            fast_submitted: Vec::new(),
             completed: Vec::with_capacity(CQ_ENTRIES as usize),
             _events: efd,
         };
@@ -437,6 +485,7 @@ impl Driver {
     fn enter(&mut self) {
         let queued = self.ring.submission().len() as u32;
         loop {
+            ENTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // SAFETY: no argument pointer is passed.
             let r = unsafe {
                 self.ring.submitter().enter::<libc::sigset_t>(queued, 0, io_uring::EnterFlags::GETEVENTS.bits(), None)
@@ -450,8 +499,40 @@ impl Driver {
                     tracing::error!(error = %e, "io_uring_enter failed");
                     return;
                 }
-                Ok(_) => return,
+                Ok(_) => return self.submitted(),
             }
+        }
+    }
+
+    /// After a call that submitted: once nothing is left queued, every fast
+    /// send queued so far has been tried (in that call or an earlier one).
+    fn submitted(&mut self) {
+        if !self.fast_queued.is_empty() && self.ring.submission().is_empty() {
+            self.fast_submitted.append(&mut self.fast_queued);
+        }
+    }
+
+    /// Fast sends that posted no completion sent everything: settled as a
+    /// send's completion would be. Only once the completion queue has not
+    /// overflowed (a failure could be waiting in the kernel's overflow list).
+    fn settle_fast(&mut self, wake: &mut Vec<Waker>) {
+        if self.fast_submitted.is_empty() || self.ring.submission().cq_overflow() {
+            return;
+        }
+        let mut keys = std::mem::take(&mut self.fast_submitted);
+        for &key in &keys {
+            let Some(mut conn) = self.conns.get_mut(key as usize).and_then(Option::take) else { continue };
+            if conn.fast {
+                conn.fast = false;
+                conn.ops -= 1;
+                let rest = conn.bufs().sending.len() - conn.sent as usize;
+                self.send_done(&mut conn, key, rest as i32, false, wake);
+            }
+            self.put_back(conn, key);
+        }
+        keys.clear();
+        if self.fast_submitted.is_empty() {
+            self.fast_submitted = keys;
         }
     }
 
@@ -466,15 +547,20 @@ impl Driver {
             let poll = opcode::PollAdd::new(Fd(epfd), libc::POLLIN as u32).build();
             self.push(poll.user_data(user_data(0, EPOLL)));
         }
-        if timeout_ms == 0 {
+        // A task waiting for a fast send to settle would otherwise sleep
+        // until an unrelated completion: submit, settle, and let it run.
+        let writer_waits = !self.fast_submitted.is_empty()
+            || self.fast_queued.iter().any(|&k| self.conns[k as usize].as_ref().is_some_and(|c| c.fast && c.writer));
+        if timeout_ms == 0 || writer_waits {
             return self.enter();
         }
         WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ENTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = io_uring::types::Timespec::from(std::time::Duration::from_millis(timeout_ms as u64));
         let args = io_uring::types::SubmitArgs::new();
         let args = if timeout_ms > 0 { args.timespec(&timeout) } else { args };
         match self.ring.submitter().submit_with_args_and_flags(1, &args, self.wait_flags) {
-            Ok(_) => {}
+            Ok(_) => self.submitted(),
             // The timer is due, a signal came, or the completion ring is
             // full (reaped next): tokio's turn goes on either way.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
@@ -494,15 +580,16 @@ impl Driver {
             }
         }
         self.completed = completed;
+        self.settle_fast(wake);
     }
 
     fn complete(&mut self, data: u64, result: i32, flags: u32, wake: &mut Vec<Waker>) {
-        if data & 3 == EPOLL {
+        if data & OP_MASK == EPOLL {
             self.epoll_armed = cqueue::more(flags);
             self.epoll_ready = true;
             return;
         }
-        let key = (data >> 2) as u32;
+        let key = (data >> OP_BITS) as u32;
         let buffer = cqueue::buffer_select(flags);
         // Taken out while handled, so entries can be queued on `self`.
         let Some(mut conn) = self.conns.get_mut(key as usize).and_then(Option::take) else {
@@ -516,7 +603,7 @@ impl Driver {
         if !more {
             conn.ops -= 1;
         }
-        match data & 3 {
+        match data & OP_MASK {
             RECV => {
                 if !more {
                     conn.receiving = false;
@@ -537,6 +624,7 @@ impl Driver {
                     0 => conn.eof = true,
                     _ => {}
                 }
+                conn.writer = false;
                 if let Some(w) = conn.waker.take() {
                     wake.push(w);
                 }
@@ -553,45 +641,71 @@ impl Driver {
                     }
                 }
             }
-            SEND => {
-                if result < 0 {
-                    conn.write_error = -result;
-                    // Unsendable now; what was received stays readable (a
-                    // server's FATAL sent before it closed), as on epoll.
-                    if let Some(b) = conn.bufs.as_mut() {
-                        b.sending = Vec::new();
-                        b.staged = Vec::new();
-                    }
-                    conn.sent = 0;
-                } else {
-                    conn.sent += result as u32;
-                    let sent = conn.sent as usize;
-                    let b = conn.bufs();
-                    if sent >= b.sending.len() {
-                        b.sending.clear();
-                        if b.sending.capacity() > KEEP_CAPACITY {
-                            b.sending = Vec::new();
-                        }
-                        std::mem::swap(&mut b.sending, &mut b.staged);
-                        conn.sent = 0;
-                    }
-                    // A short send goes on from where it stopped; then what was staged meanwhile.
-                    if conn.sending() && !conn.dropped && !self.stopping {
-                        send(self, &mut conn, key);
-                    }
-                }
-                if let Some(w) = conn.waker.take() {
-                    wake.push(w);
-                }
+            SEND => self.send_done(&mut conn, key, result, false, wake),
+            // Only when it did not send everything: the rest goes as a send
+            // the kernel retries once the socket has room.
+            FAST_SEND => {
+                conn.fast = false;
+                // Not to be settled again: once this connection is freed its
+                // key may name another one (failures are rare: a full socket).
+                self.fast_queued.retain(|&k| k != key);
+                self.fast_submitted.retain(|&k| k != key);
+                let result = if result == -libc::EAGAIN { 0 } else { result };
+                self.send_done(&mut conn, key, result, true, wake);
             }
             _ => {}
         }
+        self.put_back(conn, key);
+    }
+
+    /// A connection's state goes back to its slot, or is freed (and its
+    /// descriptor closed) when dropped with nothing in flight.
+    fn put_back(&mut self, conn: Conn, key: u32) {
         if conn.dropped && conn.ops == 0 {
             closed(conn.fd);
             self.free.push(key);
             return;
         }
         self.conns[key as usize] = Some(conn);
+    }
+
+    /// A send took `result` bytes (or failed): what is left of it, then what
+    /// was staged meanwhile, goes next; a waiting writer is woken. `short`:
+    /// a fast send stopped on a full socket, so the rest must wait for room.
+    fn send_done(&mut self, conn: &mut Conn, key: u32, result: i32, short: bool, wake: &mut Vec<Waker>) {
+        if result < 0 {
+            conn.write_error = -result;
+            // Unsendable now; what was received stays readable (a
+            // server's FATAL sent before it closed), as on epoll.
+            if let Some(b) = conn.bufs.as_mut() {
+                b.sending = Vec::new();
+                b.staged = Vec::new();
+            }
+            conn.sent = 0;
+        } else {
+            conn.sent += result as u32;
+            let sent = conn.sent as usize;
+            let b = conn.bufs();
+            if sent >= b.sending.len() {
+                b.sending.clear();
+                if b.sending.capacity() > KEEP_CAPACITY {
+                    b.sending = Vec::new();
+                }
+                std::mem::swap(&mut b.sending, &mut b.staged);
+                conn.sent = 0;
+            }
+            // A short send goes on from where it stopped; then what was staged meanwhile.
+            if conn.sending() && !conn.dropped && !self.stopping {
+                let fast = !short && conn.sent == 0;
+                send(self, conn, key, fast);
+            }
+        }
+        if (conn.writer || result < 0)
+            && let Some(w) = conn.waker.take()
+        {
+            conn.writer = false;
+            wake.push(w);
+        }
     }
 
     fn adopt(&mut self, fd: RawFd) -> u32 {
@@ -601,6 +715,8 @@ impl Driver {
             receiving: false,
             pausing: false,
             eof: false,
+            fast: false,
+            writer: false,
             dropped: false,
             read_error: 0,
             write_error: 0,
@@ -666,6 +782,7 @@ impl Drop for Driver {
             }
             let args = io_uring::types::SubmitArgs::new().timespec(&pause);
             let _ = self.ring.submitter().submit_with_args(1, &args);
+            self.submitted();
             self.reap(&mut wake);
             wake.clear();
         }
@@ -798,7 +915,7 @@ impl Socket {
                 conn.bufs().staged.extend_from_slice(&data[..n]);
             } else {
                 conn.bufs().sending.extend_from_slice(&data[..n]);
-                send(d, conn, key);
+                send(d, conn, key, true);
             }
             Ok(n)
         })?
@@ -810,6 +927,7 @@ impl Socket {
             if conn.write_error != 0 || conn.unsent() < WRITE_LIMIT {
                 return Poll::Ready(Ok(()));
             }
+            conn.writer = true;
             register(&mut conn.waker, cx);
             Poll::Pending
         })?
@@ -824,6 +942,7 @@ impl Socket {
             if conn.unsent() == 0 {
                 return Poll::Ready(Ok(()));
             }
+            conn.writer = true;
             register(&mut conn.waker, cx);
             Poll::Pending
         })?
@@ -855,21 +974,77 @@ fn cancel_all(d: &mut Driver, conn: &mut Conn, key: u32) {
     if conn.receiving {
         cancel(d, conn, key, RECV);
     }
-    if conn.sending() {
+    // A fast send is over once submitted: nothing to cancel.
+    if conn.sending() && !conn.fast {
         cancel(d, conn, key, SEND);
     }
 }
 
+/// Whether fast sends ([`send`]) behave here as they must: one that sends
+/// everything posts no completion, and one that meets a full socket fails
+/// in the call that submits it. Tried on a socket pair before anything
+/// else uses the ring (a kernel that retried such a send later would let
+/// its buffer be reused under it).
+fn fast_sends_work(ring: &IoUring) -> bool {
+    let mut fds = [0; 2];
+    // SAFETY: a plain socketpair(2) call; the descriptors are owned at once.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } < 0 {
+        return false;
+    }
+    // SAFETY: just created, owned nowhere else.
+    let (a, _b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let data = vec![0u8; 4 << 20];
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | libc::MSG_WAITALL;
+    let try_send = |len: usize| -> Option<Vec<i32>> {
+        let entry = opcode::Send::new(Fd(a.as_raw_fd()), data.as_ptr(), len as u32)
+            .flags(flags)
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(u64::MAX);
+        // SAFETY: `data` outlives the call, which completes (or fails) the send.
+        unsafe { ring.submission_shared().push(&entry).ok()? };
+        // SAFETY: no argument pointer is passed.
+        unsafe { ring.submitter().enter::<libc::sigset_t>(1, 0, io_uring::EnterFlags::GETEVENTS.bits(), None).ok()? };
+        // SAFETY: this thread is the ring's only user while it is probed.
+        Some(unsafe { ring.completion_shared() }.map(|c| c.result()).collect())
+    };
+    // 100 bytes fit: no completion. 4 MiB do not (a socket pair buffers a
+    // few hundred KiB): one completion, there and then, with what went.
+    matches!(try_send(100).as_deref(), Some([]))
+        && matches!(try_send(data.len()).as_deref(), Some([n]) if (*n > 0 && (*n as usize) < data.len()) || *n == -libc::EAGAIN)
+}
+
 /// Sends (the rest of) `conn.sending`.
-fn send(d: &mut Driver, conn: &mut Conn, key: u32) {
+///
+/// `fast` (where the driver's probe passed): `MSG_DONTWAIT | MSG_WAITALL`
+/// with `IOSQE_CQE_SKIP_SUCCESS`. The kernel then never retries it later:
+/// it sends everything in the call that submits it (no completion at all),
+/// or fails there and then, with a completion that says how much went
+/// (`EAGAIN`: nothing). So a request's send costs no completion, and the
+/// thread's wait is not ended by its own send: submitting the send and
+/// sleeping until the answer can be one `io_uring_enter`. Otherwise (and
+/// for the rest of a short fast send) a plain send, which the kernel
+/// retries when the socket has room.
+fn send(d: &mut Driver, conn: &mut Conn, key: u32, fast: bool) {
+    let fast = fast && d.fast_sends;
     let (sent, fd) = (conn.sent as usize, conn.fd);
     let rest = &conn.bufs().sending[sent..];
-    let entry = opcode::Send::new(Fd(fd), rest.as_ptr(), rest.len() as u32)
-        .flags(libc::MSG_NOSIGNAL)
-        .build()
-        .user_data(user_data(key, SEND));
+    let entry = opcode::Send::new(Fd(fd), rest.as_ptr(), rest.len() as u32);
+    let entry = if fast {
+        entry
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | libc::MSG_WAITALL)
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(user_data(key, FAST_SEND))
+    } else {
+        entry.flags(libc::MSG_NOSIGNAL).build().user_data(user_data(key, SEND))
+    };
     conn.ops += 1;
+    conn.fast = fast;
     d.push(entry);
+    if fast {
+        d.fast_queued.push(key);
+    }
 }
 
 /// Arms a receive unless one is in flight (or the inbox is full, or the peer is done).
@@ -1078,6 +1253,51 @@ mod tests {
     #[test]
     fn a_socket_slot_is_48_bytes() {
         assert!(size_of::<Option<Conn>>() <= 48, "{}", size_of::<Option<Conn>>());
+    }
+
+    /// A fast send that meets a full socket goes on as a plain one: 8 MiB
+    /// written faster than the peer reads arrive whole and in order, the
+    /// flush waits for the last byte, and the socket closes after it.
+    #[test]
+    fn a_send_that_meets_a_full_socket_goes_on_intact() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            if let Started::Refused(e) = start(16) {
+                eprintln!("io_uring refused here ({e}): nothing to test");
+                return;
+            }
+            assert!(with_driver(|d| d.fast_sends), "this kernel passes the fast-send probe");
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let socket = Socket::adopt(OwnedFd::from(ours), true).expect("a ring runs on this thread");
+            let reader = std::thread::spawn(move || {
+                let mut theirs = theirs;
+                // Slow at first, so that sends meet a full socket.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let mut got = Vec::new();
+                std::io::Read::read_to_end(&mut theirs, &mut got).unwrap();
+                got
+            });
+            let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+            let mut off = 0;
+            while off < data.len() {
+                match socket.try_write(&data[off..off + (64 << 10).min(data.len() - off)]) {
+                    Ok(n) => off += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::future::poll_fn(|cx| socket.poll_write_ready(cx)).await.unwrap()
+                    }
+                    Err(e) => panic!("write failed: {e}"),
+                }
+            }
+            std::future::poll_fn(|cx| socket.poll_flush(cx)).await.unwrap();
+            drop(socket);
+            let got = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
+            assert_eq!(got.len(), data.len());
+            assert!(got == data, "the bytes arrived in order");
+        });
+    }
+
+    fn with_driver<R>(f: impl FnOnce(&Driver) -> R) -> R {
+        DRIVER.with(|d| f(d.borrow().as_ref().expect("a ring runs")))
     }
 
     struct Count(std::sync::atomic::AtomicUsize);
