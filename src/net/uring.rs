@@ -994,13 +994,8 @@ fn fast_sends_work(ring: &IoUring) -> bool {
     // SAFETY: just created, owned nowhere else.
     let (a, _b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let data = vec![0u8; 4 << 20];
-    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | libc::MSG_WAITALL;
     let try_send = |len: usize| -> Option<Vec<i32>> {
-        let entry = opcode::Send::new(Fd(a.as_raw_fd()), data.as_ptr(), len as u32)
-            .flags(flags)
-            .build()
-            .flags(squeue::Flags::SKIP_SUCCESS)
-            .user_data(u64::MAX);
+        let entry = fast_send_entry(a.as_raw_fd(), &data[..len]).user_data(u64::MAX);
         // SAFETY: `data` outlives the call, which completes (or fails) the send.
         unsafe { ring.submission_shared().push(&entry).ok()? };
         // SAFETY: no argument pointer is passed.
@@ -1012,6 +1007,15 @@ fn fast_sends_work(ring: &IoUring) -> bool {
     // few hundred KiB): one completion, there and then, with what went.
     matches!(try_send(100).as_deref(), Some([]))
         && matches!(try_send(data.len()).as_deref(), Some([n]) if (*n > 0 && (*n as usize) < data.len()) || *n == -libc::EAGAIN)
+}
+
+/// A fast send of `data` (see [`send`]): the one entry both the probe and
+/// the data path submit, so the probe checks what is used.
+fn fast_send_entry(fd: RawFd, data: &[u8]) -> squeue::Entry {
+    opcode::Send::new(Fd(fd), data.as_ptr(), data.len() as u32)
+        .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | libc::MSG_WAITALL)
+        .build()
+        .flags(squeue::Flags::SKIP_SUCCESS)
 }
 
 /// Sends (the rest of) `conn.sending`.
@@ -1029,15 +1033,13 @@ fn send(d: &mut Driver, conn: &mut Conn, key: u32, fast: bool) {
     let fast = fast && d.fast_sends;
     let (sent, fd) = (conn.sent as usize, conn.fd);
     let rest = &conn.bufs().sending[sent..];
-    let entry = opcode::Send::new(Fd(fd), rest.as_ptr(), rest.len() as u32);
     let entry = if fast {
-        entry
-            .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | libc::MSG_WAITALL)
-            .build()
-            .flags(squeue::Flags::SKIP_SUCCESS)
-            .user_data(user_data(key, FAST_SEND))
+        fast_send_entry(fd, rest).user_data(user_data(key, FAST_SEND))
     } else {
-        entry.flags(libc::MSG_NOSIGNAL).build().user_data(user_data(key, SEND))
+        opcode::Send::new(Fd(fd), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data(key, SEND))
     };
     conn.ops += 1;
     conn.fast = fast;
