@@ -13,12 +13,15 @@
 #   TARGETS="direct pgmux pgbouncer floor"  pgbouncer is skipped when not installed; floor: see below;
 #                                         pgmux2: pgmux with `workers = 2` (a multi-thread runtime);
 #                                         pgmux-uring: pgmux with `io = "uring"` (one worker);
+#                                         pgmux-poll: pgmux with `io = "$POLL_IO"` and
+#                                         `idle_poll = "$IDLE_POLL"` (one worker);
 #                                         uring, uring-ms: the floor relay on io_uring (see below);
 #                                         pgmux-base: the pgmux binary at $BASE (another build, for
 #                                         before/after runs), `io = "$BASE_IO"`, one worker
 #   BASE=path                             that binary, e.g. after `git worktree add ../base REV` and
 #                                         `cargo build --release` there: ../base/target/release/pgmux
 #   BASE_IO=epoll                         pgmux-base's `io` ("uring": before/after of the io_uring path)
+#   POLL_IO=uring IDLE_POLL=100us         pgmux-poll's `io` and `idle_poll`
 #   LATENCY_MODES="simple extended"       1-client `SELECT 1` added-latency runs ("" skips them)
 #   LATENCY_ROUNDS=$ROUNDS                rounds of the latency runs (1-client cells are cheap and noisy)
 #   POOL_SIZE=20                          server connections per pool, pgmux and PgBouncer alike
@@ -77,10 +80,12 @@ DOC=${DOC-docs/benchmarks.md}
 SOCKETS=${SOCKETS:-tcp}
 BASE=${BASE:-}
 BASE_IO=${BASE_IO:-epoll}
+POLL_IO=${POLL_IO:-uring}
+IDLE_POLL=${IDLE_POLL:-100us}
 LATENCY_ROUNDS=${LATENCY_ROUNDS:-}
 for arg in "$@"; do
     case $arg in
-        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=* | SOCKETS=* | BASE=* | BASE_IO=* | LATENCY_ROUNDS=*)
+        SCRIPTS=* | MODES=* | CLIENTS=* | DURATION=* | ROUNDS=* | TARGETS=* | LATENCY_MODES=* | POOL_SIZE=* | SCALE=* | DOC=* | SOCKETS=* | BASE=* | BASE_IO=* | POLL_IO=* | IDLE_POLL=* | LATENCY_ROUNDS=*)
             printf -v "${arg%%=*}" '%s' "${arg#*=}" ;;
         SECONDS=*) DURATION=${arg#*=} ;;
         -h | --help) sed -n '2,/^set -euo/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -101,10 +106,10 @@ bouncer_bin=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true
 targets=""
 for t in $TARGETS; do
     case $t in
-        direct | pgmux | pgmux2 | pgmux-uring | floor | uring | uring-ms) targets+=" $t" ;;
+        direct | pgmux | pgmux2 | pgmux-uring | pgmux-poll | floor | uring | uring-ms) targets+=" $t" ;;
         pgmux-base) [ -x "$BASE" ] || { echo "pgmux-base needs BASE=path to a pgmux binary" >&2; exit 2; }; targets+=" $t" ;;
         pgbouncer) if [ -n "$bouncer_bin" ]; then targets+=" $t"; else echo "PgBouncer not installed (apt-get install pgbouncer): skipped" >&2; fi ;;
-        *) echo "TARGETS: direct, pgmux, pgmux2, pgmux-uring, pgmux-base, pgbouncer, floor, uring or uring-ms, not $t" >&2; exit 2 ;;
+        *) echo "TARGETS: direct, pgmux, pgmux2, pgmux-uring, pgmux-poll, pgmux-base, pgbouncer, floor, uring or uring-ms, not $t" >&2; exit 2 ;;
     esac
 done
 read -r -a targets <<<"$targets"
@@ -124,13 +129,14 @@ if [ "$(id -u)" = 0 ]; then
     chown postgres "$work"
     as_pg=(runuser -u postgres --)
 fi
-pg_started="" mux_pid="" mux2_pid="" muxu_pid="" muxb_pid="" bouncer_pid="" floor_pid="" uring_pid="" uring_ms_pid="" bench_pid=""
+pg_started="" mux_pid="" mux2_pid="" muxu_pid="" muxp_pid="" muxb_pid="" bouncer_pid="" floor_pid="" uring_pid="" uring_ms_pid="" bench_pid=""
 cleanup() {
     set +e
     [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null
     [ -n "$mux_pid" ] && kill "$mux_pid" 2>/dev/null
     [ -n "$mux2_pid" ] && kill "$mux2_pid" 2>/dev/null
     [ -n "$muxu_pid" ] && kill "$muxu_pid" 2>/dev/null
+    [ -n "$muxp_pid" ] && kill "$muxp_pid" 2>/dev/null
     [ -n "$muxb_pid" ] && kill "$muxb_pid" 2>/dev/null
     [ -n "$bouncer_pid" ] && kill "$bouncer_pid" 2>/dev/null
     [ -n "$floor_pid" ] && kill "$floor_pid" 2>/dev/null
@@ -143,7 +149,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port pg_port; free_port mux_port; free_port mux2_port; free_port muxu_port; free_port muxb_port; free_port bouncer_port; free_port floor_port; free_port uring_port; free_port uring_ms_port
+free_port pg_port; free_port mux_port; free_port mux2_port; free_port muxu_port; free_port muxp_port; free_port muxb_port; free_port bouncer_port; free_port floor_port; free_port uring_port; free_port uring_ms_port
 max_clients=$(printf '%s\n' $CLIENTS 1 | sort -n | tail -1)
 
 wait_port() { # port name
@@ -157,7 +163,7 @@ wait_port() { # port name
 
 # ---------------------------------------------------------------- Postgres
 # Room for the direct (or floor) run's clients beside every pool a proxy
-# keeps open: pgmux, pgmux2, pgmux-uring, pgmux-base and PgBouncer, each with a TCP and a unix pool.
+# keeps open: pgmux, pgmux2, pgmux-uring, pgmux-poll, pgmux-base and PgBouncer, each with a TCP and a unix pool.
 max_connections=$((max_clients + 10 * POOL_SIZE + 20))
 "${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust >/dev/null
 cat >>"$work/data/postgresql.conf" <<CONF
@@ -175,13 +181,14 @@ pgbench -i -s "$SCALE" -q -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/
 pg_version=$(psql_direct -At -c 'SHOW server_version')
 
 # ---------------------------------------------------------------- pgmux
-start_pgmux() { # port workers name [io [binary]]
+start_pgmux() { # port workers name [io [binary [idle_poll]]]
     cat >"$work/$3.toml" <<CONF
 [proxy]
 listen = "127.0.0.1:$1"
 unix_socket_dir = "$work"
 workers = $2
 io = "${4:-epoll}"
+$([ -n "${6:-}" ] && echo "idle_poll = \"$6\"")
 max_client_conn = $((max_clients + 100))
 query_wait_timeout = "120s"
 server_tls = "disable"
@@ -219,6 +226,12 @@ if has_target pgmux-uring; then
     muxu_pid=$!
     wait_port "$muxu_port" "pgmux (io = uring)"
     grep -h "data path" "$work/pgmux-uring.log" >&2 || true
+fi
+if has_target pgmux-poll; then
+    start_pgmux "$muxp_port" 1 pgmux-poll "$POLL_IO" "" "$IDLE_POLL"
+    muxp_pid=$!
+    wait_port "$muxp_port" "pgmux (io = $POLL_IO, idle_poll = $IDLE_POLL)"
+    grep -h "data path" "$work/pgmux-poll.log" >&2 || true
 fi
 if has_target pgmux-base; then
     start_pgmux "$muxb_port" 1 pgmux-base "$BASE_IO" "$BASE"
@@ -287,8 +300,8 @@ if has_target uring; then start_uring uring "$uring_port" uring_pid; fi
 if has_target uring-ms; then start_uring uring-ms "$uring_ms_port" uring_ms_pid --multishot; fi
 
 # ---------------------------------------------------------------- runs
-port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgmux-uring) echo "$muxu_port" ;; pgmux-base) echo "$muxb_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; uring) echo "$uring_port" ;; uring-ms) echo "$uring_ms_port" ;; esac; }
-pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgmux-uring) echo "$muxu_pid" ;; pgmux-base) echo "$muxb_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; uring) echo "$uring_pid" ;; uring-ms) echo "$uring_ms_pid" ;; *) echo "" ;; esac; }
+port_of() { case $1 in direct) echo "$pg_port" ;; pgmux) echo "$mux_port" ;; pgmux2) echo "$mux2_port" ;; pgmux-uring) echo "$muxu_port" ;; pgmux-poll) echo "$muxp_port" ;; pgmux-base) echo "$muxb_port" ;; pgbouncer) echo "$bouncer_port" ;; floor) echo "$floor_port" ;; uring) echo "$uring_port" ;; uring-ms) echo "$uring_ms_port" ;; esac; }
+pid_of() { case $1 in pgmux) echo "$mux_pid" ;; pgmux2) echo "$mux2_pid" ;; pgmux-uring) echo "$muxu_pid" ;; pgmux-poll) echo "$muxp_pid" ;; pgmux-base) echo "$muxb_pid" ;; pgbouncer) echo "$bouncer_pid" ;; floor) echo "$floor_pid" ;; uring) echo "$uring_pid" ;; uring-ms) echo "$uring_ms_pid" ;; *) echo "" ;; esac; }
 # The sum of fields of /proc/PID/stat, numbered after "pid (comm) " (12 utime,
 # 13 stime, 14 cutime, 15 cstime: clock ticks); prints nothing, and does not
 # fail, when the process is gone.
@@ -449,6 +462,7 @@ report="$work/report.md"
     echo "- Machine: $(nproc) cores, ${cpu_model:-unknown CPU}, $(uname -sr)"
     echo "- PostgreSQL $pg_version (fsync off, max_connections $max_connections); $(pgbench --version)"
     echo "- pgmux $pgmux_rev (release build); ${bouncer_version}"
+    if has_target pgmux-poll; then echo "- pgmux-poll: \`io = \"$POLL_IO\"\`, \`idle_poll = \"$IDLE_POLL\"\`"; fi
     if has_target pgmux-base; then echo "- pgmux-base: $BASE, \`io = \"$BASE_IO\"\`"; fi
     echo "- pgbench -n -j min(2, clients) -T $DURATION, per-transaction logs (-l) for latencies; the proxy and Postgres share the machine with pgbench."
     echo

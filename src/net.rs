@@ -29,6 +29,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+pub mod idle_poll;
 pub mod uring;
 
 /// Room made in a read buffer before each read: a smaller read would cost a

@@ -154,6 +154,13 @@ where
         .map(Arc::new)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS: {e}")))?;
     start_io(&config.proxy);
+    crate::net::idle_poll::set_limit(config.proxy.idle_poll);
+    if !config.proxy.idle_poll.is_zero() {
+        tracing::info!(idle_poll = ?config.proxy.idle_poll, "serving threads poll before they sleep");
+    }
+    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        crate::net::idle_poll::enable_here();
+    }
     let pools = Arc::new(Pools::default());
     pools.prewarm(&config);
     let janitor = tokio::spawn(pools.clone().janitor());
@@ -396,7 +403,11 @@ pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if workers == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .on_thread_start(crate::net::idle_poll::enable_here)
+            .enable_all()
+            .build()
     }
 }
 

@@ -1,4 +1,4 @@
-//! Durations written with units: "250ms", "5s", "10m", "1h", "0".
+//! Durations written with units: "50us", "250ms", "5s", "10m", "1h", "0".
 
 use std::time::Duration;
 
@@ -7,19 +7,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    let split =
-        s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?} needs a unit (us, ms, s, m, h)"))?;
     let (num, unit) = s.split_at(split);
     let n: u64 =
-        num.parse().map_err(|_| format!("invalid duration {s:?} (use a whole number and a unit: ms, s, m, h)"))?;
+        num.parse().map_err(|_| format!("invalid duration {s:?} (use a whole number and a unit: us, ms, s, m, h)"))?;
     // Checked: "18446744073709551615h" must be an error, not an overflow panic.
     let secs_per_unit = match unit {
+        "us" => return Ok(Duration::from_micros(n)),
         "ms" => return Ok(Duration::from_millis(n)),
         "s" => 1,
         "m" | "min" => 60,
         "h" => 3600,
         _ => {
-            return Err(format!("invalid duration unit {unit:?} in {s:?} (use ms, s, m, h)"));
+            return Err(format!("invalid duration unit {unit:?} in {s:?} (use us, ms, s, m, h)"));
         }
     };
     n.checked_mul(secs_per_unit).map(Duration::from_secs).ok_or_else(|| format!("duration {s:?} is too large"))

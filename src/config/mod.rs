@@ -116,6 +116,11 @@ pub struct ProxyConfig {
     /// `recv`/`send`) or `uring` (batched io_uring submissions; needs
     /// `workers = 1`, falls back to epoll where the kernel refuses it).
     pub io: IoMode,
+    /// How long a serving thread that ran out of work may poll for more
+    /// before it sleeps (the window adapts up to this; "0": never poll).
+    /// Buys latency with CPU: see `net::idle_poll`.
+    #[serde(with = "duration::serde_duration")]
+    pub idle_poll: Duration,
     pub pool_mode: PoolMode,
     pub max_client_conn: usize,
     #[serde(with = "duration::serde_duration")]
@@ -228,6 +233,7 @@ impl Default for ProxyConfig {
             peer_id: 0,
             workers: 1,
             io: IoMode::Epoll,
+            idle_poll: Duration::ZERO,
             pool_mode: PoolMode::Transaction,
             max_client_conn: 10_000,
             query_wait_timeout: Duration::from_secs(5),

@@ -62,6 +62,7 @@ impl Config {
                 new.proxy,
                 p,
                 [
+                    idle_poll,
                     pool_mode,
                     max_client_conn,
                     query_wait_timeout,

@@ -275,6 +275,7 @@ fn bad_durations() {
 
 #[test]
 fn durations() {
+    assert_eq!(parse_duration("50us"), Ok(Duration::from_micros(50)));
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
     assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));

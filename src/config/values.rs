@@ -46,6 +46,7 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
         ("proxy.peer_listen", p.peer_listen.map(|a| a.to_string()).unwrap_or_default()),
         ("proxy.peer_id", p.peer_id.to_string()),
         ("proxy.workers", p.workers.to_string()),
+        ("proxy.idle_poll", format_duration(p.idle_poll)),
         ("proxy.pool_mode", mode_str(p.pool_mode).into()),
         ("proxy.max_client_conn", p.max_client_conn.to_string()),
         ("proxy.query_wait_timeout", format_duration(p.query_wait_timeout)),
@@ -125,8 +126,10 @@ pub fn config_values(c: &Config) -> Vec<(&'static str, String)> {
 /// A duration in proxy.toml's own syntax, largest exact unit first.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms == 0 {
+    if d.is_zero() {
         "0".into()
+    } else if !d.as_micros().is_multiple_of(1000) || ms == 0 {
+        format!("{}us", d.as_micros())
     } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
     } else if ms.is_multiple_of(60_000) {
@@ -145,6 +148,8 @@ mod tests {
     #[test]
     fn durations_use_config_syntax() {
         assert_eq!(format_duration(Duration::ZERO), "0");
+        assert_eq!(format_duration(Duration::from_micros(50)), "50us");
+        assert_eq!(format_duration(Duration::from_micros(1500)), "1500us");
         assert_eq!(format_duration(Duration::from_millis(20)), "20ms");
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
         assert_eq!(format_duration(Duration::from_secs(600)), "10m");

@@ -92,9 +92,7 @@ impl Shared {
                 return Err(e);
             }
         };
-        let new = Arc::new(new);
-        self.config.store(new.clone());
-        self.pools.reconfigure(&new);
+        self.apply(Arc::new(new));
         self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
         for key in &reloaded.needs_restart {
             tracing::warn!(key = %key, "setting changed in the file but needs a restart; keeping the current value");
@@ -116,13 +114,19 @@ impl Shared {
         let old = self.config();
         let new = old.file().with_setting(key, value).map_err(|e| e.to_string())?;
         let changes = crate::reload::changes(old.file(), &new);
-        let new = Arc::new(Settings::build(new).map_err(|e| format!("TLS: {e}"))?);
-        self.config.store(new.clone());
-        self.pools.reconfigure(&new);
+        self.apply(Arc::new(Settings::build(new).map_err(|e| format!("TLS: {e}"))?));
         for change in &changes {
             tracing::info!(change = %change, "setting changed on the admin console");
         }
         Ok(changes)
+    }
+
+    /// Puts a new configuration in force: for new logins, the pools, and
+    /// the serving threads' polling.
+    fn apply(&self, new: Arc<Settings>) {
+        crate::net::idle_poll::set_limit(new.proxy.idle_poll);
+        self.config.store(new.clone());
+        self.pools.reconfigure(&new);
     }
 
     /// Starts the drain of SIGINT: open transactions finish, then everyone is closed.

@@ -554,6 +554,22 @@ impl Driver {
         if timeout_ms == 0 || writer_waits {
             return self.enter();
         }
+        // Polling: each call submits what is queued (the first one all of
+        // it) and runs the completions' task work without sleeping.
+        super::idle_poll::wait(
+            timeout_ms,
+            self,
+            |d| {
+                d.enter();
+                ((), !d.ring.completion().is_empty())
+            },
+            |d| d.sleep(timeout_ms),
+        )
+    }
+
+    /// Submits what is queued and sleeps until a completion or the timeout;
+    /// says whether there are completions.
+    fn sleep(&mut self, timeout_ms: i32) -> ((), bool) {
         WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ENTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = io_uring::types::Timespec::from(std::time::Duration::from_millis(timeout_ms as u64));
@@ -566,6 +582,7 @@ impl Driver {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
             Err(e) => tracing::error!(error = %e, "io_uring_enter failed"),
         }
+        ((), !self.ring.completion().is_empty())
     }
 
     fn reap(&mut self, wake: &mut Vec<Waker>) {
@@ -1103,8 +1120,19 @@ pub unsafe extern "C" fn epoll_wait(
         Some(false) => 0,
         // SAFETY: the caller's arguments; `Some(true)`: only what is there, without waiting.
         Some(true) => unsafe { libc::epoll_pwait(epfd, events, maxevents, 0, std::ptr::null()) },
-        // SAFETY: the caller's arguments, passed on as they came.
-        None => unsafe { libc::epoll_pwait(epfd, events, maxevents, timeout, std::ptr::null()) },
+        // SAFETY (both calls): the caller's arguments, passed on as they came.
+        None => super::idle_poll::wait(
+            timeout,
+            &mut (),
+            |_| {
+                let n = unsafe { libc::epoll_pwait(epfd, events, maxevents, 0, std::ptr::null()) };
+                (n, n != 0)
+            },
+            |_| {
+                let n = unsafe { libc::epoll_pwait(epfd, events, maxevents, timeout, std::ptr::null()) };
+                (n, n > 0)
+            },
+        ),
     }
 }
 
