@@ -44,14 +44,15 @@ fn main() {
     print!("{table}");
 
     // pgmux on each data path: on io_uring an idle client's socket is a
-    // slot in the ring's table instead of a tokio registration.
-    for io in ["epoll", "uring"] {
+    // slot in the ring's table instead of a tokio registration; and with
+    // idle_poll, the fastest configuration (which allocates nothing more).
+    for (io, poll) in [("epoll", "0"), ("uring", "0"), ("uring", "100us")] {
         let port = pgmux::cluster::pick_port().expect("a free loopback port");
-        let config = dir.path().join(format!("proxy-{io}.toml"));
+        let config = dir.path().join(format!("proxy-{io}-{poll}.toml"));
         std::fs::write(
             &config,
             format!(
-                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nio = \"{io}\"\nmax_client_conn = {}\nserver_tls = \"disable\"\n[[databases]]\nname = \"postgres\"\nprimary = \"{primary}\"\npool_size = 5\n[[users]]\nname = \"postgres\"\nauth = \"trust\"\n",
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nio = \"{io}\"\nidle_poll = \"{poll}\"\nmax_client_conn = {}\nserver_tls = \"disable\"\n[[databases]]\nname = \"postgres\"\nprimary = \"{primary}\"\npool_size = 5\n[[users]]\nname = \"postgres\"\nauth = \"trust\"\n",
                 clients + 100
             ),
         )
@@ -61,7 +62,11 @@ fn main() {
             .stdout(Stdio::null())
             .spawn()
             .expect("start pgmux");
-        let row = measure(&format!("pgmux, io = \"{io}\""), child, port, clients);
+        let name = match poll {
+            "0" => format!("pgmux, io = \"{io}\""),
+            _ => format!("pgmux, io = \"{io}\", idle_poll = \"{poll}\""),
+        };
+        let row = measure(&name, child, port, clients);
         print!("{row}");
         table.push_str(&row);
     }

@@ -7,6 +7,7 @@
 //!   `server_password` for new server connections. Growing a pool hands the
 //!   new slots to waiting clients; shrinking closes surplus idle server
 //!   connections now and busy ones when their transaction ends.
+//! - At once, for the serving threads' next wait: `idle_poll`.
 //! - A database's `primary` or `dbname` changed: the pool's server
 //!   connections to the old target close (idle ones now, busy ones when they
 //!   come back); its clients, old and new, are served by the new target.

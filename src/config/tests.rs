@@ -699,6 +699,15 @@ fn keepalive_settings_are_whole_seconds_within_the_kernels_range() {
 }
 
 #[test]
+fn idle_poll_is_microseconds_up_to_a_millisecond() {
+    let with = |extra: &str| base_with("[proxy]", &format!("[proxy]\n{extra}"));
+    assert_eq!(parse_ok(&with("idle_poll = \"100us\"")).proxy.idle_poll, Duration::from_micros(100));
+    assert_eq!(parse_ok(&with("idle_poll = \"1ms\"")).proxy.idle_poll, Duration::from_millis(1));
+    assert_eq!(Config::default().proxy.idle_poll, Duration::ZERO);
+    parse_err(&with("idle_poll = \"100ms\""), 2, "proxy.idle_poll", "to 1ms");
+}
+
+#[test]
 fn auth_user_must_be_a_user_with_a_password_pgmux_can_send() {
     let c = parse_ok(&base_with("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:6432\"\nauth_user = \"app\""));
     let db = c.database("app").unwrap();

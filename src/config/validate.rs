@@ -32,6 +32,11 @@ pub(super) fn validate(config: &mut Config, loc: &Locator<'_>, env: Env<'_>) -> 
             "server_tls = \"verify-full\" needs server_tls_ca (the CA that signed the servers' certificates)".into(),
         );
     }
+    // A poll longer than this outlasts any sleep it could save; a typo
+    // ("100ms" for "100us") would keep a core busy for nothing.
+    if proxy.idle_poll > std::time::Duration::from_millis(1) {
+        err(KeyPath::new("proxy").key("idle_poll"), "must be from 0 (off) to 1ms, e.g. \"100us\"".into());
+    }
     if proxy.server_tcp_keepalive {
         // The kernel takes whole seconds, at least one, and at most 127 probes.
         for (key, d) in [

@@ -78,6 +78,11 @@ pub fn wait<W, R>(
         }
         return sleep(waiter).0;
     }
+    // Never past the wait's own deadline (tokio's next timer).
+    let limit = match u64::try_from(timeout_ms) {
+        Ok(ms) => limit.min(ms.saturating_mul(1_000_000)),
+        Err(_) => limit,
+    };
     WINDOW_NS.with(|w| {
         let (r, window) = poll_then_sleep(w.get(), limit, waiter, poll, sleep);
         w.set(window);
