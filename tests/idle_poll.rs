@@ -9,7 +9,6 @@
 mod support;
 
 use support::proxy::{Proxy, admin_config, standard_config};
-use support::{APP, DB};
 
 /// Sleeps of the proxy's thread per `SELECT 1` at one client.
 async fn sleeps_per_request(cluster: &pgmux::cluster::Cluster, extra: &str) -> f64 {
@@ -19,18 +18,10 @@ async fn sleeps_per_request(cluster: &pgmux::cluster::Cluster, extra: &str) -> f
     per_request
 }
 
+/// The proxy's sleeps per request; after 50 requests that log in, open
+/// the server connection and open the window.
 async fn measure(proxy: &Proxy) -> f64 {
-    let c = proxy.connect(APP.0, Some(APP.1), DB).await.expect("client through pgmux");
-    // Logged in, its server connection open, the window opened.
-    for _ in 0..50 {
-        c.simple_query("SELECT 1").await.unwrap();
-    }
-    let requests = 500;
-    let before = pgmux::net::idle_poll::sleeps();
-    for _ in 0..requests {
-        c.simple_query("SELECT 1").await.unwrap();
-    }
-    (pgmux::net::idle_poll::sleeps() - before) as f64 / requests as f64
+    proxy.count_per_select_1(50, 500, pgmux::net::idle_poll::sleeps).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

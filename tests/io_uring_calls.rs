@@ -9,23 +9,13 @@
 mod support;
 
 use support::proxy::{Proxy, standard_config};
-use support::{APP, DB};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_and_its_answer_cost_two_io_uring_enters() {
     let cluster = support::cluster_async().await;
     let proxy = Proxy::start(&standard_config(cluster, 1, "io = \"uring\"")).await;
-    let c = proxy.connect(APP.0, Some(APP.1), DB).await.expect("client through pgmux");
-    // Logged in, on the ring, its server connection open.
-    for _ in 0..20 {
-        c.simple_query("SELECT 1").await.unwrap();
-    }
-    let requests = 500;
-    let before = pgmux::net::uring::enters();
-    for _ in 0..requests {
-        c.simple_query("SELECT 1").await.unwrap();
-    }
-    let per_request = (pgmux::net::uring::enters() - before) as f64 / requests as f64;
+    // After 20 requests: logged in, on the ring, its server connection open.
+    let per_request = proxy.count_per_select_1(20, 500, pgmux::net::uring::enters).await;
     assert!(
         per_request < 3.0,
         "{per_request:.2} io_uring_enter calls per request and answer (2 when each send goes with the wait)"

@@ -71,11 +71,13 @@ pub fn wait<W, R>(
     if !ENABLED.with(Cell::get) {
         return sleep(waiter).0;
     }
+    // A zero timeout only asks: no sleep, nothing to poll for.
+    if timeout_ms == 0 {
+        return sleep(waiter).0;
+    }
     let limit = LIMIT_NS.load(Ordering::Relaxed);
-    if timeout_ms == 0 || limit == 0 {
-        if timeout_ms != 0 {
-            SLEEPS.fetch_add(1, Ordering::Relaxed);
-        }
+    if limit == 0 {
+        SLEEPS.fetch_add(1, Ordering::Relaxed);
         return sleep(waiter).0;
     }
     // Never past the wait's own deadline (tokio's next timer).

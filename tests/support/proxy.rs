@@ -81,6 +81,21 @@ pub fn admin_config(cluster: &Cluster, pool_size: usize, proxy_extra: &str) -> S
 }
 
 impl Proxy {
+    /// How much a process-wide `count` grows per `SELECT 1` of one client
+    /// through this proxy, over `requests` of them, after `warm_up` more
+    /// (login, the server connection, whatever state the count depends on).
+    pub async fn count_per_select_1(&self, warm_up: usize, requests: usize, count: impl Fn() -> u64) -> f64 {
+        let c = self.connect(APP.0, Some(APP.1), DB).await.expect("client through pgmux");
+        for _ in 0..warm_up {
+            c.simple_query("SELECT 1").await.unwrap();
+        }
+        let before = count();
+        for _ in 0..requests {
+            c.simple_query("SELECT 1").await.unwrap();
+        }
+        (count() - before) as f64 / requests as f64
+    }
+
     /// Starts pgmux with `toml` on a fresh loopback port.
     pub async fn start(toml: &str) -> Proxy {
         Proxy::launch(toml, false, None).await
