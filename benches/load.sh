@@ -164,7 +164,7 @@ wait_port() { # port name
 # ---------------------------------------------------------------- Postgres
 # Room for the direct (or floor) run's clients beside every pool a proxy
 # keeps open: pgmux, pgmux2, pgmux-uring, pgmux-poll, pgmux-base and PgBouncer, each with a TCP and a unix pool.
-max_connections=$((max_clients + 10 * POOL_SIZE + 20))
+max_connections=$((max_clients + 12 * POOL_SIZE + 20))
 "${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust >/dev/null
 cat >>"$work/data/postgresql.conf" <<CONF
 port = $pg_port
