@@ -13,7 +13,8 @@ use support::proxy::{Proxy, standard_config};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_and_its_answer_cost_two_io_uring_enters() {
     let cluster = support::cluster_async().await;
-    let proxy = Proxy::start(&standard_config(cluster, 1, "io = \"uring\"")).await;
+    // Not polling before sleeping: each poll would be a call of its own.
+    let proxy = Proxy::start(&standard_config(cluster, 1, "io = \"uring\"\nidle_poll = \"0\"")).await;
     // After 20 requests: logged in, on the ring, its server connection open.
     let per_request = proxy.count_per_select_1(20, 500, pgmux::net::uring::enters).await;
     assert!(

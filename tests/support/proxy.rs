@@ -126,6 +126,13 @@ impl Proxy {
             Ok("epoll") => config.proxy.io = pgmux::config::IoMode::Epoll,
             _ => {}
         }
+        // PGMUX_TEST_IDLE_POLL=100us runs it with polling before sleeping,
+        // except where a test sets idle_poll itself.
+        if let Ok(poll) = std::env::var("PGMUX_TEST_IDLE_POLL")
+            && !toml.contains("idle_poll")
+        {
+            config.proxy.idle_poll = pgmux::config::parse_duration(&poll).expect("PGMUX_TEST_IDLE_POLL: a duration");
+        }
         let bind = || {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
             l.set_nonblocking(true).expect("non-blocking listener");
